@@ -132,8 +132,8 @@ def test_auto_grammar_allows_answer_then_call(llm):
 
 
 def test_chat_families(llm):
-    """The chatglm format (glm-4-9b-chat) is enforced by the same grammar; GLM-4.5's XML calls are refused for
-    required/named rather than silently not enforced."""
+    """The chatglm format (glm-4-9b-chat) is enforced by the same grammar; GLM-4.5's XML calls under "auto" are
+    parsed and validated (required / named are enforced: test_glm45_xml_calls_are_enforced)."""
     from glm4.engine.chat import ChatLayer
     from glm4.tokenizer import ChatFormat
 
@@ -149,9 +149,6 @@ def test_chat_families(llm):
         for c in calls:
             jsonschema.validate(json.loads(c["function"]["arguments"]), SCHEMAS[c["function"]["name"]])
     moe = ChatLayer(tok, ChatFormat("glm4_moe"))
-    with pytest.raises(ChatError) as e:
-        moe.plan(MSGS, TOOLS, "required")
-    assert e.value.code == "unsupported_value"
     plan = moe.plan(MSGS, TOOLS, "auto")
     assert plan.grammar is None  # parsed and validated, not constrained
     text = ("\n<think>The user wants weather.</think>\nChecking.<tool_call>get_weather\n<arg_key>city</arg_key>\n"
@@ -159,6 +156,104 @@ def test_chat_families(llm):
     content, calls, reasoning = moe.parse_full(plan, text)
     assert reasoning == "The user wants weather." and content == "Checking."
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Beijing", "unit": "c"}
+
+
+def _moe_layer(llm):
+    from glm4.engine.chat import ChatLayer
+    from glm4.tokenizer import ChatFormat
+
+    layer0, tok, _ = chat_layer_for(llm)
+    moe = ChatLayer(tok, ChatFormat("glm4_moe"))
+    moe._compiler = layer0.compiler
+    return moe, tok
+
+
+XML_TOOLS = TOOLS + [{"type": "function", "function": {"name": "note", "parameters": {
+    "type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+                                     "text": {"type": "string", "minLength": 2}, "flag": {"type": "boolean"}},
+    "required": ["text", "tags"]}}}]
+XML_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in XML_TOOLS}
+
+
+@pytest.mark.parametrize("thinking", [None, False])
+def test_glm45_xml_calls_are_enforced(llm, thinking):
+    """GLM-4.5's `<tool_call>name\n<arg_key>..</arg_key>\n<arg_value>..</arg_value>\n</tool_call>` calls under
+    required / named: a random tiny model writes valid calls (the closing guard finishes them within max_tokens;
+    a minimal call is 51-54 tokens of this test tokenizer)."""
+    moe, tok = _moe_layer(llm)
+    obs = tok.special_tokens["<|observation|>"]
+    for seed in range(4):
+        for choice, max_tokens in (("required", 120), ({"type": "function", "function": {"name": "note"}}, 80),
+                                   ({"type": "function", "function": {"name": "get_weather"}}, 64)):
+            plan = moe.plan(MSGS, XML_TOOLS, choice, parallel_tool_calls=True, enable_thinking=thinking)
+            assert plan.xml_calls and plan.grammar
+            out = llm.generate([plan.prompt_ids], moe.sampling_params(plan, params(seed=seed, max_tokens=max_tokens)))[0]
+            ids = out.outputs[0].token_ids
+            assert ids[-1] == obs and len(ids) <= max_tokens, out.text
+            content, calls, reasoning = moe.parse_full(plan, out.text)
+            assert calls and not content, out.text
+            if thinking is False:
+                assert reasoning is None and out.text.startswith("\n<tool_call>")
+            for c in calls:
+                name = c["function"]["name"]
+                assert isinstance(choice, str) or name == choice["function"]["name"]
+                jsonschema.validate(json.loads(c["function"]["arguments"]), XML_SCHEMAS[name])
+
+
+def test_glm45_xml_grammar_accepts_the_template_and_rejects_others(llm):
+    """What the GLM-4.5 template renders for a call is what the grammar accepts; wrong names, keys, types don't."""
+    moe, tok = _moe_layer(llm)
+    plan = moe.plan(MSGS, XML_TOOLS, "required")
+    call = {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "note", "arguments": {"text": "hi <b>", "tags": ["x"]}}},
+        {"type": "function", "function": {"name": "add", "arguments": {"a": 1, "b": -2}}}]}
+    rendered = moe.fmt.render([*MSGS, call])
+    body = rendered.split("<|assistant|>")[1].replace("\n<think></think>", "", 1)
+    obs = tok.special_tokens["<|observation|>"]
+
+    def accepts(text: str) -> bool:
+        ids = moe.compiler.lltok.tokenize_str(text) + [obs]
+        proc = moe.compiler.processor(plan.grammar)
+        return proc.matcher.validate_tokens(ids) >= len(ids) - 1 and (proc.matcher.consume_tokens(ids) or True) \
+            and proc.matcher.is_stopped()
+
+    assert accepts(body) and accepts("\n<think>a </thin <b> x</think>\n" + body.lstrip("\n"))
+    content, calls = moe.parse(plan, body)
+    assert [json.loads(c["function"]["arguments"]) for c in calls] == [{"text": "hi <b>", "tags": ["x"]}, {"a": 1, "b": -2}]
+    for bad in (body.replace("<tool_call>note", "<tool_call>nope"), body.replace("<arg_key>a<", "<arg_key>c<"),
+                body.replace("<arg_value>-2<", "<arg_value>two<"), body.replace("<arg_value>hi <b><", "<arg_value>h<"),
+                "\nsome text" + body):
+        assert not accepts(bad), bad
+    single = moe.plan(MSGS, XML_TOOLS, "required", parallel_tool_calls=False)
+    ids = moe.compiler.lltok.tokenize_str(body)
+    assert moe.compiler.processor(single.grammar).matcher.validate_tokens(ids) < len(ids)  # one call only
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.text(alphabet="ab<>/ 中\n\"", max_size=8), st.integers(-50, 50), st.booleans(), st.booleans())
+def test_xml_closing_suffix_completes_every_prefix(text, a, think, second):
+    """Every prefix of a GLM-4.5 call reply is closed by xml_closing_suffix into a reply whose calls are valid
+    (None only where the prefix stops inside a tag, which the grammar forces to completion)."""
+    from glm4.engine.constrained import xml_closing_suffix
+    from glm4.tokenizer import ChatFormat
+
+    msg = {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "note", "arguments": {"text": text + "xy", "tags": [text]}}}]}
+    if second:
+        msg["tool_calls"].append({"type": "function", "function": {"name": "add", "arguments": {"a": a, "b": 3}}})
+    full = ChatFormat("glm4_moe").render([*MSGS, msg]).split("<|assistant|>")[1].replace("\n<think></think>", "", 1)
+    full = ("\n<think>" + text + "</think>" if think else "") + full
+    parser_fmt = ChatFormat("glm4_moe")
+    for k in range(len(full) + 1):
+        found = xml_closing_suffix(full[:k], XML_TOOLS)
+        if found is None:
+            continue
+        suffix, complete = found
+        assert complete == (full[:k].rstrip().endswith("</tool_call>") and suffix == "")
+        parsed = parser_fmt.parse(full[:k] + suffix, XML_TOOLS)
+        assert parsed.tool_calls, full[:k] + suffix
+        for c in parsed.tool_calls:
+            jsonschema.validate(json.loads(c["function"]["arguments"]), XML_SCHEMAS[c["function"]["name"]])
 
 
 @pytest.mark.parametrize("bad, param", [

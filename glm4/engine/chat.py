@@ -24,8 +24,10 @@ from typing import Any
 
 from glm4.engine.constrained import ConstraintError, GrammarCompiler, check_schema
 
-# families whose tool calls are `name\n{json}` turns (the grammar in constrained.py); GLM-4.5 uses XML calls
+# families whose tool calls are `name\n{json}` turns (the grammar in constrained.py); GLM-4.5 (glm4_moe) uses
+# XML calls, enforced for required / named (auto is parsed and validated, not constrained)
 JSON_CALL_FAMILIES = ("chatglm", "glm4")
+XML_CALL_FAMILIES = ("glm4_moe",)
 
 
 class ChatError(ValueError):
@@ -55,6 +57,8 @@ class ChatPlan:
     grammar: str | None = None
     json_schema: dict | None = None  # response_format json_schema's schema (validated on output)
     json_mode: bool = False
+    forced_tools: list[dict] | None = None  # the tools a required / named call may use
+    xml_calls: bool = False  # the grammar is GLM-4.5's XML call format
 
 
 def _schemas(tools: list[dict] | None) -> dict[str, dict | None]:
@@ -126,10 +130,16 @@ class ChatLayer:
         family = getattr(self.fmt, "family", "chatglm")
         forced = [t for t in offered or [] if named is None or t["function"]["name"] == named]
         if choice in ("required", "named"):
-            if family not in JSON_CALL_FAMILIES:
+            parallel = parallel_tool_calls and choice == "required"
+            plan.forced_tools = forced
+            if family in XML_CALL_FAMILIES:
+                plan.xml_calls = True
+                plan.grammar = self.compiler.xml_tool_calls_grammar(forced, parallel, thinking=enable_thinking is not False)
+            elif family in JSON_CALL_FAMILIES:
+                plan.grammar = self.compiler.tool_calls_grammar(forced, parallel)
+            else:
                 raise ChatError(f"tool_choice {choice!r} is not enforced for the {family} chat format yet",
                                 "tool_choice", "unsupported_value")
-            plan.grammar = self.compiler.tool_calls_grammar(forced, parallel_tool_calls and choice == "required")
         elif choice == "auto" and offered and family in JSON_CALL_FAMILIES:
             plan.grammar = self.compiler.auto_grammar(offered, parallel_tool_calls, plan.json_mode, plan.json_schema)
         elif plan.json_mode:
@@ -159,12 +169,12 @@ class ChatLayer:
         if plan.grammar is not None:
             # the closing guard: finish the call's JSON (forced calls) or the JSON answer before max_tokens
             if plan.tool_choice in ("required", "named"):
-                close = "tools"
+                close = "xml" if plan.xml_calls else "tools"
             elif plan.tools and plan.tool_choice == "auto":
                 close = "auto_json" if plan.json_mode else "auto"
             else:
                 close = "json"
-            p.logits_processors.append(self.compiler.processor(plan.grammar, p.max_tokens, close))
+            p.logits_processors.append(self.compiler.processor(plan.grammar, p.max_tokens, close, plan.forced_tools))
         return p
 
     def _turn_end_ids(self) -> list[int]:

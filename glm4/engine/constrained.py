@@ -6,7 +6,10 @@ builds grammars:
   tool's schema, several calls joined by `<|assistant|>` when parallel, ended by `<|observation|>`
   (GLM-4's tool-call turn, chat template §4);
 - `auto_grammar(tools, parallel)`: a plain answer (`\\n` then free text) or the calls above;
-- `json_grammar(schema)`: `\\n` then one JSON value (any object for json_object).
+- `json_grammar(schema)`: `\\n` then one JSON value (any object for json_object);
+- `xml_tool_calls_grammar(tools, parallel, thinking)`: GLM-4.5's calls, `<tool_call>name\\n` then
+  `<arg_key>k</arg_key>\\n<arg_value>v</arg_value>\\n` per argument (required ones first, in schema order; a string
+  value raw, any other JSON-encoded under the property's schema) then `</tool_call>`, optionally after `<think>`.
 `compiler.processor(grammar)` gives a fresh per-request logits processor for `SamplingParams.logits_processors`:
 it consumes the tokens sampled so far and masks every token the grammar forbids to -inf.
 """
@@ -14,6 +17,8 @@ it consumes the tokens sampled so far and masks every token the grammar forbids 
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 
 import torch
 
@@ -103,6 +108,56 @@ class GrammarCompiler:
         start = f"start: calls | answer ({sep} calls)?" if sep else "start: calls | answer"
         return "\n".join([start, answer, *self._calls_rules(tools, parallel)])
 
+    def _tag(self, s: str) -> str:
+        # a marker the tokenizer has as a special token is matched as that token, otherwise as text
+        return s if s in self.special_tokens else _lark_str(s)
+
+    def xml_tool_calls_grammar(self, tools: list[dict], parallel: bool = True, thinking: bool = True) -> str:
+        """GLM-4.5 (glm4_moe) tool-call reply: `\\n[<think>...</think>\\n]<tool_call>...</tool_call>[\\n<tool_call>...]`."""
+        if not tools:
+            raise ConstraintError("tool calls need at least one tool")
+        t = self._tag
+        obs = "<|observation|>" if "<|observation|>" in self.special_tokens else ""
+        rules = [f"start: {_lark_str(chr(10))} {'think?' if thinking else ''} calls {obs}",
+                 # reasoning: any text up to the first </think> (the lexeme includes the closing tag)
+                 f"think: {t('<think>')} THINK {_lark_str(chr(10))}",
+                 r"THINK: /(?s:.*)<\/think>/ & ~/(?s:.*<\/think>.+)/",
+                 r"RAW: /(?s:.*)<\/arg_value>/ & ~/(?s:.*<\/arg_value>.+)/",
+                 f"calls: call ({_lark_str(chr(10))} call)*" if parallel else "calls: call"]
+        alts = []
+        for i, tool in enumerate(tools):
+            fn = tool.get("function", tool)
+            alts.append(f"call_{i}")
+            parts = []
+            for j, (key, required, kind, spec) in enumerate(xml_arg_plan(fn.get("parameters"))):
+                head = f"{t('<arg_key>')} {_lark_str(key)} {t('</arg_key>')} {_lark_str(chr(10))} {t('<arg_value>')}"
+                end = f"{t('</arg_value>')} {_lark_str(chr(10))}"
+                if kind == "enum":
+                    value = "(" + " | ".join(_lark_str(v) for v in spec) + f") {end}"
+                elif kind == "raw":
+                    lo, hi = spec
+                    if lo or hi is not None:  # minLength / maxLength, in characters
+                        rules.append(f"RAW_{i}_{j}: /(?s:.{{{lo},{'' if hi is None else hi}}})<\\/arg_value>/ "
+                                     r"& ~/(?s:.*<\/arg_value>.+)/")
+                        value = f"RAW_{i}_{j} {_lark_str(chr(10))}"
+                    else:
+                        value = f"RAW {_lark_str(chr(10))}"
+                else:
+                    rules.append(f"json_{i}_{j}: {_json_rule(spec)}")
+                    value = f"json_{i}_{j} {end}"
+                rules.append(f"arg_{i}_{j}: {head} {value}")
+                parts.append(f"arg_{i}_{j}" + ("" if required else "?"))
+            if fn.get("parameters") is not None and not xml_arg_plan(fn.get("parameters")) and \
+                    not _closed_object(fn.get("parameters")):
+                # an open object without declared properties: any keys, raw values
+                rules.append(f"any_arg_{i}: {t('<arg_key>')} /[A-Za-z_][A-Za-z0-9_.-]*/ {t('</arg_key>')} "
+                             f"{_lark_str(chr(10))} {t('<arg_value>')} RAW {_lark_str(chr(10))}")
+                parts.append(f"any_arg_{i}*")
+            rules.append(f"call_{i}: {t('<tool_call>')} {_lark_str(fn['name'] + chr(10))} {' '.join(parts)} "
+                         f"{t('</tool_call>')}")
+        rules.append("call: " + " | ".join(alts))
+        return "\n".join(rules)
+
     def json_grammar(self, schema: dict | None = None, prefix: str = "\n") -> str:
         head = f"{_lark_str(prefix)} " if prefix else ""
         return f"start: {head}value\nvalue: {_json_rule(schema)}"
@@ -113,8 +168,9 @@ class GrammarCompiler:
         if err and not err.startswith("WARNING"):
             raise ConstraintError(err)
 
-    def processor(self, grammar: str, max_tokens: int | None = None, close: str | None = None) -> GrammarProcessor:
-        return GrammarProcessor(self, grammar, max_tokens, close)
+    def processor(self, grammar: str, max_tokens: int | None = None, close: str | None = None,
+                  tools: list[dict] | None = None) -> GrammarProcessor:
+        return GrammarProcessor(self, grammar, max_tokens, close, tools)
 
     def mask(self, matcher) -> torch.Tensor:
         """Boolean [vocab_size] of the tokens the matcher allows next."""
@@ -127,7 +183,7 @@ class GrammarProcessor:
     """Logits processor `fn(generated_ids, logits[V]) -> logits[V]` for one sequence (n=1).
 
     With `max_tokens` and `close` ("json": the reply is one JSON value; "tools": tool-call turns; "auto" /
-    "auto_json": either, decided by how the current turn starts), it also
+    "auto_json": either, decided by how the current turn starts; "xml": GLM-4.5 calls of `tools`), it also
     keeps the output parseable when the budget runs out: once the tokens left barely cover the shortest
     closing suffix of the JSON written so far (`"`, `null`, `}`/`]`..., then `<|observation|>` for a
     call), it forces that suffix, if the grammar accepts it, instead of letting the reply be cut.
@@ -137,8 +193,9 @@ class GrammarProcessor:
     LATE_CALL = 32  # with this few tokens left, no further tool call is started
 
     def __init__(self, compiler: GrammarCompiler, grammar: str, max_tokens: int | None = None,
-                 close: str | None = None):
+                 close: str | None = None, tools: list[dict] | None = None):
         self.compiler = compiler
+        self.tools = tools or []
         self.matcher = compiler._llg.LLMatcher(compiler.lltok, compiler._llg.LLMatcher.grammar_from_lark(grammar),
                                                log_level=0)
         if self.matcher.is_error():
@@ -188,6 +245,16 @@ class GrammarProcessor:
             return None
         text = self.text.decode("utf-8", errors="replace")
         end: list[int] = []
+        obs = self.compiler.special_tokens.get("<|observation|>")
+        if self.close == "xml":
+            found = xml_closing_suffix(text, self.tools)
+            if found is None:
+                return None
+            suffix, complete = found
+            end = [obs] if obs is not None else []
+            if complete:  # every call closed: with little budget left, end the reply rather than start another
+                return end[0] if end and left <= self.LATE_CALL else None
+            return self._force(suffix, end, left)
         seg = text.rsplit("<|assistant|>", 1)[-1]  # the current turn
         mode = self.close
         if mode in ("auto", "auto_json"):  # an answer starts with "\n", a call with its tool's name
@@ -205,6 +272,10 @@ class GrammarProcessor:
         suffix = json_closing_suffix(text)
         if suffix is None or not (suffix or end):
             return None
+        return self._force(suffix, end, left)
+
+    def _force(self, suffix: str, end: list[int], left: int) -> int | None:
+        # the first token of suffix + end when the budget left barely covers it and the grammar accepts it
         ids = (self.compiler.lltok.tokenize_str(suffix) if suffix else []) + end
         if left > len(ids) + 1 + self.SLACK:
             return None
@@ -212,6 +283,156 @@ class GrammarProcessor:
         if core and self.matcher.validate_tokens(core) != len(core):
             return None  # the schema wants more than a plain close (e.g. a required key): let it be
         return ids[0]
+
+
+def _closed_object(schema: dict | None) -> bool:
+    return isinstance(schema, dict) and schema.get("additionalProperties") is False
+
+
+def xml_arg_plan(schema: dict | None) -> list[tuple[str, bool, str, Any]]:
+    """The arguments of a GLM-4.5 XML call in the order the grammar writes them: (key, required, kind, spec).
+
+    kind is how the value is written (as glm4.tokenizer's parser reads it back): "raw" text for a property typed
+    string or untyped (spec = (minLength, maxLength)), "enum" for an untyped/string enum of strings (spec = the
+    values), else "json" (spec = the property's schema)."""
+    if not isinstance(schema, dict) or not isinstance(schema.get("properties"), dict):
+        return []
+    props = schema["properties"]
+    required = [k for k in schema.get("required") or [] if k in props]
+    order = required + [k for k in props if k not in required]
+    plan = []
+    for key in order:
+        spec = props[key] if isinstance(props[key], dict) else {}
+        t = spec.get("type")
+        types = {t} if isinstance(t, str) else set(t) if isinstance(t, list) else None
+        enum = spec.get("enum", [spec["const"]] if "const" in spec else None)
+        if types is None or "string" in types:
+            if isinstance(enum, list) and enum and all(isinstance(v, str) for v in enum):
+                plan.append((key, key in required, "enum", list(enum)))
+            else:
+                lo, hi = spec.get("minLength", 0), spec.get("maxLength")
+                ok = isinstance(lo, int) and (hi is None or isinstance(hi, int))
+                plan.append((key, key in required, "raw", (lo, hi) if ok else (0, None)))
+        else:
+            plan.append((key, key in required, "json", spec))
+    return plan
+
+
+def minimal_json(schema: dict | None) -> Any:
+    """A small value meant to satisfy `schema` (the closing guard checks it against the grammar anyway)."""
+    s = schema if isinstance(schema, dict) else {}
+    if "const" in s:
+        return s["const"]
+    if isinstance(s.get("enum"), list) and s["enum"]:
+        return s["enum"][0]
+    t = s.get("type")
+    t = next((x for x in t if x != "null"), t[0] if t else None) if isinstance(t, list) else t
+    if t in ("integer", "number"):
+        lo = s.get("minimum", s.get("exclusiveMinimum", 0) + (1 if "exclusiveMinimum" in s else 0))
+        return max(0, lo) if "maximum" not in s else min(max(0, lo), s["maximum"])
+    if t == "boolean":
+        return False
+    if t == "string":
+        return "a" * int(s.get("minLength", 0) or 0)
+    if t == "array":
+        return [minimal_json(s.get("items"))] * int(s.get("minItems", 0) or 0)
+    if t == "object" or "properties" in s:
+        props = s.get("properties") or {}
+        return {k: minimal_json(props.get(k)) for k in s.get("required") or []}
+    return None
+
+
+def _xml_arg_text(key: str, kind: str, spec: Any) -> str:
+    if kind == "enum":
+        value = spec[0]
+    elif kind == "raw":
+        value = "a" * spec[0]
+    else:
+        value = json.dumps(minimal_json(spec), ensure_ascii=False, separators=(",", ":"))
+    return f"<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>\n"
+
+
+_XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\n<arg_value>(.*?)</arg_value>\n", re.S)
+
+
+def xml_closing_suffix(text: str, tools: list[dict]) -> tuple[str, bool] | None:
+    """The shortest text that ends a GLM-4.5 tool-call reply begun as `text` (see xml_tool_calls_grammar): the
+    open reasoning, value, argument list and call are closed, missing required arguments written with small
+    values. Returns (suffix, calls_complete), or None for text this does not follow."""
+    # text may stop inside a tag: read the longest tail that can be a partial tag as one (else `</` in reasoning
+    # would be closed as `</</think>` forever), and close the text before it, if that continues the tail
+    fns = [t.get("function", t) for t in tools]
+    found = _xml_close(text, fns)
+    if found is not None and found[1]:
+        return found  # every call closed
+    for k in range(min(len(text), len("</arg_value>")), -1, -1):
+        base = text[: len(text) - k]
+        found = _xml_close(base, fns)
+        if found is not None and (base + found[0]).startswith(text):
+            return (base + found[0])[len(text):], found[1]
+    return None
+
+
+def _xml_close(text: str, fns: list[dict]) -> tuple[str, bool] | None:
+
+    def rest_of_call(fn: dict, done: set[str]) -> str:
+        plan = xml_arg_plan(fn.get("parameters"))
+        return "".join(_xml_arg_text(k, kind, spec) for k, req, kind, spec in plan if req and k not in done) + \
+            "</tool_call>"
+
+    head, sep, seg = text.rpartition("<tool_call>")
+    if not sep:  # no call yet: close the reasoning, then write the first tool's call
+        if text == "":
+            pre = "\n"
+        elif "<think>" in text and "</think>" not in text:
+            pre = "</think>\n"
+        elif text.endswith("</think>"):
+            pre = "\n"
+        elif text in ("\n",) or text.endswith("</think>\n"):
+            pre = ""
+        else:
+            return None
+        return pre + "<tool_call>" + fns[0]["name"] + "\n" + rest_of_call(fns[0], set()), False
+    if "</tool_call>" in seg:
+        after = seg.split("</tool_call>", 1)[1]
+        if after == "":
+            return "", True
+        return ("<tool_call>" + fns[0]["name"] + "\n" + rest_of_call(fns[0], set()), False) if after == "\n" else None
+    if "\n" not in seg:  # the name in progress
+        fn = next((f for f in fns if f["name"].startswith(seg)), None)
+        return None if fn is None else (fn["name"][len(seg):] + "\n" + rest_of_call(fn, set()), False)
+    name, body = seg.split("\n", 1)
+    fn = next((f for f in fns if f["name"] == name), None)
+    if fn is None:
+        return None
+    done: set[str] = set()
+    pos = 0
+    for m in _XML_ARG.finditer(body):
+        if m.start() != pos:
+            return None
+        done.add(m.group(1))
+        pos = m.end()
+    tail = body[pos:]
+    if not tail:
+        return rest_of_call(fn, done), False
+    m = re.fullmatch(r"<arg_key>(.*?)</arg_key>\n<arg_value>(.*)", tail, re.S)
+    if m is None:
+        return None
+    key, value = m.group(1), m.group(2)
+    entry = next((e for e in xml_arg_plan(fn.get("parameters")) if e[0] == key), None)
+    if entry is None:
+        close = ""
+    elif entry[2] == "enum":
+        close = next((v[len(value):] for v in entry[3] if v.startswith(value)), None)
+    elif entry[2] == "raw":
+        close = "a" * max(0, entry[3][0] - len(value))
+    elif not value.strip():
+        close = json.dumps(minimal_json(entry[3]), ensure_ascii=False, separators=(",", ":"))
+    else:
+        close = json_closing_suffix(value)
+    if close is None:
+        return None
+    return close + "</arg_value>\n" + rest_of_call(fn, done | {key}), False
 
 
 _LITERALS = ("true", "false", "null")
