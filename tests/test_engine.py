@@ -276,3 +276,25 @@ def test_long_prompt_with_yarn_rope_in_small_chunks():
     outs = llm.generate(prompts, SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))
     assert [o.token_ids for o in outs] == refs
     assert llm.engine.max_model_len == 1024
+
+
+@pytest.mark.parametrize("model_type, overrides", [
+    ("glm", {}), ("glm4", {}), ("glm4_moe", {"n_shared_experts": 1, "first_k_dense_replace": 1}),
+    ("glm4_moe", {"use_qk_norm": True, "attention_bias": True})])
+def test_fused_projections_equal_separate(model_type, overrides):
+    """The engine's q/k/v -> qkv_proj and gate/up -> gate_up_proj fusion computes the same logits."""
+    import copy
+
+    from glm4.models.glm import fuse_projections
+
+    model = tiny_model(model_type, seed=3, **overrides)
+    fused = fuse_projections(copy.deepcopy(model))
+    names = {n for n, _ in fused.named_modules()}
+    assert any(n.endswith("qkv_proj") for n in names) and not any(n.endswith(".q_proj") for n in names)
+    if model_type == "glm4_moe":
+        assert not any(n.endswith(".gate_proj") for n in names)  # dense layers and shared experts
+    ids = torch.randint(3, 128, (2, 19), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a, b = model(ids), fused(ids)
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    assert fuse_projections(fused) is fused  # idempotent

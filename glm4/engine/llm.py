@@ -105,9 +105,13 @@ def _as_prompt_list(prompts) -> list:
 
 
 def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
-    """Inference-time module swaps (glm4.quant): weight-only int8/int4 when asked, else prepacked oneDNN
-    linears on CPU ("auto"); returns the model to run. Swaps happen in place."""
+    """Inference-time module swaps: q/k/v and gate/up fused into one linear each, then (glm4.quant) weight-only
+    int8/int4 when asked, else prepacked oneDNN linears on CPU ("auto"); returns the model to run. In place."""
     model.eval()
+    if args.fuse_projections:
+        from glm4.models.glm import fuse_projections
+
+        fuse_projections(model)
     on_cpu = next(model.parameters()).device.type == "cpu"
     scheme = args.quantization
     if scheme is None and on_cpu and args.linear in ("auto", "packed"):

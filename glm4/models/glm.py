@@ -17,6 +17,30 @@ from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin, Rope, apply_rope
 
 
+def fuse_linears(*linears: nn.Module) -> nn.Linear | None:
+    """One nn.Linear whose output is the linears' outputs concatenated (same input); None unless all are plain
+    nn.Linear (already quantized or LoRA-wrapped modules stay as they are)."""
+    if not all(type(m) is nn.Linear for m in linears):
+        return None
+    first = linears[0]
+    bias = first.bias is not None
+    out = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=bias,
+                    device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in linears]))
+        if bias:
+            out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out.requires_grad_(first.weight.requires_grad)
+
+
+def fuse_projections(model: nn.Module) -> nn.Module:
+    """Inference-time fusion, in place: every module with a `fuse()` (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    for m in list(model.modules()):
+        if hasattr(m, "fuse") and callable(m.fuse):
+            m.fuse()
+    return model
+
+
 class GlmAttention(nn.Module):
     def __init__(self, config, layer_idx: int):
         super().__init__()
@@ -27,16 +51,31 @@ class GlmAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Linear | None = None  # set by fuse(): one matmul for q, k, v at inference
         self.use_qk_norm = bool(getattr(config, "use_qk_norm", False))
         if self.use_qk_norm:  # Glm4Moe: RMSNorm over each head before RoPE
             self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
             self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
+    def fuse(self) -> None:
+        """Inference: replace q/k/v_proj by one `qkv_proj` (rows q, k, v; one weight stream per token).
+        Parameter names then no longer match the checkpoint: not for training or saving."""
+        if self.qkv_proj is not None:
+            return  # already fused
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_proj is not None:
+            del self.q_proj, self.k_proj, self.v_proj
+
     def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                              self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)
+        v = v.reshape(B, T, self.n_kv, self.head_dim)
         if self.use_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cs), apply_rope(k, cs)

@@ -23,7 +23,7 @@ from glm4.config import ConfigError, Glm4MoeConfig
 from glm4.layers.moe import StackedExperts, route
 from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin
-from glm4.models.glm import GlmAttention, GlmForCausalLM
+from glm4.models.glm import GlmAttention, GlmForCausalLM, fuse_linears
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")
 _FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -37,8 +37,20 @@ class Glm4MoeMLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # set by fuse()
+
+    def fuse(self) -> None:
+        """Inference: gate_proj and up_proj as one `gate_up_proj` (not for training or saving)."""
+        if self.gate_up_proj is not None:
+            return  # already fused
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        if self.gate_up_proj is not None:
+            del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
