@@ -28,5 +28,9 @@ def test_bench_cli_without_hf_and_bad_input(hf_checkpoint, tmp_path, capsys):
     folder, _ = hf_checkpoint("glm")
     assert cli_main(["bench", "--model", str(folder), "--no-hf", *TINY_ARGS]) == 0
     assert "decode tok/s, batch 2" in capsys.readouterr().out
+    out = tmp_path / "q.json"
+    assert bench.main(["--model", str(folder), "--no-hf", "--quantization", "int8", "--json", str(out), *TINY_ARGS]) == 0
+    res = json.loads(out.read_text())
+    assert "engine weights int8" in res["report"] and res["engine"]["decode_b1_tok_s"] > 0
     assert bench.main(["--model", str(tmp_path / "missing")]) == 2
     assert bench.main(["--model", str(folder), "--batch", "x"]) == 2

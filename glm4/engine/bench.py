@@ -76,7 +76,8 @@ class EngineSide:
 
         self.SP = SamplingParams
         t0 = time.perf_counter()
-        self.llm = LLM(a.model, dtype=a.dtype, linear=a.linear, kv_cache_tokens=a.kv_cache_tokens,
+        self.llm = LLM(a.model, dtype=a.dtype, linear=a.linear, quantization=a.quantization,
+                       fuse_projections=not a.no_fuse, kv_cache_tokens=a.kv_cache_tokens,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=max(64, a.requests), seed=0)
         self.eng = self.llm.engine
         self.load_s = time.perf_counter() - t0
@@ -225,7 +226,9 @@ def report(res: dict) -> str:
     rows = [("prefill tok/s (512-token prompt)", "prefill_tok_s")]
     rows += [(f"decode tok/s, batch {b}", f"decode_b{b}_tok_s") for b in res["args"]["batch"]]
     rows += [(f"{e['concurrent_requests']} mixed requests, generated tok/s", "concurrent_gen_tok_s")]
-    lines = [f"model {res['args']['model']}  dtype {res['args']['dtype']}  threads {res['threads']}",
+    q = res["args"].get("quantization")
+    lines = [f"model {res['args']['model']}  dtype {res['args']['dtype']}" + (f"  engine weights {q}" if q else "") +
+             f"  threads {res['threads']}",
              f"{'':44} {'glm4':>10} {'HF':>10} {'ratio':>7}"]
     for name, k in rows:
         hv = h.get(k) if h else None
@@ -248,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="checkpoint folder")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--linear", default="auto", choices=["auto", "packed", "torch"], help="CPU linear kernel")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
+                    help="weight-only quantization of the engine's model (transformers runs --dtype)")
+    ap.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode-tokens", type=int, default=64)
