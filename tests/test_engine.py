@@ -298,3 +298,36 @@ def test_fused_projections_equal_separate(model_type, overrides):
         a, b = model(ids), fused(ids)
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert fuse_projections(fused) is fused  # idempotent
+
+
+def test_compile_falls_back_to_eager(monkeypatch):
+    """EngineArgs.compile: a module whose compiled form fails runs eagerly, with a warning, and the engine's
+    output is unchanged."""
+    import glm4.engine.llm as llm_mod
+
+    model, prompts, refs = tiny_model("glm"), make_prompts()[:4], None
+    refs = reference(model, prompts)
+
+    def broken_compile(module, **_):
+        def run(*args):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(llm_mod.torch, "compile", broken_compile)
+    llm = LLM.from_model(model, linear="torch", compile=True)
+    wrapped = [m for m in llm.engine.runner.model.modules() if isinstance(m, llm_mod._CompiledOrEager)]
+    assert len(wrapped) == model.config.num_hidden_layers
+    with pytest.warns(UserWarning, match="no compiler here"):
+        outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == refs
+    assert all(m.failed for m in wrapped)
+
+
+@pytest.mark.slow
+def test_compile_real():
+    """torch.compile'd dense MLPs (inductor, needs a C++ compiler) give the reference tokens."""
+    model, prompts = tiny_model("glm"), make_prompts()[:4]
+    refs = reference(model, prompts)
+    llm = LLM.from_model(model, linear="torch", compile=True)
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == refs

@@ -120,4 +120,46 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
         from glm4.quant import quantize
 
         quantize(model, scheme, group_size=args.quant_group_size)
+    if args.compile:
+        compile_model(model)
     return model
+
+
+# the dense MLPs: attention (paged, Python bookkeeping) and MoE routing (data-dependent shapes) stay eager.
+# Measured on CPU (docs/benchmarks.md): MLPs compiled with linear="torch" are within noise of the eager engine,
+# compiled RMSNorms or whole decoder layers are slower (per-call guards, recompiles), and oneDNN-packed weights
+# cannot be traced (the wrapper falls back). Hence off by default.
+_COMPILABLE = ("GlmMLP", "Glm4MoeMLP", "ChatGLMMLP")
+
+
+class _CompiledOrEager(torch.nn.Module):
+    """`torch.compile(module)` that falls back to the eager module, for good, if compiling or running it fails."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.eager = module
+        self.compiled = torch.compile(module, dynamic=True)
+        self.failed: str | None = None
+
+    def forward(self, *args):
+        if self.failed is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # inductor missing a compiler, an unsupported op...: run eager from now on
+                self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                import warnings
+
+                warnings.warn(f"torch.compile failed, running {type(self.eager).__name__} eagerly: {self.failed}",
+                              stacklevel=2)
+        return self.eager(*args)
+
+
+def compile_model(model: torch.nn.Module) -> int:
+    """Wrap every dense MLP in `_CompiledOrEager` (in place); returns how many were wrapped."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child).__name__ in _COMPILABLE:
+                setattr(parent, name, _CompiledOrEager(child))
+                n += 1
+    return n
