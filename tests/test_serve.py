@@ -576,3 +576,43 @@ def test_cli_serve_sigterm_drains(ckpt):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ------------------------------------------------------------------------------------------ GLM-4.5 XML calls
+
+
+def test_glm45_checkpoint_serves_enforced_xml_tool_calls(tmp_path):
+    """A glm4_moe checkpoint speaks GLM-4.5's XML tool-call format: required / named calls (streamed and not) are
+    valid OpenAI tool_calls even from a random tiny model; reasoning_effort "none" turns thinking off."""
+    from glm4.serve.app import build_state, create_app
+
+    folder = make_checkpoint(tmp_path / "moe", seed=2, model_type="glm4_moe")
+    st = build_state(str(folder), model_name="tiny-moe", kv_cache_tokens=8192)
+    assert st.chat.fmt.family == "glm4_moe"
+    srv = ServerThread(create_app(st)).start()
+    try:
+        c = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        for seed in range(2):
+            r = c.chat.completions.create(model="tiny-moe", messages=MSGS, tools=TOOLS, tool_choice="required",
+                                          max_tokens=150, seed=seed, temperature=1.0)
+            assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls
+            for call in r.choices[0].message.tool_calls:
+                _check_call(call)
+        r = c.chat.completions.create(model="tiny-moe", messages=MSGS, tools=TOOLS, max_tokens=150, seed=1,
+                                      tool_choice={"type": "function", "function": {"name": "get_time"}},
+                                      parallel_tool_calls=False, reasoning_effort="none")
+        calls = r.choices[0].message.tool_calls
+        assert len(calls) == 1 and calls[0].function.name == "get_time"
+        _check_call(calls[0], allowed={"get_time"})
+        names, args = [], ""
+        for ch in c.chat.completions.create(model="tiny-moe", messages=MSGS, tools=TOOLS, tool_choice="required",
+                                            max_tokens=150, seed=4, stream=True, parallel_tool_calls=False):
+            for choice in ch.choices:
+                for tc in choice.delta.tool_calls or []:
+                    if tc.id:
+                        names.append(tc.function.name)
+                    args += tc.function.arguments or ""
+        assert len(names) == 1
+        jsonschema.validate(json.loads(args), SCHEMAS[names[0]])
+    finally:
+        srv.stop()
