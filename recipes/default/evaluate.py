@@ -81,6 +81,30 @@ def greedy(model, ids: list[int], eos: list[int], max_new_tokens: int) -> list[i
     return new
 
 
+_ENGINES: dict[int, object] = {}
+
+
+def greedy_many(model, prompts: list[list[int]], eos: list[int], max_new_tokens: int) -> list[list[int]]:
+    """greedy() of every prompt, batched through the engine (its greedy tokens equal the reference generator's,
+    tests/test_engine.py); prompts too long for the model's context go through the reference generator."""
+    from glm4.engine import LLM, SamplingParams
+
+    llm = _ENGINES.get(id(model))
+    if llm is None:
+        llm = _ENGINES[id(model)] = LLM.from_model(model, kv_cache_tokens=65536, fuse_projections=False,
+                                                    linear="torch")
+    limit = llm.engine.max_model_len - max_new_tokens
+    short = [i for i, p in enumerate(prompts) if len(p) <= limit]
+    out: list[list[int] | None] = [None] * len(prompts)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0, stop_token_ids=list(eos))
+    for i, o in zip(short, llm.generate([prompts[i] for i in short], params)):
+        out[i] = list(o.outputs[0].token_ids)
+    for i, p in enumerate(prompts):
+        if out[i] is None:
+            out[i] = greedy(model, p, eos, max_new_tokens)
+    return out
+
+
 def _tools(functions: list[dict]) -> list[dict]:
     from build_sft import as_tools  # same schema conversion as the training data
 
@@ -122,12 +146,15 @@ def bfcl_live_simple(model, tok, fmt, bfcl: Path, limit: int, max_new_tokens: in
     n = valid = correct_fn = exact = 0
     examples = []
     t0 = time.time()
+    prompts, all_tools = [], []
     for r in rows:
         tools = _tools(r["function"])
         msgs = [{"role": "system", "content": "", "tools": tools}]
         msgs += [{"role": m["role"], "content": m["content"]} for m in r["question"][0]]
-        ids = fmt.encode(tok, msgs)
-        new = greedy(model, ids, tok.eos_token_ids, max_new_tokens)
+        prompts.append(fmt.encode(tok, msgs))
+        all_tools.append(tools)
+    replies = greedy_many(model, prompts, tok.eos_token_ids, max_new_tokens)
+    for r, tools, new in zip(rows, all_tools, replies):
         text = tok.decode([t for t in new if t not in tok.eos_token_ids])
         try:
             _, calls = fmt.parse(text, tools)
@@ -178,9 +205,9 @@ def translation(model, tok, fmt, sft_valid: Path, limit: int) -> dict:
     for direction in ("hsk_zh2en", "hsk_en2zh"):
         sel = [r for r in rows if r["source"] == direction][:limit]
         scores, examples = [], []
-        for r in sel:
+        replies = greedy_many(model, [fmt.encode(tok, [r["messages"][0]]) for r in sel], tok.eos_token_ids, 48)
+        for r, new in zip(sel, replies):
             user, ref = r["messages"][0], r["messages"][1]["content"]
-            new = greedy(model, fmt.encode(tok, [user]), tok.eos_token_ids, 48)
             hyp = tok.decode([t for t in new if t not in tok.eos_token_ids]).strip()
             scores.append(chrf(hyp, ref))
             if len(examples) < 4:
@@ -192,16 +219,17 @@ def translation(model, tok, fmt, sft_valid: Path, limit: int) -> dict:
 def samples(model, tok, fmt, max_new_tokens: int) -> dict:
     out = {"chat": [], "text": [], "tools": []}
     eos = tok.eos_token_ids
-    for p in CHAT_SAMPLES:
-        new = greedy(model, fmt.encode(tok, [{"role": "user", "content": p}]), eos, max_new_tokens)
+    replies = greedy_many(model, [fmt.encode(tok, [{"role": "user", "content": p}]) for p in CHAT_SAMPLES], eos,
+                          max_new_tokens)
+    for p, new in zip(CHAT_SAMPLES, replies):
         out["chat"].append({"prompt": p, "output": tok.decode([t for t in new if t not in eos])})
     prefix = [tok.special_tokens["[gMASK]"], tok.special_tokens["<sop>"]]
-    for p in TEXT_SAMPLES:
-        new = greedy(model, prefix + tok.encode(p), eos, max_new_tokens)
+    replies = greedy_many(model, [prefix + tok.encode(p) for p in TEXT_SAMPLES], eos, max_new_tokens)
+    for p, new in zip(TEXT_SAMPLES, replies):
         out["text"].append({"prompt": p, "output": tok.decode([t for t in new if t not in eos])})
-    for p, tools in TOOL_SAMPLES:
-        msgs = [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": p}]
-        new = greedy(model, fmt.encode(tok, msgs), eos, max_new_tokens)
+    tool_prompts = [fmt.encode(tok, [{"role": "system", "content": "", "tools": tools}, {"role": "user", "content": p}])
+                    for p, tools in TOOL_SAMPLES]
+    for (p, tools), new in zip(TOOL_SAMPLES, greedy_many(model, tool_prompts, eos, max_new_tokens)):
         text = tok.decode([t for t in new if t not in eos])
         out["tools"].append({"prompt": p, "output": text, "parsed": fmt.parse(text, tools)[1]})
     return out
