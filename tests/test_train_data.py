@@ -124,6 +124,21 @@ def test_bad_records_raise_data_errors(tok, tmp_path):
         SFTDataset.from_jsonl(p, tok, fmt)
 
 
+def test_records_too_long_for_max_length_are_skipped(tok, tmp_path, capsys):
+    """A conversation whose assistant part falls past max_length is dropped with a count, not a failed run."""
+    fmt = ChatFormat("chatglm")
+    long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    short = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    p = tmp_path / "d.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in (short, long, short)) + "\n")
+    ds = SFTDataset.from_jsonl(p, tok, fmt, max_length=64)
+    err = capsys.readouterr().err
+    assert len(ds) == 2 and "skipped 1 record(s)" in err and "(records 2)" in err
+    p.write_text(json.dumps(long) + "\n")
+    with pytest.raises(DataError, match="no record has assistant tokens"):
+        SFTDataset.from_jsonl(p, tok, fmt, max_length=64)
+
+
 def test_packing_never_crosses_examples(hf_checkpoint, tok):
     """A packed row gives every example exactly the loss it has alone (block-diagonal mask, positions reset)."""
     from glm4.train.loop import LMTask, TrainArgs

@@ -29,6 +29,10 @@ class DataError(ValueError):
     """Training data that cannot be read or encoded (names the file and line)."""
 
 
+class NothingToTrain(DataError):
+    """A conversation with no trained token left after truncation to max_length: skipped, and counted."""
+
+
 # ---------------------------------------------------------------- index arithmetic shared by all datasets
 
 def epoch_index(g: int, n: int, seed: int) -> int:
@@ -191,7 +195,7 @@ def encode_conversation(record: dict, tok, fmt, max_length: int | None = None) -
     if max_length:
         ids, labels = ids[:max_length], labels[:max_length]
     if all(t == IGNORE for t in labels):
-        raise DataError("no assistant tokens to train on (after truncation to max_length)")
+        raise NothingToTrain("no assistant tokens to train on (after truncation to max_length)")
     return sft_sample(ids, labels)
 
 
@@ -219,13 +223,25 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def encode_records(path, encode) -> list:
-    """`encode` every record of a jsonl file; a DataError names the file and the record number."""
-    out = []
+    """`encode` every record of a jsonl file; a DataError names the file and the record number. Records with
+    nothing to train on after truncation (a prompt longer than max_length) are skipped with a count on stderr,
+    unless every record is."""
+    out, skipped = [], []
     for i, rec in enumerate(read_jsonl(path), 1):
         try:
             out.append(encode(rec))
+        except NothingToTrain:
+            skipped.append(i)
         except DataError as e:
             raise DataError(f"{path}: record {i}: {e}") from e
+    if skipped and not out:
+        raise DataError(f"{path}: no record has assistant tokens to train on within max_length")
+    if skipped:
+        import sys
+
+        more = ", ..." if len(skipped) > 5 else ""
+        print(f"{path}: skipped {len(skipped)} record(s) with no assistant tokens left after truncation to "
+              f"max_length (records {', '.join(map(str, skipped[:5]))}{more})", file=sys.stderr)
     return out
 
 
