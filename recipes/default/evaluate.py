@@ -5,8 +5,9 @@
 - perplexity on the held-out token files of train_tokenizer.py (Persuasion; 三国 chapters 111-120; 5 % of the
   news), in windows of --seq-len, plus bits per character (comparable across tokenizers);
 - BFCL `live_simple` (never trained on): the chat prompt with the tools, greedy decoding, then the chat format's
-  tool-call parser. format_valid = the reply parses as >= 1 tool call whose arguments are a JSON object;
-  correct_function = the first call names the ground-truth function; args_exact = every ground-truth argument
+  tool-call parser. format_valid = the reply is a GLM-4 call `name\n{JSON object}` (any name, as BFCL scores
+  the name apart); declared_tool = it parses as >= 1 call of an offered tool (the parser keeps calls of unknown
+  names as content); correct_function = the first call names the ground-truth function; args_exact = every ground-truth argument
   has an acceptable value and no unknown argument is given (BFCL's possible-answer lists);
 - HSK translation on the held-out pairs of build_sft.py (chrF, character n-grams, both directions);
 - greedy samples, chat and plain continuation, in Chinese and English.
@@ -134,6 +135,17 @@ def args_exact(args: dict, possible: dict) -> bool:
     return True
 
 
+def call_syntax(text: str) -> bool:
+    """The reply is a GLM-4 tool call `name\n{JSON object}`, whatever the name (BFCL scores the name separately)."""
+    head, sep, body = text.strip().partition("\n")
+    if not sep or not head.strip() or any(c.isspace() for c in head.strip()):
+        return False
+    try:
+        return isinstance(json.loads(body), dict)
+    except ValueError:
+        return False
+
+
 def bfcl_live_simple(model, tok, fmt, bfcl: Path, limit: int, max_new_tokens: int) -> dict:
     rows = [json.loads(x) for x in (bfcl / "BFCL_v4_live_simple.json").read_text(encoding="utf-8").splitlines() if x]
     answers = {}
@@ -143,7 +155,7 @@ def bfcl_live_simple(model, tok, fmt, bfcl: Path, limit: int, max_new_tokens: in
             answers[r["id"]] = r["ground_truth"]
     if limit:
         rows = rows[:limit]
-    n = valid = correct_fn = exact = 0
+    n = valid = declared = correct_fn = exact = 0
     examples = []
     t0 = time.time()
     prompts, all_tools = [], []
@@ -171,13 +183,15 @@ def bfcl_live_simple(model, tok, fmt, bfcl: Path, limit: int, max_new_tokens: in
                 ok = False
             name = calls[0]["function"]["name"]
         n += 1
-        valid += ok
+        declared += ok
+        valid += ok or call_syntax(text)
         correct_fn += ok and name == gt_name
         exact += ok and name == gt_name and args_exact(parsed[0], gt_args)
         if len(examples) < 8:
             examples.append({"id": r["id"], "question": r["question"][0][-1]["content"], "expected": gt_name,
                              "reply": text})
-    return {"n": n, "format_valid": valid / n, "correct_function": correct_fn / n, "args_exact": exact / n,
+    return {"n": n, "format_valid": valid / n, "declared_tool": declared / n, "correct_function": correct_fn / n,
+            "args_exact": exact / n,
             "seconds": round(time.time() - t0, 1), "examples": examples}
 
 
