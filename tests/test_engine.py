@@ -331,3 +331,26 @@ def test_compile_real():
     llm = LLM.from_model(model, linear="torch", compile=True)
     outs = llm.generate(prompts, GREEDY)
     assert [o.outputs[0].token_ids for o in outs] == refs
+
+
+def test_auto_linear_packs_bf16_and_only_big_fp32_linears(monkeypatch):
+    """linear="auto": every bf16 linear prepacked; fp32 ones only from PACK_MIN_PARAMS_FP32 weights (F.linear is
+    faster below); "packed" packs all; greedy output unchanged either way (packing is exact)."""
+    import glm4.engine.llm as llm_mod
+    from glm4.quant.fast_linear import PackedLinear
+
+    def kinds(llm):
+        return {type(m).__name__ for m in llm.engine.runner.model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+
+    model, prompts = tiny_model("glm"), make_prompts()[:3]
+    refs = reference(model, prompts)
+    assert kinds(LLM.from_model(tiny_model("glm"))) == {"Linear"}  # tiny fp32: nothing reaches the threshold
+    assert kinds(LLM.from_model(tiny_model("glm"), linear="packed")) == {"PackedLinear"}
+    assert kinds(LLM.from_model(tiny_model("glm").to(torch.bfloat16))) == {"PackedLinear"}
+    monkeypatch.setattr(llm_mod, "PACK_MIN_PARAMS_FP32", 64 * 64 + 1)  # only linears above 64x64 weights
+    llm = LLM.from_model(model)
+    big = {n for n, m in llm.engine.runner.model.named_modules() if isinstance(m, PackedLinear)}
+    small = {n for n, m in llm.engine.runner.model.named_modules() if type(m) is torch.nn.Linear}
+    assert big and small and "lm_head" in big
+    assert all(m.weight.numel() <= 64 * 64 for n, m in llm.engine.runner.model.named_modules() if n in small)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == refs

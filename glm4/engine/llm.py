@@ -104,22 +104,31 @@ def _as_prompt_list(prompts) -> list:
     return prompts
 
 
+# linear="auto" on CPU: bf16 linears are all prepacked (oneDNN beats bf16 F.linear at every shape measured); fp32
+# ones only from this many weights: below it F.linear is faster at one token (its per-call cost is lower) and
+# about even at eight; the LM head and wide MLP projections gain at batch >= 8 (docs/benchmarks.md, "linear kernels").
+PACK_MIN_PARAMS_FP32 = 4_000_000
+
+
 def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
     """Inference-time module swaps: q/k/v and gate/up fused into one linear each, then (glm4.quant) weight-only
-    int8/int4 when asked, else prepacked oneDNN linears on CPU ("auto"); returns the model to run. In place."""
+    int8/int4 when asked, else prepacked oneDNN linears on CPU ("auto": the big fp32 ones, every bf16 one;
+    "packed": all); returns the model to run. In place."""
     model.eval()
     if args.fuse_projections:
         from glm4.models.glm import fuse_projections
 
         fuse_projections(model)
     on_cpu = next(model.parameters()).device.type == "cpu"
-    scheme = args.quantization
+    scheme, min_params = args.quantization, 0
     if scheme is None and on_cpu and args.linear in ("auto", "packed"):
         scheme = "packed"
+        if args.linear == "auto" and next(model.parameters()).dtype == torch.float32:
+            min_params = PACK_MIN_PARAMS_FP32
     if scheme is not None:
         from glm4.quant import quantize
 
-        quantize(model, scheme, group_size=args.quant_group_size)
+        quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params)
     if args.compile:
         compile_model(model)
     return model

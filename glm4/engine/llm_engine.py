@@ -46,7 +46,7 @@ class EngineArgs:
     kv_cache_fraction: float = 0.2
     enable_prefix_caching: bool = True
     seed: int | None = 0
-    linear: str = "auto"  # CPU linear kernel: "auto"/"packed" (prepacked oneDNN), "torch" (F.linear)
+    linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
     quantization: str | None = None  # weight-only "int8" | "int4" (glm4.quant), CPU
     quant_group_size: int = 128
     compile: bool = False  # torch.compile the dense MLPs and norms (glm4.engine.llm.compile_model); see docs/benchmarks.md

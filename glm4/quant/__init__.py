@@ -42,7 +42,7 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, skip: tuple[str, ...] = (),
-             head: str | None = "auto", dtype: torch.dtype | None = None) -> nn.Module:
+             head: str | None = "auto", dtype: torch.dtype | None = None, min_params: int = 0) -> nn.Module:
     """Swap every nn.Linear of `model` in place and return it.
 
     scheme: "int8" (per-channel symmetric), "int4" (asymmetric, `group_size` columns per scale), "packed"
@@ -52,6 +52,8 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         (4-bit logits cost most accuracy for least size), else the same scheme; None keeps it nn.Linear.
     dtype: weight dtype for "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
         model at ~0.3 % error per matmul).
+    min_params: linears with fewer weights stay nn.Linear (where the swapped kernel's per-call cost outweighs
+        its streaming gain, see glm4.engine.llm.optimize_model).
     A tied output projection gets its own quantized copy; the embedding stays as it is.
     """
     if scheme is None:
@@ -66,7 +68,7 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     for name, linear in targets:
-        if any(fnmatch.fnmatchcase(name, pat) for pat in skip):
+        if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or linear.weight.numel() < min_params:
             continue
         is_head = name.rsplit(".", 1)[-1] in HEAD_NAMES
         s = head if is_head else scheme
