@@ -106,7 +106,8 @@ def _as_prompt_list(prompts) -> list:
 
 # linear="auto" on CPU: bf16 linears are all prepacked (oneDNN beats bf16 F.linear at every shape measured); fp32
 # ones only from this many weights: below it F.linear is faster at one token (its per-call cost is lower) and
-# about even at eight; the LM head and wide MLP projections gain at batch >= 8 (docs/benchmarks.md, "linear kernels").
+# about even at eight; the LM head and wide MLP projections gain at batch >= 8 (docs/benchmarks.md, "Inference-time
+# swaps").
 PACK_MIN_PARAMS_FP32 = 4_000_000
 
 
@@ -135,9 +136,9 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
 
 
 # the dense MLPs: attention (paged, Python bookkeeping) and MoE routing (data-dependent shapes) stay eager.
-# Measured on CPU (docs/benchmarks.md): MLPs compiled with linear="torch" are within noise of the eager engine,
-# compiled RMSNorms or whole decoder layers are slower (per-call guards, recompiles), and oneDNN-packed weights
-# cannot be traced (the wrapper falls back). Hence off by default.
+# Measured on CPU (docs/benchmarks.md): MLPs compiled with linear="torch" decode 13 % slower than eager, compiled
+# RMSNorms or whole decoder layers slower still (per-call guards, recompiles), and oneDNN-packed weights cannot be
+# traced (the wrapper falls back). Hence off by default.
 _COMPILABLE = ("GlmMLP", "Glm4MoeMLP", "ChatGLMMLP")
 
 
