@@ -49,7 +49,7 @@ class EngineArgs:
     linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
     quantization: str | None = None  # weight-only "int8" | "int4" (glm4.quant), CPU
     quant_group_size: int = 128
-    compile: bool = False  # torch.compile the dense MLPs and norms (glm4.engine.llm.compile_model); see docs/benchmarks.md
+    compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)
     num_threads: int | None = None
 
