@@ -616,3 +616,23 @@ def test_glm45_checkpoint_serves_enforced_xml_tool_calls(tmp_path):
         jsonschema.validate(json.loads(args), SCHEMAS[names[0]])
     finally:
         srv.stop()
+
+
+def test_serve_threads_policy(ckpt, tmp_path):
+    """`glm4 serve --threads auto`: on <= 4 cores a small model leaves a core to HTTP; big models, big machines
+    and explicit counts are left alone; a bad value is a clear error."""
+    from glm4.serve.app import SMALL_MODEL_BYTES, serve_threads
+
+    assert serve_threads(str(ckpt), "auto", cpus=2) == 1
+    assert serve_threads(str(ckpt), "auto", cpus=4) == 3
+    assert serve_threads(str(ckpt), "auto", cpus=16) is None and serve_threads(str(ckpt), "auto", cpus=1) is None
+    assert serve_threads(None, "auto", cpus=2) == 1  # the shipped default model is small
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as f:
+        f.truncate(SMALL_MODEL_BYTES + 1)  # sparse: only the size matters
+    assert serve_threads(str(big), "auto", cpus=2) is None
+    assert serve_threads(str(ckpt), "2", cpus=2) == 2
+    for bad in ("0", "many"):
+        with pytest.raises(ValueError, match="--threads"):
+            serve_threads(str(ckpt), bad)

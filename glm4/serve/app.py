@@ -910,6 +910,32 @@ def build_state(model: str | None = None, api_key: str | None = None, model_name
                        defaults=_generation_defaults(Path(folder) if folder else None), metrics=metrics)
 
 
+SMALL_MODEL_BYTES = 256 * 2**20
+
+
+def serve_threads(model: str | None, threads: str | int | None, cpus: int | None = None) -> int | None:
+    """torch threads for `glm4 serve`: an explicit count, or "auto" — on a machine of <= 4 cores a small model
+    (decode costs ~ms, so HTTP and streaming per token weigh as much) leaves one core to the event loop; a big
+    model keeps torch's default (its matmuls need every core). None = torch's default."""
+    if threads is None or threads == "auto":
+        cpus = cpus or os.cpu_count() or 1
+        if cpus > 4 or cpus < 2:
+            return None
+        if model is None:
+            from glm4.assets import default_model
+
+            model = default_model()
+        weights = sum(f.stat().st_size for f in Path(model).glob("*.safetensors")) if Path(model).is_dir() else 0
+        return cpus - 1 if 0 < weights < SMALL_MODEL_BYTES else None
+    try:
+        n = int(threads)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise ValueError(f"--threads must be a positive integer or 'auto', got {threads!r}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm4 serve", description="OpenAI-compatible server for a GLM-4 checkpoint")
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
@@ -921,12 +947,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--threads", default="auto",
+                    help="torch CPU threads; auto: on <= 4 cores a small model (< 256 MB of weights) leaves one core "
+                         "to the HTTP side (1.7x requests/s at one client for the default model on 2 cores)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on exit")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        threads = serve_threads(args.model, args.threads)
+    except ValueError as e:
+        print(f"glm4 serve: {e}")
+        return 2
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
-                                     ("dtype", args.dtype)) if v is not None}
+                                     ("dtype", args.dtype), ("num_threads", threads)) if v is not None}
     try:
         st = build_state(args.model, api_key=args.api_key, model_name=args.served_model_name,
                          max_pending=args.max_queue, **engine_args)
