@@ -38,6 +38,22 @@ TINY_MOE = dict(
 )
 
 
+def train_tokenizer_json(folder: Path, corpus: list[str], vocab_size: int) -> Path:
+    """A byte-level BPE tokenizer.json in `folder` with GLM-4's special tokens as added tokens (the -hf layout)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from glm4.tokenizer import GLM4_SPECIAL_TOKENS
+
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    t.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(GLM4_SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    t.train_from_iterator(corpus, trainer)
+    t.save(str(folder / "tokenizer.json"))
+    return folder
+
+
 def tiny_config(model_type: str = "glm", **overrides) -> dict:
     d = json.loads(json.dumps(TINY))
     if model_type == "glm4_moe":

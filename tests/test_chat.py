@@ -211,11 +211,13 @@ def test_glm45_xml_grammar_accepts_the_template_and_rejects_others(llm):
     body = rendered.split("<|assistant|>")[1].replace("\n<think></think>", "", 1)
     obs = tok.special_tokens["<|observation|>"]
 
-    def accepts(text: str) -> bool:
-        ids = moe.compiler.lltok.tokenize_str(text) + [obs]
-        proc = moe.compiler.processor(plan.grammar)
-        return proc.matcher.validate_tokens(ids) >= len(ids) - 1 and (proc.matcher.consume_tokens(ids) or True) \
-            and proc.matcher.is_stopped()
+    def accepts(text: str) -> bool:  # every token of text allowed, then <|observation|> ends the reply
+        ids = moe.compiler.lltok.tokenize_str(text)
+        m = moe.compiler.processor(plan.grammar).matcher
+        if m.validate_tokens(ids) != len(ids):
+            return False
+        m.consume_tokens(ids + [obs])
+        return m.is_stopped() and not m.is_error()
 
     assert accepts(body) and accepts("\n<think>a </thin <b> x</think>\n" + body.lstrip("\n"))
     content, calls = moe.parse(plan, body)
@@ -460,18 +462,12 @@ def test_cli_real_sigint_during_generation(llm):
 
 def test_constraints_with_a_tokenizer_json(tmp_path):
     """The -hf / 0414 layout (tokenizer.json through `tokenizers`) drives the same grammars."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from conftest import train_tokenizer_json
 
     from glm4.engine.chat import ChatLayer
-    from glm4.tokenizer import GLM4_SPECIAL_TOKENS, ChatFormat, load_tokenizer
+    from glm4.tokenizer import ChatFormat, load_tokenizer
 
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=500, special_tokens=list(GLM4_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    t.train_from_iterator(['{"city": "Paris", "unit": "c"}', "get_weather add 北京天气", "hello world"] * 50, trainer)
-    t.save(str(tmp_path / "tokenizer.json"))
+    train_tokenizer_json(tmp_path, ['{"city": "Paris", "unit": "c"}', "get_weather add 北京天气", "hello world"] * 50, 500)
     tok = load_tokenizer(tmp_path)
     layer = ChatLayer(tok, ChatFormat("glm4"))
     plan = layer.plan(MSGS, TOOLS, "required")

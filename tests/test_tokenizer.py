@@ -136,17 +136,10 @@ def test_missing_and_bad_files(tmp_path):
 @pytest.fixture(scope="module")
 def hf_ckpt(tmp_path_factory):
     """A byte-level BPE tokenizer.json with GLM-4's special tokens as added tokens (the -hf layout)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from conftest import train_tokenizer_json
 
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    t.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=list(GLM4_SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     corpus = ["你好世界，这是一个测试。", "hello world, this is a test", "def f(x): return x", "😀👍"] * 50
-    t.train_from_iterator(corpus, trainer)
-    d = tmp_path_factory.mktemp("hf_ckpt")
-    t.save(str(d / "tokenizer.json"))
+    d = train_tokenizer_json(tmp_path_factory.mktemp("hf_ckpt"), corpus, 400)
     (d / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     return d
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from glm4.engine.constrained import ConstraintError, GrammarCompiler, check_schema
+from glm4.tokenizer.tool_calls import Stripper
 
 # families whose tool calls are `name\n{json}` turns (the grammar in constrained.py); GLM-4.5 (glm4_moe) uses
 # XML calls, enforced for required / named (auto is parsed and validated, not constrained)
@@ -321,8 +322,7 @@ class ChatStream:
         self.layer, self.plan = layer, plan
         self.parser = (layer.fmt.stream_parser(plan.tools, stream_arguments=plan.grammar is not None)
                        if plan.tools else None)
-        self.started = False
-        self._held = ""
+        self._stripper = Stripper(lambda text: {"type": "content", "text": text})  # content == text.strip()
         self.calls: dict[int, dict] = {}  # OpenAI tool calls by index (arguments accumulated)
         self.content: list[str] = []
         self.reasoning: list[str] = []  # GLM-4.5 thinking
@@ -330,7 +330,7 @@ class ChatStream:
 
     def feed(self, delta: str) -> list[dict]:
         if self.parser is None:
-            out = self._content(delta)
+            out = self._stripper.push(delta)
             self.content += [e["text"] for e in out]
             return out
         return self._translate(self.parser.feed(delta))
@@ -340,18 +340,6 @@ class ChatStream:
             return []  # held trailing whitespace is dropped: content == text.strip(), as the tool parser does
         return self._translate(self.parser.finish())
 
-    def _content(self, text: str) -> list[dict]:
-        # leading whitespace dropped, trailing whitespace held until more text follows
-        if not self.started:
-            text = text.lstrip()
-            if not text:
-                return []
-            self.started = True
-        text = self._held + text
-        body = text.rstrip()
-        self._held = text[len(body):]
-        return [{"type": "content", "text": body}] if body else []
-
     def _translate(self, events) -> list[dict]:
         out = []
         withdrawn = False
@@ -360,7 +348,7 @@ class ChatStream:
             if kind == "content":
                 if withdrawn and self.plan.grammar is not None:
                     continue  # under a grammar only a cut-off call is withdrawn: its text is no answer
-                out += self._content(ev.text)
+                out += self._stripper.push(ev.text)
             elif kind == "reasoning":
                 self.reasoning.append(ev.text)
                 out.append({"type": "reasoning", "text": ev.text})

@@ -246,7 +246,7 @@ class ToolSet:
 # ---------------------------------------------------------------------------------------------
 # the stream parser
 # ---------------------------------------------------------------------------------------------
-class _Stripper:
+class Stripper:
     """Emits a text channel with leading and trailing whitespace held back (== str.strip of the total)."""
 
     def __init__(self, make):
@@ -290,8 +290,8 @@ class StreamParser:
         self.done = False  # a stop marker was seen
         self.finished = False
         self.n_calls = 0
-        self._content = _Stripper(ContentDelta)
-        self._reasoning = _Stripper(ReasoningDelta)
+        self._content = Stripper(ContentDelta)
+        self._reasoning = Stripper(ReasoningDelta)
         self._held: dict[int, list[Event]] = {}
         self._reset_segment()
 
