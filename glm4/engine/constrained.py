@@ -342,14 +342,13 @@ def minimal_json(schema: dict | None) -> Any:
     return None
 
 
-def _xml_arg_text(key: str, kind: str, spec: Any) -> str:
+def _minimal_value(kind: str, spec: Any) -> str:
+    # the shortest value text of an xml_arg_plan entry
     if kind == "enum":
-        value = spec[0]
-    elif kind == "raw":
-        value = "a" * spec[0]
-    else:
-        value = json.dumps(minimal_json(spec), ensure_ascii=False, separators=(",", ":"))
-    return f"<arg_key>{key}</arg_key>\n<arg_value>{value}</arg_value>\n"
+        return spec[0]
+    if kind == "raw":
+        return "a" * spec[0]
+    return json.dumps(minimal_json(spec), ensure_ascii=False, separators=(",", ":"))
 
 
 _XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\n<arg_value>(.*?)</arg_value>\n", re.S)
@@ -377,10 +376,13 @@ def _xml_close(text: str, fns: list[dict]) -> tuple[str, bool] | None:
 
     def rest_of_call(fn: dict, done: set[str]) -> str:
         plan = xml_arg_plan(fn.get("parameters"))
-        return "".join(_xml_arg_text(k, kind, spec) for k, req, kind, spec in plan if req and k not in done) + \
-            "</tool_call>"
+        return "".join(f"<arg_key>{k}</arg_key>\n<arg_value>{_minimal_value(kind, spec)}</arg_value>\n"
+                       for k, req, kind, spec in plan if req and k not in done) + "</tool_call>"
 
-    head, sep, seg = text.rpartition("<tool_call>")
+    def first_tool_call() -> str:
+        return "<tool_call>" + fns[0]["name"] + "\n" + rest_of_call(fns[0], set())
+
+    _, sep, seg = text.rpartition("<tool_call>")
     if not sep:  # no call yet: close the reasoning, then write the first tool's call
         if text == "":
             pre = "\n"
@@ -388,16 +390,16 @@ def _xml_close(text: str, fns: list[dict]) -> tuple[str, bool] | None:
             pre = "</think>\n"
         elif text.endswith("</think>"):
             pre = "\n"
-        elif text in ("\n",) or text.endswith("</think>\n"):
+        elif text == "\n" or text.endswith("</think>\n"):
             pre = ""
         else:
             return None
-        return pre + "<tool_call>" + fns[0]["name"] + "\n" + rest_of_call(fns[0], set()), False
+        return pre + first_tool_call(), False
     if "</tool_call>" in seg:
         after = seg.split("</tool_call>", 1)[1]
         if after == "":
             return "", True
-        return ("<tool_call>" + fns[0]["name"] + "\n" + rest_of_call(fns[0], set()), False) if after == "\n" else None
+        return (first_tool_call(), False) if after == "\n" else None
     if "\n" not in seg:  # the name in progress
         fn = next((f for f in fns if f["name"].startswith(seg)), None)
         return None if fn is None else (fn["name"][len(seg):] + "\n" + rest_of_call(fn, set()), False)
@@ -427,7 +429,7 @@ def _xml_close(text: str, fns: list[dict]) -> tuple[str, bool] | None:
     elif entry[2] == "raw":
         close = "a" * max(0, entry[3][0] - len(value))
     elif not value.strip():
-        close = json.dumps(minimal_json(entry[3]), ensure_ascii=False, separators=(",", ":"))
+        close = _minimal_value("json", entry[3])
     else:
         close = json_closing_suffix(value)
     if close is None:
