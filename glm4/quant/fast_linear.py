@@ -29,9 +29,10 @@ def has_op(name: str) -> bool:
         elif name == "int4":
             wp = torch._convert_weight_to_int4pack_for_cpu(torch.zeros(16, 64, dtype=torch.int32), 1)
             torch._weight_int4pack_mm_for_cpu(x, wp, 32, torch.ones(2, 16, 2, dtype=torch.bfloat16))
-        elif name == "mkldnn":
-            wp = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 64), 1)
-            torch.ops.mkldnn._linear_pointwise(x.float(), wp, None, "none", [], "")
+        elif name in ("mkldnn", "mkldnn_bf16"):  # oneDNN packing: fp32 everywhere, bf16 only with AVX-512/avx_ne_convert
+            dt = torch.bfloat16 if name == "mkldnn_bf16" else torch.float32
+            wp = torch.ops.mkldnn._reorder_linear_weight(torch.ones(16, 64, dtype=dt), 1)
+            torch.ops.mkldnn._linear_pointwise(x.to(dt), wp, None, "none", [], "")
         else:
             raise KeyError(name)
     except (AttributeError, RuntimeError, NotImplementedError):
@@ -107,7 +108,7 @@ class PackedLinear(nn.Module):
     @torch.no_grad()
     def pack(self, weight: torch.Tensor) -> None:
         w = weight.to(self.dtype).contiguous()
-        if has_op("mkldnn"):
+        if has_op("mkldnn_bf16" if self.dtype == torch.bfloat16 else "mkldnn"):
             # batch_size hint 1: the decode shape; the packed layout still serves any M
             self.packed = torch.ops.mkldnn._reorder_linear_weight(w, 1)
         else:

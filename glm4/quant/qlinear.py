@@ -1,0 +1,148 @@
+"""QuantLinear: one weight-only quantized linear for every grouped integer format glm4 runs.
+
+    W[n, k] = scales[n, k // g] * (q[n, k] - zero_point) + mins[n, k // g]      (mins optional)
+
+Our own int8 (per channel: g = K) and int4 (g = 32..256, asymmetric), GGUF q8_0 / q4_0 / q4_1 / K-quants,
+AWQ, GPTQ and compressed-tensors all map onto it exactly at load time; the CPU kernels (glm4.quant.kernels)
+run it without ever expanding the weight to fp32 in memory.
+
+Storage:
+    bits 8: qweight int8 [N, K] (codes shifted into int8 range; zero_point adjusted to match)
+    bits 4: qweight uint8 [N, K/2]; each 32-column block of a row is 16 bytes, byte j = q[j] | q[j + 16] << 4
+            (GGUF q4_0's nibble order, so q4_0 repacks by copy)
+    scales, mins: [N, K/g] float16 or float32 (float32 where the source's scale products are not fp16-exact)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import kernels
+from .fast_linear import QuantizationError, plain_linear
+
+__all__ = ["QuantLinear", "pack_int4", "unpack_int4"]
+
+_GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] codes 0..15 (K a multiple of 32) -> uint8 [N, K/2] in the q4_0 nibble order."""
+    n, k = q.shape
+    if k % 32:
+        raise QuantizationError(f"int4: in_features {k} must be a multiple of 32")
+    b = q.to(torch.uint8).reshape(n, k // 32, 2, 16)  # [N, K/32, lo|hi, 16]
+    return (b[:, :, 0] | (b[:, :, 1] << 4)).reshape(n, k // 2)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int4: uint8 [N, K/2] -> uint8 codes [N, K]."""
+    n, k2 = packed.shape
+    b = packed.reshape(n, k2 // 16, 1, 16)
+    return torch.cat([b & 15, b >> 4], dim=2).reshape(n, k2 * 2)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W.T + bias, W as in the module docstring. Small M runs the streaming kernel of this CPU;
+    large M (prefill) dequantizes chunks into an fp32 GEMM."""
+
+    def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, zero_point: int = 0,
+                 has_mins: bool = False, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if bits not in (4, 8):
+            raise QuantizationError(f"QuantLinear: bits must be 4 or 8, got {bits}")
+        if group_size <= 0 or in_features % group_size or group_size % (32 if bits == 4 else 8):
+            raise QuantizationError(f"QuantLinear: group_size {group_size} must divide in_features {in_features} "
+                                    f"and be a multiple of {32 if bits == 4 else 8}")
+        if scale_dtype not in (torch.float16, torch.float32):
+            raise QuantizationError(f"QuantLinear: scales must be float16 or float32, got {scale_dtype}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.zero_point = bits, group_size, int(zero_point)
+        groups = in_features // group_size
+        if bits == 8:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        else:
+            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype))
+        self.register_buffer("mins", torch.zeros(out_features, groups, dtype=scale_dtype) if has_mins else None)
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_codes(cls, q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor | None = None, *, bits: int,
+                   group_size: int, zero_point: int = 0, bias: torch.Tensor | None = None) -> QuantLinear:
+        """Build from integer codes q [N, K] (any int dtype), scales [N, K/g] (and mins) as the formula reads.
+
+        8-bit codes outside int8 (e.g. 0..255) are shifted by 128 with zero_point following, so W is unchanged."""
+        n, k = q.shape
+        if scales.shape != (n, k // group_size) or (mins is not None and mins.shape != scales.shape):
+            raise QuantizationError(f"QuantLinear: scales {tuple(scales.shape)} / mins "
+                                    f"{None if mins is None else tuple(mins.shape)} do not fit q {tuple(q.shape)} "
+                                    f"with group_size {group_size}")
+        sdtype = torch.float16 if scales.dtype == torch.float16 and (mins is None or mins.dtype == torch.float16) \
+            else torch.float32
+        m = cls(k, n, bits=bits, group_size=group_size, zero_point=zero_point, has_mins=mins is not None,
+                scale_dtype=sdtype, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float32)
+        q = q.to(torch.int32)
+        lo, hi = int(q.min()), int(q.max())
+        if bits == 4:
+            if lo < 0 or hi > 15:
+                raise QuantizationError(f"QuantLinear: 4-bit codes must be in 0..15, got {lo}..{hi}")
+            m.qweight = pack_int4(q)
+        else:
+            shift = 128 if hi > 127 else 0
+            if lo - shift < -128 or hi - shift > 127:
+                raise QuantizationError(f"QuantLinear: 8-bit codes span {lo}..{hi}, more than 256 values")
+            m.qweight = (q - shift).to(torch.int8)
+            m.zero_point -= shift
+        m.scales = scales.to(sdtype).contiguous()
+        if mins is not None:
+            m.mins = mins.to(sdtype).contiguous()
+        if bias is not None:
+            m.bias = bias.detach().clone()
+        return m
+
+    def codes(self) -> torch.Tensor:
+        """int32 [N, K]: q - zero_point."""
+        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+        return q.to(torch.int32) - self.zero_point
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The effective weight [N, K] (or a slice of rows), computed in fp32 then cast."""
+        q = self.qweight[rows]
+        q = unpack_int4(q) if self.bits == 4 else q
+        n = q.shape[0]
+        g = self.group_size
+        w = q.float().sub_(self.zero_point).view(n, -1, g).mul_(self.scales[rows].float()[..., None])
+        if self.mins is not None:
+            w.add_(self.mins[rows].float()[..., None])
+        return w.view(n, self.in_features).to(dtype)
+
+    def to_linear(self) -> nn.Linear:
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return plain_linear(self.dequantize(dtype), self.bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape, in_dtype = x.shape, x.dtype
+        x = x.reshape(-1, self.in_features).float()
+        y = kernels.quant_mm(x, self) if x.shape[0] <= kernels.max_m(self) else self._dequant_mm(x)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(in_dtype).reshape(*shape[:-1], self.out_features)
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 -> [M, N]: dequantize ~_GEMM_ELEMS weights at a time, one fp32 GEMM per chunk."""
+        rows = max(16, _GEMM_ELEMS // self.in_features)
+        y = x.new_empty(x.shape[0], self.out_features)
+        for i in range(0, self.out_features, rows):
+            w = self.dequantize(torch.float32, slice(i, i + rows))
+            y[:, i:i + w.shape[0]] = F.linear(x, w)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, zero_point={self.zero_point}, mins={self.mins is not None}, "
+                f"scales={str(self.scales.dtype).removeprefix('torch.')}, bias={self.bias is not None}")
