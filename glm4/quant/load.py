@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from glm4.weights import CheckpointError, load_model as load_safetensors_model, resolve_device, resolve_dtype
+from glm4.weights import CheckpointError, resolve_device, resolve_dtype
+from glm4.weights import load_model as load_safetensors_model
 
 __all__ = ["find_gguf", "load_model"]
 
