@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load_model": "glm4.weights",
+    "load_model": "glm4.quant.load",  # safetensors folders, quantized HF formats, GGUF files
     "generate": "glm4.generate",
     "load_config": "glm4.config",
     "LLM": "glm4.engine.llm",

@@ -147,7 +147,8 @@ def encode_prompt(model_path: str, text: str):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="glm4 generate", description="Generate token ids with the reference generator.")
-    p.add_argument("--model", help="checkpoint folder (config.json + safetensors); default: the shipped model")
+    p.add_argument("--model", help="checkpoint folder (config.json + safetensors) or .gguf file; default: the shipped "
+                                   "model")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
     src.add_argument("--prompt", help="a user message, encoded with the checkpoint's tokenizer and chat format")
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from glm4.config import ConfigError
-    from glm4.weights import CheckpointError, load_model
+    from glm4.quant.load import load_model
+    from glm4.weights import CheckpointError
 
     try:
         if not args.model:

@@ -21,9 +21,13 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def load_tokenizer_if_present(folder: Path):
-    """The folder's tokenizer, or None when it has no tokenizer files (token-id prompts only)."""
+    """The folder's tokenizer (or a GGUF file's vocabulary), or None when it has none (token-id prompts only)."""
     if not any((folder / f).exists() for f in TOKENIZER_FILES):
-        return None
+        from glm4.tokenizer.gguf_meta import find_gguf_file, gguf_tokenizer, read_gguf_header
+
+        gguf = find_gguf_file(folder)
+        hdr = read_gguf_header(gguf) if gguf is not None else None
+        return gguf_tokenizer(hdr) if hdr is not None and "tokenizer.ggml.tokens" in hdr.metadata else None
     from glm4.tokenizer import load_tokenizer
 
     return load_tokenizer(folder)
@@ -38,10 +42,12 @@ class LLM:
             from glm4.assets import default_model
 
             path = default_model()
-        folder = Path(path)
-        if not folder.is_dir():
+        from glm4.quant.load import find_gguf, load_model
+
+        gguf = find_gguf(path)  # a .gguf file, or a folder holding only one
+        folder = gguf or Path(path)
+        if gguf is None and not folder.is_dir():
             raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-        from glm4.weights import load_model
 
         if args.num_threads:
             torch.set_num_threads(args.num_threads)

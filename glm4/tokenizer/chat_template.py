@@ -16,12 +16,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .gguf_meta import GGUFError, find_gguf_file, read_gguf_header
 from .tokenizer import CHAT_EOS_TOKENS, GLM4_SPECIAL_TOKENS, Tokenizer
 from .tool_calls import ParsedOutput, StreamParser, make_stream_parser, parse_text
 
 FAMILIES = ("chatglm", "glm4", "glm4_moe")
 # config.json model_type -> chat family
 MODEL_TYPE_FAMILY = {"chatglm": "chatglm", "glm": "chatglm", "glm4": "glm4", "glm4_moe": "glm4_moe"}
+# GGUF general.architecture (llama.cpp's names) -> chat family
+GGUF_ARCH_FAMILY = {"chatglm": "chatglm", "glm4": "glm4", "glm4moe": "glm4_moe"}
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 SEGMENT_ROLES = ("prefix", "system", "user", "assistant", "observation", "generation_prompt")
 
@@ -524,8 +527,22 @@ class ChatFormat:
 
     @classmethod
     def for_checkpoint(cls, folder: str | os.PathLike, family: str | None = None) -> ChatFormat:
-        """The checkpoint's own chat template (chat_template.jinja / tokenizer_config.json), else the built-in."""
+        """The checkpoint's own chat template (chat_template.jinja / tokenizer_config.json, or a GGUF file's
+        tokenizer.chat_template), else the built-in."""
         folder = Path(folder)
+        gguf = find_gguf_file(folder)
+        if gguf is not None:
+            try:
+                hdr = read_gguf_header(gguf)
+            except GGUFError as e:
+                raise ChatFormatError(str(e)) from None
+            template = hdr.metadata.get("tokenizer.chat_template")
+            template = template if isinstance(template, str) and template else None
+            fam = family or _family_of_template(template) or GGUF_ARCH_FAMILY.get(hdr.architecture or "")
+            if fam is None:
+                raise ChatFormatError(f"{gguf}: no chat format for GGUF architecture {hdr.architecture!r} "
+                                      f"(known: {sorted(GGUF_ARCH_FAMILY)})")
+            return cls(fam, template)
         if not folder.is_dir():
             raise ChatFormatError(f"checkpoint folder not found: {folder}")
         template = _read_checkpoint_template(folder)

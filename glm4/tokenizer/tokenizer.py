@@ -199,11 +199,11 @@ class TiktokenTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """`tokenizer.json` (+ `tokenizer_config.json`) through the `tokenizers` library (-hf, 0414, 4.5 layout)."""
 
-    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] | None = None):
+    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] | None = None, json_text: str | None = None):
         from tokenizers import Tokenizer as _HFTok
 
-        try:
-            self.backend = _HFTok.from_file(str(path))
+        try:  # json_text: a tokenizer.json built in memory (GGUF vocabulary); `path` then only names it in errors
+            self.backend = _HFTok.from_str(json_text) if json_text is not None else _HFTok.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception on parse errors
             raise TokenizerError(f"cannot read {path}: {e}") from None
         self.backend.encode_special_tokens = True  # added special tokens in text stay plain text
@@ -308,8 +308,14 @@ def read_eos_token_ids(folder: str | Path) -> list[int] | None:
 
 
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
-    """Load `tokenizer.model` (GLM-4 tiktoken format) or `tokenizer.json` from a checkpoint folder."""
+    """Load `tokenizer.model` (GLM-4 tiktoken format) or `tokenizer.json` from a checkpoint folder, or the
+    vocabulary of a GGUF file (its path, or a folder whose only model file is one)."""
+    from .gguf_meta import find_gguf_file, gguf_tokenizer, read_gguf_header
+
     folder = Path(folder)
+    gguf = find_gguf_file(folder)
+    if gguf is not None and not any((folder / f).is_file() for f in ("tokenizer.model", "tokenizer.json")):
+        return gguf_tokenizer(read_gguf_header(gguf))
     if folder.is_file():
         folder = folder.parent
     if not folder.is_dir():

@@ -1,0 +1,412 @@
+"""GGUF checkpoints of the GLM architectures, loaded as they are: `load_gguf_model(path, dtype, device)`.
+
+llama.cpp's converter (`convert_hf_to_gguf.py`, conversion/chatglm.py and glm.py) writes the HF tensors under
+its own names without permuting anything for these architectures (llama.cpp rotates GLM q/k with the same pair
+layout the checkpoint uses: NORM = interleaved for chatglm / glm4, NEOX halves for glm4moe), so loading is a
+renaming plus three re-layouts:
+
+    general.architecture  ->  model_type (glm4.models)
+    chatglm                   chatglm when q/k/v come fused (`attn_qkv`, glm-4-9b-chat), else glm (the -hf twin)
+    glm4                      glm4      (GLM-4-0414; `attn_qkv` from `--fuse-qkv` is split into q/k/v rows)
+    glm4moe                   glm4_moe  (GLM-4.5; experts stacked [E, ...] as ffn_{gate,up,down}_exps)
+
+    blk.{i}.attn_norm -> input_layernorm            attn_q/k/v, attn_qkv -> self_attn.{q,k,v}_proj (rows q|k|v)
+    attn_output -> self_attn.o_proj                 attn_q_norm / attn_k_norm -> self_attn.q_norm / k_norm
+    ffn_up (2*I rows, gate first) -> mlp.gate_up_proj (glm, glm4), mlp.dense_h_to_4h (chatglm)
+    glm4:  post_attention_norm -> post_self_attn_layernorm, ffn_norm -> post_attention_layernorm,
+           post_ffw_norm -> post_mlp_layernorm
+    glm4moe: post_attention_norm -> post_attention_layernorm, ffn_gate_inp -> mlp.gate, exp_probs_b -> the
+           router's e_score_correction_bias, ffn_{gate,up}_exps -> mlp.experts.gate_up_proj[:, :I | I:],
+           ffn_down_exps -> mlp.experts.down_proj, ffn_*_shexp -> mlp.shared_experts.*
+    MTP layers (blk.{i >= block_count - nextn_predict_layers}) and rope_freqs are skipped; no `output` = tied.
+
+Quantized linear weights (q8_0, q4_0, q4_1, q4_K, q5_K, q6_K) become `QuantLinear` modules holding the file's
+codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. The token embedding is a lookup table and
+is dequantized into it; a tied output projection then gets its own QuantLinear from the same quantized
+tensor. Quantized MoE experts are dequantized into the stacked expert tensors (no stacked quantized expert
+module yet). f32 / f16 / bf16 tensors are copied into the requested dtype.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from glm4.config import ConfigError, config_from_dict
+from glm4.models import get_model_class
+from glm4.tokenizer import CHAT_EOS_TOKENS
+from glm4.tokenizer.gguf_meta import GGUFError, GGUFHeader, read_gguf_header
+from glm4.weights import CheckpointError, _SkipMetaInit, resolve_device, resolve_dtype
+
+from .gguf_quants import FLOAT_TYPES, QUANT_TYPES, SUPPORTED, codes, dequantize
+from .qlinear import QuantLinear
+
+__all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model"]
+
+ARCHITECTURES = ("chatglm", "glm4", "glm4moe")
+_CHUNK_ELEMS = 1 << 22  # dequantize at most this many weights at a time (a 16 MB fp32 buffer)
+
+_GLM_BLOCK = {  # GGUF block-tensor suffix -> checkpoint suffix (glm, glm4, glm4_moe)
+    "attn_norm.weight": "input_layernorm.weight", "attn_output.weight": "self_attn.o_proj.weight",
+    **{f"attn_{x}.{p}": f"self_attn.{x}_proj.{p}" for x in "qkv" for p in ("weight", "bias")},
+    "attn_q_norm.weight": "self_attn.q_norm.weight", "attn_k_norm.weight": "self_attn.k_norm.weight",
+}
+_BLOCK = {
+    "chatglm": {"attn_norm.weight": "input_layernorm.weight", "attn_qkv.weight": "self_attention.query_key_value.weight",
+                "attn_qkv.bias": "self_attention.query_key_value.bias", "attn_output.weight": "self_attention.dense.weight",
+                "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_up.weight": "mlp.dense_h_to_4h.weight",
+                "ffn_down.weight": "mlp.dense_4h_to_h.weight"},
+    "glm": {**_GLM_BLOCK, "ffn_norm.weight": "post_attention_layernorm.weight", "ffn_up.weight": "mlp.gate_up_proj.weight",
+            "ffn_down.weight": "mlp.down_proj.weight"},
+    "glm4": {**_GLM_BLOCK, "post_attention_norm.weight": "post_self_attn_layernorm.weight",
+             "ffn_norm.weight": "post_attention_layernorm.weight", "post_ffw_norm.weight": "post_mlp_layernorm.weight",
+             "ffn_up.weight": "mlp.gate_up_proj.weight", "ffn_down.weight": "mlp.down_proj.weight"},
+    "glm4_moe": {**_GLM_BLOCK, "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 **{f"ffn_{x}.weight": f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")},
+                 **{f"ffn_{x}_shexp.weight": f"mlp.shared_experts.{x}_proj.weight" for x in ("gate", "up", "down")},
+                 "ffn_gate_inp.weight": "mlp.gate.weight", "exp_probs_b.bias": "mlp.gate.e_score_correction_bias",
+                 "ffn_gate_up_exps.weight": "mlp.experts.gate_up_proj", "ffn_down_exps.weight": "mlp.experts.down_proj"},
+}
+_GLOBAL = {  # (non-block tensors, block prefix)
+    "chatglm": ({"token_embd.weight": "transformer.embedding.word_embeddings.weight",
+                 "output_norm.weight": "transformer.encoder.final_layernorm.weight",
+                 "output.weight": "transformer.output_layer.weight"}, "transformer.encoder.layers."),
+    "glm": ({"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}, "model.layers."),
+}
+_BLK = re.compile(r"blk\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class _Entry:
+    gguf: str  # GGUF tensor name
+    target: str  # checkpoint name (glm4.models parameter / buffer)
+    rows: tuple[int, int] | None = None  # a row range of the GGUF tensor (fused q|k|v split)
+    dst: tuple | None = None  # an index into the target (stacked gate|up halves, q/k/v biases into a fused one)
+
+
+def _fail(path, msg: str):
+    raise CheckpointError(f"{path}: {msg}")
+
+
+def _scalar(hdr: GGUFHeader, key: str, default=None, required: bool = False):
+    v = hdr.arch_key(key, default)
+    if v is None and required:
+        _fail(hdr.path, f"metadata {hdr.architecture}.{key} is missing")
+    if isinstance(v, list):  # per-layer arrays (llama.cpp allows them): only a uniform value maps to our configs
+        if len(set(v)) != 1:
+            _fail(hdr.path, f"metadata {hdr.architecture}.{key} differs between layers ({v[:8]}...); unsupported")
+        v = v[0]
+    return v
+
+
+def _rope_scaling(hdr: GGUFHeader) -> dict | None:
+    kind = hdr.arch_key("rope.scaling.type")
+    factor = hdr.arch_key("rope.scaling.factor") or hdr.arch_key("rope.scale_linear")
+    if kind in (None, "none") and not (kind is None and factor):
+        return None
+    kind = kind or "linear"
+    if kind not in ("linear", "yarn"):
+        _fail(hdr.path, f"rope scaling {kind!r} is not supported (linear, yarn)")
+    s = {"rope_type": kind, "factor": float(factor or 1.0)}
+    extra = {"original_max_position_embeddings": "rope.scaling.original_context_length",
+             "attention_factor": "rope.scaling.yarn_attn_factor", "beta_fast": "rope.scaling.yarn_beta_fast",
+             "beta_slow": "rope.scaling.yarn_beta_slow"}
+    s.update({k: hdr.arch_key(v) for k, v in extra.items() if kind == "yarn" and hdr.arch_key(v) is not None})
+    return s
+
+
+def _special_ids(hdr: GGUFHeader) -> tuple[list[int], int | None]:
+    tokens = hdr.metadata.get("tokenizer.ggml.tokens") or []
+    want = set(CHAT_EOS_TOKENS)
+    found = {t: i for i, t in enumerate(tokens) if t in want}
+    eos = [found[t] for t in CHAT_EOS_TOKENS if t in found]
+    for key in ("eos", "eot", "eom"):
+        i = hdr.metadata.get(f"tokenizer.ggml.{key}_token_id")
+        if isinstance(i, int) and i not in eos:
+            eos.append(i)
+    pad = hdr.metadata.get("tokenizer.ggml.padding_token_id")
+    return eos, pad if isinstance(pad, int) else (eos[0] if eos else None)
+
+
+def gguf_config(hdr: GGUFHeader):
+    """The glm4 config (glm4.config) a GGUF header describes."""
+    try:
+        return config_from_dict(_config_dict(hdr))
+    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:  # missing or ill-typed metadata
+        _fail(hdr.path, f"metadata does not describe a supported {hdr.architecture} model: {e}")
+
+
+def _config_dict(hdr: GGUFHeader) -> dict:
+    arch, t, path = hdr.architecture, hdr.tensors, hdr.path
+    if arch not in ARCHITECTURES:
+        _fail(path, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
+    if "token_embd.weight" not in t:
+        _fail(path, "missing tensor 'token_embd.weight'")
+    nextn = _scalar(hdr, "nextn_predict_layers", 0)
+    layers = _scalar(hdr, "block_count", required=True) - nextn
+    hidden, heads = _scalar(hdr, "embedding_length", required=True), _scalar(hdr, "attention.head_count", required=True)
+    kv = _scalar(hdr, "attention.head_count_kv", heads)
+    head_dim = _scalar(hdr, "attention.key_length", hidden // heads)
+    rope_dim = _scalar(hdr, "rope.dimension_count", head_dim // 2)
+    theta = float(_scalar(hdr, "rope.freq_base", 10000.0))
+    eos, pad = _special_ids(hdr)
+    has = lambda name: f"blk.0.{name}" in t  # noqa: E731
+    d = dict(vocab_size=t["token_embd.weight"].shape[0], hidden_size=hidden, num_hidden_layers=layers,
+             num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
+             partial_rotary_factor=rope_dim / head_dim, rope_theta=theta, rope_scaling=_rope_scaling(hdr),
+             rms_norm_eps=_scalar(hdr, "attention.layer_norm_rms_epsilon", required=True),
+             max_position_embeddings=_scalar(hdr, "context_length"), intermediate_size=_scalar(hdr, "feed_forward_length"),
+             attention_bias=has("attn_q.bias") or has("attn_qkv.bias"), tie_word_embeddings="output.weight" not in t,
+             eos_token_id=eos, pad_token_id=pad)
+    # chatglm's layout needs fused q|k|v, half-head rotary and a base that 10000 * rope_ratio reproduces exactly
+    if arch == "chatglm" and has("attn_qkv.weight") and rope_dim == head_dim // 2 and theta / 1e4 * 1e4 == theta:
+        d = dict(model_type="chatglm", hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
+                 ffn_hidden_size=d["intermediate_size"], padded_vocab_size=d["vocab_size"], kv_channels=head_dim,
+                 multi_query_attention=kv != heads, multi_query_group_num=kv, seq_length=d["max_position_embeddings"],
+                 rope_ratio=theta / 10000.0, layernorm_epsilon=d["rms_norm_eps"], rope_scaling=d["rope_scaling"],
+                 add_qkv_bias=d["attention_bias"] or has("attn_q.bias"), tie_word_embeddings=d["tie_word_embeddings"],
+                 eos_token_id=eos, pad_token_id=pad)
+    elif arch == "chatglm":
+        d["model_type"] = "glm"
+    elif arch == "glm4":
+        d["model_type"] = "glm4"
+    else:
+        gating = _scalar(hdr, "expert_gating_func", 2)  # llama.cpp: unset means sigmoid for glm4moe
+        if gating not in (1, 2):
+            _fail(path, f"{arch}.expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
+        d.update(model_type="glm4_moe", moe_intermediate_size=_scalar(hdr, "expert_feed_forward_length", required=True),
+                 n_routed_experts=_scalar(hdr, "expert_count", required=True),
+                 num_experts_per_tok=_scalar(hdr, "expert_used_count", required=True),
+                 n_shared_experts=_scalar(hdr, "expert_shared_count", 0),
+                 first_k_dense_replace=_scalar(hdr, "leading_dense_block_count", 0),
+                 routed_scaling_factor=float(_scalar(hdr, "expert_weights_scale", 1.0)),
+                 norm_topk_prob=bool(_scalar(hdr, "expert_weights_norm", False)),
+                 n_group=_scalar(hdr, "expert_group_count", 1), topk_group=_scalar(hdr, "expert_group_used_count", 1),
+                 use_qk_norm=has("attn_q_norm.weight"), num_nextn_predict_layers=nextn,
+                 scoring_func="sigmoid" if gating == 2 else "softmax")
+    return d
+
+
+def _plan(hdr: GGUFHeader, config) -> list[_Entry]:
+    """One entry per (GGUF tensor, checkpoint target) pair; unexpected GGUF tensors raise CheckpointError."""
+    mt = config.model_type
+    glob, prefix = _GLOBAL["chatglm" if mt == "chatglm" else "glm"]
+    block = _BLOCK[mt]
+    L, hd = config.num_hidden_layers, config.head_dim
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    qkv_rows = {"q": (0, q), "k": (q, q + kv), "v": (q + kv, q + 2 * kv)}
+    out: list[_Entry] = []
+    for name in hdr.tensors:
+        if name == "rope_freqs.weight":
+            continue
+        if name in glob:
+            out.append(_Entry(name, glob[name]))
+            continue
+        m = _BLK.match(name)
+        if m is None:
+            _fail(hdr.path, f"unexpected tensor {name!r} for architecture {hdr.architecture}")
+        i, suffix = int(m.group(1)), m.group(2)
+        if i >= L:
+            continue  # MTP / NextN layers
+        p = f"{prefix}{i}."
+        kind, _, part = suffix.partition(".")
+        if mt == "chatglm" and kind in ("attn_q", "attn_k", "attn_v") and part == "bias":  # legacy split biases
+            a, b = qkv_rows[kind[-1]]
+            out.append(_Entry(name, p + block["attn_qkv.bias"], dst=(slice(a, b),)))
+        elif mt != "chatglm" and kind == "attn_qkv":
+            out += [_Entry(name, p + f"self_attn.{x}_proj.{part}", rows=r) for x, r in qkv_rows.items()]
+        elif mt == "glm4_moe" and kind in ("ffn_gate_exps", "ffn_up_exps") and part == "weight":
+            inter = config.moe_intermediate_size
+            half = slice(0, inter) if kind == "ffn_gate_exps" else slice(inter, 2 * inter)
+            out.append(_Entry(name, p + "mlp.experts.gate_up_proj", dst=(slice(None), half)))
+        elif suffix in block:
+            out.append(_Entry(name, p + block[suffix]))
+        else:
+            _fail(hdr.path, f"unexpected tensor {name!r} for architecture {hdr.architecture} (read as {mt})")
+    return out
+
+
+def _gguf_name_for(target: str, config) -> str:
+    """The GGUF tensor expected to provide checkpoint name `target` (for error messages)."""
+    mt = config.model_type
+    glob, prefix = _GLOBAL["chatglm" if mt == "chatglm" else "glm"]
+    rev = {v: k for k, v in glob.items()}
+    if target in rev:
+        return rev[target]
+    m = re.match(re.escape(prefix) + r"(\d+)\.(.+)$", target)
+    if m:
+        brev = {v: k for k, v in _BLOCK[mt].items()}
+        return f"blk.{m.group(1)}.{brev.get(m.group(2), m.group(2))}"
+    return target
+
+
+def _raw_rows(mm: np.ndarray, info, rows: tuple[int, int] | None) -> np.ndarray:
+    """The tensor's bytes as [rows, row_bytes] (a view into the memory map); a 1-D float tensor is a column."""
+    shape = info.shape
+    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else (shape[0] if info.ggml_type in FLOAT_TYPES else 1)
+    raw = mm[info.offset:info.offset + info.nbytes].reshape(n_rows, -1)
+    return raw[rows[0]:rows[1]] if rows else raw
+
+
+def _float_tensor(raw: np.ndarray, gtype: int) -> torch.Tensor:
+    if gtype == 30:
+        return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(raw.view(np.float32 if gtype == 0 else np.float16))
+
+
+def _quant_linear(raw: np.ndarray, gtype: int, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear:
+    """A QuantLinear holding the GGUF codes / scales of a [out, in] quantized weight (bias filled later)."""
+    c = codes(raw, gtype)
+    sdt = torch.float16 if c.scales.dtype == np.float16 else torch.float32
+    with torch.device("meta"):
+        m = QuantLinear(linear.in_features, linear.out_features, bits=c.bits, group_size=c.group,
+                        zero_point=c.zero_point, has_mins=c.mins is not None, scale_dtype=sdt)
+    qw = c.packed if c.bits == 4 else c.q.astype(np.int8, copy=False)  # 8-bit codes here are all within 0..127
+    m.qweight, m.scales = _owned(qw), _owned(c.scales)
+    if c.mins is not None:
+        m.mins = _owned(c.mins)
+    if linear.bias is not None:
+        m.bias = torch.empty(linear.out_features, dtype=dtype)
+    return m
+
+
+def _owned(x: np.ndarray) -> torch.Tensor:
+    # a contiguous copy that owns its memory (never a view into the file's memory map)
+    return torch.from_numpy(np.array(x, order="C", copy=True))
+
+
+def _copy_dequantized(target: torch.Tensor, raw: np.ndarray, gtype: int) -> None:
+    """target = the dequantized raw rows, a bounded number of rows at a time (1-D, 2-D or stacked 3-D targets,
+    views allowed): never the whole tensor in fp32 at once."""
+    views = list(target) if target.dim() == 3 else [target.view(1, -1) if target.dim() == 1 else target]
+    start = 0
+    for v in views:  # [R, K]
+        step = max(1, _CHUNK_ELEMS // v.shape[1])
+        for r in range(0, v.shape[0], step):
+            k = min(step, v.shape[0] - r)
+            v[r:r + k].copy_(torch.from_numpy(dequantize(raw[start + r:start + r + k], gtype)))
+        start += v.shape[0]
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, new)
+
+
+def _materialize(model: nn.Module, device: torch.device) -> None:
+    # what glm4.weights.empty_model does for a whole model, here for the slots still on meta (tied stay tied)
+    done: dict[int, torch.Tensor] = {}
+    for mod in model.modules():
+        for slots, is_param in ((mod._parameters, True), (mod._buffers, False)):
+            for name, t in slots.items():
+                if t is None or not t.is_meta:
+                    continue
+                if id(t) not in done:
+                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
+                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
+                slots[name] = done[id(t)]
+
+
+def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
+                    device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
+    """Load a GGUF file of a GLM architecture into an eval-mode model; `dtype` is the activation dtype and that
+    of every unquantized tensor. CheckpointError names the file, the tensor and what is supported."""
+    path, dtype, device = Path(path), resolve_dtype(dtype), resolve_device(device)
+    try:
+        hdr = read_gguf_header(path)
+    except GGUFError as e:
+        raise CheckpointError(str(e)) from None
+    config = gguf_config(hdr)
+    plan = _plan(hdr, config)
+    for e in plan:
+        info = hdr.tensors[e.gguf]
+        if info.ggml_type not in SUPPORTED:
+            _fail(path, f"tensor {e.gguf!r} has type {info.type_name}, which glm4 does not load (supported: "
+                  f"{', '.join(SUPPORTED.values())})")
+
+    cls = get_model_class(config.model_type)
+    with torch.device("meta"), _SkipMetaInit():
+        model = cls.from_config(config)
+    model.to(dtype)
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if any(k in name for k in getattr(model, "keep_in_fp32", ())):
+            t.data = t.data.float()
+    fused = {e.target for e in plan if e.target.endswith(("experts.gate_up_proj", "experts.down_proj"))}
+    sd = model.checkpoint_state_dict(checkpoint_keys=fused) if config.model_type == "glm4_moe" \
+        else model.checkpoint_state_dict()
+    head = "lm_head" if config.model_type != "chatglm" else "transformer.output_layer"
+    modules = dict(model.named_modules())
+
+    # which entries become QuantLinears: a quantized GGUF tensor that is a whole nn.Linear weight
+    quant: list[_Entry] = []
+    covered: dict[str, int] = {}
+    for e in plan:
+        info = hdr.tensors[e.gguf]
+        if e.target not in sd:
+            _fail(path, f"tensor {e.gguf!r} maps to {e.target!r}, which {cls.__name__} does not have")
+        tgt = sd[e.target] if e.dst is None else sd[e.target][e.dst]
+        rows = (e.rows[1] - e.rows[0],) + info.shape[1:] if e.rows else info.shape
+        if tuple(tgt.shape) != tuple(rows):
+            _fail(path, f"tensor {e.gguf!r} has shape {list(rows)}, the model expects {list(tgt.shape)} for "
+                  f"{e.target!r}")
+        covered[e.target] = covered.get(e.target, 0) + tgt.numel()
+        lin = modules.get(e.target.removesuffix(".weight"))
+        if info.ggml_type in QUANT_TYPES and e.dst is None and type(lin) is nn.Linear and e.target.endswith(".weight"):
+            quant.append(e)
+    missing = [k for k, t in sd.items() if covered.get(k, 0) != t.numel()]
+    if missing:
+        shown = ", ".join(repr(_gguf_name_for(k, config)) for k in missing[:6])
+        _fail(path, f"missing tensor(s) {shown}{f' and {len(missing) - 6} more' if len(missing) > 6 else ''}")
+    emb = hdr.tensors["token_embd.weight"]
+    if config.tie_word_embeddings and emb.ggml_type in QUANT_TYPES:
+        quant.append(_Entry("token_embd.weight", head + ".weight"))  # the tied head keeps the quantized codes
+
+    swapped = {e.target for e in quant}
+    dense = [e.gguf for e in plan if hdr.tensors[e.gguf].ggml_type in QUANT_TYPES and e.target not in swapped
+             and e.gguf != "token_embd.weight"]  # the embedding is a lookup table: dequantized by design
+    if dense:
+        warnings.warn(f"{path.name}: {len(dense)} quantized tensor(s) outside linear layers ({dense[0]!r}, ...) are "
+                      f"dequantized to {str(dtype).removeprefix('torch.')} (MoE experts run as stacked dense "
+                      f"tensors)", stacklevel=3)
+
+    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing is ever written
+    with torch.no_grad():
+        for e in _progress(quant, progress, f"Quantized linears of {path.name}"):
+            name = e.target.removesuffix(".weight")
+            info = hdr.tensors[e.gguf]
+            ql = _quant_linear(_raw_rows(mm, info, e.rows), info.ggml_type, modules[name], dtype)
+            _swap(model, name, ql.to(device))
+        _materialize(model, device)
+        real = dict(model.named_parameters()) | dict(model.named_buffers())
+        for e in _progress(plan, progress, f"Tensors of {path.name}"):
+            if e.target in swapped:
+                continue
+            info = hdr.tensors[e.gguf]
+            tgt = real[e.target] if e.dst is None else real[e.target][e.dst]
+            raw = _raw_rows(mm, info, e.rows)
+            if info.ggml_type in FLOAT_TYPES:
+                tgt.copy_(_float_tensor(raw, info.ggml_type).reshape(tgt.shape))
+            else:
+                _copy_dequantized(tgt, raw, info.ggml_type)
+    del mm
+    if hasattr(model, "post_load"):
+        model.post_load()
+    return model.eval()
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled or not items:
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, unit="tensor", disable=None, leave=False)
