@@ -78,6 +78,7 @@ class EngineSide:
         t0 = time.perf_counter()
         self.llm = LLM(a.model, dtype=a.dtype, linear=a.linear, quantization=a.quantization,
                        fuse_projections=not a.no_fuse, kv_cache_tokens=a.kv_cache_tokens,
+                       kv_cache_dtype=a.kv_cache_dtype,
                        max_num_batched_tokens=a.max_num_batched_tokens, max_num_seqs=max(64, a.requests), seed=0)
         self.eng = self.llm.engine
         self.load_s = time.perf_counter() - t0
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-output", type=int, default=128, help="longest output of the concurrent workload")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-cache-tokens", type=int, default=32768)
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8", "bfloat16", "float16", "float32"],
+                    help="engine KV cache storage")
     ap.add_argument("--max-num-batched-tokens", type=int, default=None, help="engine token budget per step")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
     ap.add_argument("--json", default=None, help="write the results here")

@@ -19,7 +19,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from glm4.engine.block_manager import BlockManager
-from glm4.engine.model_runner import ModelRunner, available_memory, kv_bytes_per_token
+from glm4.engine.model_runner import KV_CACHE_DTYPES, ModelRunner, available_memory, kv_bytes_per_token, kv_cache_dtype
 from glm4.engine.sampling_params import SamplingParams
 from glm4.engine.scheduler import Scheduler
 from glm4.engine.sequence import CompletionOutput, RequestOutput, Sequence
@@ -44,6 +44,7 @@ class EngineArgs:
     kv_cache_tokens: int | None = None
     kv_cache_memory: int | str | None = None
     kv_cache_fraction: float = 0.2
+    kv_cache_dtype: str = "auto"  # "auto": the model's; "int8": + per-token-per-head fp32 scales; "bfloat16", ...
     enable_prefix_caching: bool = True
     seed: int | None = 0
     linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
@@ -62,6 +63,9 @@ class EngineArgs:
         args = cls(**kw)
         if args.linear not in ("auto", "packed", "torch"):
             raise ValueError(f"linear must be 'auto', 'packed' or 'torch', got {args.linear!r}")
+        if args.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
+                             f"got {args.kv_cache_dtype!r}")
         if args.quantization not in (None, "int8", "int4", "packed"):
             raise ValueError(f"quantization must be None, 'int8', 'int4' or 'packed', got {args.quantization!r}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -100,7 +104,8 @@ class LLMEngine:
         self.device, self.dtype = p.device, p.dtype
         model_max = int(cfg.rope.max_position_embeddings)
         max_len = min(model_max, args.max_model_len or model_max)
-        per_tok = kv_bytes_per_token(cfg, self.dtype)
+        self.kv_cache_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
+        per_tok = kv_bytes_per_token(cfg, self.kv_cache_dtype)
         bs = args.block_size
         if args.kv_cache_tokens is not None:
             tokens = int(args.kv_cache_tokens)
@@ -124,7 +129,8 @@ class LLMEngine:
         # padded embedding rows past the tokenizer's vocabulary (151552 vs 151343) decode to nothing: never sample them
         tok_vocab = getattr(tokenizer, "vocab_size", None)
         sample_vocab = min(self.config.vocab_size, tok_vocab) if tok_vocab else None
-        self.runner = ModelRunner(model, num_blocks, bs, eos, args.seed, sample_vocab=sample_vocab)
+        self.runner = ModelRunner(model, num_blocks, bs, eos, args.seed, sample_vocab=sample_vocab,
+                                  cache_dtype=self.kv_cache_dtype)
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -349,5 +355,6 @@ class LLMEngine:
                 self.abort(rid)
 
     def describe(self) -> str:
-        return (f"KV cache: {self.num_kv_tokens} tokens ({self.kv_cache_bytes / 2**20:.1f} MiB, "
+        kind = "int8 + fp32 scales" if self.kv_cache_dtype == torch.int8 else str(self.kv_cache_dtype)[6:]
+        return (f"KV cache: {self.num_kv_tokens} tokens ({self.kv_cache_bytes / 2**20:.1f} MiB, {kind}, "
                 f"{self.block_manager.num_blocks} blocks of {self.args.block_size}); max_model_len {self.max_model_len}")

@@ -27,20 +27,34 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
 
 
+KV_CACHE_DTYPES = ("auto", "int8", "bfloat16", "float16", "float32")
+
+
+def kv_cache_dtype(name: str, model_dtype: torch.dtype) -> torch.dtype:
+    """`EngineArgs.kv_cache_dtype` -> the cache's storage dtype: "auto" = the model's (activation) dtype, "int8" =
+    quantized with per-token-per-head scales, a float dtype's name = that dtype."""
+    if name == "auto":
+        return model_dtype
+    if name in KV_CACHE_DTYPES:
+        return getattr(torch, name)
+    raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {name!r}")
+
+
 def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV cache bytes per token for a cache stored in `dtype` (int8: the int8 values plus their fp32 scales)."""
     return PagedKVCache.bytes_per_token(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, dtype)
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, eos_token_ids: list[int],
-                 seed: int | None = None, sample_vocab: int | None = None):
+                 seed: int | None = None, sample_vocab: int | None = None, cache_dtype: torch.dtype | None = None):
         self.model = model
         cfg = model.config
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self.block_size = block_size
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
-                                  cfg.head_dim, self.dtype, self.device)
+                                  cfg.head_dim, cache_dtype or self.dtype, self.device)
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
 
     @torch.inference_mode()

@@ -12,6 +12,14 @@ cache at `slot_mapping` (slot = block_id * block_size + offset), then attends:
   long context never materializes a [q_len, context] mask at once.
 
 Index tensors are built once per step (`PagedAttention.build`) and shared by all layers.
+
+int8 cache (`PagedKVCache(..., dtype=torch.int8)`, `EngineArgs.kv_cache_dtype="int8"`): each written token's
+K and V are quantized per KV head, symmetrically, `scale = amax(|x|) / 127` over head_dim, `x ~ round(x / scale)`
+(|error| <= scale / 2), scales kept in fp32 beside the int8 blocks; every read dequantizes what it gathers.
+Every attention read sees the dequantized K/V, a first prefill's own keys included, so a token's output does not
+depend on how it was scheduled (whole prefill, chunks, decode, prefix-cache hit or recompute after preemption).
+A float cache narrower than the activations (`kv_cache_dtype="bfloat16"` under fp32 activations) is read the same
+way: its values, rounded.
 """
 
 from __future__ import annotations
@@ -21,9 +29,28 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+KV_SCALE_DTYPE = torch.float32  # per-token-per-head scales of an int8 cache: 4 bytes per head_dim int8 values
+
+
+def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., D] float -> (int8 [..., D], fp32 scale [..., 1]): symmetric, scale = amax(|x|) / 127 over the last
+    dim, so every element dequantizes within scale / 2 of x. An all-zero row gets scale 0 (and dequantizes to 0)."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True) / 127
+    q = (xf / torch.where(scale > 0, scale, 1)).round_().clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(KV_SCALE_DTYPE)
+
+
+def dequantize_kv(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int8 [..., D] * scale [..., 1] -> [..., D] in `dtype` (multiplied in fp32, then cast once)."""
+    return q.to(torch.float32).mul_(scale).to(dtype)
+
 
 class PagedKVCache:
     """K and V for every layer: [L, num_blocks * block_size + 1, Hkv, D] each (slot-major).
+
+    `dtype` is the storage dtype: a float dtype stores K/V as they come; `torch.int8` stores them quantized
+    (`quantize_kv`) with fp32 scales `k_scale`/`v_scale` [L, slots, Hkv, 1] beside them, and reads dequantize.
 
     The extra last slot stays zero: padded positions of a decode batch read it, so masked-out keys
     are never uninitialized memory (0 * NaN would leak through the softmax). The rest is left
@@ -32,16 +59,64 @@ class PagedKVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.null_slot = num_blocks * block_size
+        self.dtype = dtype
+        self.quantized = dtype == torch.int8
+        if dtype.is_complex or not (dtype.is_floating_point or self.quantized):
+            raise ValueError(f"a KV cache stores a float dtype or torch.int8, not {dtype}")
         shape = (num_layers, self.null_slot + 1, num_kv_heads, head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.k[:, self.null_slot].zero_()
         self.v[:, self.null_slot].zero_()
+        self.k_scale = self.v_scale = None
+        if self.quantized:
+            sshape = (num_layers, self.null_slot + 1, num_kv_heads, 1)
+            self.k_scale = torch.empty(sshape, dtype=KV_SCALE_DTYPE, device=device)
+            self.v_scale = torch.empty(sshape, dtype=KV_SCALE_DTYPE, device=device)
+            self.k_scale[:, self.null_slot].zero_()
+            self.v_scale[:, self.null_slot].zero_()
         self.num_blocks, self.block_size = num_blocks, block_size
 
     @staticmethod
     def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
-        return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        """Cache bytes one token takes over all layers: K and V, plus their scales for an int8 cache."""
+        per_head = head_dim * torch.empty((), dtype=dtype).element_size()
+        if dtype == torch.int8:
+            per_head += torch.empty((), dtype=KV_SCALE_DTYPE).element_size()
+        return 2 * num_layers * num_kv_heads * per_head
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes allocated for the cache tensors (the null slot included)."""
+        ts = [self.k, self.v] + ([self.k_scale, self.v_scale] if self.quantized else [])
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def write(self, layer_idx: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [N, Hkv, D] at `slots` [N] of a layer. Returns k/v as a read of those slots gives them back, in
+        k's dtype (dequantized for an int8 cache, rounded to the cache's dtype for a narrower float one)."""
+        kc, vc = self.k[layer_idx], self.v[layer_idx]
+        if not self.quantized:
+            kc.index_copy_(0, slots, k.to(kc.dtype))
+            vc.index_copy_(0, slots, v.to(vc.dtype))
+            if kc.dtype == k.dtype:
+                return k, v
+            return k.to(kc.dtype).to(k.dtype), v.to(vc.dtype).to(v.dtype)
+        (kq, ks), (vq, vs) = quantize_kv(k), quantize_kv(v)
+        kc.index_copy_(0, slots, kq)
+        vc.index_copy_(0, slots, vq)
+        self.k_scale[layer_idx].index_copy_(0, slots, ks)
+        self.v_scale[layer_idx].index_copy_(0, slots, vs)
+        return dequantize_kv(kq, ks, k.dtype), dequantize_kv(vq, vs, v.dtype)
+
+    def gather(self, layer_idx: int, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [len(slots), Hkv, D] of a layer at `slots` (1-D), in `dtype`."""
+        k = self.k[layer_idx].index_select(0, slots)
+        v = self.v[layer_idx].index_select(0, slots)
+        if not self.quantized:
+            return k.to(dtype), v.to(dtype)
+        return (dequantize_kv(k, self.k_scale[layer_idx].index_select(0, slots), dtype),
+                dequantize_kv(v, self.v_scale[layer_idx].index_select(0, slots), dtype))
 
 
 @dataclass
@@ -112,18 +187,16 @@ class PagedAttention:
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [1, N, Hq, D], k/v [1, N, Hkv, D] -> [1, N, Hq, D]
-        q, k, v = q[0], k[0], v[0]
-        kc, vc = self.cache.k[layer_idx], self.cache.v[layer_idx]  # [slots, Hkv, D]
-        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
+        q = q[0]
+        k, v = self.cache.write(layer_idx, self.slot_mapping, k[0], v[0])  # as reads will see them
         N, Hq, D = q.shape
         Hkv = k.shape[1]
         if self.num_decodes == N:  # decode-only step: no scatter needed
-            return self._decode(q, kc, vc, Hkv).unsqueeze(0)
+            return self._decode(layer_idx, q, Hkv).unsqueeze(0)
         out = torch.empty_like(q)
         if self.num_decodes:
             idx = self.decode_idx if self.decode_idx is not None else slice(0, self.num_decodes)
-            out[idx] = self._decode(q[idx], kc, vc, Hkv)
+            out[idx] = self._decode(layer_idx, q[idx], Hkv)
         # 4-D [1, H, T, D] operands: with 3-D ones SDPA on CPU leaves its flash kernel for the ~3x slower math path
         for p in self.prefills:
             qi = q[p.start:p.end].transpose(0, 1)[None]  # [1, Hq, T, D]
@@ -133,8 +206,8 @@ class PagedAttention:
                                                    enable_gqa=Hq != Hkv)
                 out[p.start:p.end] = o[0].transpose(0, 1)
                 continue
-            ki = kc.index_select(0, p.slots).transpose(0, 1).to(q.dtype)[None]  # [1, Hkv, S, D]
-            vi = vc.index_select(0, p.slots).transpose(0, 1).to(q.dtype)[None]
+            ki, vi = self.cache.gather(layer_idx, p.slots, q.dtype)  # [S, Hkv, D]
+            ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]  # [1, Hkv, S, D]
             T = p.end - p.start
             qb = max(1, min(T, MASK_ELEMENTS // (p.ctx + T)))  # queries per block
             for i0 in range(0, T, qb):
@@ -147,13 +220,13 @@ class PagedAttention:
                 out[p.start + i0:p.start + i1] = o[0].transpose(0, 1)
         return out.unsqueeze(0)
 
-    def _decode(self, q: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor, Hkv: int) -> torch.Tensor:
+    def _decode(self, layer_idx: int, q: torch.Tensor, Hkv: int) -> torch.Tensor:
         # q [Bd, Hq, D] -> [Bd, Hq, D]; keys gathered [Bd, L, Hkv, D]
         Bd, Hq, D = q.shape
         L = self.decode_slots.shape[1]
-        flat = self.decode_slots.reshape(-1)
-        ks = kc.index_select(0, flat).view(Bd, L, Hkv, D).transpose(1, 2).to(q.dtype)  # [Bd, Hkv, L, D]
-        vs = vc.index_select(0, flat).view(Bd, L, Hkv, D).transpose(1, 2).to(q.dtype)
+        ks, vs = self.cache.gather(layer_idx, self.decode_slots.reshape(-1), q.dtype)
+        ks = ks.view(Bd, L, Hkv, D).transpose(1, 2)  # [Bd, Hkv, L, D]
+        vs = vs.view(Bd, L, Hkv, D).transpose(1, 2)
         qg = q.view(Bd, Hkv, Hq // Hkv, D)  # query head h uses KV head h // G
         o = F.scaled_dot_product_attention(qg, ks, vs, attn_mask=self.decode_mask)
         return o.reshape(Bd, Hq, D)

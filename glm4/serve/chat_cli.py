@@ -266,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None)
+    ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
+                    help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
+                         "(about half the bytes of bf16, a quarter of fp32)")
     args = ap.parse_args(argv)
     try:
         tools = load_tools(args.tools) if args.tools else None
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         from glm4.engine.sampling_params import SamplingParams
 
         engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
-                                         ("dtype", args.dtype)) if v is not None}
+                                         ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype))
+                       if v is not None}
         llm = LLM(args.model, **engine_args)
         from glm4.engine.chat import chat_layer_for
 
