@@ -104,7 +104,10 @@ def test_packed_linears_match_reference(glm):
 def test_int8_engine_equals_reference_on_the_same_quantized_model(glm):
     model, prompts, _ = glm
     llm = LLM.from_model(tiny_model("glm"), quantization="int8")
-    assert type(llm.model.model.layers[0].mlp.down_proj).__name__ == "WeightOnlyInt8Linear"
+    from glm4.quant import kernels
+
+    expected = "QuantLinear" if kernels.has_streaming_kernels() else "WeightOnlyInt8Linear"
+    assert type(llm.model.model.layers[0].mlp.down_proj).__name__ == expected
     outs = llm.generate(prompts[:5], GREEDY)
     assert [o.token_ids for o in outs] == reference(llm.model, prompts[:5])
     with pytest.raises(ValueError, match="quantization"):
@@ -337,18 +340,28 @@ def test_compile_real():
 
 
 def test_auto_linear_packs_bf16_and_only_big_fp32_linears(monkeypatch):
-    """linear="auto": every bf16 linear prepacked; fp32 ones only from PACK_MIN_PARAMS_FP32 weights (F.linear is
-    faster below); "packed" packs all; greedy output unchanged either way (packing is exact)."""
+    """linear="auto": with glm4's CPU kernels every linear streams its stored weight (FloatLinear); without them every
+    bf16 linear is prepacked and fp32 ones only from PACK_MIN_PARAMS_FP32 weights (F.linear is faster below);
+    "packed" packs all; greedy output unchanged either way (both are exact)."""
     import glm4.engine.llm as llm_mod
+    from glm4.quant import FloatLinear, kernels
     from glm4.quant.fast_linear import PackedLinear
 
     def kinds(llm):
-        return {type(m).__name__ for m in llm.engine.runner.model.modules() if isinstance(m, (torch.nn.Linear, PackedLinear))}
+        return {type(m).__name__ for m in llm.engine.runner.model.modules()
+                if isinstance(m, (torch.nn.Linear, PackedLinear, FloatLinear))}
 
     model, prompts = tiny_model("glm"), make_prompts()[:3]
     refs = reference(model, prompts)
-    assert kinds(LLM.from_model(tiny_model("glm"))) == {"Linear"}  # tiny fp32: nothing reaches the threshold
     assert kinds(LLM.from_model(tiny_model("glm"), linear="packed")) == {"PackedLinear"}
+    if kernels.has_streaming_kernels():
+        assert kinds(LLM.from_model(tiny_model("glm"))) == {"FloatLinear"}
+        llm = LLM.from_model(tiny_model("glm").to(torch.bfloat16))
+        assert kinds(llm) == {"FloatLinear"} and llm.engine.runner.model.lm_head.weight.dtype == torch.bfloat16
+        llm = LLM.from_model(model)
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == refs
+        return
+    assert kinds(LLM.from_model(tiny_model("glm"))) == {"Linear"}  # tiny fp32: nothing reaches the threshold
     assert kinds(LLM.from_model(tiny_model("glm").to(torch.bfloat16))) == {"PackedLinear"}
     monkeypatch.setattr(llm_mod, "PACK_MIN_PARAMS_FP32", 64 * 64 + 1)  # only linears above 64x64 weights
     llm = LLM.from_model(model)

@@ -70,6 +70,10 @@ class LLM:
     def model(self) -> torch.nn.Module:
         return self.engine.model
 
+    def describe(self) -> str:
+        """The CPU, dtypes, each linear kind's kernel, and the KV cache."""
+        return describe_model(self.model) + "\n" + self.engine.describe()
+
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
         """prompts: one prompt or a list; a prompt is text or a list of token ids. Returns one output per prompt."""
         return self.engine.generate(_as_prompt_list(prompts), params or SamplingParams())
@@ -110,35 +114,68 @@ def _as_prompt_list(prompts) -> list:
     return prompts
 
 
-# linear="auto" on CPU: bf16 linears are all prepacked (oneDNN beats bf16 F.linear at every shape measured); fp32
-# ones only from this many weights: below it F.linear is faster at one token (its per-call cost is lower) and
-# about even at eight; the LM head and wide MLP projections gain at batch >= 8 (docs/benchmarks.md, "Inference-time
-# swaps").
+# Without glm4's CPU kernels (no compiler at install time), linear="auto" falls back to oneDNN prepacking: every
+# bf16 linear, and fp32 ones only from this many weights (below it F.linear is faster at one token; docs/benchmarks.md).
 PACK_MIN_PARAMS_FP32 = 4_000_000
 
 
+def compute_dtype(storage: torch.dtype, device: torch.device) -> torch.dtype:
+    """The activation dtype for weights stored in `storage`: fp32 on CPUs that only emulate bf16 / fp16 arithmetic
+    (the weights stay half precision and stream half the bytes), else the storage dtype."""
+    if device.type != "cpu" or storage == torch.float32:
+        return storage
+    from glm4.quant import kernels
+
+    if not kernels.has_streaming_kernels():
+        return storage  # nothing to widen half-precision weights in registers: keep today's behaviour
+    return storage if storage == torch.bfloat16 and kernels.native_bf16() else torch.float32
+
+
 def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
-    """Inference-time module swaps: q/k/v and gate/up fused into one linear each, then (glm4.quant) weight-only
-    int8/int4 when asked, else prepacked oneDNN linears on CPU ("auto": the big fp32 ones, every bf16 one;
-    "packed": all); returns the model to run. In place."""
+    """Inference-time module swaps, in place: q/k/v and gate/up fused into one linear each; then the CPU linears
+    (glm4.quant): weight-only int8/int4 when asked, else ("auto") glm4's streaming kernels over the weights as
+    stored (FloatLinear), or prepacked oneDNN linears ("packed"; "auto" without glm4's kernels); finally the rest
+    of the model cast to the activation dtype (`model.compute_dtype`, read by the engine). Returns the model."""
     model.eval()
     if args.fuse_projections:
         from glm4.models.glm import fuse_projections
 
         fuse_projections(model)
-    on_cpu = next(model.parameters()).device.type == "cpu"
+    p = next(model.parameters())
+    on_cpu = p.device.type == "cpu"
+    compute = compute_dtype(p.dtype, p.device)
     scheme, min_params = args.quantization, 0
     if scheme is None and on_cpu and args.linear in ("auto", "packed"):
-        scheme = "packed"
-        if args.linear == "auto" and next(model.parameters()).dtype == torch.float32:
+        from glm4.quant import kernels
+
+        scheme = "float" if args.linear == "auto" and kernels.has_streaming_kernels() else "packed"
+        if scheme == "packed" and args.linear == "auto" and p.dtype == torch.float32:
             min_params = PACK_MIN_PARAMS_FP32
+    if compute != p.dtype and scheme not in ("float", "int8", "int4"):
+        compute = p.dtype  # F.linear / oneDNN need weights in the activation dtype
     if scheme is not None:
         from glm4.quant import quantize
 
         quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params)
+    if compute != p.dtype:
+        from glm4.quant import cast_for_compute
+
+        cast_for_compute(model, compute)
+    model.compute_dtype = compute
     if args.compile:
         compile_model(model)
     return model
+
+
+def describe_model(model: torch.nn.Module) -> str:
+    """What runs where: the CPU, the storage / activation dtypes, and the kernel of each kind of linear."""
+    from glm4.quant import describe_linears, kernels
+
+    p = next(model.parameters())
+    lines = [f"device {p.device}" + (f": {kernels.cpu_summary()}" if p.device.type == "cpu" else ""),
+             f"activations {str(getattr(model, 'compute_dtype', p.dtype)).removeprefix('torch.')}"]
+    lines += [f"  {kind:<14} x{n:<4} {desc}" for kind, n, desc in describe_linears(model)]
+    return "\n".join(lines)
 
 
 # the dense MLPs: attention (paged, Python bookkeeping) and MoE routing (data-dependent shapes) stay eager.

@@ -101,7 +101,7 @@ class LLMEngine:
         self.args, self.model, self.tokenizer = args, model, tokenizer
         cfg = self.config = model.config
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, getattr(model, "compute_dtype", p.dtype)  # activations (see optimize_model)
         model_max = int(cfg.rope.max_position_embeddings)
         max_len = min(model_max, args.max_model_len or model_max)
         self.kv_cache_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)

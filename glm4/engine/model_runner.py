@@ -51,7 +51,7 @@ class ModelRunner:
         self.model = model
         cfg = model.config
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = p.device, getattr(model, "compute_dtype", p.dtype)  # activations (see optimize_model)
         self.block_size = block_size
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                   cfg.head_dim, cache_dtype or self.dtype, self.device)

@@ -1,9 +1,12 @@
 """Weight-only quantization and fast CPU linears, swapped into a built model (module swap, STYLE rule 7).
 
-    model = quantize(model, "int8")      # or "int4" (group_size=32/64/128), "packed" (oneDNN fp32/bf16), None
+    model = quantize(model, "int8")      # or "int4" (group_size=32/64/128), "float" (fp32/bf16/fp16 storage),
+                                         # "packed" (oneDNN fp32/bf16), None
     model = dequantize(model)            # back to nn.Linear (export)
 
 Every nn.Linear is replaced by `X.from_base(linear)`; embeddings, norms and MoE routers are left alone.
+With glm4's CPU kernels (glm4.quant.kernels) int8 / int4 become QuantLinear, run by them; without, torch's
+weight-only kernels (WeightOnlyInt8Linear / WeightOnlyInt4Linear).
 """
 
 from __future__ import annotations
@@ -14,24 +17,55 @@ import warnings
 import torch
 from torch import nn
 
+from . import kernels
 from .fast_linear import PackedLinear, QuantizationError, has_op
-from .int4 import WeightOnlyInt4Linear
-from .int8 import WeightOnlyInt8Linear
+from .float_linear import CastEmbedding, FloatLinear
+from .int4 import WeightOnlyInt4Linear, quantize_int4
+from .int8 import WeightOnlyInt8Linear, quantize_int8
+from .qlinear import QuantLinear
 
-__all__ = ["HEAD_NAMES", "SCHEMES", "PackedLinear", "QuantizationError", "WeightOnlyInt4Linear",
-           "WeightOnlyInt8Linear", "dequantize", "quantize", "quantize_weights_report"]
+__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "QuantLinear",
+           "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
+           "quantize_weights_report"]
 
-_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear)
+_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear)
 
-SCHEMES = ("int8", "int4", "packed")
+SCHEMES = ("int8", "int4", "float", "packed")
+
+
+def _compact(t: torch.Tensor) -> torch.Tensor:
+    """Scales as fp16 where every value survives the trip exactly (half the bytes), else fp32."""
+    h = t.to(torch.float16)
+    return h if torch.equal(h.float(), t.float()) else t.float()
+
+
+def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
+    """Our round-to-nearest int8 (per channel, symmetric) or int4 (per group, asymmetric) as a QuantLinear."""
+    w = linear.weight.detach()
+    bias = None if linear.bias is None else linear.bias.detach()
+    if bits == 8:
+        q, scales = quantize_int8(w)
+        return QuantLinear.from_codes(q, _compact(scales[:, None]), bits=8, group_size=w.shape[1], bias=bias)
+    q, scales, zeros = quantize_int4(w, group_size)  # W = (q - 8) * s + z
+    return QuantLinear.from_codes(q, _compact(scales), _compact(zeros), bits=4, group_size=group_size,
+                                  zero_point=8, bias=bias)
 HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transformer.output_layer)
 
 
 def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None) -> nn.Module:
-    if scheme == "int8":
-        return WeightOnlyInt8Linear.from_base(linear)
+    if scheme == "float":
+        return FloatLinear.from_base(linear, dtype)
     if scheme == "packed":
         return PackedLinear.from_base(linear, dtype)
+    if kernels.has_streaming_kernels():
+        if scheme == "int4" and linear.in_features % group_size:
+            smaller = [g for g in (128, 64, 32) if g < group_size and linear.in_features % g == 0]
+            warnings.warn(f"{name}: in_features {linear.in_features} not a multiple of group_size {group_size}; "
+                          + (f"group_size {smaller[0]} for it" if smaller else "int8 for it"), stacklevel=3)
+            return quant_linear(linear, 4, smaller[0]) if smaller else quant_linear(linear, 8, 0)
+        return quant_linear(linear, 8 if scheme == "int8" else 4, group_size)
+    if scheme == "int8":
+        return WeightOnlyInt8Linear.from_base(linear)
     if linear.in_features % group_size or not has_op("int4"):
         why = (f"in_features {linear.in_features} not a multiple of group_size {group_size}" if has_op("int4")
                else "this torch build lacks the CPU int4 kernel")
@@ -45,12 +79,13 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
              head: str | None = "auto", dtype: torch.dtype | None = None, min_params: int = 0) -> nn.Module:
     """Swap every nn.Linear of `model` in place and return it.
 
-    scheme: "int8" (per-channel symmetric), "int4" (asymmetric, `group_size` columns per scale), "packed"
-        (prepacked oneDNN weight in the linear's own dtype, exact), or None (no-op).
+    scheme: "int8" (per-channel symmetric), "int4" (asymmetric, `group_size` columns per scale), "float"
+        (FloatLinear: weight stored in `dtype`, fp32 arithmetic), "packed" (prepacked oneDNN weight in the
+        linear's own dtype, exact), or None (no-op).
     skip: fnmatch patterns on qualified module names left as nn.Linear (e.g. ("*.mlp.gate_up_proj",)).
     head: scheme for the output projection (lm_head / output_layer): "auto" = int8 when scheme is int4
         (4-bit logits cost most accuracy for least size), else the same scheme; None keeps it nn.Linear.
-    dtype: weight dtype for "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
+    dtype: weight dtype for "float" / "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
         model at ~0.3 % error per matmul).
     min_params: linears with fewer weights stay nn.Linear (where the swapped kernel's per-call cost outweighs
         its streaming gain, see glm4.engine.llm.optimize_model).
@@ -126,3 +161,56 @@ def quantize_weights_report(model_fp32: nn.Module, model_q: nn.Module, inputs: t
         "top1_agreement": (out.argmax(-1) == ref.argmax(-1)).float().mean().item(),
         "linears": linears,
     }
+
+
+@torch.no_grad()
+def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Activations in `dtype` while swapped linears keep their storage: embeddings become CastEmbedding (table as
+    stored, rows returned in `dtype`); every other floating parameter and buffer is cast (norms, biases, MoE
+    experts — stacked expert weights are widened too: they run through torch's grouped matmul). In place."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Embedding) and m.weight.dtype != dtype:
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, CastEmbedding(m, dtype))
+    keep = (*_SWAPPED, CastEmbedding)
+    for m in model.modules():
+        if isinstance(m, keep):
+            continue
+        for pname, prm in list(m.named_parameters(recurse=False)):
+            if prm.is_floating_point() and prm.dtype != dtype and prm.dtype != torch.float32:
+                setattr(m, pname, nn.Parameter(prm.detach().to(dtype), requires_grad=False))
+        for bname, buf in list(m.named_buffers(recurse=False)):
+            if buf is not None and buf.is_floating_point() and buf.dtype != dtype and buf.dtype != torch.float32:
+                setattr(m, bname, buf.to(dtype))
+    return model
+
+
+def kernel_of(m: nn.Module) -> str:
+    """Which kernel runs module `m` (a linear or a swapped linear), in words."""
+    dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
+    if isinstance(m, FloatLinear):
+        return (f"{dt(m.weight)} weights: glm4 AVX2 stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
+                "F.linear above" if kernels.has_streaming_kernels() else f"{dt(m.weight)} weights: F.linear")
+    if isinstance(m, QuantLinear):
+        group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
+        fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
+        return (f"{fmt}: glm4 AVX2 stream (M<={kernels.max_m(m)}); dequantize + fp32 GEMM above"
+                if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
+    if isinstance(m, PackedLinear):
+        return f"{str(m.dtype).removeprefix('torch.')} weights: oneDNN prepacked" + (
+            "" if m.packed.is_mkldnn else " (unavailable here: F.linear)")
+    if isinstance(m, WeightOnlyInt8Linear):
+        return "int8 per-channel: torch _weight_int8pack_mm (bf16 activations)"
+    if isinstance(m, WeightOnlyInt4Linear):
+        return f"int4 g{m.group_size}: torch _weight_int4pack_mm_for_cpu (bf16 activations)"
+    return f"{dt(m.weight)} weights: F.linear"
+
+
+def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
+    """[(kind, count, kernel)] per kind of linear (last name component: qkv_proj, down_proj, lm_head, ...)."""
+    seen: dict[tuple[str, str], int] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, *_SWAPPED)):
+            key = (name.rsplit(".", 1)[-1], kernel_of(m))
+            seen[key] = seen.get(key, 0) + 1
+    return [(kind, n, desc) for (kind, desc), n in seen.items()]

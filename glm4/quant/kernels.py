@@ -1,28 +1,95 @@
-"""The CPU kernels behind the swapped linears, and the one place that picks them.
+"""What this CPU has, and the one place that picks a kernel for each linear.
 
-`glm4.quant._C` (glm4/quant/csrc/, built by `pip install -e .`) holds streaming GEMV/small-M kernels for
-fp32, bf16/fp16-storage and grouped int8/int4 weights, compiled for AVX2+FMA+F16C and AVX-512 and chosen at
-run time by what the CPU has. Without it (no compiler at install time) every path falls back to torch.
+`glm4.quant._C` (glm4/quant/csrc/, built by `pip install -e .`) holds weight-streaming kernels for small M
+(decode): dense fp32 / bf16 / fp16 weights and grouped int8 / int4 weights, widened to fp32 in registers with
+fp32 accumulation. They are compiled for AVX2 + FMA + F16C (any x86-64 since Haswell / Zen 1) and run only
+where the CPU has those; everywhere else, and without a compiler at install time, torch's own kernels run.
+Large M (prefill) goes through fp32 GEMM (oneDNN / MKL), weights widened a chunk at a time.
 """
 
 from __future__ import annotations
 
+import functools
+import platform
+
 import torch
 
 try:  # built by setup.py; optional
-    from glm4.quant import _C  # noqa: F401
+    from glm4.quant import _C  # noqa: F401  (loading it registers torch.ops.glm4.*)
     HAVE_EXT = True
 except ImportError:
     HAVE_EXT = False
 
-__all__ = ["HAVE_EXT", "max_m", "quant_mm"]
+__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_max_m", "has_streaming_kernels", "max_m",
+           "native_bf16", "quant_mm"]
+
+# flags that decide kernels, as /proc/cpuinfo spells them
+FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
+            "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
+
+# Largest M (tokens in one call) that goes through the streaming kernel; above it the weight is widened in
+# chunks into an fp32 GEMM. The streaming kernel's time grows with M (it is compute-bound from M ~ 8 on two
+# cores) while the GEMM's fixed cost is widening every weight once (benchmarks/bench_kernels.py).
+_DENSE_MAX_M = 16
+_QUANT_MAX_M = 16
+
+
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The FEATURES this CPU has (Linux /proc/cpuinfo; elsewhere what torch's dispatcher reports)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    have = set(line.split(":", 1)[1].split())
+                    return frozenset(x for x in FEATURES if x in have)
+    except OSError:
+        pass
+    cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT" | "AVX2" | "AVX512" | ...
+    return frozenset({"avx2", "fma", "f16c"} if cap in ("AVX2", "AVX512") else set()) | (
+        {"avx512f", "avx512bw", "avx512vl", "avx512dq"} if cap == "AVX512" else set())
+
+
+def cpu_summary() -> str:
+    """One line: the CPU model and the flags that matter, e.g. 'AMD EPYC (avx2 fma f16c)'."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({' '.join(x for x in FEATURES if x in cpu_features()) or 'no AVX2'})"
+
+
+@functools.cache
+def has_streaming_kernels() -> bool:
+    """True when glm4's own CPU kernels are built and this CPU can run them."""
+    return HAVE_EXT and torch.ops.glm4.isa() != "none"
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """bf16 arithmetic in hardware (AVX512_BF16 or AMX) and oneDNN able to use it; elsewhere torch emulates
+    bf16 matmuls (0.3 GFLOPS vs 87 fp32 measured on Zen 3), so bf16 is a storage format only."""
+    from .fast_linear import has_op
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_features()) and has_op("mkldnn_bf16")
+
+
+def dense_max_m() -> int:
+    return _DENSE_MAX_M if has_streaming_kernels() else 0
 
 
 def max_m(module) -> int:
-    """Largest M (rows per call) for which `module` runs the streaming kernel rather than dequantize + GEMM."""
-    return 0
+    """Largest M for which a QuantLinear runs the streaming kernel rather than dequantize + GEMM."""
+    return _QUANT_MAX_M if has_streaming_kernels() else 0
 
 
-def quant_mm(x: torch.Tensor, module) -> torch.Tensor:
-    """x [M, K] fp32 -> [M, N] fp32 through the streaming kernel for a QuantLinear."""
-    raise NotImplementedError
+def quant_mm(x: torch.Tensor, m) -> torch.Tensor:
+    """x [M, K] fp32 -> [M, N] fp32 through the streaming kernel for a QuantLinear `m`."""
+    return torch.ops.glm4.quant_mm(x, m.qweight, m.scales, m.mins, m.bits, m.group_size, m.zero_point)
+
+
+def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 @ w [N, K] (fp32 / bf16 / fp16) -> [M, N] fp32, streaming w once."""
+    return torch.ops.glm4.dense_mm(x, w)

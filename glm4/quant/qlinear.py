@@ -111,14 +111,14 @@ class QuantLinear(nn.Module):
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
-        """The effective weight [N, K] (or a slice of rows), computed in fp32 then cast."""
+        """The effective weight [N, K] (or a slice of rows), computed in fp32 (fp64 if asked) then cast."""
         q = self.qweight[rows]
         q = unpack_int4(q) if self.bits == 4 else q
-        n = q.shape[0]
-        g = self.group_size
-        w = q.float().sub_(self.zero_point).view(n, -1, g).mul_(self.scales[rows].float()[..., None])
+        n, g = q.shape[0], self.group_size
+        acc = torch.promote_types(dtype, torch.float32)
+        w = q.to(acc).sub_(self.zero_point).view(n, -1, g).mul_(self.scales[rows].to(acc)[..., None])
         if self.mins is not None:
-            w.add_(self.mins[rows].float()[..., None])
+            w.add_(self.mins[rows].to(acc)[..., None])
         return w.view(n, self.in_features).to(dtype)
 
     def to_linear(self) -> nn.Linear:

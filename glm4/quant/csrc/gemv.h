@@ -1,0 +1,37 @@
+// Shared between the op wrappers (ops.cpp, baseline x86-64) and the kernels (one file per instruction set).
+#pragma once
+#include <cstdint>
+
+namespace glm4k {
+
+enum WeightType { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+// y [M, N] = x [M, K] @ w [N, K]^T, w dense in fp32 / bf16 / fp16, all row-major and contiguous
+struct DenseArgs {
+  const float* x;
+  const void* w;
+  float* y;
+  int64_t M, N, K;
+  int wtype;
+};
+
+// y [M, N] = x [M, K] @ W^T with W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g]
+struct QuantArgs {
+  const float* x;
+  const float* xsum;  // [M, K/g]: sum of x over each group (the zero-point / mins term)
+  const int16_t* xq;     // 4-bit path: x [M, K] = xscale * (xq + xq_lo / 65534) per block of xblock columns
+  const int16_t* xq_lo;
+  const float* xscale;  // [M, K/xblock]
+  int64_t xblock;     // divides group
+  const void* q;      // int8 [N, K] or uint8 [N, K/2] (4-bit, q4_0 nibble order)
+  const void* scales;  // [N, K/g] fp16 or fp32
+  const void* mins;    // same, or nullptr
+  float* y;
+  int64_t M, N, K, group;
+  int bits, scale_f16, zero_point;
+};
+
+void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);
+void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
+
+}  // namespace glm4k

@@ -1,0 +1,310 @@
+// Weight-streaming kernels for small M (decode), AVX2 + FMA + F16C: any x86-64 CPU since Haswell / Zen 1.
+// Only called after ops.cpp checked the CPU has these (the whole file is compiled for that target).
+// Weights are read once per call and widened to fp32 in registers; activations and accumulation are fp32.
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemv.h"
+
+namespace glm4k {
+namespace {
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+inline float bf16_to_f32(uint16_t h) {
+  uint32_t u = uint32_t(h) << 16;
+  float f;
+  __builtin_memcpy(&f, &u, 4);
+  return f;
+}
+
+// 8 weights at element offset i, widened to fp32
+template <int WT>
+inline __m256 load8(const void* w, int64_t i) {
+  if constexpr (WT == kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
+  } else if constexpr (WT == kBF16) {
+    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  } else {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
+  }
+}
+
+template <int WT>
+inline float load1(const void* w, int64_t i) {
+  if constexpr (WT == kF32) return static_cast<const float*>(w)[i];
+  else if constexpr (WT == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
+  else return _cvtsh_ss(static_cast<const uint16_t*>(w)[i]);
+}
+
+// y[m, n..n+RB) for m in [0, MT): RB weight rows share each activation load, MT activation rows share each weight
+template <int WT, int RB, int MT>
+inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K;
+  __m256 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  const float* x = a.x + m0 * K;
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    __m256 xv[MT];
+    for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
+    for (int r = 0; r < RB; ++r) {
+      __m256 wv = load8<WT>(a.w, (n + r) * K + k);
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) {
+      float s = hsum(acc[r][m]);
+      for (int64_t kk = k; kk < K; ++kk) s += load1<WT>(a.w, (n + r) * K + kk) * x[m * K + kk];
+      a.y[(m0 + m) * a.N + n + r] = s;
+    }
+}
+
+template <int WT, int RB>
+inline void dense_rows_rb(const DenseArgs& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
+      case 1: dense_tile<WT, RB, 1>(a, n, m0); break;
+      case 2: dense_tile<WT, RB, 2>(a, n, m0); break;
+      case 3: dense_tile<WT, RB, 3>(a, n, m0); break;
+      default: dense_tile<WT, RB, 4>(a, n, m0); break;
+    }
+  }
+}
+
+template <int WT>
+void dense_rows_t(const DenseArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (a.M == 1) {
+    for (; n + 4 <= n1; n += 4) dense_tile<WT, 4, 1>(a, n, 0);
+  } else {
+    for (; n + 2 <= n1; n += 2) dense_rows_rb<WT, 2>(a, n);
+  }
+  for (; n < n1; ++n) dense_rows_rb<WT, 1>(a, n);
+}
+
+inline float load_scale(const void* s, int f16, int64_t i) {
+  return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
+}
+
+// sum_g (mins[n, g] - zero_point * s[n, g]) * xsum[m, g] for one weight row n and activation row m
+inline float group_correction(const QuantArgs& a, int64_t n, const float* xs) {
+  const int64_t G = a.K / a.group;
+  if (!a.mins && a.zero_point == 0) return 0.f;
+  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
+  __m256 acc = _mm256_setzero_ps();
+  int64_t gi = 0;
+  for (; gi + 8 <= G; gi += 8) {
+    __m256 sv, mv = _mm256_setzero_ps();
+    if (a.scale_f16) {
+      sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + n * G + gi)));
+      if (a.mins) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.mins) + n * G + gi)));
+    } else {
+      sv = _mm256_loadu_ps(static_cast<const float*>(a.scales) + n * G + gi);
+      if (a.mins) mv = _mm256_loadu_ps(static_cast<const float*>(a.mins) + n * G + gi);
+    }
+    acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mv), _mm256_loadu_ps(xs + gi), acc);
+  }
+  float c = hsum(acc);
+  for (; gi < G; ++gi) {
+    const float sc = load_scale(a.scales, a.scale_f16, n * G + gi);
+    c += ((a.mins ? load_scale(a.mins, a.scale_f16, n * G + gi) : 0.f) - float(a.zero_point) * sc) * xs[gi];
+  }
+  return c;
+}
+
+// 8 codes of a weight row at column k as fp32: int8 codes, or 4-bit codes in the q4_0 nibble order
+// (per 32-column block, byte j holds column j in its low nibble and column j + 16 in its high nibble).
+template <int BITS>
+inline void load_codes32(const QuantArgs& a, int64_t n, int64_t k, __m256 out[4]) {
+  if constexpr (BITS == 8) {
+    const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.K + k;
+    for (int j = 0; j < 4; ++j)
+      out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
+  } else {
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 2;
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+    out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+    out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+    out[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+  }
+}
+
+template <int BITS>
+inline __m256 load_codes8(const QuantArgs& a, int64_t n, int64_t k) {
+  // 8-bit only (groups of 8 or 16 columns, e.g. q6_K)
+  const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.K + k;
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+}
+
+// y[m, n] = sum_g s[n,g] * sum_{k in g} q[n,k] x[m,k]  +  sum_g (mins[n,g] - zp * s[n,g]) * xsum[m,g]
+// Per group: codes (as fp32) accumulate against x in p (registers), then acc += s * p.
+template <int BITS, int RB, int MT>
+inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g;
+  __m256 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  const float* x = a.x + m0 * K;
+  const float* xs = a.xsum + m0 * G;
+  const bool wide = g % 32 == 0;
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m256 p[RB][MT];
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < MT; ++m) p[r][m] = _mm256_setzero_ps();
+    const int64_t k0 = gi * g, k1 = k0 + g;
+    if (wide) {
+      for (int64_t k = k0; k < k1; k += 32) {
+        for (int r = 0; r < RB; ++r) {
+          __m256 w[4];
+          load_codes32<BITS>(a, n + r, k, w);
+          for (int j = 0; j < 4; ++j)
+            for (int m = 0; m < MT; ++m)
+              p[r][m] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(x + m * K + k + 8 * j), p[r][m]);
+        }
+      }
+    } else {
+      for (int64_t k = k0; k < k1; k += 8)
+        for (int r = 0; r < RB; ++r) {
+          __m256 w = load_codes8<BITS>(a, n + r, k);
+          for (int m = 0; m < MT; ++m) p[r][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k), p[r][m]);
+        }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m256 sv = _mm256_set1_ps(load_scale(a.scales, a.scale_f16, (n + r) * G + gi));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(p[r][m], sv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + group_correction(a, n + r, xs + m * G);
+}
+
+// 4-bit weights against int16 activations: _mm256_madd_epi16 multiplies 16 codes by 16 activations and adds
+// pairs into int32 (exact), so 32 weights cost ~14 integer ops instead of ~18 for widening each code to fp32.
+// Each block of xblock columns is x = xscale * (hi + lo / 65534) with |hi|, |lo| <= 32767: two int16 terms
+// carry ~31 bits, so the result matches fp32 arithmetic (one term alone would carry 16: ~3e-5 relative).
+// Blocks of <= 256 columns keep the int32 sums below 15 * 32767 * 256 < 2^31.
+template <int RB, int MT>
+inline void q4_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
+  __m256 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  const int16_t* xh = a.xq + m0 * K;
+  const int16_t* xl = a.xq_lo + m0 * K;
+  const float* xsc = a.xscale + m0 * NB;
+  const float* xs = a.xsum + m0 * G;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    float s[RB];
+    for (int r = 0; r < RB; ++r) s[r] = load_scale(a.scales, a.scale_f16, (n + r) * G + gi);
+    for (int64_t b0 = gi * g; b0 < (gi + 1) * g; b0 += B) {
+      __m256i ph[RB][MT], pl[RB][MT];
+      for (int r = 0; r < RB; ++r)
+        for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm256_setzero_si256();
+      for (int64_t k = b0; k < b0 + B; k += 32) {
+        for (int r = 0; r < RB; ++r) {
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
+          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+          __m256i wlo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                       // columns k..k+15
+          __m256i whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // k+16..k+31
+          for (int m = 0; m < MT; ++m) {
+            const __m256i* h = reinterpret_cast<const __m256i*>(xh + m * K + k);
+            const __m256i* l = reinterpret_cast<const __m256i*>(xl + m * K + k);
+            ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(h)));
+            ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(h + 1)));
+            pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(l)));
+            pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(l + 1)));
+          }
+        }
+      }
+      const int64_t bi = b0 / B;
+      for (int r = 0; r < RB; ++r)
+        for (int m = 0; m < MT; ++m) {
+          __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl[r][m]), lo_weight, _mm256_cvtepi32_ps(ph[r][m]));
+          acc[r][m] = _mm256_fmadd_ps(p, _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
+        }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + group_correction(a, n + r, xs + m * G);
+}
+
+template <int BITS, int RB>
+inline void quant_rows_rb(const QuantArgs& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
+      case 1: quant_tile<BITS, RB, 1>(a, n, m0); break;
+      case 2: quant_tile<BITS, RB, 2>(a, n, m0); break;
+      case 3: quant_tile<BITS, RB, 3>(a, n, m0); break;
+      default: quant_tile<BITS, RB, 4>(a, n, m0); break;
+    }
+  }
+}
+
+template <int RB>
+inline void q4_rows_rb(const QuantArgs& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
+      case 1: q4_tile_i16<RB, 1>(a, n, m0); break;
+      case 2: q4_tile_i16<RB, 2>(a, n, m0); break;
+      case 3: q4_tile_i16<RB, 3>(a, n, m0); break;
+      default: q4_tile_i16<RB, 4>(a, n, m0); break;
+    }
+  }
+}
+
+void q4_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (a.M == 1) {
+    for (; n + 4 <= n1; n += 4) q4_tile_i16<4, 1>(a, n, 0);
+  } else {
+    for (; n + 2 <= n1; n += 2) q4_rows_rb<2>(a, n);
+  }
+  for (; n < n1; ++n) q4_rows_rb<1>(a, n);
+}
+
+template <int BITS>
+void quant_rows_t(const QuantArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (a.M == 1) {
+    for (; n + 4 <= n1; n += 4) quant_tile<BITS, 4, 1>(a, n, 0);
+  } else {
+    for (; n + 2 <= n1; n += 2) quant_rows_rb<BITS, 2>(a, n);
+  }
+  for (; n < n1; ++n) quant_rows_rb<BITS, 1>(a, n);
+}
+
+}  // namespace
+
+void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
+  switch (a.wtype) {
+    case kF32: dense_rows_t<kF32>(a, n0, n1); break;
+    case kBF16: dense_rows_t<kBF16>(a, n0, n1); break;
+    default: dense_rows_t<kF16>(a, n0, n1); break;
+  }
+}
+
+void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.bits == 4 && a.xq) q4_rows(a, n0, n1);
+  else if (a.bits == 4) quant_rows_t<4>(a, n0, n1);
+  else quant_rows_t<8>(a, n0, n1);
+}
+
+}  // namespace glm4k

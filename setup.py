@@ -1,0 +1,27 @@
+"""Builds glm4.quant._C, the CPU kernels (glm4/quant/csrc), during `pip install`; metadata is in pyproject.toml.
+
+The extension is optional: without a C++ compiler (or with a torch whose headers do not build it) the install
+goes on and glm4 runs its pure-torch paths (glm4.quant.kernels.HAVE_EXT is False).
+"""
+
+import platform
+
+from setuptools import setup
+
+ext_modules, cmdclass = [], {}
+if platform.machine().lower() in ("x86_64", "amd64"):
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:  # no torch in the build environment: install the pure-torch package
+        pass
+    else:
+        ext_modules.append(CppExtension(
+            "glm4.quant._C",
+            ["glm4/quant/csrc/ops.cpp", "glm4/quant/csrc/gemv_avx2.cpp"],
+            extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function"],  # no -march: kernels pick their ISA
+            extra_link_args=["-fopenmp"],
+            optional=True,
+        ))
+        cmdclass["build_ext"] = BuildExtension.with_options(use_ninja=False)
+
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -1,0 +1,134 @@
+"""glm4's CPU kernels (glm4/quant/csrc) against float64 references, the modules that use them, and the dispatch."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from glm4.quant import FloatLinear, QuantLinear, cast_for_compute, describe_linears, kernels, quantize
+from glm4.quant.qlinear import pack_int4, unpack_int4
+
+needs_kernels = pytest.mark.skipif(not kernels.has_streaming_kernels(),
+                                   reason="glm4.quant._C not built or the CPU lacks AVX2+FMA")
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+
+
+def test_extension_is_built_where_it_can_be():
+    """pip install builds the kernels on x86-64 with a C++ compiler; a silent fallback would hide a broken build."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or shutil.which("c++") is None:
+        pytest.skip("no x86-64 C++ toolchain here: the pure-torch paths run")
+    assert kernels.HAVE_EXT, "glm4.quant._C failed to build or import (see pip install -v output)"
+    assert ("avx2" in kernels.cpu_features()) == kernels.has_streaming_kernels()
+
+
+def test_cpu_features_and_summary():
+    feats = kernels.cpu_features()
+    assert feats <= set(kernels.FEATURES)
+    assert {"avx512_bf16", "amx_bf16"} & feats or not kernels.native_bf16()
+    assert "(" in kernels.cpu_summary()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9])
+@pytest.mark.parametrize("N,K", [(37, 64), (130, 72), (16, 70)])  # odd rows, K with a tail past the last 8
+def test_dense_mm_matches_float64(dtype, M, N, K):
+    g = torch.Generator().manual_seed(M * 1000 + N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
+    y = kernels.dense_mm(x, w)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel_err(y, x.double() @ w.double().T) < 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 8), (8, 16), (8, 32), (8, 96)])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("with_mins", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 4, 7])
+def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M):
+    g = torch.Generator().manual_seed(bits * 100 + group + M)
+    N, K = 70, 192
+    q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
+    scales = torch.rand(N, K // group, generator=g).to(scale_dtype)
+    mins = torch.randn(N, K // group, generator=g).to(scale_dtype) if with_mins else None
+    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=3)
+    w = (q.double() - 3).view(N, -1, group) * scales.double()[..., None]
+    if with_mins:
+        w = w + mins.double()[..., None]
+    assert torch.equal(lin.dequantize(torch.float64), w.view(N, K))
+    x = torch.randn(M, K, generator=g)
+    ref = x.double() @ w.view(N, K).T
+    assert rel_err(kernels.quant_mm(x, lin), ref) < 1e-5
+    if bits == 4:  # both 4-bit kernels: int16 activations in two terms (default) and fp32 activations
+        fp32_act = torch.ops.glm4.quant_mm(x, lin.qweight, lin.scales, lin.mins, 4, group, 3, False)
+        assert rel_err(fp32_act, ref) < 1e-5
+
+
+def test_int4_packing_is_the_q4_0_nibble_order():
+    q = torch.arange(64).remainder(16).reshape(1, 64)
+    packed = pack_int4(q)
+    assert packed.shape == (1, 32)
+    assert packed[0, 0].item() == (q[0, 0] | q[0, 16] << 4).item()  # byte j: column j low, column j+16 high
+    assert packed[0, 16].item() == (q[0, 32] | q[0, 48] << 4).item()
+    assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+
+
+@pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the widened-GEMM path
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
+def test_float_linear_equals_its_stored_weight(M, storage):
+    torch.manual_seed(0)
+    base = nn.Linear(96, 80)
+    lin = FloatLinear.from_base(base, storage)
+    assert lin.weight.dtype == storage
+    x = torch.randn(2, M, 96)
+    ref = x.double() @ base.weight.detach().to(storage).double().T + base.bias.detach().double()
+    y = lin(x)
+    assert y.dtype == torch.float32 and y.shape == (2, M, 80)
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("scheme,group", [("int8", 128), ("int4", 32), ("int4", 64)])
+@pytest.mark.parametrize("M", [1, 40])
+def test_quantize_swaps_in_quant_linear_when_kernels_exist(scheme, group, M):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(128, 64), nn.Linear(64, 32, bias=False))
+    fp32 = [m.weight.detach().clone() for m in model]
+    quantize(model, scheme, group_size=group, head=None)
+    if not kernels.has_streaming_kernels():
+        assert not any(isinstance(m, QuantLinear) for m in model)
+        return
+    assert all(isinstance(m, QuantLinear) for m in model)
+    x = torch.randn(M, 128)
+    for m in model:  # layer by layer: each against its own dequantized weight
+        ref = x.double() @ m.dequantize(torch.float64).T + (m.bias.double() if m.bias is not None else 0)
+        y = m(x)
+        assert rel_err(y, ref) < 1e-5
+        x = y
+    for m, w in zip(model, fp32):  # round to nearest: half a step per weight at most
+        step = (m.scales.float().repeat_interleave(m.group_size, 1))
+        assert ((m.dequantize() - w).abs() <= step * 0.5 + 1e-6).all()
+
+
+def test_cast_for_compute_keeps_storage_and_widens_the_rest():
+    torch.manual_seed(2)
+    emb = nn.Embedding(10, 32)
+    model = nn.Sequential(emb, nn.LayerNorm(32), nn.Linear(32, 8)).to(torch.bfloat16)
+    quantize(model, "float")
+    cast_for_compute(model, torch.float32)
+    assert model[0].weight.dtype == torch.bfloat16 and model[2].weight.dtype == torch.bfloat16  # storage kept
+    assert model[1].weight.dtype == torch.float32
+    out = model(torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.float32
+    ref = nn.Sequential(nn.Embedding(10, 32), nn.LayerNorm(32), nn.Linear(32, 8))
+    ref[0].weight.data, ref[2].weight.data = emb.weight.float(), model[2].weight.float()
+    ref[1].weight.data, ref[1].bias.data, ref[2].bias.data = model[1].weight, model[1].bias, model[2].bias.float()
+    assert rel_err(out, ref(torch.tensor([[1, 2, 3]]))) < 1e-5
+    kinds = {kind for kind, _, _ in describe_linears(model)}
+    assert kinds == {"2"}
