@@ -35,7 +35,7 @@ class EngineArgs:
     `kv_cache_fraction` of the free memory (CPU: MemAvailable; CUDA: free device memory after loading),
     capped at what `max_num_seqs` sequences of `max_model_len` tokens could use."""
 
-    dtype: str = "float32"
+    dtype: str = "auto"  # weights as the checkpoint stores them (or float32 | bfloat16 | float16); activations: see optimize_model
     device: str = "cpu"
     block_size: int = 16
     max_num_seqs: int = 64

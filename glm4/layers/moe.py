@@ -15,7 +15,7 @@ sync for the segment sizes). Never a loop over all E experts. On CPU both run at
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +92,46 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
     return torch.cat(out) if out else x.new_zeros(0, w.shape[1])
 
 
+def dispatch_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                     experts_mm: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor], num_experts: int,
+                     hidden: int) -> torch.Tensor:
+    """Σ_j weights[n, j] · down[e] (silu(gate[e] x_n) * up[e] x_n) with e = indices[n, j], for any expert storage.
+
+    x [N, H], indices/weights [N, k] -> [N, hidden]. The (token, slot) pairs are sorted by expert and handed to
+    `experts_mm(xs [S, in], counts [E], "gate_up" | "down") -> [S, out]`, which multiplies each expert's rows by its
+    own weight (one call per projection, no loop over experts here)."""
+    N, k = indices.shape
+    flat = indices.reshape(-1)  # [N*k]
+    order = flat.argsort(stable=True)  # pairs grouped by expert
+    xs = x[order // k]  # [N*k, H]
+    counts = torch.bincount(flat, minlength=num_experts)  # [E]
+    g, u = experts_mm(xs, counts, "gate_up").chunk(2, dim=-1)
+    y = experts_mm((F.silu(g) * u).contiguous(), counts, "down")  # [N*k, H]
+    y = y * weights.reshape(-1)[order, None]  # fp32 weights: the weighted sum is accumulated in fp32
+    out = torch.empty_like(y)
+    out[order] = y  # back to (token, slot) order
+    return out.view(N, k, hidden).sum(dim=1).to(x.dtype)
+
+
+class _StackedMM:
+    """experts_mm over stacked [E, out, in] tensors: torch's grouped matmul, else one matmul per busy expert."""
+
+    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, impl: str):
+        self.w = {"gate_up": gate_up, "down": down}
+        self.impl = impl
+
+    def __call__(self, xs: torch.Tensor, counts: torch.Tensor, which: str) -> torch.Tensor:
+        w = self.w[which]
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped_mm" if _grouped_mm_ok(xs, *self.w.values()) else "segments"
+        if impl == "grouped_mm":
+            return torch._grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0, dtype=torch.int32))
+        if impl == "segments":
+            return _segment_mm(xs, w, counts.tolist())
+        raise ValueError(f"impl must be auto, grouped_mm or segments, got {impl!r}")
+
+
 def expert_glu(
     x: torch.Tensor,
     indices: torch.Tensor,
@@ -100,34 +140,11 @@ def expert_glu(
     down: torch.Tensor,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """Σ_j weights[n, j] · down[e] (silu(gate[e] x_n) * up[e] x_n) with e = indices[n, j].
-
-    x [N, H], indices/weights [N, k], gate_up [E, 2I, H] (gate rows first), down [E, H, I] -> [N, H].
-    `impl`: "auto" | "grouped_mm" | "segments".
-    """
-    N, k = indices.shape
-    E = gate_up.shape[0]
-    flat = indices.reshape(-1)  # [N*k]
-    order = flat.argsort(stable=True)  # pairs grouped by expert
-    xs = x[order // k]  # [N*k, H]
-    counts = torch.bincount(flat, minlength=E)  # [E]
-    if impl == "auto":
-        impl = "grouped_mm" if _grouped_mm_ok(xs, gate_up, down) else "segments"
-    if impl == "grouped_mm":
-        offs = counts.cumsum(0, dtype=torch.int32)
-        h = torch._grouped_mm(xs, gate_up.transpose(1, 2), offs=offs)  # [N*k, 2I]
-        g, u = h.chunk(2, dim=-1)
-        y = torch._grouped_mm((F.silu(g) * u).contiguous(), down.transpose(1, 2), offs=offs)  # [N*k, H]
-    elif impl == "segments":
-        c = counts.tolist()
-        g, u = _segment_mm(xs, gate_up, c).chunk(2, dim=-1)
-        y = _segment_mm(F.silu(g) * u, down, c)
-    else:
+    """dispatch_experts over stacked tensors: gate_up [E, 2I, H] (gate rows first), down [E, H, I].
+    `impl`: "auto" | "grouped_mm" | "segments"."""
+    if impl not in ("auto", "grouped_mm", "segments"):
         raise ValueError(f"impl must be auto, grouped_mm or segments, got {impl!r}")
-    y = y * weights.reshape(-1)[order, None]  # fp32 weights: the weighted sum is accumulated in fp32
-    out = torch.empty_like(y)
-    out[order] = y  # back to (token, slot) order
-    return out.view(N, k, down.shape[1]).sum(dim=1).to(x.dtype)
+    return dispatch_experts(x, indices, weights, _StackedMM(gate_up, down, impl), gate_up.shape[0], down.shape[1])
 
 
 class StackedExperts(nn.Module):

@@ -17,18 +17,21 @@ import warnings
 import torch
 from torch import nn
 
+from glm4.layers.moe import StackedExperts
+
 from . import kernels
+from .experts import StreamExperts
 from .fast_linear import PackedLinear, QuantizationError, has_op
 from .float_linear import CastEmbedding, FloatLinear
 from .int4 import WeightOnlyInt4Linear, quantize_int4
 from .int8 import WeightOnlyInt8Linear, quantize_int8
 from .qlinear import QuantLinear
 
-__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "QuantLinear",
+__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "QuantLinear", "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
            "quantize_weights_report"]
 
-_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear)
+_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
 SCHEMES = ("int8", "int4", "float", "packed")
 
@@ -114,6 +117,16 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, _swap(linear, s, group_size, name, dtype))
+    if scheme in ("int8", "int4", "float") and kernels.has_streaming_kernels():
+        # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
+        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]:
+            if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or m.gate_up_proj.device.type != "cpu":
+                continue
+            if scheme == "float" and dtype is not None:
+                m = m.to(dtype)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr,
+                    StreamExperts.from_stacked(m, None if scheme == "float" else scheme, group_size))
     return model
 
 
@@ -124,7 +137,8 @@ def dequantize(model: nn.Module) -> nn.Module:
     for name, m in list(model.named_modules()):
         if isinstance(m, _SWAPPED):
             parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, m.to_linear())
+            back = m.to_stacked() if isinstance(m, StreamExperts) else m.to_linear()
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, back)
     return model
 
 
@@ -165,16 +179,16 @@ def quantize_weights_report(model_fp32: nn.Module, model_q: nn.Module, inputs: t
 
 @torch.no_grad()
 def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Activations in `dtype` while swapped linears keep their storage: embeddings become CastEmbedding (table as
-    stored, rows returned in `dtype`); every other floating parameter and buffer is cast (norms, biases, MoE
-    experts — stacked expert weights are widened too: they run through torch's grouped matmul). In place."""
+    """Activations in `dtype` while swapped modules (linears, StreamExperts) keep their storage: embeddings become
+    CastEmbedding (table as stored, rows returned in `dtype`); every other floating parameter and buffer is cast
+    (norms, biases; StackedExperts too: torch's grouped matmul needs one dtype). In place."""
     for name, m in list(model.named_modules()):
         if isinstance(m, nn.Embedding) and m.weight.dtype != dtype:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, CastEmbedding(m, dtype))
-    keep = (*_SWAPPED, CastEmbedding)
+    kept = {id(sub) for m in model.modules() if isinstance(m, (*_SWAPPED, CastEmbedding)) for sub in m.modules()}
     for m in model.modules():
-        if isinstance(m, keep):
+        if id(m) in kept:
             continue
         for pname, prm in list(m.named_parameters(recurse=False)):
             if prm.is_floating_point() and prm.dtype != dtype and prm.dtype != torch.float32:
@@ -210,7 +224,14 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
     """[(kind, count, kernel)] per kind of linear (last name component: qkv_proj, down_proj, lm_head, ...)."""
     seen: dict[tuple[str, str], int] = {}
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Linear, *_SWAPPED)):
+        if isinstance(m, StreamExperts):
+            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 AVX2 stream per busy expert "
+                              f"(<= {kernels.dense_max_m()} tokens each); a GEMM per expert above")
+        elif isinstance(m, StackedExperts):
+            key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")
+        elif isinstance(m, (nn.Linear, *_SWAPPED)):
             key = (name.rsplit(".", 1)[-1], kernel_of(m))
-            seen[key] = seen.get(key, 0) + 1
+        else:
+            continue
+        seen[key] = seen.get(key, 0) + 1
     return [(kind, n, desc) for (kind, desc), n in seen.items()]

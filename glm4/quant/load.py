@@ -19,7 +19,9 @@ from torch import nn
 from glm4.weights import CheckpointError, resolve_device, resolve_dtype
 from glm4.weights import load_model as load_safetensors_model
 
-__all__ = ["find_gguf", "load_model"]
+__all__ = ["checkpoint_dtype", "find_gguf", "load_model"]
+
+_CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def find_gguf(path: str | os.PathLike) -> Path | None:
@@ -46,9 +48,29 @@ def _quantization_config(folder: Path) -> dict | None:
     return q if isinstance(q, dict) else None
 
 
+def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
+    """The dtype the checkpoint stores its float weights in (what `dtype="auto"` loads): config.json's `torch_dtype`
+    (`dtype` in transformers 5); for GGUF, F16 / BF16 when most linear weights are, else float32."""
+    gguf = find_gguf(path)
+    if gguf is not None:
+        from glm4.tokenizer.gguf_meta import read_gguf_header
+
+        types = [t.ggml_type for t in read_gguf_header(gguf).tensors.values() if len(t.dims) == 2]
+        f16, bf16 = types.count(1), types.count(30)  # ggml type ids of F16 and BF16
+        return torch.float16 if f16 * 2 > len(types) else torch.bfloat16 if bf16 * 2 > len(types) else torch.float32
+    try:
+        cfg = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    return _CONFIG_DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"), torch.float32)
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
                adapter: str | os.PathLike | None = None, progress: bool = True) -> nn.Module:
-    """Load any supported checkpoint into an eval-mode model; `dtype` is the activation / unquantized dtype."""
+    """Load any supported checkpoint into an eval-mode model. `dtype`: of the unquantized weights, or "auto" for the
+    checkpoint's own (glm4.LLM then picks the activation dtype for the CPU, see glm4.engine.llm.compute_dtype)."""
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        dtype = checkpoint_dtype(path)
     gguf = find_gguf(path)
     if gguf is not None:
         if adapter is not None:

@@ -14,6 +14,10 @@ from __future__ import annotations
 
 import importlib
 
+# --dtype of glm4 serve / glm4 chat
+DTYPE_HELP = ("weights: auto (default: as the checkpoint stores them) | float32 | bfloat16 | float16; activations are "
+              "fp32 on CPUs without bf16 arithmetic")
+
 _LAZY = {
     "chat": "glm4.engine.chat",
     "chat_stream": "glm4.engine.chat",

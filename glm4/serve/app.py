@@ -32,8 +32,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from glm4.engine.chat import ChatError, ChatLayer, ChatPlan, usage_dict
+from glm4.serve import DTYPE_HELP
 from glm4.serve import protocol as P
 from glm4.serve.metrics import Metrics
+from glm4.weights import CheckpointError
 
 log = logging.getLogger("glm4.serve")
 
@@ -890,12 +892,15 @@ def _generation_defaults(folder: Path | None) -> dict:
 
 
 def build_state(model: str | None = None, api_key: str | None = None, model_name: str | None = None,
-                max_pending: int = 256, **engine_args) -> ServerState:
-    """Load a checkpoint into an LLM and wrap its engine, tokenizer and chat format for serving."""
+                max_pending: int = 256, verbose: bool = False, **engine_args) -> ServerState:
+    """Load a checkpoint into an LLM and wrap its engine, tokenizer and chat format for serving.
+    `verbose`: print what runs where (CPU, dtypes, each linear kind's kernel, KV cache)."""
     from glm4.engine.chat import chat_layer_for
     from glm4.engine.llm import LLM
 
     llm = LLM(model, **engine_args)
+    if verbose:
+        print(llm.describe(), flush=True)
     layer, tok, folder = chat_layer_for(llm, model)
     _ = layer.compiler  # build the constrained-decoding tables now (about 1 s for a 150k vocabulary), not on a request
     eng = getattr(llm, "engine", llm)
@@ -946,10 +951,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-queue", type=int, default=256, help="requests in flight before answering 429")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization at load")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
+    ap.add_argument("--verbose", action="store_true", help="print the CPU, dtypes and each linear kind's kernel")
     ap.add_argument("--threads", default="auto",
                     help="torch CPU threads; auto: on <= 4 cores a small model (< 256 MB of weights) leaves one core "
                          "to the HTTP side (1.7x requests/s at one client for the default model on 2 cores)")
@@ -964,11 +971,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
-                                     ("kv_cache_dtype", args.kv_cache_dtype)) if v is not None}
+                                     ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization))
+                   if v is not None}
     try:
         st = build_state(args.model, api_key=args.api_key, model_name=args.served_model_name,
-                         max_pending=args.max_queue, **engine_args)
-    except (OSError, ValueError) as e:
+                         max_pending=args.max_queue, verbose=args.verbose, **engine_args)
+    except (OSError, ValueError, CheckpointError) as e:
         print(f"glm4 serve: {e}")
         return 2
     import uvicorn

@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+from glm4.serve import DTYPE_HELP
+
 HELP = __doc__.split("\n\n", 1)[1]
 
 
@@ -265,25 +267,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--device", default=None)
-    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization at load")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
     args = ap.parse_args(argv)
+    from glm4.weights import CheckpointError
+
     try:
         tools = load_tools(args.tools) if args.tools else None
         from glm4.engine.llm import LLM
         from glm4.engine.sampling_params import SamplingParams
 
         engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
-                                         ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype))
-                       if v is not None}
+                                         ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
+                                         ("quantization", args.quantization)) if v is not None}
         llm = LLM(args.model, **engine_args)
         from glm4.engine.chat import chat_layer_for
 
         chat_layer_for(llm)  # fails now, not at the first message, for a checkpoint without a tokenizer
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-    except (OSError, ValueError, TypeError) as e:
+    except (OSError, ValueError, TypeError, CheckpointError) as e:
         print(f"glm4 chat: {e}", file=sys.stderr)
         return 2
     try:

@@ -59,58 +59,75 @@ int64_t act_block(int64_t group) {
   return 0;
 }
 
+// What the quantized kernels need from the activations, per row: group sums (zero point / mins term) and, on the
+// 4-bit path, x as two int16 terms per block. Plain loops: torch ops on [1, K] cost more than the work.
+struct ActPrep {
+  std::vector<float> xsum;  // [M, G]
+  std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534)
+  std::vector<float> scale;     // [M, K / B]
+  int64_t B = 0;
+
+  ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act) : xsum(M * (K / group)) {
+    for (int64_t i = 0; i < M * (K / group); ++i) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < group; ++k) acc += x[i * group + k];
+      xsum[i] = acc;
+    }
+    B = bits == 4 && int16_act ? act_block(group) : 0;
+    if (!B) return;
+    hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
+    for (int64_t i = 0; i < M * K / B; ++i) {
+      float amax = 0.f;
+      for (int64_t k = 0; k < B; ++k) amax = std::max(amax, std::fabs(x[i * B + k]));
+      const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
+      scale[i] = float(amax / 32767.0);
+      for (int64_t k = 0; k < B; ++k) {
+        const double v = x[i * B + k] * inv;
+        const double h = std::clamp(std::nearbyint(v), -32767.0, 32767.0);
+        hi[i * B + k] = int16_t(h);
+        lo[i * B + k] = int16_t(std::clamp(std::nearbyint((v - h) * 65534.0), -32767.0, 32767.0));
+      }
+    }
+  }
+
+  // the kernel arguments for activation rows [row0, row0 + M)
+  void fill(glm4k::QuantArgs& a, int64_t row0, int64_t K, int64_t group) const {
+    a.xsum = xsum.data() + row0 * (K / group);
+    a.xq = B ? hi.data() + row0 * K : nullptr;
+    a.xq_lo = B ? lo.data() + row0 * K : nullptr;
+    a.xscale = B ? scale.data() + row0 * (K / B) : nullptr;
+    a.xblock = B;
+  }
+};
+
+void check_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+                 const std::optional<at::Tensor>& mins, int64_t bits, int64_t group) {
+  const int64_t K = x.size(1), N = q.size(-2);
+  TORCH_CHECK(bits == 4 || bits == 8, "quant_mm: bits must be 4 or 8");
+  TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 4 ? 32 : 8) == 0, "quant_mm: bad group size");
+  TORCH_CHECK(q.size(-1) == (bits == 4 ? K / 2 : K), "quant_mm: q shape does not match K");
+  TORCH_CHECK(q.scalar_type() == (bits == 4 ? at::kByte : at::kChar), "quant_mm: q dtype");
+  TORCH_CHECK(scales.dim() == q.dim() && scales.size(-2) == N && scales.size(-1) == K / group, "quant_mm: scales shape");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, "quant_mm: scales dtype");
+  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
+                        "quant_mm: mins must match scales");
+}
+
 at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t zero_point,
                     bool int16_act) {
   TORCH_CHECK(has_avx2(), "glm4.quant_mm needs AVX2 + FMA");
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quant_mm: x must be float32 [M, K]");
+  TORCH_CHECK(q.dim() == 2, "quant_mm: q [N, K']");
+  check_quant(x, q, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_mm: bits must be 4 or 8");
-  TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 4 ? 32 : 8) == 0, "quant_mm: bad group size");
-  TORCH_CHECK(q.dim() == 2 && q.size(1) == (bits == 4 ? K / 2 : K), "quant_mm: q shape does not match K");
-  TORCH_CHECK(q.scalar_type() == (bits == 4 ? at::kByte : at::kChar), "quant_mm: q dtype");
-  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group, "quant_mm: scales shape");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, "quant_mm: scales dtype");
-  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
-                        "quant_mm: mins must match scales");
   auto xc = x.contiguous(), qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor mc = mins ? mins->contiguous() : at::Tensor();
-  const float* xp = xc.data_ptr<float>();
-  const int64_t G = K / group;
-  std::vector<float> xsum(M * G);  // plain loops: torch ops on [1, K] cost more than the work
-  for (int64_t i = 0; i < M * G; ++i) {
-    float acc = 0.f;
-    for (int64_t k = 0; k < group; ++k) acc += xp[i * group + k];
-    xsum[i] = acc;
-  }
-  std::vector<int16_t> xq, xq_lo;
-  std::vector<float> xscale;
-  const int64_t B = bits == 4 && int16_act ? act_block(group) : 0;
-  if (B) {  // x = sc * (hi + lo / 65534): hi = round(x / sc), lo = round((x / sc - hi) * 65534), |hi|, |lo| <= 32767
-    xq.resize(M * K);
-    xq_lo.resize(M * K);
-    xscale.resize(M * K / B);
-    for (int64_t i = 0; i < M * K / B; ++i) {
-      float amax = 0.f;
-      for (int64_t k = 0; k < B; ++k) amax = std::max(amax, std::fabs(xp[i * B + k]));
-      const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
-      xscale[i] = float(amax / 32767.0);
-      for (int64_t k = 0; k < B; ++k) {
-        const double v = xp[i * B + k] * inv;
-        const double hi = std::clamp(std::nearbyint(v), -32767.0, 32767.0);
-        xq[i * B + k] = int16_t(hi);
-        xq_lo[i * B + k] = int16_t(std::clamp(std::nearbyint((v - hi) * 65534.0), -32767.0, 32767.0));
-      }
-    }
-  }
+  const ActPrep prep(xc.data_ptr<float>(), M, K, group, bits, int16_act);
   auto y = at::empty({M, N}, x.options());
   glm4k::QuantArgs a{};
-  a.x = xp;
-  a.xsum = xsum.data();
-  a.xq = B ? xq.data() : nullptr;
-  a.xq_lo = B ? xq_lo.data() : nullptr;
-  a.xscale = B ? xscale.data() : nullptr;
-  a.xblock = B;
+  a.x = xc.data_ptr<float>();
+  prep.fill(a, 0, K, group);
   a.q = qc.data_ptr();
   a.scales = sc.data_ptr();
   a.mins = mins ? mc.data_ptr() : nullptr;
@@ -118,6 +135,71 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   a.M = M, a.N = N, a.K = K, a.group = group;
   a.bits = int(bits), a.scale_f16 = scales.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
   parallel_rows(N, [&](int64_t n0, int64_t n1) { glm4k::quant_rows_avx2(a, n0, n1); });
+  return y;
+}
+
+// MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0) or codes [E, N, K'] with scales / mins
+// [E, N, G]. Every (busy expert, block of rows) is one task: the streaming kernels with M = that expert's tokens.
+at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
+                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
+                     int64_t group, int64_t zero_point) {
+  TORCH_CHECK(has_avx2(), "glm4.expert_mm needs AVX2 + FMA");
+  TORCH_CHECK(xs.dim() == 2 && xs.scalar_type() == at::kFloat, "expert_mm: xs must be float32 [S, K]");
+  TORCH_CHECK(w.dim() == 3 && counts.dim() == 1 && counts.size(0) == w.size(0), "expert_mm: w [E, N, K'], counts [E]");
+  const int64_t S = xs.size(0), K = xs.size(1), E = w.size(0), N = w.size(1);
+  if (bits) {
+    TORCH_CHECK(scales.has_value(), "expert_mm: quantized weights need scales");
+    check_quant(xs, w, *scales, mins, bits, group);
+  } else {
+    TORCH_CHECK(w.size(2) == K, "expert_mm: w [E, N, K]");
+  }
+  auto xc = xs.contiguous(), wc = w.contiguous();
+  auto cnt = counts.to(at::kLong).contiguous();
+  at::Tensor sc = bits ? scales->contiguous() : at::Tensor(), mc = bits && mins ? mins->contiguous() : at::Tensor();
+  std::vector<int64_t> start(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt.data_ptr<int64_t>()[e];
+  TORCH_CHECK(start[E] == S, "expert_mm: counts must sum to the rows of xs");
+  struct Task { int64_t e, n0, n1; };
+  std::vector<Task> tasks;
+  for (int64_t e = 0; e < E; ++e)
+    if (start[e + 1] > start[e])
+      for (int64_t n0 = 0; n0 < N; n0 += kRowsPerTask) tasks.push_back({e, n0, std::min(N, n0 + kRowsPerTask)});
+  auto y = at::empty({S, N}, xs.options());
+  const float* xp = xc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const auto* wp = static_cast<const char*>(wc.data_ptr());
+  const int64_t w_stride = N * wc.size(2) * wc.element_size();  // bytes per expert
+  if (!bits) {
+    int wtype = w.scalar_type() == at::kFloat ? glm4k::kF32 : w.scalar_type() == at::kBFloat16 ? glm4k::kBF16 : glm4k::kF16;
+    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
+                "expert_mm: dense w must be float32, bfloat16 or float16");
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Task& tk = tasks[t];
+        glm4k::DenseArgs a{xp + start[tk.e] * K, wp + tk.e * w_stride, yp + start[tk.e] * N,
+                           start[tk.e + 1] - start[tk.e], N, K, wtype};
+        glm4k::dense_rows_avx2(a, tk.n0, tk.n1);
+      }
+    });
+    return y;
+  }
+  const ActPrep prep(xp, S, K, group, bits, true);
+  const int64_t G = K / group, s_stride = N * G * sc.element_size();
+  at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& tk = tasks[t];
+      glm4k::QuantArgs a{};
+      a.x = xp + start[tk.e] * K;
+      prep.fill(a, start[tk.e], K, group);
+      a.q = wp + tk.e * w_stride;
+      a.scales = static_cast<const char*>(sc.data_ptr()) + tk.e * s_stride;
+      a.mins = mc.defined() ? static_cast<const char*>(mc.data_ptr()) + tk.e * s_stride : nullptr;
+      a.y = yp + start[tk.e] * N;
+      a.M = start[tk.e + 1] - start[tk.e], a.N = N, a.K = K, a.group = group;
+      a.bits = int(bits), a.scale_f16 = sc.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
+      glm4k::quant_rows_avx2(a, tk.n0, tk.n1);
+    }
+  });
   return y;
 }
 
@@ -129,6 +211,9 @@ TORCH_LIBRARY(glm4, m) {
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
         "bool int16_act=True) -> Tensor",
         &quant_mm);
+  m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
+        "int zero_point) -> Tensor",
+        &expert_mm);
 }
 
 // a Python module only so that `import glm4.quant._C` loads the library (ops register on load)

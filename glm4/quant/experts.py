@@ -1,0 +1,128 @@
+"""StreamExperts: MoE experts run by glm4's streaming kernels, their weights as stored (bf16 / fp16 / fp32) or
+quantized (QuantLinear's formula, stacked over experts). Swapped in for layers.moe.StackedExperts.
+
+Decode sends a handful of tokens to each busy expert, so each expert's weights are streamed once by one op
+(torch.ops.glm4.expert_mm: every busy expert x block of rows is a task); prefill (many tokens per expert) runs
+one fp32 GEMM per busy expert on its widened / dequantized weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from glm4.layers.moe import StackedExperts, dispatch_experts
+
+from . import kernels
+from .fast_linear import QuantizationError
+from .qlinear import QuantLinear
+
+__all__ = ["ExpertPack", "StreamExperts"]
+
+
+class ExpertPack(nn.Module):
+    """One projection of E experts: `weight` [E, N, K] in its storage dtype, or (bits 4 / 8) `qweight` [E, N, K']
+    with `scales` / `mins` [E, N, K/g] read as in QuantLinear."""
+
+    def __init__(self, weight: torch.Tensor | None = None, *, bits: int = 0, group_size: int = 0, zero_point: int = 0,
+                 qweight: torch.Tensor | None = None, scales: torch.Tensor | None = None,
+                 mins: torch.Tensor | None = None):
+        super().__init__()
+        self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
+        self.register_buffer("weight", weight)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        self.register_buffer("mins", mins)
+        ref = weight if weight is not None else qweight
+        self.num_experts, self.out_features = ref.shape[0], ref.shape[1]
+        self.in_features = ref.shape[2] * (2 if bits == 4 else 1)
+
+    @classmethod
+    def stack(cls, linears: list[QuantLinear]) -> ExpertPack:
+        """E QuantLinears of one format (same bits, group, zero point, scale dtype) -> one pack."""
+        f = linears[0]
+        fmt = lambda m: (m.bits, m.group_size, m.zero_point, m.scales.dtype, m.mins is None, m.bias is None)  # noqa: E731
+        if any(fmt(m) != fmt(f) for m in linears) or f.bias is not None:
+            raise QuantizationError("stacked experts need one quantized format and no bias")
+        return cls(bits=f.bits, group_size=f.group_size, zero_point=f.zero_point,
+                   qweight=torch.stack([m.qweight for m in linears]), scales=torch.stack([m.scales for m in linears]),
+                   mins=None if f.mins is None else torch.stack([m.mins for m in linears]))
+
+    def expert(self, e: int) -> QuantLinear:
+        """Expert e as a QuantLinear sharing this pack's storage."""
+        m = QuantLinear(self.in_features, self.out_features, bits=self.bits, group_size=self.group_size,
+                        zero_point=self.zero_point, has_mins=self.mins is not None, scale_dtype=self.scales.dtype)
+        m.qweight, m.scales = self.qweight[e], self.scales[e]
+        if self.mins is not None:
+            m.mins = self.mins[e]
+        return m
+
+    def weight_of(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.weight[e].to(dtype) if self.bits == 0 else self.expert(e).dequantize(dtype)
+
+    def forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """xs [S, K] sorted by expert, counts [E] -> [S, N] in xs's dtype."""
+        c = counts.tolist()
+        if kernels.has_streaming_kernels() and xs.device.type == "cpu" and max(c, default=0) <= kernels.dense_max_m():
+            w = self.weight if self.bits == 0 else self.qweight
+            y = torch.ops.glm4.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
+                                         self.group_size, self.zero_point)
+            return y.to(xs.dtype)
+        out, start = [], 0  # many tokens per expert (prefill): a GEMM per busy expert
+        for e, n in enumerate(c):
+            if n:
+                out.append(F.linear(xs[start:start + n], self.weight_of(e, xs.dtype)))
+                start += n
+        return torch.cat(out) if out else xs.new_zeros(0, self.out_features)
+
+    def extra_repr(self) -> str:
+        kind = (f"{str(self.weight.dtype).removeprefix('torch.')}" if self.bits == 0 else
+                f"int{self.bits} g{self.group_size}{' +mins' if self.mins is not None else ''}")
+        return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, {kind}"
+
+
+class StreamExperts(nn.Module):
+    """E SwiGLU experts: gate_up [E, 2I, H] (gate rows first) and down [E, H, I] as ExpertPacks."""
+
+    def __init__(self, gate_up: ExpertPack, down: ExpertPack):
+        super().__init__()
+        self.gate_up, self.down = gate_up, down
+        self.num_experts, self.hidden_size = gate_up.num_experts, down.out_features
+
+    @classmethod
+    @torch.no_grad()
+    def from_stacked(cls, experts: StackedExperts, scheme: str | None = None, group_size: int = 128) -> StreamExperts:
+        """scheme None: the stacked weights as they are (no copy); "int8" / "int4": quantized by glm4's quantizers."""
+        packs = []
+        for w in (experts.gate_up_proj.detach(), experts.down_proj.detach()):
+            if scheme is None:
+                packs.append(ExpertPack(w.contiguous()))
+                continue
+            from glm4.quant import quant_linear  # the package's quantizer (its __init__ imports this module)
+
+            E, N, K = w.shape
+            flat = nn.Linear(K, E * N, bias=False, device="meta")
+            flat.weight = nn.Parameter(w.reshape(E * N, K), requires_grad=False)  # row-wise schemes: one call
+            g = group_size if K % group_size == 0 else next((s for s in (64, 32) if K % s == 0), 0)
+            q = quant_linear(flat, 4 if scheme == "int4" and g else 8, g)
+            packs.append(ExpertPack(bits=q.bits, group_size=q.group_size, zero_point=q.zero_point,
+                                    qweight=q.qweight.view(E, N, -1), scales=q.scales.view(E, N, -1),
+                                    mins=None if q.mins is None else q.mins.view(E, N, -1)))
+        return cls(*packs)
+
+    @torch.no_grad()
+    def to_stacked(self) -> StackedExperts:
+        """Back to StackedExperts holding the effective weights (export, training)."""
+        dtype = self.gate_up.weight.dtype if self.gate_up.bits == 0 else torch.float32
+        m = StackedExperts(self.num_experts, self.hidden_size, self.down.in_features).to(dtype)
+        for e in range(self.num_experts):
+            m.gate_up_proj[e] = self.gate_up.weight_of(e, dtype)
+            m.down_proj[e] = self.down.weight_of(e, dtype)
+        return m
+
+    def _mm(self, xs: torch.Tensor, counts: torch.Tensor, which: str) -> torch.Tensor:
+        return (self.gate_up if which == "gate_up" else self.down)(xs, counts)
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size)
