@@ -132,7 +132,8 @@ class HFSide:
         from glm4.weights import resolve_dtype
 
         t0 = time.perf_counter()
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(a.model, dtype=resolve_dtype(a.dtype)).eval()
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            a.model, dtype="auto" if a.dtype == "auto" else resolve_dtype(a.dtype)).eval()
         self.load_s = time.perf_counter() - t0
         pad = self.model.config.pad_token_id
         self.pad = pad if pad is not None else 0
@@ -175,9 +176,9 @@ class HFSide:
 
 def run_all(a, prompts512, decode_prompts, workload) -> dict:
     eng = EngineSide(a)
-    res = {"engine": {"load_s": eng.load_s, "kv_cache_tokens": eng.eng.num_kv_tokens, "describe": eng.eng.describe(),
+    res = {"engine": {"load_s": eng.load_s, "kv_cache_tokens": eng.eng.num_kv_tokens, "describe": eng.llm.describe(),
                       "weight_bytes_per_token": weight_bytes_per_token(eng.llm.model)}}
-    print(f"[engine] loaded in {eng.load_s:.1f}s; {eng.eng.describe()}", flush=True)
+    print(f"[engine] loaded in {eng.load_s:.1f}s\n{eng.llm.describe()}", flush=True)
     # the engine's concurrent run first, so its peak memory is measured before transformers loads
     res["engine"].update(eng.concurrent(workload))
     res["engine"]["peak_rss_mib"] = _rss_mib()
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm4 bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint folder")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="engine weights (auto: as stored); transformers runs this dtype (auto: the checkpoint's)")
     ap.add_argument("--linear", default="auto", choices=["auto", "packed", "torch"], help="CPU linear kernel")
     ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
                     help="weight-only quantization of the engine's model (transformers runs --dtype)")
