@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,9 @@ from conftest import randomize_  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from glm4.config import config_from_dict  # noqa: E402
+from glm4.layers.moe import StackedExperts  # noqa: E402
 from glm4.models import get_model_class  # noqa: E402
+from glm4.quant.experts import StreamExperts  # noqa: E402
 from glm4.quant.gguf import _quant_linear  # noqa: E402
 from glm4.quant.gguf_quants import dequantize  # noqa: E402
 from glm4.quant.load import load_model  # noqa: E402
@@ -232,23 +235,20 @@ def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
     assert a.shape == b.shape and (a - b).abs().max().item() <= atol, (a - b).abs().max().item()
 
 
-def assert_matches_dequantized(got, ref, monkeypatch) -> None:
-    """Every QuantLinear holds exactly the reference linear's weight, and the logits equal the reference's within
-    1e-4 through dequantize + fp32 GEMM (the mapping under test); the CPU streaming kernel, where built, agrees
-    within 1e-3 of the logits' scale (its accuracy is tests/test_kernels.py's subject)."""
-    from glm4.quant import kernels
-
+def assert_matches_dequantized(got, ref) -> None:
+    """Every QuantLinear holds exactly the reference linear's weight, every StreamExperts (quantized MoE experts)
+    exactly the reference's stacked experts, and the logits equal the reference's within 1e-4 as the model runs
+    by default (glm4's streaming kernels where this CPU has them: fp32-exact, tests/test_kernels.py)."""
     mods = dict(ref.named_modules())
     for name, m in got.named_modules():
         if isinstance(m, QuantLinear):
             assert torch.equal(m.dequantize(), mods[name].weight), name
-    streamed = logits(got)
-    with monkeypatch.context() as mp:
-        mp.setattr(kernels, "max_m", lambda module: 0)
-        exact = logits(got)
-    want = logits(ref)
-    assert_close(exact, want)
-    assert_close(streamed, want, atol=1e-3 * want.abs().max().item())
+        elif isinstance(m, StreamExperts):
+            for pack, stacked in ((m.gate_up, mods[name].gate_up_proj), (m.down, mods[name].down_proj)):
+                assert pack.bits in (4, 8) and pack.weight is None, name
+                for e in range(pack.num_experts):
+                    assert torch.equal(pack.weight_of(e, torch.float32), stacked[e]), (name, e)
+    assert_close(logits(got), logits(ref))
 
 
 # ---- dequantization --------------------------------------------------------------------------------------------
@@ -449,22 +449,23 @@ def _quant_counts(model):
 
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1], ids=lambda t: t.name)
 @pytest.mark.parametrize("variant", ["chatglm", "glm4-fuse-qkv", "glm4moe"])
-def test_quantized_gguf_keeps_quantlinears(tmp_path, monkeypatch, qtype, variant):
+def test_quantized_gguf_keeps_quantlinears(tmp_path, qtype, variant):
     mt, _, kw = VARIANTS[variant]
     model = tiny_model(mt)
     held = write_gguf(tmp_path / "m.gguf", model, qtype, **kw)
-    if mt == "glm4_moe":
-        with pytest.warns(UserWarning, match="MoE experts run as stacked dense tensors"):
-            got = load_model(tmp_path / "m.gguf", progress=False)
-    else:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dequantized to")  # nothing quantized is expanded
         got = load_model(tmp_path / "m.gguf", progress=False)
     n_q, n_lin = _quant_counts(got)
     # chatglm: qkv, dense, h_to_4h, 4h_to_h; glm4: q, k, v (split from attn_qkv), o, gate_up, down; glm4_moe:
     # q, k, v, o + dense gate, up, down / shared-expert gate, up, down; plus the output head
     assert n_lin == 0 and n_q == {"chatglm": 9, "glm4": 13, "glm4_moe": 15}[mt]
+    if mt == "glm4_moe":  # the routed experts: one StreamExperts of the file's codes, no stacked fp32 tensors
+        assert isinstance(got.model.layers[1].mlp.experts, StreamExperts)
+        assert not any(isinstance(m, StackedExperts) for m in got.modules())
     assert got.get_input_embeddings().weight.dtype == torch.float32  # the lookup table is dequantized
     ref = reference(model, held, tmp_path / "ref", fused_qkv=kw.get("fuse_qkv", False))
-    assert_matches_dequantized(got, ref, monkeypatch)
+    assert_matches_dequantized(got, ref)
     qbytes = sum(b.numel() * b.element_size() for m in got.modules() if isinstance(m, QuantLinear)
                  for b in m.buffers())
     fp32 = sum(m.in_features * m.out_features * 4 for m in got.modules() if isinstance(m, QuantLinear))
@@ -472,7 +473,7 @@ def test_quantized_gguf_keeps_quantlinears(tmp_path, monkeypatch, qtype, variant
 
 
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
-def test_kquant_gguf_matches_dequantized_weights(tmp_path, monkeypatch, qtype):
+def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     # K-quants need rows of 256: hidden 256, every weight K-quantized, the embedding too; a tied output head
     # gets its own QuantLinear from the quantized embedding (the embedding table itself is dequantized)
     model = tiny_model("glm4", hidden_size=256, intermediate_size=256, head_dim=64, tie_word_embeddings=True)
@@ -484,21 +485,51 @@ def test_kquant_gguf_matches_dequantized_weights(tmp_path, monkeypatch, qtype):
     assert head.group_size == (16 if qtype == T.Q6_K else 32) and head.bits == (4 if qtype == T.Q4_K else 8)
     ref = reference(model, held, tmp_path / "ref")
     assert torch.equal(got.get_input_embeddings().weight, ref.get_input_embeddings().weight)
-    assert_matches_dequantized(got, ref, monkeypatch)
+    assert_matches_dequantized(got, ref)
 
 
-def test_quantized_moe_experts_are_dequantized_into_stacks(tmp_path, monkeypatch):
-    model = tiny_model("glm4_moe", moe_intermediate_size=256, intermediate_size=256, hidden_size=256, head_dim=64)
-    types = {f"blk.1.ffn_{x}_exps.weight": T.Q4_K for x in ("gate", "up", "down")}
+def _moe_256():  # K-quants need rows of 256: experts of 256 x 256
+    return tiny_model("glm4_moe", moe_intermediate_size=256, intermediate_size=256, hidden_size=256, head_dim=64)
+
+
+def test_kquant_moe_experts_stay_quantized(tmp_path, monkeypatch):
+    # Q4_K_M's choice for experts: gate / up q4_K, down q6_K; everything else q8_0
+    model = _moe_256()
+    types = {"blk.1.ffn_gate_exps.weight": T.Q4_K, "blk.1.ffn_up_exps.weight": T.Q4_K,
+             "blk.1.ffn_down_exps.weight": T.Q6_K}
+    held = write_gguf(tmp_path / "m.gguf", model, T.Q8_0, types=types)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*dequantized to")
+        got = load_model(tmp_path / "m.gguf", progress=False)
+    assert _quant_counts(got) == (15, 0)  # dense MLP, shared expert, attention and head: QuantLinear
+    experts = got.model.layers[1].mlp.experts
+    assert isinstance(experts, StreamExperts) and not any(isinstance(m, StackedExperts) for m in got.modules())
+    gu, down = experts.gate_up, experts.down
+    assert (gu.bits, gu.group_size, gu.mins is not None, gu.qweight.shape) == (4, 32, True, (8, 512, 128))
+    assert (down.bits, down.group_size, down.mins is None, down.qweight.shape) == (8, 16, True, (8, 256, 256))
+    ref = reference(model, held, tmp_path / "ref")
+    assert_matches_dequantized(got, ref)
+    from glm4.quant import kernels
+
+    monkeypatch.setattr(kernels, "has_streaming_kernels", lambda: False)  # no kernels: a GEMM per busy expert
+    assert_close(logits(got), logits(ref))
+
+
+def test_moe_experts_of_mixed_types_are_dequantized_into_stacks(tmp_path):
+    # gate q4_K but up q5_K: gate|up rows cannot share one format, so the layer runs dense (with a warning)
+    model = _moe_256()
+    types = {"blk.1.ffn_gate_exps.weight": T.Q4_K, "blk.1.ffn_up_exps.weight": T.Q5_K,
+             "blk.1.ffn_down_exps.weight": T.Q6_K}
     held = write_gguf(tmp_path / "m.gguf", model, T.Q8_0, types=types)
     with pytest.warns(UserWarning, match=r"3 quantized tensor\(s\) outside linear layers \('blk\.1\.ffn_\w+_exps"):
         got = load_model(tmp_path / "m.gguf", progress=False)
-    assert _quant_counts(got) == (15, 0)  # dense MLP, shared expert, attention and head stay quantized
+    assert _quant_counts(got) == (15, 0)
     experts = got.model.layers[1].mlp.experts
-    assert experts.gate_up_proj.dtype == torch.float32 and experts.gate_up_proj.shape == (8, 512, 256)
+    assert isinstance(experts, StackedExperts) and experts.gate_up_proj.dtype == torch.float32
     ref = reference(model, held, tmp_path / "ref")
     assert torch.equal(experts.gate_up_proj, ref.model.layers[1].mlp.experts.gate_up_proj)
-    assert_matches_dequantized(got, ref, monkeypatch)
+    assert torch.equal(experts.down_proj, ref.model.layers[1].mlp.experts.down_proj)
+    assert_matches_dequantized(got, ref)
 
 
 # ---- tokenizer and chat template -------------------------------------------------------------------------------

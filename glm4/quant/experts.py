@@ -111,6 +111,22 @@ class StreamExperts(nn.Module):
                                     mins=None if q.mins is None else q.mins.view(E, N, -1)))
         return cls(*packs)
 
+    @classmethod
+    @torch.no_grad()
+    def from_quant_linears(cls, gate: list[QuantLinear], up: list[QuantLinear],
+                           down: list[QuantLinear]) -> StreamExperts:
+        """Per-expert QuantLinears (checkpoints that quantize experts one by one) -> gate|up concatenated along N
+        (exact: rows are independent) and down. QuantizationError unless each projection has one format over
+        the experts and gate and up share it."""
+        g, u = ExpertPack.stack(gate), ExpertPack.stack(up)
+        fmt = lambda p: (p.bits, p.group_size, p.zero_point, p.scales.dtype, p.mins is None)  # noqa: E731
+        if fmt(g) != fmt(u) or g.in_features != u.in_features:
+            raise QuantizationError("gate and up experts need one quantized format")
+        cat = lambda a, b: None if a is None else torch.cat([a, b], dim=1)  # noqa: E731
+        gate_up = ExpertPack(bits=g.bits, group_size=g.group_size, zero_point=g.zero_point, qweight=cat(g.qweight,
+                             u.qweight), scales=cat(g.scales, u.scales), mins=cat(g.mins, u.mins))
+        return cls(gate_up, ExpertPack.stack(down))
+
     @torch.no_grad()
     def to_stacked(self) -> StackedExperts:
         """Back to StackedExperts holding the effective weights (export, training)."""

@@ -23,8 +23,11 @@ renaming plus three re-layouts:
 Quantized linear weights (q8_0, q4_0, q4_1, q4_K, q5_K, q6_K) become `QuantLinear` modules holding the file's
 codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. The token embedding is a lookup table and
 is dequantized into it; a tied output projection then gets its own QuantLinear from the same quantized
-tensor. Quantized MoE experts are dequantized into the stacked expert tensors (no stacked quantized expert
-module yet). f32 / f16 / bf16 tensors are copied into the requested dtype.
+tensor. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are quantized
+(gate and up of one type; down may differ, as in Q4_K_M) gets a `StreamExperts` (glm4/quant/experts.py) holding
+the file's codes, [E, 2I, H] gate|up and [E, H, I] down, in place of its StackedExperts; experts that mix types
+or float and quantized tensors are dequantized into the stacked tensors (with a warning). f32 / f16 / bf16
+tensors are copied into the requested dtype. The config comes from the metadata (glm4/quant/gguf_config.py).
 """
 
 from __future__ import annotations
@@ -39,18 +42,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from glm4.config import ConfigError, config_from_dict
 from glm4.models import get_model_class
-from glm4.tokenizer import CHAT_EOS_TOKENS
 from glm4.tokenizer.gguf_meta import GGUFError, GGUFHeader, read_gguf_header
 from glm4.weights import CheckpointError, _SkipMetaInit, resolve_device, resolve_dtype
 
+from .experts import ExpertPack, StreamExperts
+from .gguf_config import ARCHITECTURES, _fail, gguf_config
 from .gguf_quants import FLOAT_TYPES, QUANT_TYPES, SUPPORTED, codes, dequantize
 from .qlinear import QuantLinear
 
 __all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model"]
 
-ARCHITECTURES = ("chatglm", "glm4", "glm4moe")
 _CHUNK_ELEMS = 1 << 22  # dequantize at most this many weights at a time (a 16 MB fp32 buffer)
 
 _GLM_BLOCK = {  # GGUF block-tensor suffix -> checkpoint suffix (glm, glm4, glm4_moe)
@@ -90,109 +92,6 @@ class _Entry:
     target: str  # checkpoint name (glm4.models parameter / buffer)
     rows: tuple[int, int] | None = None  # a row range of the GGUF tensor (fused q|k|v split)
     dst: tuple | None = None  # an index into the target (stacked gate|up halves, q/k/v biases into a fused one)
-
-
-def _fail(path, msg: str):
-    raise CheckpointError(f"{path}: {msg}")
-
-
-def _scalar(hdr: GGUFHeader, key: str, default=None, required: bool = False):
-    v = hdr.arch_key(key, default)
-    if v is None and required:
-        _fail(hdr.path, f"metadata {hdr.architecture}.{key} is missing")
-    if isinstance(v, list):  # per-layer arrays (llama.cpp allows them): only a uniform value maps to our configs
-        if len(set(v)) != 1:
-            _fail(hdr.path, f"metadata {hdr.architecture}.{key} differs between layers ({v[:8]}...); unsupported")
-        v = v[0]
-    return v
-
-
-def _rope_scaling(hdr: GGUFHeader) -> dict | None:
-    kind = hdr.arch_key("rope.scaling.type")
-    factor = hdr.arch_key("rope.scaling.factor") or hdr.arch_key("rope.scale_linear")
-    if kind in (None, "none") and not (kind is None and factor):
-        return None
-    kind = kind or "linear"
-    if kind not in ("linear", "yarn"):
-        _fail(hdr.path, f"rope scaling {kind!r} is not supported (linear, yarn)")
-    s = {"rope_type": kind, "factor": float(factor or 1.0)}
-    extra = {"original_max_position_embeddings": "rope.scaling.original_context_length",
-             "attention_factor": "rope.scaling.yarn_attn_factor", "beta_fast": "rope.scaling.yarn_beta_fast",
-             "beta_slow": "rope.scaling.yarn_beta_slow"}
-    s.update({k: hdr.arch_key(v) for k, v in extra.items() if kind == "yarn" and hdr.arch_key(v) is not None})
-    return s
-
-
-def _special_ids(hdr: GGUFHeader) -> tuple[list[int], int | None]:
-    tokens = hdr.metadata.get("tokenizer.ggml.tokens") or []
-    want = set(CHAT_EOS_TOKENS)
-    found = {t: i for i, t in enumerate(tokens) if t in want}
-    eos = [found[t] for t in CHAT_EOS_TOKENS if t in found]
-    for key in ("eos", "eot", "eom"):
-        i = hdr.metadata.get(f"tokenizer.ggml.{key}_token_id")
-        if isinstance(i, int) and i not in eos:
-            eos.append(i)
-    pad = hdr.metadata.get("tokenizer.ggml.padding_token_id")
-    return eos, pad if isinstance(pad, int) else (eos[0] if eos else None)
-
-
-def gguf_config(hdr: GGUFHeader):
-    """The glm4 config (glm4.config) a GGUF header describes."""
-    try:
-        return config_from_dict(_config_dict(hdr))
-    except (ConfigError, TypeError, ValueError, ZeroDivisionError) as e:  # missing or ill-typed metadata
-        _fail(hdr.path, f"metadata does not describe a supported {hdr.architecture} model: {e}")
-
-
-def _config_dict(hdr: GGUFHeader) -> dict:
-    arch, t, path = hdr.architecture, hdr.tensors, hdr.path
-    if arch not in ARCHITECTURES:
-        _fail(path, f"GGUF architecture {arch!r} is not supported (supported: {', '.join(ARCHITECTURES)})")
-    if "token_embd.weight" not in t:
-        _fail(path, "missing tensor 'token_embd.weight'")
-    nextn = _scalar(hdr, "nextn_predict_layers", 0)
-    layers = _scalar(hdr, "block_count", required=True) - nextn
-    hidden, heads = _scalar(hdr, "embedding_length", required=True), _scalar(hdr, "attention.head_count", required=True)
-    kv = _scalar(hdr, "attention.head_count_kv", heads)
-    head_dim = _scalar(hdr, "attention.key_length", hidden // heads)
-    rope_dim = _scalar(hdr, "rope.dimension_count", head_dim // 2)
-    theta = float(_scalar(hdr, "rope.freq_base", 10000.0))
-    eos, pad = _special_ids(hdr)
-    has = lambda name: f"blk.0.{name}" in t  # noqa: E731
-    d = dict(vocab_size=t["token_embd.weight"].shape[0], hidden_size=hidden, num_hidden_layers=layers,
-             num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim,
-             partial_rotary_factor=rope_dim / head_dim, rope_theta=theta, rope_scaling=_rope_scaling(hdr),
-             rms_norm_eps=_scalar(hdr, "attention.layer_norm_rms_epsilon", required=True),
-             max_position_embeddings=_scalar(hdr, "context_length"), intermediate_size=_scalar(hdr, "feed_forward_length"),
-             attention_bias=has("attn_q.bias") or has("attn_qkv.bias"), tie_word_embeddings="output.weight" not in t,
-             eos_token_id=eos, pad_token_id=pad)
-    # chatglm's layout needs fused q|k|v, half-head rotary and a base that 10000 * rope_ratio reproduces exactly
-    if arch == "chatglm" and has("attn_qkv.weight") and rope_dim == head_dim // 2 and theta / 1e4 * 1e4 == theta:
-        d = dict(model_type="chatglm", hidden_size=hidden, num_layers=layers, num_attention_heads=heads,
-                 ffn_hidden_size=d["intermediate_size"], padded_vocab_size=d["vocab_size"], kv_channels=head_dim,
-                 multi_query_attention=kv != heads, multi_query_group_num=kv, seq_length=d["max_position_embeddings"],
-                 rope_ratio=theta / 10000.0, layernorm_epsilon=d["rms_norm_eps"], rope_scaling=d["rope_scaling"],
-                 add_qkv_bias=d["attention_bias"] or has("attn_q.bias"), tie_word_embeddings=d["tie_word_embeddings"],
-                 eos_token_id=eos, pad_token_id=pad)
-    elif arch == "chatglm":
-        d["model_type"] = "glm"
-    elif arch == "glm4":
-        d["model_type"] = "glm4"
-    else:
-        gating = _scalar(hdr, "expert_gating_func", 2)  # llama.cpp: unset means sigmoid for glm4moe
-        if gating not in (1, 2):
-            _fail(path, f"{arch}.expert_gating_func {gating} is not supported (1 softmax, 2 sigmoid)")
-        d.update(model_type="glm4_moe", moe_intermediate_size=_scalar(hdr, "expert_feed_forward_length", required=True),
-                 n_routed_experts=_scalar(hdr, "expert_count", required=True),
-                 num_experts_per_tok=_scalar(hdr, "expert_used_count", required=True),
-                 n_shared_experts=_scalar(hdr, "expert_shared_count", 0),
-                 first_k_dense_replace=_scalar(hdr, "leading_dense_block_count", 0),
-                 routed_scaling_factor=float(_scalar(hdr, "expert_weights_scale", 1.0)),
-                 norm_topk_prob=bool(_scalar(hdr, "expert_weights_norm", False)),
-                 n_group=_scalar(hdr, "expert_group_count", 1), topk_group=_scalar(hdr, "expert_group_used_count", 1),
-                 use_qk_norm=has("attn_q_norm.weight"), num_nextn_predict_layers=nextn,
-                 scoring_func="sigmoid" if gating == 2 else "softmax")
-    return d
 
 
 def _plan(hdr: GGUFHeader, config) -> list[_Entry]:
@@ -283,6 +182,41 @@ def _owned(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(x, order="C", copy=True))
 
 
+def _streamed_experts(plan: list[_Entry], hdr: GGUFHeader) -> dict[str, tuple[list[_Entry], list[_Entry]]]:
+    """{experts module: (gate|up entries, gate first; down entries)} for each glm4_moe layer whose expert tensors
+    are all quantized, gate and up of one type (so one format: rows concatenate exactly)."""
+    layers: dict[str, tuple[list[_Entry], list[_Entry]]] = {}
+    for e in plan:
+        if e.target.endswith((".mlp.experts.gate_up_proj", ".mlp.experts.down_proj")):
+            module, _, kind = e.target.rpartition(".")
+            layers.setdefault(module, ([], []))[kind == "down_proj"].append(e)
+
+    def one_type(es: list[_Entry]) -> bool:
+        types = {hdr.tensors[e.gguf].ggml_type for e in es}
+        return len(types) == 1 and types <= QUANT_TYPES.keys()
+
+    return {m: (sorted(gu, key=lambda e: e.dst[1].start if e.dst else 0), down)
+            for m, (gu, down) in layers.items() if gu and down and one_type(gu) and one_type(down)}
+
+
+def _expert_pack(mm: np.ndarray, hdr: GGUFHeader, entries: list[_Entry], num_experts: int) -> ExpertPack:
+    """The experts' codes of 3-D tensors [E, R_i, K] of one quantized type, each expert's rows of every entry
+    concatenated (gate then up), as one ExpertPack; decoded one expert at a time (no whole-tensor temporaries)."""
+    gtype = hdr.tensors[entries[0].gguf].ggml_type
+    raws = [_raw_rows(mm, hdr.tensors[e.gguf], None) for e in entries]
+    raws = [r.reshape(num_experts, -1, r.shape[1]) for r in raws]
+    out: list[torch.Tensor] = []
+    for x in range(num_experts):
+        c = codes(np.concatenate([r[x] for r in raws]), gtype)
+        parts = [c.packed if c.bits == 4 else c.q.astype(np.int8, copy=False), c.scales]  # 8-bit codes < 128
+        ts = [torch.from_numpy(np.ascontiguousarray(a)) for a in parts + ([c.mins] if c.mins is not None else [])]
+        out = out or [t.new_empty(num_experts, *t.shape) for t in ts]
+        for o, t in zip(out, ts):
+            o[x] = t
+    return ExpertPack(bits=c.bits, group_size=c.group, zero_point=c.zero_point, qweight=out[0], scales=out[1],
+                      mins=out[2] if len(out) > 2 else None)
+
+
 def _copy_dequantized(target: torch.Tensor, raw: np.ndarray, gtype: int) -> None:
     """target = the dequantized raw rows, a bounded number of rows at a time (1-D, 2-D or stacked 3-D targets,
     views allowed): never the whole tensor in fp32 at once."""
@@ -369,13 +303,14 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     if config.tie_word_embeddings and emb.ggml_type in QUANT_TYPES:
         quant.append(_Entry("token_embd.weight", head + ".weight"))  # the tied head keeps the quantized codes
 
-    swapped = {e.target for e in quant}
+    streamed = _streamed_experts(plan, hdr)  # quantized MoE experts: a StreamExperts of the file's codes
+    swapped = {e.target for e in quant} | {e.target for es in streamed.values() for part in es for e in part}
     dense = [e.gguf for e in plan if hdr.tensors[e.gguf].ggml_type in QUANT_TYPES and e.target not in swapped
              and e.gguf != "token_embd.weight"]  # the embedding is a lookup table: dequantized by design
     if dense:
         warnings.warn(f"{path.name}: {len(dense)} quantized tensor(s) outside linear layers ({dense[0]!r}, ...) are "
-                      f"dequantized to {str(dtype).removeprefix('torch.')} (MoE experts run as stacked dense "
-                      f"tensors)", stacklevel=3)
+                      f"dequantized to {str(dtype).removeprefix('torch.')} (MoE experts whose gate and up differ "
+                      f"in type, or mix float and quantized tensors, run as stacked dense tensors)", stacklevel=3)
 
     mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing is ever written
     with torch.no_grad():
@@ -384,6 +319,9 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             info = hdr.tensors[e.gguf]
             ql = _quant_linear(_raw_rows(mm, info, e.rows), info.ggml_type, modules[name], dtype)
             _swap(model, name, ql.to(device))
+        for name, (gate_up, down) in _progress(list(streamed.items()), progress, f"MoE experts of {path.name}"):
+            packs = [_expert_pack(mm, hdr, es, config.n_routed_experts) for es in (gate_up, down)]
+            _swap(model, name, StreamExperts(*packs).to(device))
         _materialize(model, device)
         real = dict(model.named_parameters()) | dict(model.named_buffers())
         for e in _progress(plan, progress, f"Tensors of {path.name}"):
