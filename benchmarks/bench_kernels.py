@@ -28,7 +28,7 @@ SHAPES = {  # name: (out_features N, in_features K)
     "lm_head": (151552, 1024),
 }
 KERNELS = ("F.linear fp32", "F.linear bf16", "packed fp32", "packed bf16", "int8", "int8 gemm", "int4 g32",
-           "int4 g128", "int4 g128 gemm")
+           "int4 g128", "int4 g128 gemm", "glm4 fp32", "glm4 bf16", "glm4 int8", "glm4 int4 g32", "glm4 int4 g128")
 
 
 @dataclass
@@ -53,6 +53,16 @@ def build(kernel: str, lin: nn.Linear) -> tuple[nn.Module, torch.dtype, int]:
     if kernel.startswith("packed"):
         dt = torch.float32 if kernel.endswith("fp32") else torch.bfloat16
         return PackedLinear.from_base(lin, dt), dt, dt.itemsize * n * k
+    if kernel.startswith("glm4"):  # glm4's own kernels (glm4/quant/csrc), fp32 activations
+        from glm4.quant import FloatLinear, quant_linear
+
+        kind = kernel.split()[1]
+        if kind in ("fp32", "bf16", "fp16"):
+            dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
+            return FloatLinear.from_base(lin, dt), torch.float32, dt.itemsize * n * k
+        m = quant_linear(lin, 8, 0) if kind == "int8" else quant_linear(lin, 4, int(kernel.split()[2][1:]))
+        nbytes = sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.mins) if t is not None)
+        return m, torch.float32, nbytes
     if kernel.startswith("int8"):
         m = WeightOnlyInt8Linear.from_base(lin)
         gemm = kernel.endswith("gemm")  # dequantize + fp32 GEMM path, fed fp32 as the model would
