@@ -214,6 +214,12 @@ class _SkipMetaInit(TorchFunctionMode):
 
 def empty_model(config, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
     """The model for `config` with uninitialized storage in `dtype` on `device` (never materialized in fp32)."""
+    return materialize_(meta_model(config, dtype), device)
+
+
+def meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model for `config` on the meta device in `dtype` (`keep_in_fp32` tensors in float32): modules can be
+    swapped before any storage exists (quantized checkpoints), then `materialize_` allocates the rest."""
     cls = get_model_class(config.model_type)
     with torch.device("meta"), _SkipMetaInit():
         model = cls.from_config(config)
@@ -223,13 +229,17 @@ def empty_model(config, dtype: torch.dtype = torch.float32, device: str | torch.
         for name, t in list(model.named_parameters()) + list(model.named_buffers()):
             if any(k in name for k in keep):
                 t.data = t.data.float()
-    # allocate real storage slot by slot (not `to_empty`: empty_like from meta touches every page in torch
-    # 2.13); shared (tied) parameters stay shared
+    return model
+
+
+def materialize_(model: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
+    """Uninitialized real storage for every tensor still on meta, slot by slot (not `to_empty`: empty_like from
+    meta touches every page in torch 2.13); shared (tied) tensors stay shared. In place; returns the model."""
     done: dict[int, torch.Tensor] = {}
     for mod in model.modules():
         for slots, is_param in ((mod._parameters, True), (mod._buffers, False)):
             for name, t in slots.items():
-                if t is None:
+                if t is None or not t.is_meta:
                     continue
                 if id(t) not in done:
                     new = torch.empty(t.shape, dtype=t.dtype, device=device)

@@ -42,9 +42,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from glm4.models import get_model_class
 from glm4.tokenizer.gguf_meta import GGUFError, GGUFHeader, read_gguf_header
-from glm4.weights import CheckpointError, _SkipMetaInit, resolve_device, resolve_dtype
+from glm4.weights import CheckpointError, materialize_, meta_model, resolve_device, resolve_dtype
 
 from .experts import ExpertPack, StreamExperts
 from .gguf_config import ARCHITECTURES, _fail, gguf_config
@@ -235,20 +234,6 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, attr, new)
 
 
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    # what glm4.weights.empty_model does for a whole model, here for the slots still on meta (tied stay tied)
-    done: dict[int, torch.Tensor] = {}
-    for mod in model.modules():
-        for slots, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in slots.items():
-                if t is None or not t.is_meta:
-                    continue
-                if id(t) not in done:
-                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
-                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
-                slots[name] = done[id(t)]
-
-
 def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32,
                     device: str | torch.device = "cpu", progress: bool = True) -> nn.Module:
     """Load a GGUF file of a GLM architecture into an eval-mode model; `dtype` is the activation dtype and that
@@ -266,13 +251,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             _fail(path, f"tensor {e.gguf!r} has type {info.type_name}, which glm4 does not load (supported: "
                   f"{', '.join(SUPPORTED.values())})")
 
-    cls = get_model_class(config.model_type)
-    with torch.device("meta"), _SkipMetaInit():
-        model = cls.from_config(config)
-    model.to(dtype)
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if any(k in name for k in getattr(model, "keep_in_fp32", ())):
-            t.data = t.data.float()
+    model = meta_model(config, dtype)
     fused = {e.target for e in plan if e.target.endswith(("experts.gate_up_proj", "experts.down_proj"))}
     sd = model.checkpoint_state_dict(checkpoint_keys=fused) if config.model_type == "glm4_moe" \
         else model.checkpoint_state_dict()
@@ -285,7 +264,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     for e in plan:
         info = hdr.tensors[e.gguf]
         if e.target not in sd:
-            _fail(path, f"tensor {e.gguf!r} maps to {e.target!r}, which {cls.__name__} does not have")
+            _fail(path, f"tensor {e.gguf!r} maps to {e.target!r}, which {type(model).__name__} does not have")
         tgt = sd[e.target] if e.dst is None else sd[e.target][e.dst]
         rows = (e.rows[1] - e.rows[0],) + info.shape[1:] if e.rows else info.shape
         if tuple(tgt.shape) != tuple(rows):
@@ -322,7 +301,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
         for name, (gate_up, down) in _progress(list(streamed.items()), progress, f"MoE experts of {path.name}"):
             packs = [_expert_pack(mm, hdr, es, config.n_routed_experts) for es in (gate_up, down)]
             _swap(model, name, StreamExperts(*packs).to(device))
-        _materialize(model, device)
+        materialize_(model, device)
         real = dict(model.named_parameters()) | dict(model.named_buffers())
         for e in _progress(plan, progress, f"Tensors of {path.name}"):
             if e.target in swapped:

@@ -36,7 +36,7 @@ from torch import nn
 
 from glm4.config import load_config
 from glm4.layers.moe import StackedExperts
-from glm4.weights import CheckpointError, checkpoint_files, empty_model, load_weights
+from glm4.weights import CheckpointError, checkpoint_files, load_weights, materialize_, meta_model
 
 from .experts import StreamExperts
 from .fast_linear import QuantizationError
@@ -131,20 +131,6 @@ def _views(model: nn.Module, keys: set[str]) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in sd.items()}
 
 
-def _materialize(model: nn.Module, device: torch.device) -> None:
-    """Real (uninitialized) storage for every tensor still on meta; tied ones stay tied (as empty_model does)."""
-    done: dict[int, torch.Tensor] = {}
-    for mod in model.modules():
-        for slots, is_param in ((mod._parameters, True), (mod._buffers, False)):
-            for name, t in slots.items():
-                if t is None or not t.is_meta:
-                    continue
-                if id(t) not in done:
-                    new = torch.empty(t.shape, dtype=t.dtype, device=device)
-                    done[id(t)] = nn.Parameter(new, requires_grad=t.requires_grad) if is_param else new
-                slots[name] = done[id(t)]
-
-
 class _Rest:
     """The model as glm4.weights.load_weights sees it, less the quantized modules (already loaded)."""
 
@@ -187,7 +173,7 @@ def load_quantized_model(folder: str | Path, qcfg: dict, dtype: torch.dtype = to
     prefixes = {n[:-len(tail)] for n in r.where if n.endswith(tail)}
     if not prefixes:
         raise CheckpointError(f"{folder}: config.json says {method}, but no tensor ends in {tail!r}")
-    model = empty_model(config, dtype, "meta")
+    model = meta_model(config, dtype)
     targets = _views(model, set(r.where))
     dense: dict[str, QuantLinear] = {}
     for p in sorted(prefixes):
@@ -211,7 +197,7 @@ def load_quantized_model(folder: str | Path, qcfg: dict, dtype: torch.dtype = to
         else:
             dense[p] = ql  # one expert of glm4_moe's stacked tensors: stacked quantized below, or dequantized
     streamed = _stream_experts(model, dense, device)
-    _materialize(model, device)
+    materialize_(model, device)
     if dense:
         warnings.warn(f"{folder.name}: {len(dense)} quantized tensor(s) outside linear layers ({next(iter(dense))!r}, "
                       f"...) are dequantized to {str(dtype).removeprefix('torch.')} (MoE experts of mixed formats or "
