@@ -396,8 +396,7 @@ def measure_glm4(checkpoint: str, fmt_class: str, threads: int = 2, batches: tup
     llm = LLM(checkpoint, **kw)
     res = {"load_s": time.perf_counter() - t, "engine_args": kw}
     eng = llm.engine
-    if hasattr(eng, "describe"):
-        res["describe"] = eng.describe()
+    res["describe"] = llm.describe() if hasattr(llm, "describe") else eng.describe()  # which kernel runs what
     try:
         from glm4.engine.bench import weight_bytes_per_token
 
