@@ -18,6 +18,11 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Rows are short (a K = 1024 int8 row is 16 cache lines), so the hardware prefetcher, which ramps up per stream,
+// falls behind at every new block of rows: each kernel prefetches the block after the current one, at the column
+// it is reading (`ahead` bytes further in the row-major weight).
+inline void prefetch(const void* p, int64_t ahead) { _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0); }
+
 inline float bf16_to_f32(uint16_t h) {
   uint32_t u = uint32_t(h) << 16;
   float f;
@@ -26,6 +31,8 @@ inline float bf16_to_f32(uint16_t h) {
 }
 
 // 8 weights at element offset i, widened to fp32
+constexpr int kBytes[3] = {4, 2, 2};  // per weight, by WeightType
+
 template <int WT>
 inline __m256 load8(const void* w, int64_t i) {
   if constexpr (WT == kF32) {
@@ -58,6 +65,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     __m256 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
+      if ((k * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + k) * kBytes[WT],
+                                               RB * K * kBytes[WT]);
       __m256 wv = load8<WT>(a.w, (n + r) * K + k);
       for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(wv, xv[m], acc[r][m]);
     }
@@ -169,6 +178,8 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     if (wide) {
       for (int64_t k = k0; k < k1; k += 32) {
         for (int r = 0; r < RB; ++r) {
+          if (BITS == 8 || k % 128 == 0) prefetch(static_cast<const char*>(a.q) + (n + r) * K * BITS / 8 + k * BITS / 8,
+                                                  RB * K * BITS / 8);
           __m256 w[4];
           load_codes32<BITS>(a, n + r, k, w);
           for (int j = 0; j < 4; ++j)
@@ -220,6 +231,7 @@ inline void q4_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
       for (int64_t k = b0; k < b0 + B; k += 32) {
         for (int r = 0; r < RB; ++r) {
           const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
+          if (k % 128 == 0) prefetch(q, RB * K / 2);
           __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
           __m256i wlo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                       // columns k..k+15
           __m256i whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // k+16..k+31
