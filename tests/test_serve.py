@@ -432,9 +432,13 @@ def test_queue_full_answers_429(server):
     assert _engine_idle(st)
 
 
-def test_disconnect_frees_kv_blocks(server):
+def test_disconnect_frees_kv_blocks(server, monkeypatch):
     st = server.state
     assert _engine_idle(st)
+    # the tiny model decodes 400 tokens in well under the client's 0.5 s on a fast CPU: pace the engine at >= 10 ms
+    # a step so that both requests are still running when their clients leave
+    step = st.engine.engine.step
+    monkeypatch.setattr(st.engine.engine, "step", lambda: (time.sleep(0.01), step())[1])
     body = {"model": MODEL, "messages": MSGS, "max_tokens": 400, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
         lines = r.iter_lines()

@@ -137,9 +137,16 @@ class QuantLinear(nn.Module):
         """x [M, K] fp32 -> [M, N]: dequantize ~_GEMM_ELEMS weights at a time, one fp32 GEMM per chunk."""
         rows = max(16, _GEMM_ELEMS // self.in_features)
         y = x.new_empty(x.shape[0], self.out_features)
+        buf = x.new_empty(min(rows, self.out_features), self.in_features) if kernels.has_streaming_kernels() else None
         for i in range(0, self.out_features, rows):
-            w = self.dequantize(torch.float32, slice(i, i + rows))
-            y[:, i:i + w.shape[0]] = F.linear(x, w)
+            j = min(i + rows, self.out_features)
+            if buf is not None:  # glm4's op: same values as dequantize(), into one reused buffer
+                w = buf[: j - i]
+                torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
+                                               self.zero_point, i, w)
+            else:
+                w = self.dequantize(torch.float32, slice(i, j))
+            y[:, i:j] = F.linear(x, w)
         return y
 
     def extra_repr(self) -> str:

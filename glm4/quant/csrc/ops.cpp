@@ -138,6 +138,49 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   return y;
 }
 
+// W rows [r0, r0 + out.size(0)) into `out` fp32 [rows, K], equal to QuantLinear.dequantize: the large-M path widens
+// chunks into one reused buffer for an fp32 GEMM. Plain loops the compiler vectorizes; threads over rows.
+void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
+                     int64_t bits, int64_t group, int64_t zero_point, int64_t r0, at::Tensor& out) {
+  TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scales.is_contiguous(), "dequantize_rows: contiguous q [N, K']");
+  TORCH_CHECK(bits == 4 || bits == 8, "dequantize_rows: bits must be 4 or 8");
+  const int64_t N = q.size(0), K = bits == 4 ? q.size(1) * 2 : q.size(1), G = K / group, r1 = r0 + out.size(0);
+  TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && scales.size(1) == G, "dequantize_rows: shapes");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == K, "dequantize_rows: out");
+  at::Tensor sf = scales.to(at::kFloat).contiguous();
+  at::Tensor mf = mins ? mins->to(at::kFloat).contiguous() : at::Tensor();
+  const float* sp = sf.data_ptr<float>();
+  const float* mp = mins ? mf.data_ptr<float>() : nullptr;
+  float* wp = out.data_ptr<float>();
+  const float zp = float(zero_point);
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    for (int64_t n = a; n < b; ++n) {
+      float* o = wp + (n - r0) * K;
+      if (bits == 4) {
+        const uint8_t* row = q.data_ptr<uint8_t>() + n * (K / 2);
+        for (int64_t blk = 0; blk < K / 32; ++blk)
+          for (int j = 0; j < 16; ++j) {
+            o[blk * 32 + j] = float(row[blk * 16 + j] & 15);
+            o[blk * 32 + j + 16] = float(row[blk * 16 + j] >> 4);
+          }
+      } else {
+        const int8_t* row = q.data_ptr<int8_t>() + n * K;
+        for (int64_t k = 0; k < K; ++k) o[k] = float(row[k]);
+      }
+      // (q - zp) * s + m, rounded step by step as QuantLinear.dequantize computes it (this file has no FMA)
+      for (int64_t g = 0; g < G; ++g) {
+        const float s = sp[n * G + g];
+        float* og = o + g * group;
+        for (int64_t k = 0; k < group; ++k) og[k] = (og[k] - zp) * s;
+        if (mp) {
+          const float m = mp[n * G + g];
+          for (int64_t k = 0; k < group; ++k) og[k] += m;
+        }
+      }
+    }
+  });
+}
+
 // MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0) or codes [E, N, K'] with scales / mins
 // [E, N, G]. Every (busy expert, block of rows) is one task: the streaming kernels with M = that expert's tokens.
 at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
@@ -211,6 +254,9 @@ TORCH_LIBRARY(glm4, m) {
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
         "bool int16_act=True) -> Tensor",
         &quant_mm);
+  m.def("dequantize_rows(Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, int r0, "
+        "Tensor(a!) out) -> ()",
+        &dequantize_rows);
   m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
         "int zero_point) -> Tensor",
         &expert_mm);
