@@ -16,6 +16,21 @@ needs_kernels = pytest.mark.skipif(not kernels.has_streaming_kernels(),
                                    reason="glm4.quant._C not built or the CPU lacks AVX2+FMA")
 
 
+def _isas() -> list:
+    """The kernel sets to test: AVX2 wherever the kernels run, AVX-512 VNNI where the CPU has it."""
+    avx512 = kernels.HAVE_EXT and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= kernels.cpu_features()
+    return ["avx2", pytest.param("avx512_vnni", marks=pytest.mark.skipif(not avx512, reason="the CPU lacks AVX-512 VNNI"))]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs the test with the kernels of one instruction set (ops.cpp picks per call; set_isa narrows it)."""
+    before = torch.ops.glm4.set_isa(request.param)
+    assert torch.ops.glm4.isa() == request.param
+    yield request.param
+    torch.ops.glm4.set_isa(before)
+
+
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 
@@ -39,7 +54,7 @@ def test_cpu_features_and_summary():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 8, 9])
 @pytest.mark.parametrize("N,K", [(37, 64), (130, 72), (16, 70)])  # odd rows, K with a tail past the last 8
-def test_dense_mm_matches_float64(dtype, M, N, K):
+def test_dense_mm_matches_float64(dtype, M, N, K, isa):
     g = torch.Generator().manual_seed(M * 1000 + N + K)
     x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(dtype)
     y = kernels.dense_mm(x, w)
@@ -48,11 +63,12 @@ def test_dense_mm_matches_float64(dtype, M, N, K):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (8, 8), (8, 16), (8, 32), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (8, 8), (8, 16), (8, 32), (8, 64), (8, 96),
+                                        (8, 192)])  # AVX-512 takes the groups with activation blocks of 64k
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 4, 7])
-def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M):
+def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M, isa):
     g = torch.Generator().manual_seed(bits * 100 + group + M)
     N, K = 70, 192
     q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
@@ -153,7 +169,7 @@ def test_cast_for_compute_keeps_storage_and_widens_the_rest():
 
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("tokens", [3, 200])  # 200: more tokens per expert than the streaming kernel takes
-def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens):
+def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, isa):
     from glm4.layers.moe import StackedExperts, expert_glu
     from glm4.quant.experts import StreamExperts
 

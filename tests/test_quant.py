@@ -287,10 +287,15 @@ def test_tied_head_gets_its_own_copy():
 
 
 def test_moe_router_and_experts_untouched():
+    torch.manual_seed(0)  # a near-tie in top-k routing flips an expert and the logits with it: fixed weights and ids
     ref = tiny_model("glm4_moe")
     q = quantize(copy.deepcopy(ref), "int8")
     router_types = {type(m).__name__ for n, m in q.named_modules() if n.endswith("mlp.gate")}
     assert router_types == {"Glm4MoeRouter"}
+    ref_params = dict(ref.named_parameters())
+    for name, p in q.named_parameters():
+        if ".mlp.gate." in name or ".mlp.experts." in name:
+            assert torch.equal(p, ref_params[name]), name
     ids = torch.randint(0, 128, (1, 8))
     rep = quantize_weights_report(ref, q, ids)
     assert 0 < rep["logits_max_rel_err"] <= sum(rep["linears"].values())

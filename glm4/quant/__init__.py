@@ -203,12 +203,12 @@ def kernel_of(m: nn.Module) -> str:
     """Which kernel runs module `m` (a linear or a swapped linear), in words."""
     dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
     if isinstance(m, FloatLinear):
-        return (f"{dt(m.weight)} weights: glm4 AVX2 stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
+        return (f"{dt(m.weight)} weights: glm4 {kernels.dense_isa()} stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
                 "F.linear above" if kernels.has_streaming_kernels() else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, QuantLinear):
         group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
-        return (f"{fmt}: glm4 AVX2 stream (M<={kernels.max_m(m)}); dequantize + fp32 GEMM above"
+        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size)} stream (M<={kernels.max_m(m)}); dequantize + fp32 GEMM above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):
         return f"{str(m.dtype).removeprefix('torch.')} weights: oneDNN prepacked" + (
@@ -225,7 +225,9 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
     seen: dict[tuple[str, str], int] = {}
     for name, m in model.named_modules():
         if isinstance(m, StreamExperts):
-            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 AVX2 stream per busy expert "
+            gu = m.gate_up
+            isa = kernels.quant_isa(gu.bits, gu.group_size) if gu.bits else kernels.dense_isa()
+            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} stream per busy expert "
                               f"(<= {kernels.dense_max_m()} tokens each); a GEMM per expert above")
         elif isinstance(m, StackedExperts):
             key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")

@@ -2,8 +2,9 @@
 
 `glm4.quant._C` (glm4/quant/csrc/, built by `pip install -e .`) holds weight-streaming kernels for small M
 (decode): dense fp32 / bf16 / fp16 weights and grouped int8 / int4 weights, widened to fp32 in registers with
-fp32 accumulation. They are compiled for AVX2 + FMA + F16C (any x86-64 since Haswell / Zen 1) and run only
-where the CPU has those; everywhere else, and without a compiler at install time, torch's own kernels run.
+fp32 accumulation. One set is compiled for AVX2 + FMA + F16C (any x86-64 since Haswell / Zen 1), one for AVX-512
+with VNNI (Zen 4 / 5, Ice Lake and later: integer weights against int16 activations by vpdpwssd); the op picks
+per call what the CPU has. Where neither runs, and without a compiler at install time, torch's own kernels run.
 Large M (prefill) goes through fp32 GEMM (oneDNN / MKL), weights widened a chunk at a time.
 """
 
@@ -20,8 +21,8 @@ try:  # built by setup.py; optional
 except ImportError:
     HAVE_EXT = False
 
-__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_max_m", "has_streaming_kernels", "max_m",
-           "native_bf16", "quant_mm"]
+__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "has_streaming_kernels",
+           "max_m", "native_bf16", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -65,6 +66,20 @@ def cpu_summary() -> str:
 def has_streaming_kernels() -> bool:
     """True when glm4's own CPU kernels are built and this CPU can run them."""
     return HAVE_EXT and torch.ops.glm4.isa() != "none"
+
+
+def dense_isa() -> str:
+    """The instruction set of the streaming kernels for dense weights here: 'AVX-512', 'AVX2' or ''."""
+    isa = torch.ops.glm4.isa() if HAVE_EXT else "none"
+    return {"avx512_vnni": "AVX-512", "avx2": "AVX2"}.get(isa, "")
+
+
+def quant_isa(bits: int, group_size: int) -> str:
+    """Same for int8 / int4 weights: the AVX-512 VNNI kernels take activation blocks of 64 columns or more
+    (the largest multiple of 32 <= 256 dividing the group), as ops.cpp decides."""
+    isa = dense_isa()
+    block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
+    return "AVX-512 VNNI" if isa == "AVX-512" and block % 64 == 0 and block else "AVX2" if isa else ""
 
 
 @functools.cache

@@ -31,7 +31,13 @@ struct QuantArgs {
   int bits, scale_f16, zero_point;
 };
 
+// rows [n0, n1) of y; the _avx512 kernels need xq (int16 activations) with xblock a multiple of 64
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
+void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
+void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);
+
+// sum_g (mins[n, g] - zero_point * s[n, g]) * xsum[m, g]: the zero-point / mins term of y[m, n]
+float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m);
 
 }  // namespace glm4k

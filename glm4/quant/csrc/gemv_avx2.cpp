@@ -313,6 +313,10 @@ void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   }
 }
 
+float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
+  return group_correction(a, n, a.xsum + m * (a.K / a.group));
+}
+
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
   if (a.bits == 4 && a.xq) q4_rows(a, n0, n1);
   else if (a.bits == 4) quant_rows_t<4>(a, n0, n1);

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -18,7 +19,36 @@ bool has_avx2() {
   return ok;
 }
 
-std::string isa() { return has_avx2() ? "avx2" : "none"; }
+bool has_avx512() {  // what gemv_avx512.cpp is compiled for
+  static const bool ok = has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vnni");
+  return ok;
+}
+
+std::atomic<bool> avx512_allowed{true};  // set_isa("avx2") turns the AVX-512 kernels off (tests run both)
+
+bool use_avx512() { return has_avx512() && avx512_allowed.load(std::memory_order_relaxed); }
+
+std::string isa() { return use_avx512() ? "avx512_vnni" : has_avx2() ? "avx2" : "none"; }
+
+// "avx2" or "avx512_vnni" (where the CPU has it): which kernels run from now on; returns the one that ran before
+std::string set_isa(const std::string& name) {
+  TORCH_CHECK(name == "avx2" || name == "avx512_vnni", "set_isa: avx2 or avx512_vnni, not ", name);
+  const std::string before = isa();
+  avx512_allowed = name == "avx512_vnni";
+  return before;
+}
+
+void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
+  if (use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
+  else glm4k::dense_rows_avx2(a, n0, n1);
+}
+
+void quant_rows(const glm4k::QuantArgs& a, int64_t n0, int64_t n1) {
+  if (use_avx512() && a.xq && a.xblock % 64 == 0) glm4k::quant_rows_avx512(a, n0, n1);
+  else glm4k::quant_rows_avx2(a, n0, n1);
+}
 
 constexpr int64_t kRowsPerTask = 16;  // a multiple of every kernel's row block
 
@@ -48,7 +78,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w) {
   a.w = wc.data_ptr();
   a.y = y.data_ptr<float>();
   a.M = x.size(0), a.N = w.size(0), a.K = x.size(1);
-  parallel_rows(a.N, [&](int64_t n0, int64_t n1) { glm4k::dense_rows_avx2(a, n0, n1); });
+  parallel_rows(a.N, [&](int64_t n0, int64_t n1) { dense_rows(a, n0, n1); });
   return y;
 }
 
@@ -73,7 +103,9 @@ struct ActPrep {
       for (int64_t k = 0; k < group; ++k) acc += x[i * group + k];
       xsum[i] = acc;
     }
-    B = bits == 4 && int16_act ? act_block(group) : 0;
+    // int16 terms for the 4-bit kernels, and for the 8-bit ones where the AVX-512 kernels take them
+    B = int16_act ? act_block(group) : 0;
+    if (bits == 8 && !(use_avx512() && B % 64 == 0)) B = 0;
     if (!B) return;
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     for (int64_t i = 0; i < M * K / B; ++i) {
@@ -134,7 +166,7 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   a.y = y.data_ptr<float>();
   a.M = M, a.N = N, a.K = K, a.group = group;
   a.bits = int(bits), a.scale_f16 = scales.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
-  parallel_rows(N, [&](int64_t n0, int64_t n1) { glm4k::quant_rows_avx2(a, n0, n1); });
+  parallel_rows(N, [&](int64_t n0, int64_t n1) { quant_rows(a, n0, n1); });
   return y;
 }
 
@@ -221,7 +253,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
         const Task& tk = tasks[t];
         glm4k::DenseArgs a{xp + start[tk.e] * K, wp + tk.e * w_stride, yp + start[tk.e] * N,
                            start[tk.e + 1] - start[tk.e], N, K, wtype};
-        glm4k::dense_rows_avx2(a, tk.n0, tk.n1);
+        dense_rows(a, tk.n0, tk.n1);
       }
     });
     return y;
@@ -240,7 +272,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
       a.y = yp + start[tk.e] * N;
       a.M = start[tk.e + 1] - start[tk.e], a.N = N, a.K = K, a.group = group;
       a.bits = int(bits), a.scale_f16 = sc.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
-      glm4k::quant_rows_avx2(a, tk.n0, tk.n1);
+      quant_rows(a, tk.n0, tk.n1);
     }
   });
   return y;
@@ -250,6 +282,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
 
 TORCH_LIBRARY(glm4, m) {
   m.def("isa() -> str", &isa);
+  m.def("set_isa(str name) -> str", &set_isa);
   m.def("dense_mm(Tensor x, Tensor w) -> Tensor", &dense_mm);
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
         "bool int16_act=True) -> Tensor",
