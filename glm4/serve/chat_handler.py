@@ -51,7 +51,7 @@ def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list
         plan = st.chat.plan(
             [m.model_dump(exclude_none=True) for m in req.messages],
             tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
-            tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, P.BaseModel) else req.tool_choice,
+            tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls is not False, response_format=rf,
             enable_thinking=template_kwargs.get("enable_thinking"))  # the template kwarg the chat layer takes today
         max_tokens = serving.token_budget(st, len(plan.prompt_ids), req.max_completion_tokens or req.max_tokens,

@@ -1,19 +1,14 @@
-"""OpenAI API shapes: the requests, validated once here at the HTTP edge (pydantic), and the responses the
-OpenAPI schema documents.
+"""OpenAI API shapes: requests, validated once here at the HTTP edge (pydantic), and the documented responses.
 
-Field names, defaults and ranges follow OpenAI's Chat Completions / Completions / Models APIs. What pydantic
-checks here is the shape of a request; what a request means for the model (roles in order, tool schemas,
-tool_choice naming an offered tool, text-only content) is the chat layer's check, answered as a 400 too.
-As OpenAI reads them:
-- `null` is the same as leaving a field out (`"n": null` is n = 1);
-- unknown fields are refused ("Unrecognized request argument"); a few that change nothing here are accepted
-  (`user`, `store`, `metadata`, `service_tier`, `prompt_cache_*`, `safety_identifier`, `verbosity`);
-- the legacy `functions` / `function_call` (and `role: "function"` messages, assistant `function_call`) are
-  mapped onto tools / tool_choice; the reply then carries the legacy `function_call`.
-Extensions, as vLLM and SGLang accept them: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`min_tokens`; `chat_template_kwargs` (e.g. `{"enable_thinking": false}`), `enable_thinking`, and
-`reasoning_effort` "none" / "minimal" meaning enable_thinking false. A client that sends these inside a
-literal `extra_body` object (instead of letting its SDK merge them) is understood too.
+Names, defaults and ranges follow OpenAI's Chat Completions / Completions / Models APIs. Pydantic checks the
+shape of a request; what it means for the model (roles, tool schemas, tool_choice naming an offered tool,
+text-only content) is the chat layer's check, also a 400. As OpenAI reads a request: `null` = not given
+(`"n": null` is n = 1); unknown fields are refused, a few that change nothing here accepted (`user`, `store`,
+`metadata`, `service_tier`, `prompt_cache_*`, `safety_identifier`, `verbosity`); the legacy `functions` /
+`function_call` (`role: "function"` messages, assistant `function_call`) map onto tools / tool_choice, and the
+reply carries the legacy `function_call`. Extensions as vLLM / SGLang take them: `top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `chat_template_kwargs`, `enable_thinking`, `reasoning_effort`
+"none" / "minimal" (= enable_thinking false); also inside a literal `extra_body` object.
 """
 
 from __future__ import annotations
