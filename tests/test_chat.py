@@ -435,11 +435,17 @@ def test_cli_main_runs_a_session(llm, monkeypatch, capsys):
     assert chat_cli.main(["--model", str(llm.path), "--tools", str(llm.path / "config.json")]) == 2
 
 
-def test_cli_real_sigint_during_generation(llm):
-    """A real SIGINT while a reply streams stops it between tokens; the chat goes on."""
+@pytest.mark.parametrize("inherited", ["default", "ignored"])
+def test_cli_real_sigint_during_generation(llm, inherited):
+    """A real SIGINT while a reply streams stops it between tokens; the chat goes on; the handler the process
+    had before is back afterwards — also when SIGINT was ignored (`nohup ... &`)."""
     import signal
 
     from glm4.serve.chat_cli import ChatSession, Repl
+
+    outer = signal.getsignal(signal.SIGINT)  # what pytest started with: restored below whatever it is
+    before = signal.default_int_handler if inherited == "default" else signal.SIG_IGN
+    signal.signal(signal.SIGINT, before)
 
     class Out(io.StringIO):
         replying = sent = False
@@ -451,13 +457,16 @@ def test_cli_real_sigint_during_generation(llm):
             self.replying = self.replying or s == "glm> "
             return super().write(s)
 
-    session = ChatSession(llm, params=params(max_tokens=300, ignore_eos=True))
-    out = Out()
-    assert Repl(session, _script(["go on and on", "next"]), out).run() == 0
-    assert "[stopped]" in out.getvalue()
-    assert session.messages[1]["role"] == "assistant" and len(session.messages) >= 3
-    assert not llm.engine.has_unfinished_requests()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    try:
+        session = ChatSession(llm, params=params(max_tokens=300, ignore_eos=True))
+        out = Out()
+        assert Repl(session, _script(["go on and on", "next"]), out).run() == 0
+        assert "[stopped]" in out.getvalue()
+        assert session.messages[1]["role"] == "assistant" and len(session.messages) >= 3
+        assert not llm.engine.has_unfinished_requests()
+        assert signal.getsignal(signal.SIGINT) is before  # restored
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_constraints_with_a_tokenizer_json(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 
@@ -339,7 +340,12 @@ BAD_BODIES = [
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}},
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "frobnicate": 1},  # unknown parameter
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "modalities": ["text", "audio"]},
-    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}]},  # legacy
+    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}], "tools": TOOLS},
+    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "has space"}]},
+    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "functions": [{"name": "f"}],
+     "function_call": {"name": "g"}},  # legacy: a function not among functions
+    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"enable_thinking": "no"}},
+    {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "extra_body": "thinking"},
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"},  # no tools
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
     {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "has space"}}]},
@@ -448,11 +454,19 @@ def test_disconnect_frees_kv_blocks(server, monkeypatch):
         assert bm.num_free_blocks < bm.num_blocks  # the stream holds KV blocks now
     # the client closed the connection mid-stream: the request is aborted and its blocks freed
     assert _engine_idle(st)
-    # a non-streaming request whose client gives up is aborted too
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/chat/completions", headers=_auth(), timeout=0.5,
-                   json={"model": MODEL, "messages": MSGS, "max_tokens": 400, "ignore_eos": True})
+    # a non-streaming request whose client gives up is aborted too: all its n engine requests, before they finish
+    aborted = st.metrics.counter("requests_aborted_total")
+    body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": MAX_POS - 200, "ignore_eos": True, "n": 8})
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(head.encode() + body.encode())
+        deadline = time.monotonic() + 20
+        while st.engine.num_pending == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert st.engine.num_pending == 8
     assert _engine_idle(st)
+    assert st.metrics.counter("requests_aborted_total") == aborted + 8
 
 
 def test_metrics(client, server):
@@ -542,8 +556,15 @@ def test_graceful_shutdown_drains(ckpt):
     assert not srv.thread.is_alive() and not st.engine.alive
 
 
-def test_cli_serve_sigterm_drains(ckpt):
-    """`glm4 serve` as a process: serves with its API key, and on SIGTERM finishes the open stream, then exits 0."""
+# the server started the way `nohup glm4 serve ... &` starts it: SIGINT ignored before glm4 runs
+SIGINT_IGNORED = ("import signal, sys; signal.signal(signal.SIGINT, signal.SIG_IGN); from glm4.cli import main; "
+                  "sys.exit(main(sys.argv[1:]))")
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_cli_serve_signal_drains(ckpt, sig):
+    """`glm4 serve` as a process: serves with its API key, and on SIGTERM or SIGINT finishes the open stream,
+    then exits 0 — SIGINT too when the process inherited it ignored (a server started in the background)."""
     import os
     import signal
     import subprocess
@@ -553,7 +574,8 @@ def test_cli_serve_sigterm_drains(ckpt):
 
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "glm4.cli", "serve", "--model", str(ckpt), "--port", str(port),
+    launcher = ["-m", "glm4.cli"] if sig == "SIGTERM" else ["-c", SIGINT_IGNORED]
+    proc = subprocess.Popen([sys.executable, *launcher, "serve", "--model", str(ckpt), "--port", str(port),
                              "--api-key", KEY, "--served-model-name", MODEL, "--log-level", "warning"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
@@ -572,7 +594,7 @@ def test_cli_serve_sigterm_drains(ckpt):
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:
             lines = r.iter_lines()
             next(lines)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(getattr(signal, sig))
             events = _parse_sse("\n".join(lines) + "\n")
         assert events[-1]["usage"]["completion_tokens"] == 80
         assert proc.wait(timeout=30) == 0
@@ -625,7 +647,7 @@ def test_glm45_checkpoint_serves_enforced_xml_tool_calls(tmp_path):
 def test_serve_threads_policy(ckpt, tmp_path):
     """`glm4 serve --threads auto`: on <= 4 cores a small model leaves a core to HTTP; big models, big machines
     and explicit counts are left alone; a bad value is a clear error."""
-    from glm4.serve.app import SMALL_MODEL_BYTES, serve_threads
+    from glm4.serve.serve_cli import SMALL_MODEL_BYTES, serve_threads
 
     assert serve_threads(str(ckpt), "auto", cpus=2) == 1
     assert serve_threads(str(ckpt), "auto", cpus=4) == 3

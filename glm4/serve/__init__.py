@@ -1,13 +1,22 @@
-"""Serving: the chat layer, constrained decoding, the OpenAI-compatible server and the terminal chat.
+"""Serving: the OpenAI-compatible server and the terminal chat, over the engine and the chat layer.
 
-    from glm4.serve import chat, chat_stream
-    r = chat(llm, messages, tools=TOOLS, tool_choice="required")   # content / tool_calls / finish_reason
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     glm4 chat --model PATH
+    from glm4.serve import chat, chat_stream       # the chat layer's Python API, re-exported
+    r = chat(llm, messages, tools=TOOLS, tool_choice="required")   # content / tool_calls / finish_reason
 
-Modules: protocol (OpenAI request/response shapes), chat (ChatLayer, chat, chat_stream), constrained
-(llguidance grammars for tool calls and JSON), app (FastAPI app, engine loop, `main`), metrics
-(Prometheus text), chat_cli (the terminal chat, `main`).
+The server, one module per job (a request flows top to bottom):
+    serve_cli     `glm4 serve`: arguments, torch threads, SIGINT/SIGTERM drain (`main`)
+    app           FastAPI app and routes (`create_app`), state from a checkpoint (`build_state`)
+    errors        APIError, validation errors in OpenAI's words, API key / body size gate
+    protocol      OpenAI request shapes (validated once, here) and the documented response shapes
+    chat_handler  /v1/chat/completions: the only serve module that uses the chat layer
+    completions   /v1/completions
+    serving       what the handlers share: ServerState, sampling params, context budget, waiting for
+                  engine requests, server-sent events, usage
+    async_engine  the engine thread <-> asyncio bridge (AsyncEngine, EngineRequest)
+    metrics       Prometheus text
+chat_cli is the terminal chat (`main`).
 """
 
 from __future__ import annotations

@@ -1,15 +1,18 @@
-"""OpenAI API shapes: requests (validated), responses, stream chunks and errors.
+"""OpenAI API shapes: requests, validated once here at the HTTP edge (pydantic), and the documented responses.
 
-Field names, defaults and ranges follow OpenAI's Chat Completions / Completions / Models APIs.
-Requests reject unknown fields (OpenAI answers "Unrecognized request argument"); a few OpenAI
-fields that change nothing here (`user`, `store`, `metadata`, `service_tier`, `prompt_cache_*`,
-`safety_identifier`) are accepted. `reasoning_effort` "none"/"minimal" turns GLM-4.5 thinking off.
-vLLM-style extensions: `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`, `min_tokens`.
+Names, defaults and ranges follow OpenAI's Chat Completions / Completions / Models APIs. Pydantic checks the
+shape of a request; what it means for the model (roles, tool schemas, tool_choice naming an offered tool,
+text-only content) is the chat layer's check, also a 400. As OpenAI reads a request: `null` = not given
+(`"n": null` is n = 1); unknown fields are refused, a few that change nothing here accepted (`user`, `store`,
+`metadata`, `service_tier`, `prompt_cache_*`, `safety_identifier`, `verbosity`); the legacy `functions` /
+`function_call` (`role: "function"` messages, assistant `function_call`) map onto tools / tool_choice, and the
+reply carries the legacy `function_call`. Extensions as vLLM / SGLang take them: `top_k`, `min_p`,
+`repetition_penalty`, `ignore_eos`, `min_tokens`, `chat_template_kwargs`, `enable_thinking`, `reasoning_effort`
+"none" / "minimal" (= enable_thinking false); also inside a literal `extra_body` object.
 """
 
 from __future__ import annotations
 
-import time
 import uuid
 from typing import Annotated, Any, Literal
 
@@ -24,42 +27,21 @@ def random_id(prefix: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class _Open(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # requests: unknown fields are refused; responses: documented exactly
 
 
 # ---------------------------------------------------------------- errors
 
 
-class ErrorInfo(BaseModel):
+class ErrorInfo(_Strict):
     message: str
     type: str
     param: str | None = None
     code: str | None = None
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(_Strict):
     error: ErrorInfo
-
-
-class APIError(Exception):
-    """An error answered to the client as `{"error": {...}}` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers or {}
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> APIError:
-    return APIError(400, message, "invalid_request_error", param, code)
 
 
 # ---------------------------------------------------------------- messages
@@ -111,6 +93,7 @@ class AssistantMessage(_Strict):
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # legacy: mapped onto tool_calls
     refusal: str | None = None
 
 
@@ -120,7 +103,16 @@ class ToolMessage(_Strict):
     tool_call_id: str
 
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+class FunctionMessage(_Strict):
+    """Legacy: a function's result; mapped onto a tool message answering the call before it."""
+
+    role: Literal["function"]
+    name: str
+    content: str | None = None
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage | FunctionMessage,
+                    Field(discriminator="role")]
 
 
 # ---------------------------------------------------------------- tools and formats
@@ -175,10 +167,40 @@ class StreamOptions(_Strict):
 # ---------------------------------------------------------------- requests
 
 
+def _null_is_absent(data: Any) -> Any:
+    """A request body with its null fields left out, and the fields of a literal `extra_body` object merged
+    in (the body's own fields win)."""
+    if not isinstance(data, dict):
+        return data
+    body = {k: v for k, v in data.items() if v is not None}
+    extra = body.pop("extra_body", None)
+    if extra is None:
+        return body
+    if not isinstance(extra, dict):
+        raise ValueError("extra_body: must be an object")
+    return {**{k: v for k, v in extra.items() if v is not None}, **body}
+
+
+def _legacy_messages(messages: list) -> list:
+    """Assistant `function_call`s become tool calls; each `function` message answers the call before it."""
+    out, call_id = [], None
+    for k, m in enumerate(messages):
+        if isinstance(m, AssistantMessage) and m.function_call is not None:
+            if m.tool_calls:
+                raise ValueError(f"messages.{k}: give tool_calls or the legacy function_call, not both")
+            call_id = f"call_{k}"
+            m = m.model_copy(update={"function_call": None,
+                                     "tool_calls": [ToolCall(id=call_id, function=m.function_call)]})
+        elif isinstance(m, FunctionMessage):
+            m = ToolMessage(role="tool", content=m.content or "", tool_call_id=call_id or f"call_{k}")
+        out.append(m)
+    return out
+
+
 class _SamplingFields(_Strict):
     model: str
     n: int = Field(1, ge=1, le=MAX_N)
-    stream: bool | None = False
+    stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1)
@@ -194,6 +216,11 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
     min_tokens: int | None = Field(None, ge=0, le=2**31 - 1)
     ignore_eos: bool | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls(cls, data: Any) -> Any:
+        return _null_is_absent(data)
 
     @model_validator(mode="after")
     def _check_common(self):
@@ -217,12 +244,16 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    functions: list[FunctionDef] | None = None  # legacy tools
+    function_call: Literal["none", "auto"] | NamedFunction | None = None  # legacy tool_choice
     response_format: ResponseFormat | None = None
-    logprobs: bool | None = False
+    logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1)
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
+    enable_thinking: bool | None = None  # SGLang / DashScope spelling of chat_template_kwargs.enable_thinking
+    chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (vLLM, SGLang)
     modalities: list[Literal["text"]] | None = None  # "audio" is refused
     # accepted, no effect here
     store: bool | None = None
@@ -231,29 +262,57 @@ class ChatCompletionRequest(_SamplingFields):
     prompt_cache_key: str | None = None
     prompt_cache_retention: Literal["in_memory", "24h"] | None = None
     safety_identifier: str | None = None
+    verbosity: Literal["low", "medium", "high"] | None = None
 
     @model_validator(mode="after")
     def _check_chat(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs: logprobs must be true when top_logprobs is set")
-        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
-            raise ValueError("tool_choice: requires tools to be given")
-        if isinstance(self.tool_choice, NamedToolChoice):
-            names = [t.function.name for t in self.tools or []]
-            if self.tool_choice.function.name not in names:
-                raise ValueError(f"tool_choice: function {self.tool_choice.function.name!r} is not among tools")
+        if self.functions is not None or self.function_call is not None:
+            self._map_legacy_functions()
+        self.messages = _legacy_messages(self.messages)
         if self.tools:
             names = [t.function.name for t in self.tools]
             if len(set(names)) != len(names):
                 raise ValueError("tools: function names must be unique")
+        thinking = (self.chat_template_kwargs or {}).get("enable_thinking")
+        if thinking is not None and not isinstance(thinking, bool):
+            raise ValueError("chat_template_kwargs.enable_thinking: must be true or false")
         return self
+
+    def _map_legacy_functions(self) -> None:
+        if self.tools is not None:
+            raise ValueError("functions: give tools or the legacy functions, not both")
+        if self.function_call is not None and self.tool_choice is not None:
+            raise ValueError("function_call: give tool_choice or the legacy function_call, not both")
+        self.tools = [Tool(type="function", function=f) for f in self.functions or []] or None
+        fc = self.function_call
+        self.tool_choice = NamedToolChoice(type="function", function=fc) if isinstance(fc, NamedFunction) else fc
+        self.parallel_tool_calls = False  # a legacy reply carries one function_call
+        self.functions = self.functions or []  # marks the request as legacy (see uses_legacy_functions)
+
+    @property
+    def uses_legacy_functions(self) -> bool:
+        """The request spoke the legacy functions API: the reply carries `function_call`, not `tool_calls`."""
+        return self.functions is not None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for the chat template: `chat_template_kwargs`, where it does not set enable_thinking
+        taken from `enable_thinking`, else from `reasoning_effort` ("none" / "minimal": false)."""
+        kw = {k: v for k, v in (self.chat_template_kwargs or {}).items() if v is not None}
+        if "enable_thinking" not in kw:
+            if self.enable_thinking is not None:
+                kw["enable_thinking"] = self.enable_thinking
+            elif self.reasoning_effort in ("none", "minimal"):
+                kw["enable_thinking"] = False
+        return kw
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1, le=2**31 - 1)
+    max_tokens: int = Field(16, ge=1, le=2**31 - 1)
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: bool | None = False
+    echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
 
@@ -267,117 +326,88 @@ class CompletionRequest(_SamplingFields):
         return self
 
 
-# ---------------------------------------------------------------- responses
+# ---------------------------------------------------------------- responses (what the OpenAPI schema documents)
 
 
-class Usage(BaseModel):
+class Usage(_Strict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
-class TopLogprob(BaseModel):
+class TopLogprob(_Strict):
     token: str
     logprob: float
     bytes: list[int] | None = None
 
 
-class TokenLogprob(BaseModel):
+class TokenLogprob(_Strict):
     token: str
     logprob: float
     bytes: list[int] | None = None
     top_logprobs: list[TopLogprob] = []
 
 
-class ChoiceLogprobs(BaseModel):
+class ChoiceLogprobs(_Strict):
     content: list[TokenLogprob] | None = None
     refusal: list[TokenLogprob] | None = None
 
 
-class ResponseMessage(BaseModel):
+class ResponseMessage(_Strict):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    function_call: FunctionCall | None = None  # only for a request that used the legacy functions
+    reasoning_content: str | None = None  # the model's thinking (DeepSeek / older vLLM name)
+    reasoning: str | None = None  # the same thinking (newer vLLM name)
 
 
-class ChatChoice(BaseModel):
+FinishReason = Literal["stop", "length", "tool_calls", "function_call", "content_filter"]
+
+
+class ChatChoice(_Strict):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None
+    finish_reason: FinishReason | None
 
 
-class ChatCompletion(BaseModel):
+class ChatCompletion(_Strict):
     id: str
     object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int
     model: str
     choices: list[ChatChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
 
-class DeltaFunction(BaseModel):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class DeltaToolCall(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: DeltaFunction
-
-
-class Delta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[DeltaToolCall] | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: Delta
-    logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None
-    system_fingerprint: str | None = None
-
-
-class CompletionLogprobs(BaseModel):
+class CompletionLogprobs(_Strict):
     tokens: list[str] = []
     token_logprobs: list[float | None] = []
     top_logprobs: list[dict[str, float] | None] = []
     text_offset: list[int] = []
 
 
-class CompletionChoice(BaseModel):
+class CompletionChoice(_Strict):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
 
 
-class Completion(BaseModel):
+class Completion(_Strict):
     id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
+    created: int
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
 
 
-class ModelCard(BaseModel):
+class ModelCard(_Strict):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -385,6 +415,6 @@ class ModelCard(BaseModel):
     max_model_len: int | None = None
 
 
-class ModelList(BaseModel):
+class ModelList(_Strict):
     object: Literal["list"] = "list"
     data: list[ModelCard]

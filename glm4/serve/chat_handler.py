@@ -1,0 +1,203 @@
+"""POST /v1/chat/completions: messages -> the chat layer's plan (prompt ids, grammar) -> n engine requests ->
+the chat layer's events -> OpenAI messages, or deltas as server-sent events.
+
+This is the one serve module that talks to the chat layer (`glm4.engine.chat`): planning a request, the
+event parser of a reply, and loading the layer for a checkpoint. Events become OpenAI shapes here only:
+{"type": "content" | "reasoning", "text"} and {"type": "tool_call", "index", "arguments", + "id"/"name" first}.
+Thinking goes out as `reasoning_content` (DeepSeek / older vLLM) and as `reasoning` (newer vLLM). A request
+that used the legacy `functions` gets the legacy `function_call` (one call, finish_reason "function_call").
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+
+from glm4.engine.chat import ChatError, ChatPlan, chat_layer_for
+from glm4.serve import protocol as P
+from glm4.serve import serving
+from glm4.serve.errors import aborted, bad_request
+from glm4.serve.serving import ServerState
+
+
+class ChatSetup(NamedTuple):
+    layer: Any  # the chat layer (ServerState.chat)
+    tokenizer: Any
+    folder: Any  # the checkpoint folder, or None
+    vocab_guard: Any  # logits processor masking ids past the tokenizer's vocabulary
+
+
+def load_chat(llm, model: str | None) -> ChatSetup:
+    """The chat layer of a loaded LLM, with its constrained-decoding tables built now (about 1 s for a 150k
+    vocabulary), not on the first request."""
+    layer, tok, folder = chat_layer_for(llm, model)
+    _ = layer.compiler
+    return ChatSetup(layer, tok, folder, layer.vocab_guard)
+
+
+# ---------------------------------------------------------------------------------------------
+# request -> plan
+
+
+def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list]:
+    """The request's ChatPlan and one SamplingParams per choice (each with its own grammar matcher)."""
+    rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    template_kwargs = req.template_kwargs()
+    try:
+        plan = st.chat.plan(
+            [m.model_dump(exclude_none=True) for m in req.messages],
+            tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+            tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice,
+            parallel_tool_calls=req.parallel_tool_calls is not False, response_format=rf,
+            enable_thinking=template_kwargs.get("enable_thinking"))  # the template kwarg the chat layer takes today
+        max_tokens = serving.token_budget(st, len(plan.prompt_ids), req.max_completion_tokens or req.max_tokens,
+                                          "messages")
+        kw = serving.sampling_kwargs(st, req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
+        params = [st.chat.sampling_params(plan, serving.sampling_params(**serving.seeded(kw, i))) for i in range(req.n)]
+    except ChatError as e:
+        raise bad_request(str(e), e.param, e.code) from None
+    return plan, params
+
+
+async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, request: Request):
+    serving.check_model(st, req.model)
+    st.engine.reserve(req.n)  # before the work below: a full server sheds load cheaply
+    try:  # tokenizing, grammar checks and matcher construction run off the event loop
+        plan, params = await run_in_threadpool(_plan, st, req)
+    except BaseException:
+        st.engine.unreserve(req.n)
+        raise
+    requests = [st.engine.submit(plan.prompt_ids, p, reserved=True) for p in params]
+    n_prompt = len(plan.prompt_ids)
+    serving.count_request(st, "chat", n_prompt * req.n)
+    rid = P.random_id("chatcmpl-")
+    if req.stream:
+        return serving.sse_response(_chat_events(st, req, plan, requests, rid), requests)
+    t0 = time.monotonic()
+    results = await serving.run_until_disconnect(request, serving.collect_outputs(requests))
+    choices, n_gen = [], 0
+    for i, outs in enumerate(results):
+        last = outs[-1].outputs[0]
+        n_gen += len(last.token_ids)
+        content, tool_calls, reasoning = st.chat.parse_full(plan, last.text)
+        message, reason = _message(req, content, tool_calls, reasoning, serving.finish_reason(last.finish_reason))
+        choices.append({"index": i, "message": message,
+                        "logprobs": _logprobs(st, last.logprobs) if req.logprobs else None, "finish_reason": reason})
+    serving.observe_finished(st, t0, n_gen)
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": st.model_name,
+                         "choices": choices, "usage": serving.usage(n_prompt, n_gen), "system_fingerprint": None})
+
+
+# ---------------------------------------------------------------------------------------------
+# chat layer output -> OpenAI shapes
+
+
+def _message(req: P.ChatCompletionRequest, content: str | None, tool_calls: list[dict], reasoning: str | None,
+             reason: str | None) -> tuple[dict, str | None]:
+    """The assistant message of a whole reply, and its finish_reason (a reply that calls tools stops for them)."""
+    message: dict = {"role": "assistant", "content": content, "refusal": None, "tool_calls": tool_calls or None}
+    if reasoning:
+        message["reasoning_content"] = message["reasoning"] = reasoning
+    if req.uses_legacy_functions:
+        message["tool_calls"] = None
+        message["function_call"] = tool_calls[0]["function"] if tool_calls else None
+    return message, _reply_reason(reason, bool(tool_calls), req.uses_legacy_functions)
+
+
+def _reply_reason(reason: str | None, called: bool, legacy: bool) -> str | None:
+    """A reply that called a tool and stopped, stopped for the call."""
+    if called and reason == "stop":
+        return "function_call" if legacy else "tool_calls"
+    return reason
+
+
+def _delta(ev: dict, legacy: bool) -> dict | None:
+    """One chat event as an OpenAI delta (None: nothing to send)."""
+    kind = ev["type"]
+    if kind == "content":
+        return {"content": ev["text"]} if ev["text"] else None
+    if kind == "reasoning":
+        return {"reasoning_content": ev["text"], "reasoning": ev["text"]}
+    if kind != "tool_call":
+        return None
+    function = {"arguments": ev.get("arguments", "")}
+    if ev.get("id"):
+        function = {"name": ev["name"], **function}
+    if legacy:
+        return {"function_call": function}
+    call = {"index": ev["index"], "function": function}
+    if ev.get("id"):
+        call.update(id=ev["id"], type="function")
+    return {"tool_calls": [call]}
+
+
+def _logprobs(st: ServerState, entries: list[dict] | None) -> dict | None:
+    if entries is None:
+        return None
+    texts = st.token_texts
+
+    def one(tid: int, lp: float) -> dict:
+        return {"token": texts.text(tid), "logprob": lp, "bytes": list(texts.bytes(tid))}
+
+    return {"content": [{**one(e["token_id"], e["logprob"]),
+                         "top_logprobs": [one(t, lp) for t, lp in e.get("top_logprobs") or []]} for e in entries],
+            "refusal": None}
+
+
+def _chat_events(st: ServerState, req: P.ChatCompletionRequest, plan: ChatPlan, requests, rid: str):
+    """The server-sent events of a streamed chat completion: a role chunk per choice, a chunk per delta, a
+    finish_reason chunk per choice, the usage chunk when asked."""
+    created, t0 = int(time.time()), time.monotonic()
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    legacy = req.uses_legacy_functions
+    n_gen = [0] * len(requests)
+
+    def chunk(choices, usage_=None):
+        d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model_name,
+             "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            d["usage"] = usage_
+        return serving.sse_event(d)
+
+    async def chunks():
+        parsers = [st.chat.stream(plan) for _ in requests]  # model text -> chat events, one per choice
+        finished = [False] * len(requests)
+        called = [False] * len(requests)
+        first_token = None
+        for i in range(len(requests)):
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None}])
+        async for i, out in serving.interleave_outputs(requests):
+            o = out.outputs[0]
+            if first_token is None and o.delta_token_ids:
+                first_token = time.monotonic()
+                st.metrics.observe("time_to_first_token_seconds", first_token - t0)
+            n_gen[i] = len(o.token_ids)
+            events = parsers[i].feed(o.delta_text)
+            if o.finished:
+                events += parsers[i].finish()
+            lp = _logprobs(st, o.delta_logprobs) if req.logprobs else None
+            for ev in events:
+                called[i] = called[i] or ev["type"] == "tool_call"
+                delta = _delta(ev, legacy)
+                if delta is not None:
+                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
+                    lp = None
+            if lp is not None and lp["content"]:
+                yield chunk([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": None}])
+            if o.finished:
+                finished[i] = True
+                reason = _reply_reason(serving.finish_reason(o.finish_reason), called[i], legacy)
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
+        if not all(finished):
+            raise aborted()
+
+    def closing() -> list[str]:
+        serving.observe_finished(st, t0, sum(n_gen))
+        return [chunk([], serving.usage(len(plan.prompt_ids), sum(n_gen)))] if include_usage else []
+
+    return serving.sse_body(chunks(), closing)

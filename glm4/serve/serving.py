@@ -1,0 +1,256 @@
+"""What the chat and completions handlers share: the server's state, sampling parameters from a request, the
+context budget, waiting for engine requests (all of them, or interleaved as they come) with a client that may
+disconnect, server-sent events, token texts for logprobs, and the usage / latency bookkeeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from glm4.serve.async_engine import AsyncEngine, EngineRequest, abort_unfinished
+from glm4.serve.errors import APIError, aborted, bad_request, client_gone
+from glm4.serve.metrics import Metrics
+
+log = logging.getLogger("glm4.serve")
+
+
+class TokenTexts:
+    """Token id -> its bytes and its text (cached): what logprobs report for a token."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._bytes: dict[int, bytes] = {}
+
+    def bytes(self, token_id: int) -> bytes:
+        b = self._bytes.get(token_id)
+        if b is None:
+            try:
+                b = self.tok.decode_bytes([token_id])
+            except ValueError:  # a padding row of the embedding: no text
+                b = b""
+            self._bytes[token_id] = b
+        return b
+
+    def text(self, token_id: int) -> str:
+        return self.bytes(token_id).decode("utf-8", errors="replace")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncEngine
+    chat: Any  # the chat layer: used by chat_handler only
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    vocab_size: int  # the tokenizer's: ids a request may name
+    api_key: str | None = None
+    model_vocab_size: int = 0  # rows of the model's logits (padded past the tokenizer's, e.g. 151552)
+    vocab_guard: Callable | None = None  # logits processor masking the padding rows (no text)
+    defaults: dict = field(default_factory=dict)  # generation_config.json sampling defaults
+    metrics: Metrics = field(default_factory=Metrics)
+    created: int = field(default_factory=lambda: int(time.time()))
+    token_texts: TokenTexts = field(init=False)
+
+    def __post_init__(self):
+        self.token_texts = TokenTexts(self.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# request -> engine parameters
+
+
+def check_model(st: ServerState, name: str) -> None:
+    if name != st.model_name:
+        raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
+
+
+def sampling_params(**kw):
+    """SamplingParams, with what it rejects as a 400."""
+    from glm4.engine.sampling_params import SamplingParams
+
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        raise bad_request(str(e)) from None
+
+
+def sampling_kwargs(st: ServerState, req, max_tokens: int, logprobs: bool, top_logprobs: int) -> dict:
+    """SamplingParams keywords from the fields chat and completions requests share (checkpoint defaults for
+    temperature / top_p / top_k when the request leaves them out)."""
+    d = st.defaults
+    kw = dict(
+        max_tokens=max_tokens,
+        temperature=req.temperature if req.temperature is not None else d.get("temperature", 1.0),
+        top_p=req.top_p if req.top_p is not None else d.get("top_p", 1.0),
+        top_k=req.top_k if req.top_k is not None else d.get("top_k", 0),
+        min_p=req.min_p or 0.0,
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        repetition_penalty=req.repetition_penalty or 1.0,
+        min_tokens=req.min_tokens or 0,
+        ignore_eos=bool(req.ignore_eos),
+        stop=req.stop,
+        seed=req.seed,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
+        logits_processors=[st.vocab_guard] if st.vocab_guard and st.model_vocab_size > st.vocab_size else [],
+    )
+    bad = [t for t in (kw["logit_bias"] or {}) if t >= st.vocab_size]
+    if bad:
+        raise bad_request(f"logit_bias: token id {bad[0]} is out of range (vocab size {st.vocab_size})", "logit_bias")
+    return kw
+
+
+def seeded(kw: dict, i: int) -> dict:
+    """The keywords of the i-th of n choices: seed + i, so that seeded choices differ from each other."""
+    return {**kw, "seed": None if kw.get("seed") is None else kw["seed"] + i}
+
+
+def token_budget(st: ServerState, n_prompt: int, max_tokens: int | None, what: str) -> int:
+    """max_tokens to use; 400 with the numbers when the prompt (+ requested tokens) exceed the context."""
+    limit = st.max_model_len
+    if n_prompt >= limit or (max_tokens is not None and n_prompt + max_tokens > limit):
+        asked = n_prompt + (max_tokens or 0)
+        raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you requested "
+                       f"{asked} tokens ({n_prompt} in the {what}, {max_tokens or 0} in the completion). "
+                       "Please reduce the length of the prompt or completion.",
+                       "invalid_request_error", "messages" if what == "messages" else "prompt",
+                       "context_length_exceeded")
+    return max_tokens if max_tokens is not None else limit - n_prompt
+
+
+# ---------------------------------------------------------------------------------------------
+# engine outputs -> response
+
+
+def finish_reason(reason: str | None) -> str | None:
+    """The engine's finish reason in OpenAI's words (an `abort` the client never sees becomes stop)."""
+    return reason if reason in (None, "stop", "length") else "stop"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def count_request(st: ServerState, endpoint: str, prompt_tokens: int) -> None:
+    st.metrics.inc("requests_total", endpoint=endpoint)
+    st.metrics.inc("prompt_tokens_total", prompt_tokens)
+
+
+def observe_finished(st: ServerState, t0: float, n_generated: int) -> None:
+    st.metrics.inc("generation_tokens_total", n_generated)
+    st.metrics.observe("request_latency_seconds", time.monotonic() - t0)
+
+
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task) -> None:
+    while not task.done():
+        if await request.is_disconnected():
+            task.cancel()
+            return
+        await asyncio.sleep(0.2)
+
+
+async def run_until_disconnect(request: Request, coro):
+    """Await `coro`, cancelling it (and so aborting its engine requests) if the client disconnects."""
+    task = asyncio.ensure_future(coro)
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, task))
+    try:
+        return await task
+    except asyncio.CancelledError:
+        raise client_gone() from None
+    finally:
+        watcher.cancel()
+
+
+async def collect_outputs(requests: list[EngineRequest]) -> list[list]:
+    """Every request's outputs; all requests are aborted if unfinished on error or cancellation."""
+    async def one(r):
+        outs = [o async for o in r]
+        if not outs or not outs[-1].finished:  # dropped by the engine loop (shutdown)
+            raise aborted()
+        return outs
+
+    try:
+        return await asyncio.gather(*[one(r) for r in requests])
+    finally:
+        abort_unfinished(requests)
+
+
+async def interleave_outputs(requests: list[EngineRequest]) -> AsyncIterator[tuple[int, object]]:
+    """Several requests' outputs as (request index, RequestOutput) in arrival order."""
+    if len(requests) == 1:  # the common n=1 case: no pump task, no extra queue hop per token
+        try:
+            async for o in requests[0]:
+                yield 0, o
+        finally:
+            requests[0].close()
+        return
+    q: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i, r):
+        try:
+            async for o in r:
+                await q.put((i, o))
+        except BaseException as e:  # surfaced to the consumer below
+            await q.put((i, e))
+        finally:
+            await q.put((i, done))
+
+    tasks = [asyncio.ensure_future(pump(i, r)) for i, r in enumerate(requests)]
+    left = len(tasks)
+    try:
+        while left:
+            i, o = await q.get()
+            if o is done:
+                left -= 1
+            elif isinstance(o, BaseException):
+                raise o
+            else:
+                yield i, o
+    finally:
+        for t in tasks:
+            t.cancel()
+        abort_unfinished(requests)
+
+
+def sse_event(obj) -> str:
+    """One server-sent event carrying `obj` as JSON."""
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def sse_response(events: AsyncIterator[str], requests: list[EngineRequest]) -> StreamingResponse:
+    """A text/event-stream response; the engine requests are aborted if unfinished when the response ends."""
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(abort_unfinished, requests))
+
+
+async def sse_body(chunks: AsyncIterator[str], closing: Callable[[], list[str]]) -> AsyncIterator[str]:
+    """`chunks`, then `closing()` (the usage chunk) and [DONE]. An error after the response has started is told
+    in-band as an error event (the status line is gone by then); the stream still ends with [DONE]."""
+    try:
+        async for c in chunks:
+            yield c
+    except APIError as e:
+        yield sse_event(e.body())
+    except Exception as e:  # engine failure mid-stream
+        log.exception("stream failed")
+        yield sse_event(APIError(500, f"generation failed: {e}", "server_error").body())
+    for c in closing():
+        yield c
+    yield SSE_DONE
