@@ -23,6 +23,7 @@ struct QuantArgs {
   const int16_t* xq_lo;
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
+  int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (gemv_avx512.cpp)
   const void* q;      // int8 [N, K] or uint8 [N, K/2] (4-bit, q4_0 nibble order)
   const void* scales;  // [N, K/g] fp16 or fp32
   const void* mins;    // same, or nullptr
@@ -30,6 +31,11 @@ struct QuantArgs {
   int64_t M, N, K, group;
   int bits, scale_f16, zero_point;
 };
+
+// The 4-bit AVX-512 kernel unpacks 128 codes (64 bytes, four q4_0 blocks, one per 128-bit lane) with in-lane
+// byte unpacks, which yield the columns as int16 in the order r * 32 + j * 8 + t <- column 32 j + 8 r + t
+// (r: which unpack, j: lane, t: 0..7); the activations are laid out the same way once per call instead.
+inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 8; }
 
 // rows [n0, n1) of y; the _avx512 kernels need xq (int16 activations) with xblock a multiple of 64
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);

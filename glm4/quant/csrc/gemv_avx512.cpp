@@ -121,9 +121,22 @@ inline void load_codes64(const QuantArgs& a, int64_t n, int64_t k, __m512i w[2])
   }
 }
 
+// 128 4-bit codes of weight row n from column k (a multiple of 128) as int16 in the perm128 order (gemv.h): the
+// 64 bytes are four q4_0 blocks, one per 128-bit lane, and in-lane unpacks against zero widen them.
+inline void load_codes128_perm(const QuantArgs& a, int64_t n, int64_t k, __m512i w[4]) {
+  const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 2;
+  const __m512i mask = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i bytes = _mm512_loadu_si512(q);
+  const __m512i lo = _mm512_and_si512(bytes, mask), hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+  w[0] = _mm512_unpacklo_epi8(lo, zero);  // columns 32 j + 0..7 of lane j
+  w[1] = _mm512_unpackhi_epi8(lo, zero);  // 32 j + 8..15
+  w[2] = _mm512_unpacklo_epi8(hi, zero);  // 32 j + 16..23
+  w[3] = _mm512_unpackhi_epi8(hi, zero);  // 32 j + 24..31
+}
+
 // y[m, n] = sum_blocks s[n, g] * xscale[m, b] * sum_{k in b} q[n, k] (hi[m, k] + lo[m, k] / 65534) + corrections.
 // Int32 sums stay exact: |q| <= 128, |hi|, |lo| <= 32767 and blocks of <= 256 columns keep them below 2^31.
-template <int BITS, int RB, int MT>
+template <int BITS, bool PERM, int RB, int MT>
 inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   __m512 acc[RB][MT];
@@ -140,7 +153,23 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       __m512i ph[RB][MT], pl[RB][MT];
       for (int r = 0; r < RB; ++r)
         for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm512_setzero_si512();
-      for (int64_t k = b0; k < b0 + B; k += 64) {
+      if constexpr (PERM) {  // 4-bit, activations in the perm128 order
+        for (int64_t k = b0; k < b0 + B; k += 128) {
+          for (int r = 0; r < RB; ++r) {
+            prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, RB * K / 2);
+            __m512i w[4];
+            load_codes128_perm(a, n + r, k, w);
+            for (int m = 0; m < MT; ++m) {
+              const int16_t* h = xh + m * K + k;
+              const int16_t* l = xl + m * K + k;
+              for (int j = 0; j < 4; ++j) {
+                ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[j], _mm512_loadu_si512(h + 32 * j));
+                pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
+              }
+            }
+          }
+        }
+      } else for (int64_t k = b0; k < b0 + B; k += 64) {
         for (int r = 0; r < RB; ++r) {
           if (BITS == 8 || k % 128 == 0)  // one cache line ahead per line read
             prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8, RB * K * BITS / 8);
@@ -169,27 +198,27 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
 }
 
-template <int BITS, int RB>
+template <int BITS, bool PERM, int RB>
 inline void int16_rows_rb(const QuantArgs& a, int64_t n) {
   for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
     switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: int16_tile<BITS, RB, 1>(a, n, m0); break;
-      case 2: int16_tile<BITS, RB, 2>(a, n, m0); break;
-      case 3: int16_tile<BITS, RB, 3>(a, n, m0); break;
-      default: int16_tile<BITS, RB, 4>(a, n, m0); break;
+      case 1: int16_tile<BITS, PERM, RB, 1>(a, n, m0); break;
+      case 2: int16_tile<BITS, PERM, RB, 2>(a, n, m0); break;
+      case 3: int16_tile<BITS, PERM, RB, 3>(a, n, m0); break;
+      default: int16_tile<BITS, PERM, RB, 4>(a, n, m0); break;
     }
   }
 }
 
-template <int BITS>
+template <int BITS, bool PERM>
 void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) int16_tile<BITS, 4, 1>(a, n, 0);
+    for (; n + 4 <= n1; n += 4) int16_tile<BITS, PERM, 4, 1>(a, n, 0);
   } else {
-    for (; n + 2 <= n1; n += 2) int16_rows_rb<BITS, 2>(a, n);
+    for (; n + 2 <= n1; n += 2) int16_rows_rb<BITS, PERM, 2>(a, n);
   }
-  for (; n < n1; ++n) int16_rows_rb<BITS, 1>(a, n);
+  for (; n < n1; ++n) int16_rows_rb<BITS, PERM, 1>(a, n);
 }
 
 }  // namespace
@@ -203,8 +232,9 @@ void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4) int16_rows<4>(a, n0, n1);
-  else int16_rows<8>(a, n0, n1);
+  if (a.bits == 4 && a.xperm) int16_rows<4, true>(a, n0, n1);
+  else if (a.bits == 4) int16_rows<4, false>(a, n0, n1);
+  else int16_rows<8, false>(a, n0, n1);
 }
 
 }  // namespace glm4k

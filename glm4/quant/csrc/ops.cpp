@@ -46,7 +46,7 @@ void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows(const glm4k::QuantArgs& a, int64_t n0, int64_t n1) {
-  if (use_avx512() && a.xq && a.xblock % 64 == 0) glm4k::quant_rows_avx512(a, n0, n1);
+  if (a.xperm || (use_avx512() && a.xq && a.xblock % 64 == 0)) glm4k::quant_rows_avx512(a, n0, n1);
   else glm4k::quant_rows_avx2(a, n0, n1);
 }
 
@@ -96,8 +96,11 @@ struct ActPrep {
   std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
+  bool perm = false;  // hi / lo in the 4-bit AVX-512 kernel's column order (glm4k::kPerm128)
 
-  ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act) : xsum(M * (K / group)) {
+  // max_m: the most activation rows one kernel call gets (M, or the busiest expert's tokens)
+  ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act, int64_t max_m)
+      : xsum(M * (K / group)) {
     for (int64_t i = 0; i < M * (K / group); ++i) {
       float acc = 0.f;
       for (int64_t k = 0; k < group; ++k) acc += x[i * group + k];
@@ -105,8 +108,10 @@ struct ActPrep {
     }
     // int16 terms for the 4-bit kernels, and for the 8-bit ones where the AVX-512 kernels take them
     B = int16_act ? act_block(group) : 0;
-    if (bits == 8 && !(use_avx512() && B % 64 == 0)) B = 0;
+    // (8-bit: one activation row only; from M = 2 the fp32 FMA kernel keeps up and the two int16 terms cost more)
+    if (bits == 8 && !(use_avx512() && B % 64 == 0 && max_m == 1)) B = 0;
     if (!B) return;
+    perm = bits == 4 && use_avx512() && B % 128 == 0;
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     for (int64_t i = 0; i < M * K / B; ++i) {
       float amax = 0.f;
@@ -116,8 +121,10 @@ struct ActPrep {
       for (int64_t k = 0; k < B; ++k) {
         const double v = x[i * B + k] * inv;
         const double h = std::clamp(std::nearbyint(v), -32767.0, 32767.0);
-        hi[i * B + k] = int16_t(h);
-        lo[i * B + k] = int16_t(std::clamp(std::nearbyint((v - h) * 65534.0), -32767.0, 32767.0));
+        // column c of each 128 goes to position glm4k::perm128(c) (identity unless perm)
+        const int64_t at = perm ? (i * B + k) / 128 * 128 + glm4k::perm128((i * B + k) % 128) : i * B + k;
+        hi[at] = int16_t(h);
+        lo[at] = int16_t(std::clamp(std::nearbyint((v - h) * 65534.0), -32767.0, 32767.0));
       }
     }
   }
@@ -129,6 +136,7 @@ struct ActPrep {
     a.xq_lo = B ? lo.data() + row0 * K : nullptr;
     a.xscale = B ? scale.data() + row0 * (K / B) : nullptr;
     a.xblock = B;
+    a.xperm = perm;
   }
 };
 
@@ -155,7 +163,7 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto xc = x.contiguous(), qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor mc = mins ? mins->contiguous() : at::Tensor();
-  const ActPrep prep(xc.data_ptr<float>(), M, K, group, bits, int16_act);
+  const ActPrep prep(xc.data_ptr<float>(), M, K, group, bits, int16_act, M);
   auto y = at::empty({M, N}, x.options());
   glm4k::QuantArgs a{};
   a.x = xc.data_ptr<float>();
@@ -258,7 +266,9 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     });
     return y;
   }
-  const ActPrep prep(xp, S, K, group, bits, true);
+  int64_t busiest = 0;
+  for (int64_t e = 0; e < E; ++e) busiest = std::max(busiest, start[e + 1] - start[e]);
+  const ActPrep prep(xp, S, K, group, bits, true, busiest);
   const int64_t G = K / group, s_stride = N * G * sc.element_size();
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
