@@ -23,7 +23,7 @@ struct QuantArgs {
   const int16_t* xq_lo;
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
-  int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (gemv_avx512.cpp)
+  int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (perm128 below)
   const void* q;      // int8 [N, K] or uint8 [N, K/2] (4-bit, q4_0 nibble order)
   const void* scales;  // [N, K/g] fp16 or fp32
   const void* mins;    // same, or nullptr

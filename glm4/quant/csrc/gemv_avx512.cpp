@@ -136,8 +136,77 @@ inline void load_codes128_perm(const QuantArgs& a, int64_t n, int64_t k, __m512i
 
 // y[m, n] = sum_blocks s[n, g] * xscale[m, b] * sum_{k in b} q[n, k] (hi[m, k] + lo[m, k] / 65534) + corrections.
 // Int32 sums stay exact: |q| <= 128, |hi|, |lo| <= 32767 and blocks of <= 256 columns keep them below 2^31.
-template <int BITS, bool PERM, int RB, int MT>
+// 4-bit codes against activation blocks of 32 or 64 columns (GGUF q4_0 and other g32 / g64 formats): in the
+// perm128 layout each 128-bit lane is one 32-column block, so the int32 sums of a 128-column step keep every block
+// in its own lanes and one vector of per-lane scales (weight scale x activation scale) weighs them.
+template <int RB, int MT>
+inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
+  __m512 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int16_t* xh = a.xq + m0 * K;
+  const int16_t* xl = a.xq_lo + m0 * K;
+  const float* xsc = a.xscale + m0 * NB;
+  const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
+  const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t k = 0; k < K; k += 128) {
+    __m512i ph[RB][MT], pl[RB][MT];
+    for (int r = 0; r < RB; ++r) {
+      prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, RB * K / 2);
+      __m512i w[4];
+      load_codes128_perm(a, n + r, k, w);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* h = xh + m * K + k;
+        const int16_t* l = xl + m * K + k;
+        ph[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(h));
+        pl[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(l));
+        for (int j = 1; j < 4; ++j) {
+          ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[j], _mm512_loadu_si512(h + 32 * j));
+          pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
+        }
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m128 ws;  // the weight scales of the 4 lanes
+      if (g == 32 && a.scale_f16) {
+        ws = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) +
+                                                                           (n + r) * G + k / 32)));
+      } else {
+        float w4[4];
+        for (int j = 0; j < 4; ++j) w4[j] = load_scale(a.scales, a.scale_f16, (n + r) * G + (k + 32 * j) / g);
+        ws = _mm_loadu_ps(w4);
+      }
+      for (int m = 0; m < MT; ++m) {
+        __m128 xs4;  // the activation scales of the 4 lanes
+        if (B == 32) {
+          xs4 = _mm_loadu_ps(xsc + m * NB + k / 32);
+        } else {
+          float v[4];
+          for (int j = 0; j < 4; ++j) v[j] = xsc[m * NB + (k + 32 * j) / B];
+          xs4 = _mm_loadu_ps(v);
+        }
+        const __m512 sv = _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_mul_ps(ws, xs4)));
+        const __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl[r][m]), lo_weight, _mm512_cvtepi32_ps(ph[r][m]));
+        acc[r][m] = _mm512_fmadd_ps(p, sv, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
+}
+
+// MODE: kPlain (columns in order, 64 per step), kPerm (4-bit, perm128 order, blocks of 128k columns), kLanes
+// (4-bit, perm128 order, blocks of 32 or 64: q4_lanes_tile)
+enum { kPlain, kPerm, kLanes };
+
+template <int BITS, int MODE, int RB, int MT>
 inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  if constexpr (MODE == kLanes) {
+    q4_lanes_tile<RB, MT>(a, n, m0);
+    return;
+  }
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   __m512 acc[RB][MT];
   for (int r = 0; r < RB; ++r)
@@ -153,7 +222,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       __m512i ph[RB][MT], pl[RB][MT];
       for (int r = 0; r < RB; ++r)
         for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm512_setzero_si512();
-      if constexpr (PERM) {  // 4-bit, activations in the perm128 order
+      if constexpr (MODE == kPerm) {  // 4-bit, activations in the perm128 order
         for (int64_t k = b0; k < b0 + B; k += 128) {
           for (int r = 0; r < RB; ++r) {
             prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, RB * K / 2);
@@ -198,27 +267,27 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
 }
 
-template <int BITS, bool PERM, int RB>
+template <int BITS, int MODE, int RB>
 inline void int16_rows_rb(const QuantArgs& a, int64_t n) {
   for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
     switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: int16_tile<BITS, PERM, RB, 1>(a, n, m0); break;
-      case 2: int16_tile<BITS, PERM, RB, 2>(a, n, m0); break;
-      case 3: int16_tile<BITS, PERM, RB, 3>(a, n, m0); break;
-      default: int16_tile<BITS, PERM, RB, 4>(a, n, m0); break;
+      case 1: int16_tile<BITS, MODE, RB, 1>(a, n, m0); break;
+      case 2: int16_tile<BITS, MODE, RB, 2>(a, n, m0); break;
+      case 3: int16_tile<BITS, MODE, RB, 3>(a, n, m0); break;
+      default: int16_tile<BITS, MODE, RB, 4>(a, n, m0); break;
     }
   }
 }
 
-template <int BITS, bool PERM>
+template <int BITS, int MODE>
 void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) int16_tile<BITS, PERM, 4, 1>(a, n, 0);
+    for (; n + 4 <= n1; n += 4) int16_tile<BITS, MODE, 4, 1>(a, n, 0);
   } else {
-    for (; n + 2 <= n1; n += 2) int16_rows_rb<BITS, PERM, 2>(a, n);
+    for (; n + 2 <= n1; n += 2) int16_rows_rb<BITS, MODE, 2>(a, n);
   }
-  for (; n < n1; ++n) int16_rows_rb<BITS, PERM, 1>(a, n);
+  for (; n < n1; ++n) int16_rows_rb<BITS, MODE, 1>(a, n);
 }
 
 }  // namespace
@@ -232,9 +301,10 @@ void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xperm) int16_rows<4, true>(a, n0, n1);
-  else if (a.bits == 4) int16_rows<4, false>(a, n0, n1);
-  else int16_rows<8, false>(a, n0, n1);
+  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
+  else if (a.bits == 4 && a.xperm) int16_rows<4, kLanes>(a, n0, n1);
+  else if (a.bits == 4) int16_rows<4, kPlain>(a, n0, n1);
+  else int16_rows<8, kPlain>(a, n0, n1);
 }
 
 }  // namespace glm4k

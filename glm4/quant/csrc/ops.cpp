@@ -111,7 +111,9 @@ struct ActPrep {
     // (8-bit: one activation row only; from M = 2 the fp32 FMA kernel keeps up and the two int16 terms cost more)
     if (bits == 8 && !(use_avx512() && B % 64 == 0 && max_m == 1)) B = 0;
     if (!B) return;
-    perm = bits == 4 && use_avx512() && B % 128 == 0;
+    // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
+    // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
+    perm = bits == 4 && use_avx512() && (B % 128 == 0 || (B == 32 && K % 128 == 0));
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     for (int64_t i = 0; i < M * K / B; ++i) {
       float amax = 0.f;
