@@ -26,7 +26,6 @@ from typing import Any
 
 from .events import ContentDelta, Event, Fold, ReasoningDelta, ToolCallDelta, ToolCallStart, openai_deltas
 from .grammar import ConstraintError, GrammarCompiler
-from .lark import json_grammar
 from .thinking import ThinkingGuard
 from .tools import SchemaError, check_schema
 
@@ -171,8 +170,7 @@ class ChatPlanner:
         elif choice == "auto" and offered:
             plan.grammar = spec.auto_grammar(special, offered, parallel_tool_calls, plan.json_mode, plan.json_schema)
         if plan.grammar is None and plan.json_mode and choice not in ("required", "named"):
-            plan.grammar = json_grammar(plan.json_schema if plan.json_schema is not None else {"type": "object"},
-                                        prefix="\n")
+            plan.grammar = spec.json_answer_grammar(plan.json_schema, plan.in_reasoning)
         if plan.grammar is not None:
             try:
                 self.compiler.check(plan.grammar)

@@ -15,7 +15,7 @@ from .glm4 import Glm4, GlmZ1
 from .glm45 import Glm45
 from .glm46 import Glm46
 
-# checked in this order when sniffing a checkpoint's template (most specific first)
+# checked in this order when sniffing a checkpoint's template: newest first, the first match wins
 FORMATS: dict[str, type[ChatFormatSpec]] = {
     "glm46": Glm46,
     "glm45": Glm45,

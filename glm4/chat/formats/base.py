@@ -27,6 +27,7 @@ from ..events import (
     ToolCallInvalid,
     ToolCallStart,
 )
+from ..lark import json_grammar
 from ..messages import ChatFormatError
 from ..tools import ToolSet
 
@@ -265,7 +266,8 @@ class ChatFormatSpec:
 
     @classmethod
     def matches_template(cls, template: str) -> bool:
-        """Whether a checkpoint's chat template text is this format's."""
+        """Whether a checkpoint's chat template text is this format's (formats registered before this one,
+        newer ones, have been ruled out)."""
         return False
 
     # -- rendering
@@ -293,6 +295,10 @@ class ChatFormatSpec:
 
         `in_reasoning`: the prompt opened `<think>`; `thinking`: the reply may think before calling."""
         raise NotImplementedError
+
+    def json_answer_grammar(self, schema: dict | None, in_reasoning: bool) -> str:
+        """A reply that is one JSON value (response_format json_object / json_schema)."""
+        return json_grammar(schema if schema is not None else {"type": "object"}, prefix="\n")
 
     def auto_grammar(self, special: set[str], tools: list[dict], parallel: bool, json_answer: bool,
                      schema: dict | None) -> str | None:

@@ -38,7 +38,7 @@ class Glm45(ChatFormatSpec):
     @classmethod
     def matches_template(cls, template: str) -> bool:
         xml = "<arg_key>" in template or "<tool_call>" in template
-        return xml and "tc.arguments or {}" not in template and "clear_thinking" not in template
+        return xml and "tc.arguments or {}" not in template
 
     def normalize(self, messages, tools):
         msgs, lifted = to_openai(messages)

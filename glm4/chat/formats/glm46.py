@@ -14,4 +14,4 @@ class Glm46(Glm45):
     @classmethod
     def matches_template(cls, template: str) -> bool:
         xml = "<arg_key>" in template or "<tool_call>" in template
-        return xml and "tc.arguments or {}" in template and "clear_thinking" not in template
+        return xml and "tc.arguments or {}" in template
