@@ -15,9 +15,13 @@ def lark_str(s: str) -> str:
     return json.dumps(s, ensure_ascii=False)
 
 
-def json_rule(schema: dict | None) -> str:
+# the separators of json.dumps / jinja's tojson: how the templates write a JSON value into the prompt
+TOJSON_OPTS = {**JSON_OPTS, "item_separator": ", ", "key_separator": ": "}
+
+
+def json_rule(schema: dict | None, opts: dict | None = None) -> str:
     s = dict(schema) if schema else dict(ANY_OBJECT)
-    s["x-guidance"] = {**JSON_OPTS, **(s.get("x-guidance") or {})}
+    s["x-guidance"] = {**(opts or JSON_OPTS), **(s.get("x-guidance") or {})}
     return "%json " + json.dumps(s, ensure_ascii=False)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..events import ContentDelta, Event, Notice, ReasoningDelta, ToolCallDelta, ToolCallEnd, ToolCallInvalid
 from ..jsonscan import json_closing_suffix
-from ..lark import json_rule, lark_str, tag
+from ..lark import TOJSON_OPTS, json_rule, lark_str, tag
 from ..messages import text_of
 from ..tools import tool_function
 from .base import THINK_CLOSE, THINK_OPEN, StreamParser, json_str_chars, partial_marker
@@ -272,7 +272,7 @@ def xml_calls_grammar(special: set[str], tools: list[dict], parallel: bool, sep:
                 else:
                     value = f"RAW{s}"
             else:
-                rules.append(f"json_{i}_{j}: {json_rule(spec)}")
+                rules.append(f"json_{i}_{j}: {json_rule(spec, TOJSON_OPTS)}")  # as tojson writes it
                 value = f"json_{i}_{j} {end}"
             rules.append(f"arg_{i}_{j}: {head} {value}")
             parts.append(f"arg_{i}_{j}" + ("" if required else "?"))
@@ -318,7 +318,7 @@ def _minimal_value(kind: str, spec: Any) -> str:
         return spec[0]
     if kind == "raw":
         return "a" * spec[0]
-    return json.dumps(minimal_json(spec), ensure_ascii=False, separators=(",", ":"))
+    return json.dumps(minimal_json(spec), ensure_ascii=False)
 
 
 def xml_closing_suffix(text: str, tools: list[dict], sep: str = "\n", prelude: str = "glm45"
