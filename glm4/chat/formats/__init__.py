@@ -14,9 +14,11 @@ from .chatglm import ChatGLM
 from .glm4 import Glm4, GlmZ1
 from .glm45 import Glm45
 from .glm46 import Glm46
+from .glm47 import Glm47
 
 # checked in this order when sniffing a checkpoint's template: newest first, the first match wins
 FORMATS: dict[str, type[ChatFormatSpec]] = {
+    "glm47": Glm47,
     "glm46": Glm46,
     "glm45": Glm45,
     "glmz1": GlmZ1,
