@@ -87,7 +87,7 @@ def frame(tok, docs: list[str]) -> list[int]:
 # --- greedy agreement -------------------------------------------------------------------------------------------
 def prompts(tok, docs: dict[str, list[str]]) -> list[list[int]]:
     from glm4.assets import default_model
-    from glm4.tokenizer import ChatFormat
+    from glm4.chat import ChatFormat
 
     folder = Path(default_model())
     tpl = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8")).get("chat_template")

@@ -52,7 +52,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--checkpoint", default=None)
     args = ap.parse_args(argv)
 
-    from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, ChatFormat, IncrementalDetokenizer, load_tokenizer
+    from glm4.chat import ChatFormat
+    from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, IncrementalDetokenizer, load_tokenizer
 
     tmp = None
     if args.checkpoint:

@@ -137,7 +137,8 @@ def _parse_ids(s: str) -> list[int]:
 def encode_prompt(model_path: str, text: str):
     """Text prompt -> (ids, tokenizer) through the checkpoint's chat format (glm4.tokenizer)."""
     try:
-        from glm4.tokenizer import ChatFormat, load_tokenizer
+        from glm4.chat import ChatFormat
+        from glm4.tokenizer import load_tokenizer
     except ImportError as e:
         raise ValueError(f"--prompt needs glm4.tokenizer, which is unavailable ({e}); use --prompt-ids") from e
     tok = load_tokenizer(model_path)

@@ -134,8 +134,8 @@ def test_auto_grammar_allows_answer_then_call(llm):
 def test_chat_families(llm):
     """The chatglm format (glm-4-9b-chat) is enforced by the same grammar; GLM-4.5's XML calls under "auto" are
     parsed and validated (required / named are enforced: test_glm45_xml_calls_are_enforced)."""
+    from glm4.chat import ChatFormat
     from glm4.engine.chat import ChatLayer
-    from glm4.tokenizer import ChatFormat
 
     layer0, tok, _ = chat_layer_for(llm)
     layer = ChatLayer(tok, ChatFormat("chatglm"))
@@ -159,8 +159,8 @@ def test_chat_families(llm):
 
 
 def _moe_layer(llm):
+    from glm4.chat import ChatFormat
     from glm4.engine.chat import ChatLayer
-    from glm4.tokenizer import ChatFormat
 
     layer0, tok, _ = chat_layer_for(llm)
     moe = ChatLayer(tok, ChatFormat("glm4_moe"))
@@ -186,7 +186,7 @@ def test_glm45_xml_calls_are_enforced(llm, thinking):
         for choice, max_tokens in (("required", 120), ({"type": "function", "function": {"name": "note"}}, 80),
                                    ({"type": "function", "function": {"name": "get_weather"}}, 64)):
             plan = moe.plan(MSGS, XML_TOOLS, choice, parallel_tool_calls=True, enable_thinking=thinking)
-            assert plan.xml_calls and plan.grammar
+            assert plan.grammar and moe.fmt.spec.close_mode == "xml"
             out = llm.generate([plan.prompt_ids], moe.sampling_params(plan, params(seed=seed, max_tokens=max_tokens)))[0]
             ids = out.outputs[0].token_ids
             assert ids[-1] == obs and len(ids) <= max_tokens, out.text
@@ -236,8 +236,8 @@ def test_glm45_xml_grammar_accepts_the_template_and_rejects_others(llm):
 def test_xml_closing_suffix_completes_every_prefix(text, a, think, second):
     """Every prefix of a GLM-4.5 call reply is closed by xml_closing_suffix into a reply whose calls are valid
     (None only where the prefix stops inside a tag, which the grammar forces to completion)."""
+    from glm4.chat import ChatFormat
     from glm4.engine.constrained import xml_closing_suffix
-    from glm4.tokenizer import ChatFormat
 
     msg = {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "note", "arguments": {"text": text + "xy", "tags": [text]}}}]}
@@ -307,7 +307,7 @@ def test_grammar_processor_masks_to_valid_calls(llm):
     c = layer.compiler
     g = torch.Generator().manual_seed(0)
     for _ in range(3):
-        proc = c.processor(c.tool_calls_grammar(TOOLS, parallel=True))
+        proc = c.processor(layer.fmt.spec.calls_grammar(set(c.special_tokens), TOOLS, True, False))
         ids: list[int] = []
         while len(ids) < 200:
             logits = proc(ids, torch.randn(llm.engine.config.vocab_size, generator=g) * 3)
@@ -473,8 +473,9 @@ def test_constraints_with_a_tokenizer_json(tmp_path):
     """The -hf / 0414 layout (tokenizer.json through `tokenizers`) drives the same grammars."""
     from conftest import train_tokenizer_json
 
+    from glm4.chat import ChatFormat
     from glm4.engine.chat import ChatLayer
-    from glm4.tokenizer import ChatFormat, load_tokenizer
+    from glm4.tokenizer import load_tokenizer
 
     train_tokenizer_json(tmp_path, ['{"city": "Paris", "unit": "c"}', "get_weather add 北京天气", "hello world"] * 50, 500)
     tok = load_tokenizer(tmp_path)

@@ -11,13 +11,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm4.tokenizer import GLM4_SPECIAL_TOKENS, ChatFormat, ChatFormatError, load_tokenizer
-from glm4.tokenizer.chat_template import SEGMENT_ROLES, builtin_template_source, to_native, to_openai
+from glm4.chat import ChatFormat, ChatFormatError
+from glm4.chat.messages import to_native, to_openai
+from glm4.chat.template import SEGMENT_ROLES, builtin_template_source
+from glm4.tokenizer import GLM4_SPECIAL_TOKENS, load_tokenizer
 
 ctu = pytest.importorskip("transformers.utils.chat_template_utils")
 
-FIXTURES = Path(__file__).resolve().parents[1] / ".." / "shared" / "fixtures"
-OFFICIAL_CHATGLM = FIXTURES / "chat_templates" / "glm-4-9b-chat.jinja"
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "chat_templates"  # sources in its README.md
+OFFICIAL_CHATGLM = FIXTURES / "glm-4-9b-chat.jinja"
 
 
 def oracle(template: str, messages, tools=None, add_generation_prompt=True, **kw) -> str:
@@ -28,8 +30,6 @@ def oracle(template: str, messages, tools=None, add_generation_prompt=True, **kw
 
 @pytest.fixture(scope="module")
 def official_chatglm() -> str:
-    if not OFFICIAL_CHATGLM.is_file():
-        pytest.skip("shared fixtures not present")
     return OFFICIAL_CHATGLM.read_text(encoding="utf-8")
 
 
@@ -364,7 +364,7 @@ def test_prefix_labelling_agrees_with_builtin_segments(tok, family):
     # the labelling used for unfamiliar checkpoint templates, run on our own template, gives the built-in labels
     fmt = ChatFormat(family, template=builtin_template_source(family))
     builtin = ChatFormat(family)
-    from glm4.tokenizer.chat_template import normalize
+    from glm4.chat.template import normalize
 
     style = "openai" if family == "glm4_moe" else "native"
     checked = 0
@@ -374,7 +374,7 @@ def test_prefix_labelling_agrees_with_builtin_segments(tok, family):
         checked += 1
         for agp in (False, True):
             nm, tk = normalize(family, msgs, TOOLS)
-            parts = fmt._jinja_parts(tok, nm, tk, agp, None)
+            parts = fmt._jinja_parts(tok, nm, tk, agp, {})
             assert fmt._encode_parts(tok, parts) == builtin.encode_segments(tok, msgs, TOOLS, agp, close_final_turn=False)
     assert checked >= 12
 
@@ -383,7 +383,7 @@ def test_for_checkpoint_takes_the_family_from_the_template(tmp_path):
     """A glm4_moe architecture that ships the glm-4-9b-chat template speaks the chatglm tool format."""
     import json
 
-    from glm4.tokenizer.chat_template import TEMPLATE_DIR
+    from glm4.chat.template import TEMPLATE_DIR
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "glm4_moe"}))
     tpl = (TEMPLATE_DIR / "chatglm.jinja").read_text(encoding="utf-8")

@@ -40,7 +40,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def fmt():
-    from glm4.tokenizer import ChatFormat
+    from glm4.chat import ChatFormat
 
     tpl = json.loads((ASSET / "tokenizer_config.json").read_text(encoding="utf-8"))["chat_template"]
     return ChatFormat("chatglm", tpl)
@@ -109,7 +109,7 @@ def test_chat_prompt_renders_and_encodes(tok, fmt):
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
     with_tools = [{"role": "system", "content": "", "tools": tools}, *msgs]
     # the shipped template is glm-4-9b-chat's: it renders exactly like the built-in chatglm format
-    from glm4.tokenizer import ChatFormat
+    from glm4.chat import ChatFormat
 
     assert fmt.render(with_tools) == ChatFormat("chatglm").render(with_tools)
     assert fmt.encode(tok, with_tools).count(sp["<|system|>"]) == 1

@@ -174,7 +174,8 @@ def test_glm4_generate_is_callable_after_module_import(glm_pair):
 def test_cli_text_prompt_uses_tokenizer_and_chat_format(hf_checkpoint, capsys):
     import base64
 
-    from glm4.tokenizer import ChatFormat, load_tokenizer
+    from glm4.chat import ChatFormat
+    from glm4.tokenizer import load_tokenizer
 
     folder, ref = hf_checkpoint("glm", vocab_size=272)  # 256 byte tokens + GLM-4's 14 special tokens
     (folder / "tokenizer.model").write_text("".join(f"{base64.b64encode(bytes([i])).decode()} {i}\n"

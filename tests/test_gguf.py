@@ -22,6 +22,7 @@ gguf = pytest.importorskip("gguf", reason="the `gguf` package (pip install gguf)
 from conftest import randomize_  # noqa: E402
 from gguf import GGMLQuantizationType as T  # noqa: E402
 
+from glm4.chat import ChatFormat  # noqa: E402
 from glm4.config import config_from_dict  # noqa: E402
 from glm4.layers.moe import StackedExperts  # noqa: E402
 from glm4.models import get_model_class  # noqa: E402
@@ -30,7 +31,7 @@ from glm4.quant.gguf import _quant_linear  # noqa: E402
 from glm4.quant.gguf_quants import dequantize  # noqa: E402
 from glm4.quant.load import load_model  # noqa: E402
 from glm4.quant.qlinear import QuantLinear  # noqa: E402
-from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, ChatFormat, HFTokenizer, load_tokenizer  # noqa: E402
+from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, HFTokenizer, load_tokenizer  # noqa: E402
 from glm4.tokenizer.gguf_meta import GGUFError, read_gguf_header  # noqa: E402
 from glm4.weights import CheckpointError, save_checkpoint  # noqa: E402
 from glm4.weights import load_model as load_safetensors  # noqa: E402

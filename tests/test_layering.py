@@ -1,4 +1,7 @@
-"""Imports flow one way: config → layers → models → weights → quant → {generate, train, engine} → serve → cli.
+"""Imports flow one way: config → layers → models → weights → quant → chat → {generate, train, engine} → serve → cli.
+
+chat (the chat formats and request planning) sits below train (SFT data uses its segments), generate and
+engine (the Python chat API over glm4.LLM lives in glm4.engine.chat); its format modules import no torch.
 
 Checked with `ast` over every module (function-level imports included), so a lazy import cannot hide a
 backwards dependency. `glm4/tokenizer/` is a leaf that imports no torch and nothing else from glm4.
@@ -20,11 +23,12 @@ RANK = {
     "models": 2,
     "weights": 3,
     "quant": 4,
-    "generate": 5,
-    "train": 5,
-    "engine": 5,
-    "serve": 6,
-    "cli": 7,
+    "chat": 5,
+    "generate": 6,
+    "train": 6,
+    "engine": 6,
+    "serve": 7,
+    "cli": 8,
     "assets": 0,
 }
 
@@ -69,8 +73,13 @@ def test_imports_flow_one_way(path: Path):
         assert RANK[target] < RANK[part], f"{path.relative_to(PKG)}:{lineno} imports {mod}: {part} may not depend on {target}"
 
 
-def test_tokenizer_imports_no_torch():
-    for path in (PKG / "tokenizer").rglob("*.py"):
+TORCH_FREE = [PKG / "tokenizer", PKG / "chat" / "formats", *[PKG / "chat" / f"{m}.py" for m in (
+    "events", "jsonscan", "lark", "messages", "template", "tools")]]
+
+
+@pytest.mark.parametrize("root", TORCH_FREE, ids=lambda p: str(p.relative_to(PKG)))
+def test_text_modules_import_no_torch(root: Path):
+    for path in ([root] if root.is_file() else root.rglob("*.py")):
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (

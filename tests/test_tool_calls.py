@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glm4.tokenizer import (
+from glm4.chat import (
     ChatFormat,
     ContentDelta,
     Notice,
@@ -19,8 +19,7 @@ from glm4.tokenizer import (
     ToolCallInvalid,
     ToolCallStart,
     collect,
-    make_stream_parser,
-    parse_text,
+    openai_delta,
 )
 
 TOOLS = [
@@ -41,12 +40,20 @@ def ids():
     return lambda: f"call_{next(counter)}"
 
 
-def batch(family, text, tools=TOOLS):
-    return parse_text(family, text, tools, id_factory=ids())
+def make_stream_parser(family, tools=TOOLS, stream_arguments=True, id_factory=None, prompt=None):
+    return ChatFormat(family).stream_parser(tools, stream_arguments, prompt=prompt, id_factory=id_factory)
 
 
-def stream(family, pieces, tools=TOOLS, stream_arguments=True):
-    p = make_stream_parser(family, tools, stream_arguments=stream_arguments, id_factory=ids())
+def parse_text(family, text, tools=TOOLS, id_factory=None, prompt=None):
+    return ChatFormat(family).parse(text, tools, prompt=prompt, id_factory=id_factory)
+
+
+def batch(family, text, tools=TOOLS, prompt=None):
+    return parse_text(family, text, tools, id_factory=ids(), prompt=prompt)
+
+
+def stream(family, pieces, tools=TOOLS, stream_arguments=True, prompt=None):
+    p = make_stream_parser(family, tools, stream_arguments=stream_arguments, id_factory=ids(), prompt=prompt)
     events = []
     for piece in pieces:
         events += p.feed(piece)
@@ -160,9 +167,9 @@ def test_glm45_typed_by_schema_and_several_calls():
     assert json.loads(r.tool_calls[0]["function"]["arguments"]) == {
         "metric": True, "opts": {"u": [1, 2]}, "tags": ["a", "b"], "city": "3"}  # city is a string in the schema
     assert batch("glm4_moe", GLM45_SAMPLES[3]).tool_calls[0]["function"]["arguments"] == "{}"
-    r = batch("glm4_moe", GLM45_SAMPLES[8])
-    assert r.tool_calls == [] and r.content == "plain answer"
-    assert r.reasoning == "思考 <tool_call>not a call</tool_call>"
+    r = batch("glm4_moe", GLM45_SAMPLES[8])  # a <tool_call> ends the thinking (here: not a known tool)
+    assert r.tool_calls == [] and r.content == "<tool_call>not a call</tool_call>\n\n\nplain answer"
+    assert r.reasoning == "思考" and any("unknown tool 'not a call'" in d for d in r.diagnostics)
 
 
 @pytest.mark.parametrize("text,reason", [(GLM45_SAMPLES[4], "truncated"), (GLM45_SAMPLES[5], "unknown tool"),
@@ -195,9 +202,9 @@ def test_stream_emits_name_then_argument_deltas():
     deltas = [e for e in flat if isinstance(e, ToolCallDelta)]
     assert len(deltas) > 5 and "".join(d.arguments for d in deltas) == '{"city": "北京", "days": 3}'
     assert isinstance(flat[-1], ToolCallEnd)
-    assert flat[0].openai_delta() == {"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
-                                                      "function": {"name": "get_weather", "arguments": ""}}]}
-    assert deltas[0].openai_delta() == {"tool_calls": [{"index": 0, "function": {"arguments": deltas[0].arguments}}]}
+    assert openai_delta(flat[0]) == {"tool_calls": [{"index": 0, "id": "call_0", "type": "function",
+                                                     "function": {"name": "get_weather", "arguments": ""}}]}
+    assert openai_delta(deltas[0]) == {"tool_calls": [{"index": 0, "function": {"arguments": deltas[0].arguments}}]}
 
 
 @pytest.mark.parametrize("family,samples", [("chatglm", GLM4_SAMPLES), ("glm4_moe", GLM45_SAMPLES)])

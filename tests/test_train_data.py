@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from glm4.tokenizer import ChatFormat, load_tokenizer
+from glm4.chat import ChatFormat
+from glm4.tokenizer import load_tokenizer
 from glm4.train.data import (
     DataError,
     SFTDataset,

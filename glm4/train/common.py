@@ -62,7 +62,7 @@ def load_tok(folder: str | Path | None):
 
 
 def load_chat_format(folder: str | Path | None, family: str = ""):
-    from glm4.tokenizer import ChatFormat
+    from glm4.chat import ChatFormat
 
     if family:
         return ChatFormat(family)

@@ -183,7 +183,7 @@ def sft_sample(input_ids: list[int], labels: list[int]) -> dict:
 
 
 def encode_conversation(record: dict, tok, fmt, max_length: int | None = None) -> dict:
-    from glm4.tokenizer import ChatFormatError
+    from glm4.chat import ChatFormatError
 
     messages, tools = normalize_messages(record)
     try:
