@@ -178,15 +178,22 @@ def test_thinking_switches_reach_the_template(tmp_path):
         srv.stop()
 
 
-def test_reasoning_goes_out_under_both_names():
+def test_reasoning_goes_out_under_both_names(server):
     """A reply's thinking is sent as `reasoning_content` and as `reasoning`, whole and as deltas."""
-    from glm4.serve.chat_handler import _delta, _message
+    from glm4.chat import ChatFormat
+    from glm4.chat.planner import ChatPlanner
+    from glm4.serve.chat_handler import _message
 
+    planner = ChatPlanner(server.state.chat.tok, ChatFormat("glm45"), constrain=False)
+    plan = planner.plan(MSGS)
     req = P.ChatCompletionRequest(model="m", messages=MSGS)
-    message, reason = _message(req, "Sunny.", [], "Paris is in France.", "stop")
+    message, reason = _message(req, planner.stream(plan), "<think>Paris is in France.</think>Sunny.", "stop")
     assert message["reasoning_content"] == message["reasoning"] == "Paris is in France." and reason == "stop"
-    assert _delta({"type": "reasoning", "text": "hm"}, legacy=False) == {"reasoning_content": "hm", "reasoning": "hm"}
-    assert "reasoning" not in _message(req, "Sunny.", [], None, "stop")[0]
+    assert message["content"] == "Sunny."
+    parser = planner.stream(plan)
+    deltas = parser.feed_openai("<think>hm</think>") + parser.finish_openai()
+    assert {"reasoning_content": "hm", "reasoning": "hm"} in deltas
+    assert "reasoning" not in _message(req, planner.stream(plan), "Sunny.", "stop")[0]
     P.ResponseMessage.model_validate(message)
 
 

@@ -11,7 +11,9 @@ Large M (prefill) goes through fp32 GEMM (oneDNN / MKL), weights widened a chunk
 from __future__ import annotations
 
 import functools
+import os
 import platform
+import warnings
 
 import torch
 
@@ -20,6 +22,12 @@ try:  # built by setup.py; optional
     HAVE_EXT = True
 except ImportError:
     HAVE_EXT = False
+
+if HAVE_EXT and os.environ.get("GLM4_ISA"):  # e.g. GLM4_ISA=avx2 on an AVX-512 CPU: compare the kernel sets
+    if os.environ["GLM4_ISA"] in ("avx2", "avx512_vnni"):
+        torch.ops.glm4.set_isa(os.environ["GLM4_ISA"])
+    else:
+        warnings.warn(f"GLM4_ISA={os.environ['GLM4_ISA']!r} ignored: avx2 or avx512_vnni", stacklevel=1)
 
 __all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "has_streaming_kernels",
            "max_m", "native_bf16", "quant_isa", "quant_mm"]

@@ -1,11 +1,10 @@
 """POST /v1/chat/completions: messages -> the chat layer's plan (prompt ids, grammar) -> n engine requests ->
 the chat layer's events -> OpenAI messages, or deltas as server-sent events.
 
-This is the one serve module that talks to the chat layer (`glm4.engine.chat`): planning a request, the
-event parser of a reply, and loading the layer for a checkpoint. Events become OpenAI shapes here only:
-{"type": "content" | "reasoning", "text"} and {"type": "tool_call", "index", "arguments", + "id"/"name" first}.
-Thinking goes out as `reasoning_content` (DeepSeek / older vLLM) and as `reasoning` (newer vLLM). A request
-that used the legacy `functions` gets the legacy `function_call` (one call, finish_reason "function_call").
+This is the one serve module that talks to the chat layer (`glm4.chat.planner`, loaded for a checkpoint by
+`glm4.engine.chat`): planning a request, and the reply's parser, whose events become OpenAI deltas in one place
+(`glm4.chat.events.openai_delta`: thinking as `reasoning_content` and as `reasoning`). A request that used the
+legacy `functions` gets the legacy `function_call` (one call, finish_reason "function_call").
 """
 
 from __future__ import annotations
@@ -17,7 +16,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from glm4.engine.chat import ChatError, ChatPlan, chat_layer_for
+from glm4.chat.planner import ChatError, ChatPlan
+from glm4.engine.chat import chat_layer_for
 from glm4.serve import protocol as P
 from glm4.serve import serving
 from glm4.serve.errors import aborted, bad_request
@@ -46,14 +46,14 @@ def load_chat(llm, model: str | None) -> ChatSetup:
 def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list]:
     """The request's ChatPlan and one SamplingParams per choice (each with its own grammar matcher)."""
     rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
-    template_kwargs = req.template_kwargs()
     try:
         plan = st.chat.plan(
             [m.model_dump(exclude_none=True) for m in req.messages],
             tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
             tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls is not False, response_format=rf,
-            enable_thinking=template_kwargs.get("enable_thinking"))  # the template kwarg the chat layer takes today
+            enable_thinking=req.enable_thinking, reasoning_effort=req.reasoning_effort,
+            chat_template_kwargs=req.chat_template_kwargs, thinking_budget=req.thinking_budget)
         max_tokens = serving.token_budget(st, len(plan.prompt_ids), req.max_completion_tokens or req.max_tokens,
                                           "messages")
         kw = serving.sampling_kwargs(st, req, max_tokens, bool(req.logprobs), req.top_logprobs or 0)
@@ -83,8 +83,7 @@ async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, 
     for i, outs in enumerate(results):
         last = outs[-1].outputs[0]
         n_gen += len(last.token_ids)
-        content, tool_calls, reasoning = st.chat.parse_full(plan, last.text)
-        message, reason = _message(req, content, tool_calls, reasoning, serving.finish_reason(last.finish_reason))
+        message, reason = _message(req, st.chat.stream(plan), last.text, serving.finish_reason(last.finish_reason))
         choices.append({"index": i, "message": message,
                         "logprobs": _logprobs(st, last.logprobs) if req.logprobs else None, "finish_reason": reason})
     serving.observe_finished(st, t0, n_gen)
@@ -96,43 +95,27 @@ async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, 
 # chat layer output -> OpenAI shapes
 
 
-def _message(req: P.ChatCompletionRequest, content: str | None, tool_calls: list[dict], reasoning: str | None,
-             reason: str | None) -> tuple[dict, str | None]:
+def _message(req: P.ChatCompletionRequest, parser, text: str, reason: str | None) -> tuple[dict, str | None]:
     """The assistant message of a whole reply, and its finish_reason (a reply that calls tools stops for them)."""
-    message: dict = {"role": "assistant", "content": content, "refusal": None, "tool_calls": tool_calls or None}
-    if reasoning:
-        message["reasoning_content"] = message["reasoning"] = reasoning
+    parser.feed_events(text)
+    parser.finish_events()
+    message = {**parser.message(), "refusal": None}
     if req.uses_legacy_functions:
-        message["tool_calls"] = None
-        message["function_call"] = tool_calls[0]["function"] if tool_calls else None
-    return message, _reply_reason(reason, bool(tool_calls), req.uses_legacy_functions)
+        calls = message.pop("tool_calls")
+        message["tool_calls"], message["function_call"] = None, calls[0]["function"] if calls else None
+    return message, _legacy_reason(parser.finish_reason(reason), req.uses_legacy_functions)
 
 
-def _reply_reason(reason: str | None, called: bool, legacy: bool) -> str | None:
-    """A reply that called a tool and stopped, stopped for the call."""
-    if called and reason == "stop":
-        return "function_call" if legacy else "tool_calls"
-    return reason
+def _legacy_reason(reason: str | None, legacy: bool) -> str | None:
+    return "function_call" if legacy and reason == "tool_calls" else reason
 
 
-def _delta(ev: dict, legacy: bool) -> dict | None:
-    """One chat event as an OpenAI delta (None: nothing to send)."""
-    kind = ev["type"]
-    if kind == "content":
-        return {"content": ev["text"]} if ev["text"] else None
-    if kind == "reasoning":
-        return {"reasoning_content": ev["text"], "reasoning": ev["text"]}
-    if kind != "tool_call":
-        return None
-    function = {"arguments": ev.get("arguments", "")}
-    if ev.get("id"):
-        function = {"name": ev["name"], **function}
-    if legacy:
-        return {"function_call": function}
-    call = {"index": ev["index"], "function": function}
-    if ev.get("id"):
-        call.update(id=ev["id"], type="function")
-    return {"tool_calls": [call]}
+def _legacy_delta(delta: dict) -> dict:
+    """An OpenAI delta in the legacy functions shape: the call's function as `function_call`."""
+    if "tool_calls" not in delta:
+        return delta
+    function = delta["tool_calls"][0]["function"]
+    return {"function_call": function if function.get("name") else {"arguments": function["arguments"]}}
 
 
 def _logprobs(st: ServerState, entries: list[dict] | None) -> dict | None:
@@ -166,7 +149,6 @@ def _chat_events(st: ServerState, req: P.ChatCompletionRequest, plan: ChatPlan, 
     async def chunks():
         parsers = [st.chat.stream(plan) for _ in requests]  # model text -> chat events, one per choice
         finished = [False] * len(requests)
-        called = [False] * len(requests)
         first_token = None
         for i in range(len(requests)):
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -177,21 +159,19 @@ def _chat_events(st: ServerState, req: P.ChatCompletionRequest, plan: ChatPlan, 
                 first_token = time.monotonic()
                 st.metrics.observe("time_to_first_token_seconds", first_token - t0)
             n_gen[i] = len(o.token_ids)
-            events = parsers[i].feed(o.delta_text)
+            deltas = parsers[i].feed_openai(o.delta_text)
             if o.finished:
-                events += parsers[i].finish()
+                deltas += parsers[i].finish_openai()
             lp = _logprobs(st, o.delta_logprobs) if req.logprobs else None
-            for ev in events:
-                called[i] = called[i] or ev["type"] == "tool_call"
-                delta = _delta(ev, legacy)
-                if delta is not None:
-                    yield chunk([{"index": i, "delta": delta, "logprobs": lp, "finish_reason": None}])
-                    lp = None
+            for delta in deltas:
+                yield chunk([{"index": i, "delta": _legacy_delta(delta) if legacy else delta, "logprobs": lp,
+                              "finish_reason": None}])
+                lp = None
             if lp is not None and lp["content"]:
                 yield chunk([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": None}])
             if o.finished:
                 finished[i] = True
-                reason = _reply_reason(serving.finish_reason(o.finish_reason), called[i], legacy)
+                reason = _legacy_reason(parsers[i].finish_reason(serving.finish_reason(o.finish_reason)), legacy)
                 yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": reason}])
         if not all(finished):
             raise aborted()

@@ -8,7 +8,8 @@ text-only content) is the chat layer's check, also a 400. As OpenAI reads a requ
 `function_call` (`role: "function"` messages, assistant `function_call`) map onto tools / tool_choice, and the
 reply carries the legacy `function_call`. Extensions as vLLM / SGLang take them: `top_k`, `min_p`,
 `repetition_penalty`, `ignore_eos`, `min_tokens`, `chat_template_kwargs`, `enable_thinking`, `reasoning_effort`
-"none" / "minimal" (= enable_thinking false); also inside a literal `extra_body` object.
+"none" / "minimal" (= enable_thinking false), `thinking_budget` (tokens, then `</think>` is forced); also inside a
+literal `extra_body` object. The chat layer (glm4.chat.planner) combines the thinking switches.
 """
 
 from __future__ import annotations
@@ -254,6 +255,7 @@ class ChatCompletionRequest(_SamplingFields):
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh"] | None = None
     enable_thinking: bool | None = None  # SGLang / DashScope spelling of chat_template_kwargs.enable_thinking
     chat_template_kwargs: dict[str, Any] | None = None  # passed to the chat template (vLLM, SGLang)
+    thinking_budget: int | None = Field(None, ge=1)  # tokens of thinking, then `</think>` is forced
     modalities: list[Literal["text"]] | None = None  # "audio" is refused
     # accepted, no effect here
     store: bool | None = None
@@ -295,17 +297,6 @@ class ChatCompletionRequest(_SamplingFields):
     def uses_legacy_functions(self) -> bool:
         """The request spoke the legacy functions API: the reply carries `function_call`, not `tool_calls`."""
         return self.functions is not None
-
-    def template_kwargs(self) -> dict[str, Any]:
-        """Keyword arguments for the chat template: `chat_template_kwargs`, where it does not set enable_thinking
-        taken from `enable_thinking`, else from `reasoning_effort` ("none" / "minimal": false)."""
-        kw = {k: v for k, v in (self.chat_template_kwargs or {}).items() if v is not None}
-        if "enable_thinking" not in kw:
-            if self.enable_thinking is not None:
-                kw["enable_thinking"] = self.enable_thinking
-            elif self.reasoning_effort in ("none", "minimal"):
-                kw["enable_thinking"] = False
-        return kw
 
 
 class CompletionRequest(_SamplingFields):
