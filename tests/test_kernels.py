@@ -105,6 +105,36 @@ def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r
     assert torch.equal(out, lin.dequantize(torch.float32, slice(r0, r0 + rows)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemm_matches_float64(dtype):
+    """The large-M GEMM (oneDNN on AVX-512 CPUs, else torch's) on the plain weight."""
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(40, 96, generator=g).to(dtype), torch.randn(72, 96, generator=g).to(dtype)
+    y = kernels.gemm(x, w)
+    assert y.dtype == dtype and y.shape == (40, 72)
+    assert rel_err(y, x.double() @ w.double().T) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
+@pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
+def test_quant_linear_large_m_equals_its_dequantized_weight(bits, group, act):
+    """Above max_m the weight is widened a chunk at a time into one GEMM; bf16 activations stay bf16 where the CPU
+    computes in bf16 (the chunk rounded to bf16), else the GEMM is fp32."""
+    g = torch.Generator().manual_seed(bits + group)
+    N, K, M = 300, 192, kernels.max_m(None) + 9
+    q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
+    lin = QuantLinear.from_codes(q, torch.rand(N, K // group, generator=g).half(), None, bits=bits, group_size=group,
+                                 zero_point=8 if bits == 4 else 128)
+    x = torch.randn(M, K, generator=g).to(act)
+    y = lin(x)
+    assert y.dtype == act
+    w = lin.dequantize(torch.float32)
+    if act == torch.bfloat16 and kernels.native_bf16():
+        w = w.bfloat16()
+    assert rel_err(y, x.double() @ w.double().T) < (1e-5 if act == torch.float32 else 1e-2)
+
+
 def test_int4_packing_is_the_q4_0_nibble_order():
     q = torch.arange(64).remainder(16).reshape(1, 64)
     packed = pack_int4(q)

@@ -204,11 +204,14 @@ def kernel_of(m: nn.Module) -> str:
     dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
     if isinstance(m, FloatLinear):
         return (f"{dt(m.weight)} weights: glm4 {kernels.dense_isa()} stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
-                "F.linear above" if kernels.has_streaming_kernels() else f"{dt(m.weight)} weights: F.linear")
+                f"{kernels.gemm_kernel(m.weight.dtype)} above" if kernels.has_streaming_kernels()
+                else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, QuantLinear):
         group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
-        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size)} stream (M<={kernels.max_m(m)}); dequantize + fp32 GEMM above"
+        gemm = kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else "")
+        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size)} stream (M<={kernels.max_m(m)}); "
+                f"dequantize + {gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):
         return f"{str(m.dtype).removeprefix('torch.')} weights: oneDNN prepacked" + (
