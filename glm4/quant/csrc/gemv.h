@@ -13,6 +13,7 @@ struct DenseArgs {
   float* y;
   int64_t M, N, K;
   int wtype;
+  int xperm;  // bf16 on AVX-512: x permuted within each 32 columns (perm32_bf16 below)
 };
 
 // y [M, N] = x [M, K] @ W^T with W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g]
@@ -36,6 +37,10 @@ struct QuantArgs {
 // byte unpacks, which yield the columns as int16 in the order r * 32 + j * 8 + t <- column 32 j + 8 r + t
 // (r: which unpack, j: lane, t: 0..7); the activations are laid out the same way once per call instead.
 inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 8; }
+
+// The bf16 AVX-512 kernel widens 32 weights (one 64-byte load) with in-lane 16-bit unpacks under zero, which
+// yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
+inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c % 4; }
 
 // rows [n0, n1) of y; the _avx512 kernels need xq (int16 activations) with xblock a multiple of 64
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);

@@ -41,7 +41,7 @@ std::string set_isa(const std::string& name) {
 }
 
 void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
-  if (use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
+  if (a.xperm || use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
   else glm4k::dense_rows_avx2(a, n0, n1);
 }
 
@@ -74,6 +74,15 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w) {
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
+  const int64_t K = x.size(1);
+  if (a.wtype == glm4k::kBF16 && use_avx512() && K % 32 == 0) {  // x in the bf16 kernel's column order
+    at::Tensor xp = at::empty_like(xc);
+    const float* src = xc.data_ptr<float>();
+    float* dst = xp.data_ptr<float>();
+    for (int64_t i = 0; i < xc.numel(); ++i) dst[i / 32 * 32 + glm4k::perm32_bf16(i % 32)] = src[i];
+    xc = xp;
+    a.xperm = 1;
+  }
   a.x = xc.data_ptr<float>();
   a.w = wc.data_ptr();
   a.y = y.data_ptr<float>();
