@@ -9,7 +9,6 @@ one fp32 GEMM per busy expert on its widened / dequantized weight.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glm4.layers.moe import StackedExperts, dispatch_experts
@@ -69,12 +68,21 @@ class ExpertPack(nn.Module):
             y = torch.ops.glm4.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
                                          self.group_size, self.zero_point)
             return y.to(xs.dtype)
-        out, start = [], 0  # many tokens per expert (prefill): a GEMM per busy expert
+        out, start = [], 0  # many tokens per expert (prefill): each busy expert as its own linear
         for e, n in enumerate(c):
             if n:
-                out.append(F.linear(xs[start:start + n], self.weight_of(e, xs.dtype)))
+                out.append(self._expert_mm(e, xs[start:start + n]))
                 start += n
         return torch.cat(out) if out else xs.new_zeros(0, self.out_features)
+
+    def _expert_mm(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """x [n, K] through expert e: a QuantLinear view of its codes (streaming kernel for few tokens, else
+        dequantize + GEMM a chunk at a time), or its dense weight (streaming kernel, else the large-M GEMM)."""
+        if self.bits:
+            return self.expert(e)(x)
+        if kernels.has_streaming_kernels() and x.device.type == "cpu" and x.shape[0] <= kernels.dense_max_m():
+            return kernels.dense_mm(x.float(), self.weight[e]).to(x.dtype)
+        return kernels.gemm(x, self.weight[e].to(x.dtype))
 
     def extra_repr(self) -> str:
         kind = (f"{str(self.weight.dtype).removeprefix('torch.')}" if self.bits == 0 else
