@@ -42,7 +42,8 @@ inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 
 // yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
 inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c % 4; }
 
-// rows [n0, n1) of y; the _avx512 kernels need xq (int16 activations) with xblock a multiple of 64
+// rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
+// codes in groups of 16k columns (fp32 activations)
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);

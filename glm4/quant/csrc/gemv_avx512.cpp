@@ -341,6 +341,71 @@ void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) int16_rows_rb<BITS, MODE, 1>(a, n);
 }
 
+// Integer codes against fp32 activations, for M >= 2 (one widened weight feeds several tokens): per group, codes
+// widened to fp32 16 at a time accumulate against x in p, then acc += s * p. 8-bit: groups of 16k columns; 4-bit:
+// each 32-column block's low nibbles are its first 16 columns and its high nibbles the next 16 (q4_0 order).
+template <int BITS, int RB, int MT>
+inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g;
+  constexpr int STEP = BITS == 8 ? 16 : 32;
+  __m512 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const float* x = a.x + m0 * K;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  for (int64_t gi = 0; gi < G; ++gi) {
+    __m512 p[RB][MT];
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < MT; ++m) p[r][m] = _mm512_setzero_ps();
+    for (int64_t k = gi * g; k < (gi + 1) * g; k += STEP) {
+      for (int r = 0; r < RB; ++r) {
+        if constexpr (BITS == 8) {
+          const int8_t* q = static_cast<const int8_t*>(a.q) + (n + r) * K + k;
+          if (k % 64 == 0) prefetch(q, RB * K);
+          const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+          for (int m = 0; m < MT; ++m) p[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), p[r][m]);
+        } else {
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
+          if (k % 128 == 0) prefetch(q, RB * K / 2);
+          const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+          const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
+          const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));
+          for (int m = 0; m < MT; ++m) {
+            p[r][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), p[r][m]);
+            p[r][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), p[r][m]);
+          }
+        }
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      const __m512 sv = _mm512_set1_ps(load_scale(a.scales, a.scale_f16, (n + r) * G + gi));
+      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(p[r][m], sv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
+}
+
+template <int BITS, int RB>
+inline void fma_rows_rb(const QuantArgs& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
+      case 1: fma_tile<BITS, RB, 1>(a, n, m0); break;
+      case 2: fma_tile<BITS, RB, 2>(a, n, m0); break;
+      case 3: fma_tile<BITS, RB, 3>(a, n, m0); break;
+      default: fma_tile<BITS, RB, 4>(a, n, m0); break;
+    }
+  }
+}
+
+template <int BITS>
+void fma_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + 2 <= n1; n += 2) fma_rows_rb<BITS, 2>(a, n);
+  for (; n < n1; ++n) fma_rows_rb<BITS, 1>(a, n);
+}
+
 }  // namespace
 
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
@@ -357,8 +422,10 @@ void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
   if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
   else if (a.bits == 4 && a.xperm) int16_rows<4, kLanes>(a, n0, n1);
-  else if (a.bits == 4) int16_rows<4, kPlain>(a, n0, n1);
-  else int16_rows<8, kPlain>(a, n0, n1);
+  else if (a.bits == 4 && a.xq) int16_rows<4, kPlain>(a, n0, n1);
+  else if (a.bits == 4) fma_rows<4>(a, n0, n1);
+  else if (a.xq) int16_rows<8, kPlain>(a, n0, n1);
+  else fma_rows<8>(a, n0, n1);
 }
 
 }  // namespace glm4k
