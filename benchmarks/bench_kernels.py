@@ -119,8 +119,8 @@ def table(results: dict[str, dict[tuple[str, int], float]], args: BenchArgs) -> 
 
 def bench_model(args: BenchArgs) -> str:
     """Greedy decode tokens/s of a checkpoint per scheme (reference generator, batch 1, 16-token prompt)."""
-    from glm4.generate import generate
     from glm4.quant import quantize
+    from glm4.reference import generate
     from glm4.weights import load_model
 
     ids = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(0))

@@ -42,7 +42,7 @@ def compare(path: Path, llama_python: str) -> dict:
     import torch
 
     import glm4
-    from glm4.generate import generate
+    from glm4.reference import generate
 
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "logits.npy")

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "glm4.quant.load",  # safetensors folders, quantized HF formats, GGUF files
-    "generate": "glm4.generate",
+    "generate": "glm4.reference",  # the reference generator (the engine's correctness oracle)
     "load_config": "glm4.config",
     "LLM": "glm4.engine.llm",
     "SamplingParams": "glm4.engine.sampling_params",
@@ -25,7 +25,6 @@ def __getattr__(name: str):
     if name in _LAZY:
         mod = importlib.import_module(_LAZY[name])
         obj = getattr(mod, name)
-        # glm4.generate is both a module and a function; the function wins on the package
         globals()[name] = obj
         return obj
     raise AttributeError(f"module 'glm4' has no attribute {name!r}")

@@ -6,7 +6,7 @@ import importlib
 import sys
 
 COMMANDS = {
-    "generate": ("glm4.generate", "generate token ids (or text) from a checkpoint with the reference generator"),
+    "generate": ("glm4.reference", "generate token ids (or text) from a checkpoint with the reference generator"),
     "chat": ("glm4.serve.chat_cli", "terminal chat with streaming output and tools"),
     "serve": ("glm4.serve.serve_cli", "OpenAI-compatible HTTP server"),
     "bench": ("glm4.engine.bench", "benchmark the engine side by side with HF transformers"),

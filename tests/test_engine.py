@@ -8,8 +8,8 @@ from conftest import randomize_, tiny_config
 
 from glm4.config import config_from_dict
 from glm4.engine import LLM, SamplingParams
-from glm4.generate import generate
 from glm4.models import get_model_class
+from glm4.reference import generate
 
 LENGTHS = [1, 2, 3, 5, 8, 13, 16, 17, 20, 31, 32, 33, 40, 47, 64, 70]
 NEW = 10

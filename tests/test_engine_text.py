@@ -9,7 +9,7 @@ import torch
 from test_engine import tiny_model
 
 from glm4.engine import LLM, SamplingParams
-from glm4.generate import generate
+from glm4.reference import generate
 from glm4.tokenizer import load_tokenizer
 from glm4.weights import save_checkpoint
 

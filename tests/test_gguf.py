@@ -642,7 +642,7 @@ def test_chat_family_from_architecture_without_template(tmp_path):
 
 def test_llm_and_generate_cli_open_gguf(tmp_path, capsys):
     import glm4
-    from glm4.generate import main
+    from glm4.reference import main
 
     tok_json = _glm_tokenizer_json(tmp_path / "hf")
     add, vocab = _gguf_vocab(tok_json, pad_to=416)

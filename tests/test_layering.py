@@ -1,6 +1,6 @@
-"""Imports flow one way: config → layers → models → weights → quant → chat → {generate, train, engine} → serve → cli.
+"""Imports flow one way: config → layers → models → weights → quant → chat → {reference, train, engine} → serve → cli.
 
-chat (the chat formats and request planning) sits below train (SFT data uses its segments), generate and
+chat (the chat formats and request planning) sits below train (SFT data uses its segments), reference and
 engine (the Python chat API over glm4.LLM lives in glm4.engine.chat); its format modules import no torch.
 
 Checked with `ast` over every module (function-level imports included), so a lazy import cannot hide a
@@ -24,7 +24,7 @@ RANK = {
     "weights": 3,
     "quant": 4,
     "chat": 5,
-    "generate": 6,
+    "reference": 6,
     "train": 6,
     "engine": 6,
     "serve": 7,

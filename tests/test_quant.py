@@ -15,7 +15,6 @@ from conftest import randomize_, tiny_config
 from torch import nn
 
 from glm4.config import config_from_dict
-from glm4.generate import generate
 from glm4.models import build_model
 from glm4.quant import (
     PackedLinear,
@@ -33,6 +32,7 @@ from glm4.quant import int8 as int8_mod
 from glm4.quant.fast_linear import has_op, kernel_max_m
 from glm4.quant.int4 import layout_known, quantize_int4
 from glm4.quant.int8 import quantize_int8
+from glm4.reference import generate
 
 BF16_TERMS = 2.0**-7  # three bf16 roundings (2^-9 each) with margin
 SHAPES = [(1, 64, 128, True), (3, 96, 256, False), (5, 100, 64, True)]  # (M, N, K, bias); N=100 is not a multiple of 16

@@ -72,7 +72,7 @@ def perplexity(model, tokens: np.ndarray, seq_len: int, chars: int, max_tokens: 
 
 @torch.no_grad()
 def greedy(model, ids: list[int], eos: list[int], max_new_tokens: int) -> list[int]:
-    from glm4.generate import generate
+    from glm4.reference import generate
 
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, temperature=0.0, eos_token_ids=eos)
     new = out[0, len(ids):].tolist()

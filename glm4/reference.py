@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import types
 
 import torch
 
@@ -196,15 +195,6 @@ def main(argv: list[str] | None = None) -> int:
         print(",".join(str(i) for i in out[0].tolist()))
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    # `glm4.generate` names both this module and the function; importing the module first must not break
-    # `glm4.generate(model, ids)`, so the module itself forwards calls to the function
-    def __call__(self, *args, **kwargs):
-        return generate(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())
