@@ -218,6 +218,7 @@ BAD_CHAT = [  # (what the openai client is asked for, the parameter the error na
     (dict(messages=MSGS, tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": 7}}}]),
      "tools.0.function.parameters"),
     (dict(messages=MSGS, tool_choice="required"), "tool_choice"),  # no tools: the chat layer says so
+    (dict(messages=MSGS, tools=[{"type": "function", "function": WEATHER_FN}] * 2), "tools.1.function.name"),
     (dict(messages=MSGS, tools=[{"type": "function", "function": WEATHER_FN}],
           tool_choice={"type": "function", "function": {"name": "missing"}}), "tool_choice"),
 ]

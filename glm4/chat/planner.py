@@ -317,6 +317,9 @@ class ChatPlanner:
                     check_schema(params, f"tools[{i}].function.parameters")
                 except SchemaError as e:
                     raise ChatError(str(e), f"tools.{i}.function.parameters") from None
+            if any(o["function"]["name"] == fn["name"] for o in out):
+                raise ChatError(f"tools[{i}]: function names must be unique ({fn['name']!r} twice)",
+                                f"tools.{i}.function.name")
             out.append({"type": "function", "function": {k: v for k, v in fn.items() if v is not None}})
         return out or None
 

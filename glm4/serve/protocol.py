@@ -273,10 +273,6 @@ class ChatCompletionRequest(_SamplingFields):
         if self.functions is not None or self.function_call is not None:
             self._map_legacy_functions()
         self.messages = _legacy_messages(self.messages)
-        if self.tools:
-            names = [t.function.name for t in self.tools]
-            if len(set(names)) != len(names):
-                raise ValueError("tools: function names must be unique")
         thinking = (self.chat_template_kwargs or {}).get("enable_thinking")
         if thinking is not None and not isinstance(thinking, bool):
             raise ValueError("chat_template_kwargs.enable_thinking: must be true or false")
