@@ -7,6 +7,7 @@
 #include <cstdint>
 
 #include "gemv.h"
+#include "tiles.h"
 
 namespace glm4k {
 namespace {
@@ -79,28 +80,11 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     }
 }
 
-template <int WT, int RB>
-inline void dense_rows_rb(const DenseArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: dense_tile<WT, RB, 1>(a, n, m0); break;
-      case 2: dense_tile<WT, RB, 2>(a, n, m0); break;
-      case 3: dense_tile<WT, RB, 3>(a, n, m0); break;
-      default: dense_tile<WT, RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
 template <int WT>
-void dense_rows_t(const DenseArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) dense_tile<WT, 4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) dense_rows_rb<WT, 2>(a, n);
-  }
-  for (; n < n1; ++n) dense_rows_rb<WT, 1>(a, n);
-}
+struct DenseTile {
+  template <int RB, int MT>
+  static void run(const DenseArgs& a, int64_t n, int64_t m0) { dense_tile<WT, RB, MT>(a, n, m0); }
+};
 
 inline float load_scale(const void* s, int f16, int64_t i) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
@@ -258,58 +242,24 @@ inline void q4_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + group_correction(a, n + r, xs + m * G);
 }
 
-template <int BITS, int RB>
-inline void quant_rows_rb(const QuantArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: quant_tile<BITS, RB, 1>(a, n, m0); break;
-      case 2: quant_tile<BITS, RB, 2>(a, n, m0); break;
-      case 3: quant_tile<BITS, RB, 3>(a, n, m0); break;
-      default: quant_tile<BITS, RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
-template <int RB>
-inline void q4_rows_rb(const QuantArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: q4_tile_i16<RB, 1>(a, n, m0); break;
-      case 2: q4_tile_i16<RB, 2>(a, n, m0); break;
-      case 3: q4_tile_i16<RB, 3>(a, n, m0); break;
-      default: q4_tile_i16<RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
-void q4_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) q4_tile_i16<4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) q4_rows_rb<2>(a, n);
-  }
-  for (; n < n1; ++n) q4_rows_rb<1>(a, n);
-}
-
 template <int BITS>
-void quant_rows_t(const QuantArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) quant_tile<BITS, 4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) quant_rows_rb<BITS, 2>(a, n);
-  }
-  for (; n < n1; ++n) quant_rows_rb<BITS, 1>(a, n);
-}
+struct QuantTile {
+  template <int RB, int MT>
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { quant_tile<BITS, RB, MT>(a, n, m0); }
+};
+
+struct Q4Int16Tile {
+  template <int RB, int MT>
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { q4_tile_i16<RB, MT>(a, n, m0); }
+};
 
 }  // namespace
 
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
-    case kF32: dense_rows_t<kF32>(a, n0, n1); break;
-    case kBF16: dense_rows_t<kBF16>(a, n0, n1); break;
-    default: dense_rows_t<kF16>(a, n0, n1); break;
+    case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
+    case kBF16: tile_rows<DenseTile<kBF16>>(a, n0, n1); break;
+    default: tile_rows<DenseTile<kF16>>(a, n0, n1); break;
   }
 }
 
@@ -318,9 +268,9 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 }
 
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xq) q4_rows(a, n0, n1);
-  else if (a.bits == 4) quant_rows_t<4>(a, n0, n1);
-  else quant_rows_t<8>(a, n0, n1);
+  if (a.bits == 4 && a.xq) tile_rows<Q4Int16Tile>(a, n0, n1);
+  else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
+  else tile_rows<QuantTile<8>>(a, n0, n1);
 }
 
 }  // namespace glm4k

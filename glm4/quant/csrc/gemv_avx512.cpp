@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "gemv.h"
+#include "tiles.h"
 
 namespace glm4k {
 namespace {
@@ -105,50 +106,16 @@ inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
 }
 
-template <int WT, int RB>
-inline void dense_rows_rb(const DenseArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: dense_tile<WT, RB, 1>(a, n, m0); break;
-      case 2: dense_tile<WT, RB, 2>(a, n, m0); break;
-      case 3: dense_tile<WT, RB, 3>(a, n, m0); break;
-      default: dense_tile<WT, RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
-template <int RB>
-inline void bf16_perm_rows_rb(const DenseArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: bf16_perm_tile<RB, 1>(a, n, m0); break;
-      case 2: bf16_perm_tile<RB, 2>(a, n, m0); break;
-      case 3: bf16_perm_tile<RB, 3>(a, n, m0); break;
-      default: bf16_perm_tile<RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
-void bf16_perm_rows(const DenseArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) bf16_perm_tile<4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) bf16_perm_rows_rb<2>(a, n);
-  }
-  for (; n < n1; ++n) bf16_perm_rows_rb<1>(a, n);
-}
-
 template <int WT>
-void dense_rows_t(const DenseArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) dense_tile<WT, 4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) dense_rows_rb<WT, 2>(a, n);
-  }
-  for (; n < n1; ++n) dense_rows_rb<WT, 1>(a, n);
-}
+struct DenseTile {
+  template <int RB, int MT>
+  static void run(const DenseArgs& a, int64_t n, int64_t m0) { dense_tile<WT, RB, MT>(a, n, m0); }
+};
+
+struct Bf16PermTile {
+  template <int RB, int MT>
+  static void run(const DenseArgs& a, int64_t n, int64_t m0) { bf16_perm_tile<RB, MT>(a, n, m0); }
+};
 
 inline float load_scale(const void* s, int f16, int64_t i) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
@@ -318,28 +285,11 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
 }
 
-template <int BITS, int MODE, int RB>
-inline void int16_rows_rb(const QuantArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: int16_tile<BITS, MODE, RB, 1>(a, n, m0); break;
-      case 2: int16_tile<BITS, MODE, RB, 2>(a, n, m0); break;
-      case 3: int16_tile<BITS, MODE, RB, 3>(a, n, m0); break;
-      default: int16_tile<BITS, MODE, RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
 template <int BITS, int MODE>
-void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) int16_tile<BITS, MODE, 4, 1>(a, n, 0);
-  } else {
-    for (; n + 2 <= n1; n += 2) int16_rows_rb<BITS, MODE, 2>(a, n);
-  }
-  for (; n < n1; ++n) int16_rows_rb<BITS, MODE, 1>(a, n);
-}
+struct Int16Tile {
+  template <int RB, int MT>
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { int16_tile<BITS, MODE, RB, MT>(a, n, m0); }
+};
 
 // Integer codes against fp32 activations, for M >= 2 (one widened weight feeds several tokens): per group, codes
 // widened to fp32 16 at a time accumulate against x in p, then acc += s * p. 8-bit: groups of 16k columns; 4-bit:
@@ -387,45 +337,32 @@ inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
 }
 
-template <int BITS, int RB>
-inline void fma_rows_rb(const QuantArgs& a, int64_t n) {
-  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
-    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
-      case 1: fma_tile<BITS, RB, 1>(a, n, m0); break;
-      case 2: fma_tile<BITS, RB, 2>(a, n, m0); break;
-      case 3: fma_tile<BITS, RB, 3>(a, n, m0); break;
-      default: fma_tile<BITS, RB, 4>(a, n, m0); break;
-    }
-  }
-}
-
 template <int BITS>
-void fma_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
-  int64_t n = n0;
-  for (; n + 2 <= n1; n += 2) fma_rows_rb<BITS, 2>(a, n);
-  for (; n < n1; ++n) fma_rows_rb<BITS, 1>(a, n);
-}
+struct FmaTile {
+  template <int RB, int MT>
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { fma_tile<BITS, RB, MT>(a, n, m0); }
+};
 
 }  // namespace
 
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
-    case kF32: dense_rows_t<kF32>(a, n0, n1); break;
+    case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
     case kBF16:
-      if (a.xperm) bf16_perm_rows(a, n0, n1);
-      else dense_rows_t<kBF16>(a, n0, n1);
+      if (a.xperm) tile_rows<Bf16PermTile>(a, n0, n1);
+      else tile_rows<DenseTile<kBF16>>(a, n0, n1);
       break;
-    default: dense_rows_t<kF16>(a, n0, n1); break;
+    default: tile_rows<DenseTile<kF16>>(a, n0, n1); break;
   }
 }
 
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
-  else if (a.bits == 4 && a.xperm) int16_rows<4, kLanes>(a, n0, n1);
-  else if (a.bits == 4 && a.xq) int16_rows<4, kPlain>(a, n0, n1);
-  else if (a.bits == 4) fma_rows<4>(a, n0, n1);
-  else if (a.xq) int16_rows<8, kPlain>(a, n0, n1);
-  else fma_rows<8>(a, n0, n1);
+  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) tile_rows<Int16Tile<4, kPerm>>(a, n0, n1);
+  else if (a.bits == 4 && a.xperm) tile_rows<Int16Tile<4, kLanes>>(a, n0, n1);
+  else if (a.bits == 4 && a.xq) tile_rows<Int16Tile<4, kPlain>>(a, n0, n1);
+  else if (a.bits == 4) tile_rows<FmaTile<4>>(a, n0, n1);
+  else if (a.xq) tile_rows<Int16Tile<8, kPlain>>(a, n0, n1);
+  else tile_rows<FmaTile<8>>(a, n0, n1);
 }
 
 }  // namespace glm4k

@@ -1,0 +1,33 @@
+// How every streaming kernel walks rows [n0, n1) of y: in tiles of RB weight rows x MT activation rows, one call of
+// Tile::run<RB, MT>(a, n, m0) each. One token: 4 rows a tile (each activation load feeds 4 rows); more tokens:
+// 2 rows x up to 4 tokens (each widened weight feeds 4 tokens). Tile types live in each kernel file's anonymous
+// namespace, so every instantiation is that file's own, compiled for its instruction set.
+#pragma once
+#include <cstdint>
+
+namespace glm4k {
+
+template <class Tile, int RB, class Args>
+inline void tile_tokens(const Args& a, int64_t n) {
+  for (int64_t m0 = 0; m0 < a.M; m0 += 4) {
+    switch (a.M - m0 >= 4 ? 4 : a.M - m0) {
+      case 1: Tile::template run<RB, 1>(a, n, m0); break;
+      case 2: Tile::template run<RB, 2>(a, n, m0); break;
+      case 3: Tile::template run<RB, 3>(a, n, m0); break;
+      default: Tile::template run<RB, 4>(a, n, m0); break;
+    }
+  }
+}
+
+template <class Tile, class Args>
+void tile_rows(const Args& a, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (a.M == 1) {
+    for (; n + 4 <= n1; n += 4) Tile::template run<4, 1>(a, n, 0);
+  } else {
+    for (; n + 2 <= n1; n += 2) tile_tokens<Tile, 2>(a, n);
+  }
+  for (; n < n1; ++n) tile_tokens<Tile, 1>(a, n);
+}
+
+}  // namespace glm4k
