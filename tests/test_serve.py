@@ -158,15 +158,17 @@ def test_penalties_and_accepted_extras(client):
 
 
 def test_completions(client, server):
-    layer = server.state.chat
+    from glm4.serve.completions import encode_prompt
+
+    tok = server.state.tokenizer
     r = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, logprobs=2, seed=0)
     c = r.choices[0]
-    assert r.object == "text_completion" and r.usage.prompt_tokens == len(layer.encode_completion_prompt("Once upon a time"))
+    assert r.object == "text_completion" and r.usage.prompt_tokens == len(encode_prompt(tok, "Once upon a time"))
     assert r.usage.completion_tokens == len(c.logprobs.tokens) and len(c.logprobs.top_logprobs[0]) == 2
     assert c.logprobs.text_offset[0] == 0
     e = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=6, echo=True, seed=0)
     assert e.choices[0].text.startswith("Once upon a time")
-    ids = layer.encode_completion_prompt("hello")
+    ids = encode_prompt(tok, "hello")
     t = client.completions.create(model=MODEL, prompt=ids, max_tokens=4, temperature=0)
     s = client.completions.create(model=MODEL, prompt="hello", max_tokens=4, temperature=0)
     assert t.choices[0].text == s.choices[0].text and t.usage.prompt_tokens == len(ids)

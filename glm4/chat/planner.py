@@ -24,6 +24,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from glm4.tokenizer import TokenTexts
+
 from .events import ContentDelta, Event, Fold, ReasoningDelta, ToolCallDelta, ToolCallStart, openai_deltas
 from .grammar import ConstraintError, GrammarCompiler
 from .thinking import ThinkingGuard
@@ -116,7 +118,7 @@ class ChatPlanner:
         self.constrain = constrain
         self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()
-        self._token_bytes: dict[int, bytes] = {}
+        self.token_texts = TokenTexts(tokenizer)
         self.vocab_guard = VocabGuard(int(tokenizer.vocab_size))
 
     @property
@@ -194,7 +196,7 @@ class ChatPlanner:
             p.logits_processors.append(self.vocab_guard)
         if self.fmt.spec.thinks and plan.thinking is not False:
             p.logits_processors.append(ThinkingGuard(
-                self.token_bytes, self.tok.encode("</think>", allow_special=True), plan.in_reasoning,
+                self.token_texts.bytes, self.tok.encode("</think>", allow_special=True), plan.in_reasoning,
                 budget=plan.thinking_budget))
         if plan.grammar is not None:
             # the closing guard: finish the call (forced calls) or the JSON answer before max_tokens
@@ -225,36 +227,6 @@ class ChatPlanner:
         st.feed(text)
         st.finish()
         return (*st.result(), "".join(st.fold.reasoning) or None)
-
-    # -- tokens
-
-    def token_text(self, token_id: int) -> str:
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def token_bytes(self, token_id: int) -> bytes:
-        b = self._token_bytes.get(token_id)
-        if b is None:
-            try:
-                b = self.tok.decode_bytes([token_id])
-            except ValueError:  # a padding row of the embedding: no text
-                b = b""
-            self._token_bytes[token_id] = b
-        return b
-
-    def token_logprob(self, entry: dict) -> dict:
-        tid = entry["token_id"]
-        return {"token": self.token_text(tid), "logprob": entry["logprob"], "bytes": list(self.token_bytes(tid)),
-                "top_logprobs": [{"token": self.token_text(t), "logprob": lp, "bytes": list(self.token_bytes(t))}
-                                 for t, lp in entry.get("top_logprobs") or []]}
-
-    def encode_completion_prompt(self, text: str) -> list[int]:
-        """A raw /v1/completions prompt: special-token strings allowed; `[gMASK]<sop>` prepended as GLM's tokenizer does."""
-        ids = list(self.tok.encode(text, allow_special=True))
-        sp = self.tok.special_tokens
-        prefix = [sp[s] for s in ("[gMASK]", "<sop>") if s in sp]
-        if len(prefix) == 2 and ids[:1] != prefix[:1]:
-            ids = prefix + ids
-        return ids
 
     # -- validation
 

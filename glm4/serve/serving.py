@@ -20,29 +20,9 @@ from starlette.background import BackgroundTask
 from glm4.serve.async_engine import AsyncEngine, EngineRequest, abort_unfinished
 from glm4.serve.errors import APIError, aborted, bad_request, client_gone
 from glm4.serve.metrics import Metrics
+from glm4.tokenizer import TokenTexts
 
 log = logging.getLogger("glm4.serve")
-
-
-class TokenTexts:
-    """Token id -> its bytes and its text (cached): what logprobs report for a token."""
-
-    def __init__(self, tokenizer):
-        self.tok = tokenizer
-        self._bytes: dict[int, bytes] = {}
-
-    def bytes(self, token_id: int) -> bytes:
-        b = self._bytes.get(token_id)
-        if b is None:
-            try:
-                b = self.tok.decode_bytes([token_id])
-            except ValueError:  # a padding row of the embedding: no text
-                b = b""
-            self._bytes[token_id] = b
-        return b
-
-    def text(self, token_id: int) -> str:
-        return self.bytes(token_id).decode("utf-8", errors="replace")
 
 
 @dataclass

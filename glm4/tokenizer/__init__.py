@@ -15,6 +15,7 @@ from .tokenizer import (
     TiktokenTokenizer,
     Tokenizer,
     TokenizerError,
+    TokenTexts,
     load_tokenizer,
 )
 
@@ -27,5 +28,6 @@ __all__ = [
     "TiktokenTokenizer",
     "Tokenizer",
     "TokenizerError",
+    "TokenTexts",
     "load_tokenizer",
 ]

@@ -368,3 +368,25 @@ class IncrementalDetokenizer:
         if delta:
             self._deltas.append(delta)
         return delta
+
+
+class TokenTexts:
+    """Token id -> its bytes and its text, cached: what logprobs report for a token and what stop / loop guards
+    read (a padding id of the embedding, which no tokenizer knows, is b"")."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._bytes: dict[int, bytes] = {}
+
+    def bytes(self, token_id: int) -> bytes:
+        b = self._bytes.get(token_id)
+        if b is None:
+            try:
+                b = self.tok.decode_bytes([token_id])
+            except ValueError:
+                b = b""
+            self._bytes[token_id] = b
+        return b
+
+    def text(self, token_id: int) -> str:
+        return self.bytes(token_id).decode("utf-8", errors="replace")
