@@ -37,6 +37,15 @@ def test_budget_forces_the_end_of_thinking():
     assert text(ids)[len("abcde</think>"):] == "ijab"  # after thinking: untouched (steps 8..11)
 
 
+def test_budget_waits_for_a_split_character_to_finish():
+    """A token that ends inside a UTF-8 character (here the first two bytes of "晴") is completed before
+    "</think>" is forced: a grammar would allow only the continuation byte, and the text stays valid."""
+    vocab = VOCAB | {21: "晴".encode()[:2], 22: "晴".encode()[2:]}
+    guard = ThinkingGuard(vocab.__getitem__, CLOSE, in_reasoning=True, budget=2, repeats=None)
+    ids = run(guard, lambda s: [0, 21, 22][s] if s < 3 else 1, 8)
+    assert b"".join(vocab[i] for i in ids).decode().startswith("a晴</think>")
+
+
 def test_thinking_opened_by_the_reply_and_no_budget():
     guard = ThinkingGuard(VOCAB.__getitem__, CLOSE, in_reasoning=False, budget=3, repeats=None)
     ids = run(guard, lambda s: [0, 1, 20, 2, 3, 4, 5, 6][s] if s < 8 else 7, 12)

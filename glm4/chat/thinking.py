@@ -34,6 +34,16 @@ def repeated_tail(ids: list[int], repeats: int, max_period: int, min_span: int) 
     return None
 
 
+def _ends_mid_character(text: bytes) -> bool:
+    """True when `text` ends inside a UTF-8 character (a lead byte whose continuation bytes have not all come)."""
+    for back in range(1, min(4, len(text)) + 1):
+        b = text[-back]
+        if b & 0xC0 != 0x80:  # not a continuation byte: the last character starts here
+            need = 2 if b & 0xE0 == 0xC0 else 3 if b & 0xF0 == 0xE0 else 4 if b & 0xF8 == 0xF0 else 1
+            return need > back
+    return False
+
+
 class ThinkingGuard:
     """Logits processor `fn(generated_ids, logits[V]) -> logits[V]` ending thinking by budget or on a loop."""
 
@@ -71,6 +81,8 @@ class ThinkingGuard:
         if self.done or not self.in_think:
             return logits
         if not self.forcing:
+            if _ends_mid_character(self.text):  # a token split a UTF-8 character: let it finish (a grammar would
+                return logits                   # allow nothing else, and "</think>" could not follow)
             if self.budget is not None and len(self.think_ids) >= self.budget:
                 self.reason = "budget"
             elif self.repeats and repeated_tail(self.think_ids, self.repeats, self.max_period, self.min_span):
