@@ -112,6 +112,8 @@ def test_int8_engine_equals_reference_on_the_same_quantized_model(glm):
     assert [o.token_ids for o in outs] == reference(llm.model, prompts[:5])
     with pytest.raises(ValueError, match="quantization"):
         LLM.from_model(model, quantization="int3")
+    with pytest.raises(ValueError, match="linear='packed'"):  # one name for one thing: packing is a linear kernel
+        LLM.from_model(model, quantization="packed")
 
 
 def test_moe_model_equals_reference():

@@ -66,8 +66,9 @@ class EngineArgs:
         if args.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {args.kv_cache_dtype!r}")
-        if args.quantization not in (None, "int8", "int4", "packed"):
-            raise ValueError(f"quantization must be None, 'int8', 'int4' or 'packed', got {args.quantization!r}")
+        if args.quantization not in (None, "int8", "int4"):
+            hint = " (prepacked oneDNN linears are linear='packed')" if args.quantization == "packed" else ""
+            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {args.quantization!r}{hint}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if name == "max_num_batched_tokens" and args.max_num_batched_tokens is None:
                 continue
