@@ -44,11 +44,11 @@ def encode(text: str) -> list[int]:
 def hf_config(kind: str):
     text = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5, pad_token_id=0,
-                eos_token_id=EOS, attention_bias=True,
+                eos_token_id=EOS,
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                  "mrope_section": [2, 3, 3]})
     if kind == "glm4v_moe":
-        text.update(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        text.update(attention_bias=True, moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
                     first_k_dense_replace=1, n_group=2, topk_group=1, routed_scaling_factor=2.5, norm_topk_prob=True)
     vision = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=96, out_hidden_size=128, patch_size=14,
                   image_size=56, spatial_merge_size=2, temporal_patch_size=2, rms_norm_eps=1e-5)
