@@ -123,3 +123,20 @@ def test_bad_multimodal_request_is_a_value_error():
         llm.engine.add_request("x", short, SamplingParams(max_tokens=2), multi_modal_data=mm)
     with pytest.raises(ValueError, match="no image"):
         llm.engine.add_request("y", ids, SamplingParams(max_tokens=2), multi_modal_data={"pixel_values_videos": None})
+
+
+def test_encoder_runs_once_per_step_for_all_requests():
+    model = tiny_vl("glm4v")
+    reqs = [request(PROMPT, [picture(64, 64, 1)]), request(TWO, [picture(100, 60, 2), picture(60, 90, 3)])]
+    refs = [reference(model, ids, mm) for ids, mm in reqs]
+    calls = []
+    tower = model.image_features
+
+    def counting(pixels, grids):
+        calls.append(len(grids))
+        return tower(pixels, grids)
+
+    model.image_features = counting
+    outs = run(LLM.from_model(model, linear="torch", block_size=4), reqs)
+    assert calls == [3]  # both prompts fit the first step: their three images in one tower call
+    assert [o.outputs[0].token_ids for o in outs] == refs

@@ -181,7 +181,7 @@ def test_greedy_tokens_match(pair):
         ref = hf.generate(**inputs, attention_mask=torch.ones_like(inputs["input_ids"]), max_new_tokens=n,
                           do_sample=False, eos_token_id=EOS, pad_token_id=0)[0].tolist()
     T = inputs["input_ids"].shape[1]
-    media = {k: v for k, v in inputs.items() if k != "input_ids"}
+    media = {k: v for k, v in inputs.items() if k not in ("input_ids", "mm_token_type_ids")}  # types follow the ids
 
     # full recompute: the whole sequence (prompt + tokens so far) with the media, every step
     ids = inputs["input_ids"]
@@ -311,7 +311,8 @@ def test_pixel_bounds_match_transformers():
         assert ours["image_grid_thw"].tolist() == ref["image_grid_thw"].tolist()
         assert np.array_equal(ours["pixel_values"], ref["pixel_values"])
         t, gh, gw = ours["image_grid_thw"][0]
-        assert 40 <= gh * gw // 4 <= 64
+        if max(w, h) / min(w, h) < 4:  # thin images may end over the bound: each side is at least 28 (as the reference)
+            assert 40 <= gh * gw // 4 <= 64
 
 
 def test_token_types_match_transformers_processor():
