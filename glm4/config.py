@@ -1,4 +1,5 @@
-"""Checkpoint configs: one slotted dataclass per `model_type`, fields = config.json keys.
+"""Checkpoint configs: one slotted dataclass per `model_type`, fields = config.json keys (the vision-language
+configs nest theirs: `text_config`, `vision_config`).
 
 `load_config(folder_or_dict)` reads config.json, picks the class by `model_type` and normalizes
 the two RoPE styles found on the hub (transformers 4.x top-level `rope_theta` /
@@ -28,6 +29,8 @@ class RopeSpec:
     interleaved: bool  # GPT-J pairs (x[2i], x[2i+1]) vs NeoX halves (x[i], x[i+d/2])
     max_position_embeddings: int
     scaling: dict | None = None  # {"rope_type": "linear"|"dynamic"|"yarn", "factor": ..., ...}
+    # 3-D M-RoPE (GLM-4.xV): rotary frequencies split into (temporal, height, width) groups of these sizes
+    mrope_section: tuple[int, ...] | None = None
 
 
 def _norm_scaling(s: dict | None) -> dict | None:
@@ -229,14 +232,186 @@ class Glm4MoeConfig(GlmConfig):
                         False, self.max_position_embeddings, _norm_scaling(self.rope_scaling))
 
 
+# ---- GLM-4.xV: a vision tower and a language half with 3-D M-RoPE (`text_config` / `vision_config`) ----------
+
+def _pop_mrope_section(d: dict) -> list[int] | None:
+    """`mrope_section` sits in `rope_parameters` (transformers 5), `rope_scaling` (4.x, type default or mrope) or
+    at the top of text_config; take it out so the rest reads as a plain text config."""
+    section = d.pop("mrope_section", None)
+    for key in ("rope_parameters", "rope_scaling"):
+        rp = d.get(key)
+        if isinstance(rp, dict) and "mrope_section" in rp:
+            rp = dict(rp)
+            section = rp.pop("mrope_section")
+            if rp.pop("type", None) == "mrope" or rp.get("rope_type") == "mrope":
+                rp["rope_type"] = "default"
+            d[key] = rp
+    return section
+
+
+def _mrope_text_from_dict(cls, d: dict):
+    d = dict(d)
+    section = _pop_mrope_section(d)
+    if section is not None:
+        d["mrope_section"] = [int(x) for x in section]
+    return _BaseConfig.from_dict.__func__(cls, d)
+
+
+def _mrope_spec(cfg, interleaved: bool) -> RopeSpec:
+    rotary = int(cfg.head_dim * cfg.partial_rotary_factor)
+    if len(cfg.mrope_section) != 3 or sum(cfg.mrope_section) != rotary // 2:
+        raise ConfigError(f"{cfg.model_type}: mrope_section {cfg.mrope_section} must be 3 groups summing to "
+                          f"rotary_dim/2 = {rotary // 2}")
+    if _norm_scaling(cfg.rope_scaling) is not None:
+        raise ConfigError(f"{cfg.model_type}: rope scaling together with M-RoPE is unsupported")
+    return RopeSpec(cfg.head_dim, rotary, float(cfg.rope_theta), interleaved, cfg.max_position_embeddings, None,
+                    tuple(cfg.mrope_section))
+
+
+@dataclass(slots=True)
+class Glm4vTextConfig(Glm4Config):
+    """GLM-4.1V / 4.6V-Flash language half: glm4 layers, M-RoPE over interleaved pairs. transformers' default
+    `partial_rotary_factor` here is 1.0 (real checkpoints say 0.5)."""
+
+    model_type: str = "glm4v_text"
+    partial_rotary_factor: float = 1.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 32768
+    mrope_section: list[int] = field(default_factory=lambda: [8, 12, 12])
+
+    from_dict = classmethod(_mrope_text_from_dict)
+
+    @property
+    def rope(self) -> RopeSpec:
+        return _mrope_spec(self, interleaved=True)
+
+
+@dataclass(slots=True)
+class Glm4vMoeTextConfig(Glm4MoeConfig):
+    """GLM-4.5V / 4.6V language half: glm4_moe layers, M-RoPE over NeoX halves."""
+
+    model_type: str = "glm4v_moe_text"
+    attention_bias: bool = True
+    max_position_embeddings: int = 65536
+    mrope_section: list[int] = field(default_factory=lambda: [8, 12, 12])
+
+    from_dict = classmethod(_mrope_text_from_dict)
+
+    @property
+    def rope(self) -> RopeSpec:
+        return _mrope_spec(self, interleaved=False)
+
+
+@dataclass(slots=True)
+class Glm4vVisionConfig(_BaseConfig):
+    """The GLM-4.1V/4.5V/4.6V ViT (`vision_config`); the MLP inside each block is `out_hidden_size` wide and the
+    merger's is `intermediate_size`, as in the checkpoints."""
+
+    model_type: str = "glm4v_vision"
+    depth: int = 24
+    hidden_size: int = 1536
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    num_heads: int = 12
+    in_channels: int = 3
+    image_size: int = 336
+    patch_size: int = 14
+    rms_norm_eps: float = 1e-5
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 4096
+    intermediate_size: int = 13696
+    rope_theta: float = 10000.0
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "temporal_patch_size"):
+            if not isinstance(getattr(self, name), int):
+                raise ConfigError(f"vision_config.{name} must be one integer, got {getattr(self, name)!r}")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"vision_config: hidden_act {self.hidden_act!r} unsupported (only silu)")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ConfigError("vision_config: hidden_size / num_heads must be a multiple of 4 (2-D rotary)")
+
+
+@dataclass(slots=True)
+class Glm4vConfig(_BaseConfig):
+    """GLM-4.1V-Thinking, GLM-4.6V-Flash (`model_type: glm4v`). The text properties (vocab_size, num_hidden_layers,
+    rope, eos_token_ids, ...) read `text_config`, so the engine and generator treat it as a text model."""
+
+    text_config: Glm4vTextConfig
+    vision_config: Glm4vVisionConfig = field(default_factory=Glm4vVisionConfig)
+    model_type: str = "glm4v"
+    image_token_id: int = 151343
+    video_token_id: int = 151344
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    tie_word_embeddings: bool = False
+    eos_token_id: Any = None
+    torch_dtype: str | None = None
+
+    text_config_class = Glm4vTextConfig
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Glm4vConfig:
+        d = dict(d)
+        for key, sub in (("text_config", cls.text_config_class), ("vision_config", Glm4vVisionConfig)):
+            if isinstance(d.get(key), dict):
+                d[key] = sub.from_dict(d[key])
+        if "text_config" not in d:
+            raise ConfigError(f"{d.get('model_type', cls.__name__)} config is missing required field(s): text_config")
+        if d.get("tie_word_embeddings") is None:
+            d["tie_word_embeddings"] = d["text_config"].tie_word_embeddings
+        return _BaseConfig.from_dict.__func__(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["text_config"], out["vision_config"] = self.text_config.to_dict(), self.vision_config.to_dict()
+        return out
+
+    # the language half's shape, for the engine, generator and trainer
+    vocab_size = property(lambda self: self.text_config.vocab_size)
+    hidden_size = property(lambda self: self.text_config.hidden_size)
+    num_hidden_layers = property(lambda self: self.text_config.num_hidden_layers)
+    num_attention_heads = property(lambda self: self.text_config.num_attention_heads)
+    num_key_value_heads = property(lambda self: self.text_config.num_key_value_heads)
+    head_dim = property(lambda self: self.text_config.head_dim)
+    rms_norm_eps = property(lambda self: self.text_config.rms_norm_eps)
+    max_position_embeddings = property(lambda self: self.text_config.max_position_embeddings)
+    pad_token_id = property(lambda self: self.text_config.pad_token_id)
+    rope = property(lambda self: self.text_config.rope)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        e = self.eos_token_id if self.eos_token_id is not None else self.text_config.eos_token_id
+        if e is None:
+            return []
+        return list(e) if isinstance(e, (list, tuple)) else [int(e)]
+
+
+@dataclass(slots=True)
+class Glm4vMoeConfig(Glm4vConfig):
+    """GLM-4.5V, GLM-4.6V (`model_type: glm4v_moe`): the same tower on the GLM-4.5-Air MoE language model."""
+
+    text_config: Glm4vMoeTextConfig
+    model_type: str = "glm4v_moe"
+    image_token_id: int = 151363
+    video_token_id: int = 151364
+
+    text_config_class = Glm4vMoeTextConfig
+
+
 CONFIGS: dict[str, type[_BaseConfig]] = {
     "chatglm": ChatGLMConfig,
     "glm": GlmConfig,
     "glm4": Glm4Config,
     "glm4_moe": Glm4MoeConfig,
+    "glm4v": Glm4vConfig,
+    "glm4v_moe": Glm4vMoeConfig,
 }
 
-AnyConfig = ChatGLMConfig | GlmConfig | Glm4Config | Glm4MoeConfig
+AnyConfig = ChatGLMConfig | GlmConfig | Glm4Config | Glm4MoeConfig | Glm4vConfig | Glm4vMoeConfig
 
 
 def config_from_dict(d: dict[str, Any]) -> AnyConfig:

@@ -30,6 +30,7 @@ RANK = {
     "serve": 7,
     "cli": 8,
     "assets": 0,
+    "media": 0,  # images and videos for the vision models: PIL + numpy, no torch (below)
 }
 
 
@@ -86,6 +87,16 @@ def test_text_modules_import_no_torch(root: Path):
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             for n in names:
                 assert n.split(".")[0] not in ("torch", "transformers", "numpy"), f"{path.name} imports {n}"
+
+
+def test_media_imports_no_torch():
+    for path in (PKG / "media").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for n in names:
+                assert n.split(".")[0] not in ("torch", "transformers"), f"media/{path.name} imports {n}"
 
 
 # `glm4 bench` runs transformers as the peer in the same run (an optional import inside a function)

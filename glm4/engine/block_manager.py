@@ -1,8 +1,8 @@
 """Paged KV-cache bookkeeping: fixed-size blocks, reference counts, hash-based prefix caching. Pure Python.
 
 A block is full once `block_size` tokens of a sequence have K/V computed in it; its hash chains the
-previous block's hash with its token ids, so equal hashes mean equal prefixes (token ids are compared
-too, against collisions). Freed blocks keep their hash and stay findable until the slot is reused
+previous block's hash with its token ids (and the content keys of images placed in it: `Sequence.block_key`),
+so equal hashes mean equal prefixes (the keys are compared too, against collisions). Freed blocks keep their hash and stay findable until the slot is reused
 (least recently freed first), which is what makes a repeated system prompt nearly free.
 """
 
@@ -14,17 +14,17 @@ from glm4.engine.sequence import Sequence
 
 
 class Block:
-    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")  # token_ids: the block's key (Sequence.block_key)
 
     def __init__(self, block_id: int):
         self.block_id = block_id
         self.ref_count = 0
         self.hash: int | None = None
-        self.token_ids: tuple[int, ...] | None = None
+        self.token_ids: tuple | None = None
 
 
-def block_hash(prev_hash: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((prev_hash, token_ids))
+def block_hash(prev_hash: int | None, key: tuple) -> int:
+    return hash((prev_hash, key))
 
 
 class BlockManager:
@@ -56,7 +56,7 @@ class BlockManager:
         out = []
         for i, h in enumerate(hashes):
             bid = self.cached.get(h)
-            if bid is None or self.blocks[bid].token_ids != tuple(seq.token_ids[i * bs:(i + 1) * bs]):
+            if bid is None or self.blocks[bid].token_ids != seq.block_key(i, bs):
                 break
             out.append(bid)
         return out
@@ -67,7 +67,7 @@ class BlockManager:
         memo, bs = seq.prefix_hashes, self.block_size
         h = memo[-1] if memo else None
         for i in range(len(memo), num_blocks):
-            h = block_hash(h, tuple(seq.token_ids[i * bs:(i + 1) * bs]))
+            h = block_hash(h, seq.block_key(i, bs))
             memo.append(h)
         return memo[:num_blocks]
 
@@ -131,7 +131,7 @@ class BlockManager:
             seq.block_hashes.append(h)
             b = self.blocks[seq.block_table[i]]
             if b.hash is None:
-                b.hash, b.token_ids = h, tuple(seq.token_ids[i * bs:(i + 1) * bs])
+                b.hash, b.token_ids = h, seq.block_key(i, bs)
                 self.cached.setdefault(h, b.block_id)
 
     def free_seq(self, seq: Sequence) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from glm4.engine.block_manager import BlockManager
 from glm4.engine.model_runner import KV_CACHE_DTYPES, ModelRunner, available_memory, kv_bytes_per_token, kv_cache_dtype
+from glm4.engine.multimodal import MultimodalPrompt
 from glm4.engine.sampling_params import SamplingParams
 from glm4.engine.scheduler import Scheduler
 from glm4.engine.sequence import CompletionOutput, RequestOutput, Sequence
@@ -159,8 +160,12 @@ class LLMEngine:
             raise ValueError(f"prompt token id(s) {bad[:5]} out of range [0, {self.config.vocab_size})")
         return ids
 
-    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None) -> str:
-        """Queue a request (n samples of one prompt). Raises ValueError for a bad prompt or parameters."""
+    def add_request(self, request_id: str | None, prompt: str | list[int], params: SamplingParams | None = None,
+                    multi_modal_data: dict | None = None) -> str:
+        """Queue a request (n samples of one prompt). Raises ValueError for a bad prompt or parameters.
+
+        `multi_modal_data` (vision models): {"pixel_values", "image_grid_thw", "pixel_values_videos",
+        "video_grid_thw"} as glm4.media gives them, the prompt holding the expanded placeholders."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a glm4.SamplingParams")
@@ -174,6 +179,12 @@ class LLMEngine:
             raise ValueError(f"the prompt has {len(ids)} tokens but the context holds at most {self.max_model_len} "
                              f"(model limit {self.config.rope.max_position_embeddings}, KV cache {self.num_kv_tokens} "
                              "tokens); shorten it or give the KV cache more memory")
+        mm = None
+        if multi_modal_data:
+            unknown = sorted(set(multi_modal_data) - MultimodalPrompt.INPUTS)
+            if unknown:
+                raise ValueError(f"unknown multi_modal_data key(s) {unknown}; expected {sorted(MultimodalPrompt.INPUTS)}")
+            mm = MultimodalPrompt.build(self.model, ids, **multi_modal_data)
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._ids)}"
@@ -186,6 +197,7 @@ class LLMEngine:
             seqs = []
             for i in range(params.n):
                 seq = Sequence(request_id, i, ids, params if params.n == 1 else params.clone_for_child(i), now)
+                seq.mm = mm
                 if self.tokenizer is not None:
                     seq.detok = _detokenizer(self.tokenizer, seq.params.skip_special_tokens)
                 seqs.append(seq)

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from glm4.engine.multimodal import mrope_positions, multimodal_embeddings
 from glm4.engine.sampler import Sampler
 from glm4.engine.scheduler import ScheduledBatch
 from glm4.engine.sequence import Sequence
@@ -62,10 +63,11 @@ class ModelRunner:
         """Forward the scheduled tokens; sample for sequences whose chunk reaches their last token.
         Returns (sampled sequences, their new token ids, logprob entries)."""
         ids: list[int] = []
-        ctx_lens, q_lens, tables, last, sampled = [], [], [], [], []
+        ctx_lens, q_lens, tables, last, sampled, spans = [], [], [], [], [], []
         for seq, n in zip(batch.seqs, batch.num_tokens):
             c = seq.num_computed_tokens
             ids.extend(seq.token_ids[c:c + n])
+            spans.append((seq, c, n))
             ctx_lens.append(c)
             q_lens.append(n)
             tables.append(seq.block_table)
@@ -75,6 +77,8 @@ class ModelRunner:
         ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)[None]  # [1, N]
         positions = ctx.positions.to(self.device)[None]  # [1, N]
+        if any(seq.mm is not None for seq in batch.seqs):
+            return self._run_multimodal(input_ids, spans, ctx, last, sampled)
         if not sampled:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
             if hasattr(self.model, "hidden_states"):
                 self.model.hidden_states(input_ids, positions, ctx)
@@ -83,5 +87,17 @@ class ModelRunner:
             return [], [], []
         logits = self.model(input_ids, positions=positions, ctx=ctx,
                             logits_indices=torch.tensor(last, device=self.device))  # [K, V]
+        tokens, entries = self.sampler(logits, sampled)
+        return sampled, tokens, entries
+
+    def _run_multimodal(self, input_ids, spans, ctx, last, sampled):
+        """A step holding a request with images / videos (glm4.engine.multimodal): M-RoPE positions, media rows
+        placed into the token embeddings, then the language model."""
+        positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
+        embeds = multimodal_embeddings(self.model, input_ids, spans)
+        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds)
+        if not sampled:
+            return [], [], []
+        logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1])[torch.tensor(last, device=self.device)])
         tokens, entries = self.sampler(logits, sampled)
         return sampled, tokens, entries

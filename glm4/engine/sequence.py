@@ -49,6 +49,7 @@ class Sequence:
         self.cumulative_logprob = 0.0
         self.first_token_time: float | None = None
         self.detok = None  # IncrementalDetokenizer, set by the engine when a tokenizer exists
+        self.mm = None  # glm4.engine.multimodal.MultimodalPrompt of a request with images / videos
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -68,6 +69,13 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def block_key(self, i: int, block_size: int) -> tuple:
+        """What block i holds, for the prefix cache: its token ids, and with media the content keys of the images
+        whose placeholders fall in it (same placeholder tokens, another picture: another key)."""
+        toks = tuple(self.token_ids[i * block_size:(i + 1) * block_size])
+        keys = self.mm.keys_in(i * block_size, (i + 1) * block_size) if self.mm is not None else ()
+        return (toks, keys) if keys else toks
 
     def reset_for_recompute(self) -> None:
         """After preemption: forget the cache; prompt + generated tokens are prefilled again."""

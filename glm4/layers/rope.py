@@ -8,6 +8,10 @@ Usage: `rope = Rope(spec)`; once per forward `cs = rope.cos_sin(positions, dtype
 2-D positions [B, T, 2] (GLM blank infilling): the rotary dims split into two halves, each its own RoPE of
 rotary_dim/2 dims (ChatGLM-6B style, full frequency range in each); the first half turns by
 positions[..., 0], the second by positions[..., 1].
+
+3-D M-RoPE (GLM-4.xV, `spec.mrope_section` set): positions [B, T, 3] = (temporal, height, width); the
+rotary_dim/2 frequencies split into three consecutive groups of `mrope_section` sizes, group i turning by
+positions[..., i]; then laid out over the pairs as usual. [B, T] positions mean t = h = w (plain text).
 """
 
 from __future__ import annotations
@@ -121,8 +125,23 @@ class Rope:
         il = self.spec.interleaved
         return _expand((freqs.cos() * scale).to(dtype), il), _expand((freqs.sin() * scale).to(dtype), il)
 
+    def _mrope_table(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # pos [B, T, 3] -> each frequency turns by the axis its mrope_section group names
+        inv, _ = self._inv_freq(self.spec.rotary_dim, pos.device, 0)
+        axis = torch.repeat_interleave(torch.arange(3, device=pos.device),
+                                       torch.tensor(self.spec.mrope_section, device=pos.device))  # [R/2]
+        freqs = pos.float().index_select(-1, axis) * inv  # [B, T, R/2]
+        il = self.spec.interleaved
+        return _expand(freqs.cos().to(dtype), il), _expand(freqs.sin().to(dtype), il)
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype = torch.float32) -> CosSin:
-        """positions [B, T] (or [B, T, 2]) -> tables cast to `dtype` (the activations' dtype, as transformers)."""
+        """positions [B, T] (or [B, T, 2], or [B, T, 3] for M-RoPE) -> tables cast to `dtype` (the activations'
+        dtype, as transformers)."""
+        if self.spec.mrope_section is not None:
+            if positions.dim() == 2:
+                positions = positions[..., None].expand(*positions.shape, 3)
+            cos, sin = self._mrope_table(positions, dtype)
+            return CosSin(cos, sin, self.spec.rotary_dim, self.spec.interleaved)
         # dynamic NTK: transformers scales by the largest position in the call (+1); only then a host sync
         dynamic = (self.spec.scaling or {}).get("rope_type") == "dynamic"
         seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else 0

@@ -12,6 +12,8 @@ MODELS: dict[str, tuple[str, str]] = {
     "glm": ("glm4.models.glm", "GlmForCausalLM"),
     "glm4": ("glm4.models.glm4", "Glm4ForCausalLM"),
     "glm4_moe": ("glm4.models.glm4_moe", "Glm4MoeForCausalLM"),
+    "glm4v": ("glm4.models.glm4v", "Glm4vForConditionalGeneration"),
+    "glm4v_moe": ("glm4.models.glm4v_moe", "Glm4vMoeForConditionalGeneration"),
 }
 
 

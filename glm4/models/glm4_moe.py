@@ -25,8 +25,38 @@ from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin
 from glm4.models.glm import GlmAttention, GlmForCausalLM, fuse_linears
 
-_LAYER = re.compile(r"model\.layers\.(\d+)\.")
-_FUSED = re.compile(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+_LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")  # glm4v_moe nests the LM
+_FUSED = re.compile(r"(model\.(?:language_model\.)?layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
+
+
+def unstacked_expert_views(model: nn.Module, moe_intermediate_size: int, checkpoint_keys=None) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer under its checkpoint name, stacked experts as per-expert views (unless the files
+    hold that layer fused: `checkpoint_keys` names it)."""
+    fused = {n for n in checkpoint_keys or () if _FUSED.match(n)}
+    out: dict[str, torch.Tensor] = {}
+    inter = moe_intermediate_size
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        m = _FUSED.match(name)
+        if m is None or name in fused:
+            out[name] = t
+            continue
+        prefix, kind = m.groups()
+        for e in range(t.shape[0]):
+            if kind == "gate_up_proj":  # [E, 2I, H]: gate rows first, then up
+                out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :inter]
+                out[f"{prefix}.{e}.up_proj.weight"] = t[e, inter:]
+            else:
+                out[f"{prefix}.{e}.down_proj.weight"] = t[e]
+    return out
+
+
+def is_mtp_or_empty_shared(name: str, config) -> bool:
+    """Checkpoint tensors a glm4_moe language model drops: MTP layers (`layers.{num_hidden_layers}` on) and the
+    0-row shared experts transformers saves when n_shared_experts is 0."""
+    m = _LAYER.match(name)
+    if m and int(m.group(1)) >= config.num_hidden_layers:
+        return True
+    return config.n_shared_experts == 0 and ".mlp.shared_experts." in name
 
 
 class Glm4MoeMLP(nn.Module):
@@ -155,28 +185,7 @@ class Glm4MoeForCausalLM(GlmForCausalLM):
 
         `checkpoint_keys`: the names found in the files, when the loader passes them; a layer whose experts are
         stored fused (`mlp.experts.gate_up_proj` [E, 2I, H], transformers' in-memory names) then maps 1:1."""
-        fused = {n for n in checkpoint_keys or () if _FUSED.match(n)}
-        out: dict[str, torch.Tensor] = {}
-        inter = self.config.moe_intermediate_size
-        for name, t in list(self.named_parameters()) + list(self.named_buffers()):
-            m = _FUSED.match(name)
-            if m is None or name in fused:
-                out[name] = t
-                continue
-            prefix, kind = m.groups()
-            for e in range(t.shape[0]):
-                if kind == "gate_up_proj":  # [E, 2I, H]: gate rows first, then up
-                    out[f"{prefix}.{e}.gate_proj.weight"] = t[e, :inter]
-                    out[f"{prefix}.{e}.up_proj.weight"] = t[e, inter:]
-                else:
-                    out[f"{prefix}.{e}.down_proj.weight"] = t[e]
-        return out
+        return unstacked_expert_views(self, self.config.moe_intermediate_size, checkpoint_keys)
 
     def skip_checkpoint_key(self, name: str) -> bool:
-        if super().skip_checkpoint_key(name):
-            return True
-        m = _LAYER.match(name)
-        if m and int(m.group(1)) >= self.config.num_hidden_layers:
-            return True  # MTP (next-token prediction) layers
-        # transformers always builds shared_experts; with n_shared_experts 0 it saves 0-row tensors
-        return self.config.n_shared_experts == 0 and ".mlp.shared_experts." in name
+        return super().skip_checkpoint_key(name) or is_mtp_or_empty_shared(name, self.config)

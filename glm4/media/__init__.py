@@ -1,0 +1,11 @@
+"""Images and videos for the GLM-4.xV models, torch-free (PIL + numpy; PyAV optional for video files).
+
+    glm4.media.image   load_image, smart_resize, preprocess_images -> pixel_values / image_grid_thw; VisionSpec;
+                       MediaError (one-line reason, fit for a 400)
+    glm4.media.video   Video (frames + timestamps), video_from_images, load_video (PyAV), sample_frame_indices,
+                       preprocess_videos -> pixel_values_videos / video_grid_thw / video_timestamps
+    glm4.media.prompt  expand_placeholders (the <|image|> / <|video|> tokens), token_types (mm_token_type_ids),
+                       process (one prompt with its media -> model inputs)
+
+The arrays are numpy; `torch.from_numpy` them for `model(input_ids, pixel_values=..., image_grid_thw=...)`.
+"""
