@@ -182,7 +182,7 @@ def test_lm_eval_local_completions_matches_the_model(server, tmp_path, monkeypat
                                   bootstrap_iters=0)
     mc, ppl = out["samples"]["glm4_tiny_mc"], out["samples"]["glm4_tiny_ppl"]
     assert len(mc) == 4 and len(ppl) == 3
-    correct = 0
+    correct, worst = 0, 0.0
     for s in mc:
         lls = []
         for (context, continuation), resp in zip(s["arguments"], s["resps"]):
@@ -190,6 +190,7 @@ def test_lm_eval_local_completions_matches_the_model(server, tmp_path, monkeypat
             ctx, cont = lm._encode_pair(context, continuation)
             ref = scored(server, ctx + cont)[len(ctx) - 1:]
             assert abs(ll - sum(ref)) < 1e-3, (context, continuation, ll, sum(ref))
+            worst = max(worst, abs(ll - sum(ref)))
             lls.append(ll)
         correct += int(max(range(len(lls)), key=lls.__getitem__) == s["target"])
     assert out["results"]["glm4_tiny_mc"]["acc,none"] == pytest.approx(correct / len(mc))
@@ -200,7 +201,9 @@ def test_lm_eval_local_completions_matches_the_model(server, tmp_path, monkeypat
         text = s["doc"]["text"]
         ref = sum(scored(server, [eos] + lm.tok_encode(text)))  # one window: the text fits max_length
         assert abs(ll - ref) < 1e-3, (text, ll, ref)
+        worst = max(worst, abs(ll - ref))
         total_ll, words = total_ll + ll, words + len(text.split())
     word_ppl = out["results"]["glm4_tiny_ppl"]["word_perplexity,none"]
     assert word_ppl == pytest.approx(math.exp(-total_ll / words), rel=1e-6)
-    print(json.dumps({"mc": out["results"]["glm4_tiny_mc"], "ppl": out["results"]["glm4_tiny_ppl"]}, default=str))
+    print(json.dumps({"mc": out["results"]["glm4_tiny_mc"], "ppl": out["results"]["glm4_tiny_ppl"],
+                      "max |lm-eval - dense| loglikelihood": worst}, default=str))

@@ -19,12 +19,13 @@ torch.set_num_threads(1)
 
 KEY = "sk-ollama-test"
 MODEL = "tiny-glm4"
-# only the schema keywords the ollama client's Tool model keeps (it drops others, e.g. maxLength)
+# written as the ollama client's Tool model serializes a tool (its keywords, in its key order; it drops others,
+# e.g. maxLength), so that both routes render the same prompt
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "the city"},
-                                                    "unit": {"type": "string", "enum": ["c", "f"]}},
-                   "required": ["city", "unit"]}}}
+    "parameters": {"type": "object", "required": ["city", "unit"],
+                   "properties": {"city": {"type": "string", "enum": ["Paris", "Oslo", "Lima"]},
+                                  "unit": {"type": "string", "enum": ["c", "f"]}}}}}
 MSGS = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What's the weather in Paris?"}]
 GREEDY = {"temperature": 0, "num_predict": 12}
 
@@ -117,7 +118,7 @@ def test_generate_equals_chat_and_raw_equals_completions(client, oai):
     assert g.response == c.message.content and g.prompt_eval_count == c.prompt_eval_count
     assert len(g.context) == g.prompt_eval_count + g.eval_count
     streamed = "".join(p.response for p in client.generate(model=MODEL, prompt="Weather in Paris?",
-                                                           system="You are terse.", options=GREEDY))
+                                                           system="You are terse.", options=GREEDY, stream=True))
     assert streamed.strip() == g.response
     raw = client.generate(model=MODEL, prompt="Once upon a time", raw=True, options=GREEDY, stream=False)
     o = oai.completions.create(model=MODEL, prompt="Once upon a time", temperature=0, max_tokens=12)
@@ -147,9 +148,10 @@ def test_tool_calls_have_object_arguments(client, oai, server, monkeypatch):
         r = client.chat(model=MODEL, messages=MSGS, tools=[WEATHER], stream=False,
                         options={"temperature": 1.0, "seed": seed, "num_predict": 120})
         parts = list(client.chat(model=MODEL, messages=MSGS, tools=[WEATHER],
-                                 options={"temperature": 1.0, "seed": seed, "num_predict": 120}))
+                                 options={"temperature": 1.0, "seed": seed, "num_predict": 120}, stream=True))
         monkeypatch.setattr(st.chat, "plan", plan)
         want = [_openai_call(c) for c in o.choices[0].message.tool_calls]
+        assert want and o.choices[0].finish_reason == "tool_calls" and r.done_reason == "stop"
         assert [_ollama_call(c) for c in r.message.tool_calls] == want
         for _, args in want:
             jsonschema.validate(args, WEATHER["function"]["parameters"])
@@ -234,7 +236,7 @@ def test_thinking_streams_as_thinking(tmp_path):
         r = c.chat(model="tiny-z1", messages=MSGS, think=True, options=GREEDY, stream=False)
         w = o.chat.completions.create(model="tiny-z1", messages=MSGS, temperature=0, max_tokens=12)
         assert r.message.thinking and r.message.thinking == w.choices[0].message.reasoning_content
-        parts = list(c.chat(model="tiny-z1", messages=MSGS, think=True, options=GREEDY))
+        parts = list(c.chat(model="tiny-z1", messages=MSGS, think=True, options=GREEDY, stream=True))
         assert "".join(p.message.thinking or "" for p in parts).strip() == r.message.thinking
     finally:
         srv.stop()

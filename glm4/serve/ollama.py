@@ -132,7 +132,7 @@ def _plan_generate(st: ServerState, req: O.GenerateRequest):
         plan = ChatPlan(prompt_ids=encode_prompt(st.tokenizer, req.prompt or ""))
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-            [{"role": "user", "content": req.prompt}]
+            [{"role": "user", "content": req.prompt or ""}]
         plan = st.chat.plan(messages, response_format=O.response_format(req.format), **_check_think(st, req))
     if req.context:
         bad = [t for t in req.context if not 0 <= t < st.vocab_size]
@@ -151,10 +151,10 @@ def _plan_generate(st: ServerState, req: O.GenerateRequest):
 class _Reply:
     """One reply's state: the planner's event parser and fold, timing, and what was streamed."""
 
-    def __init__(self, st: ServerState, plan: ChatPlan, req, endpoint: str):
+    def __init__(self, st: ServerState, plan: ChatPlan, req, endpoint: str, t0: float):
         self.st, self.plan, self.req = st, plan, req
         self.parser = st.chat.stream(plan)
-        self.t0, self.t_first = time.monotonic(), None
+        self.t0, self.t_first = t0, None  # t0: the request's arrival (durations count its planning too)
         self.n_gen, self.token_ids, self.sent_calls = 0, [], set()
         serving.count_request(st, endpoint, len(plan.prompt_ids))
 
@@ -225,6 +225,7 @@ def _body(kind: str, reply: _Reply, content: str, thinking: str, calls: list[dic
 
 async def _run(st: ServerState, req, request: Request, kind: str, planner):
     _check_model(st, req.model)
+    t0 = time.monotonic()
     st.engine.reserve(1)
     try:
         plan, params = await run_in_threadpool(planner, st, req)
@@ -232,7 +233,7 @@ async def _run(st: ServerState, req, request: Request, kind: str, planner):
         st.engine.unreserve(1)
         raise
     engine_req = st.engine.submit(plan.prompt_ids, params, reserved=True)
-    reply = _Reply(st, plan, req, "ollama_" + kind)
+    reply = _Reply(st, plan, req, "ollama_" + kind, t0)
     if req.stream:
         return StreamingResponse(_lines(st, kind, reply, engine_req), media_type=NDJSON,
                                  background=BackgroundTask(abort_unfinished, [engine_req]))
