@@ -372,7 +372,8 @@ BAD_COMPLETIONS = [
     {"model": MODEL, "prompt": "x", "logprobs": 9},
     {"model": MODEL, "prompt": "x", "suffix": "y"},
     {"model": MODEL, "prompt": "x", "best_of": 3, "n": 1},
-    {"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1},
+    {"model": MODEL, "prompt": "x", "max_tokens": 0},  # 0 only with echo (scoring the prompt)
+    {"model": MODEL, "prompt": "x", "prompt_logprobs": 1, "stream": True},
     {"model": MODEL, "prompt": "x " * 2000},  # over the context
 ]
 
@@ -531,6 +532,8 @@ def test_schemathesis_finds_no_5xx(small_server):
             fuzz(result.ok(), mode)
     assert not failures, failures[:3]
     assert calls[("POST", "/v1/chat/completions")] >= 25 and calls[("POST", "/v1/completions")] >= 25
+    for route in ("/api/chat", "/api/generate", "/api/show", "/tokenize", "/detokenize"):  # the Ollama and vLLM routes
+        assert calls[("POST", route)] >= 25, route
     assert ok[True] >= 10  # some fuzzed requests were valid and generated
 
 

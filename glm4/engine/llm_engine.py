@@ -323,7 +323,7 @@ class LLMEngine:
                    "num_preemptions": sum(s.num_preemptions for s in seqs)}
         return RequestOutput(rid, self.prompts.get(rid), first.token_ids[:first.num_prompt_tokens], outs,
                              finished=all(s.is_finished for s in seqs), num_cached_tokens=first.num_cached_tokens,
-                             metrics=metrics)
+                             metrics=metrics, prompt_logprobs=first.prompt_logprobs)
 
     def _drop(self, rid: str) -> None:
         self.requests.pop(rid, None)

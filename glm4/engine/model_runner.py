@@ -60,12 +60,19 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
-        """Forward the scheduled tokens; sample for sequences whose chunk reaches their last token.
+        """Forward the scheduled tokens; sample for sequences whose chunk reaches their last token; record
+        the prompt logprobs of the chunk's tokens for sequences that ask for them.
         Returns (sampled sequences, their new token ids, logprob entries)."""
         ids: list[int] = []
         ctx_lens, q_lens, tables, last, sampled, spans = [], [], [], [], [], []
+        prompt_rows: list[tuple[Sequence, int, int]] = []  # (seq, its first flat row, rows): prompt positions scored
         for seq, n in zip(batch.seqs, batch.num_tokens):
             c = seq.num_computed_tokens
+            if seq.needs_prompt_logprobs:
+                # position j's logits score token j + 1; record those not yet scored and still in the prompt
+                lo, hi = len(seq.prompt_logprobs) - 1, min(c + n, seq.num_prompt_tokens - 1)
+                if lo >= c and hi > lo:
+                    prompt_rows.append((seq, len(ids) + lo - c, hi - lo))
             ids.extend(seq.token_ids[c:c + n])
             spans.append((seq, c, n))
             ctx_lens.append(c)
@@ -77,17 +84,22 @@ class ModelRunner:
         ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)[None]  # [1, N]
         positions = ctx.positions.to(self.device)[None]  # [1, N]
-        if any(seq.mm is not None for seq in batch.seqs):
+        if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)
             return self._run_multimodal(input_ids, spans, ctx, last, sampled)
-        if not sampled:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
+        extra = [r for _, first, k in prompt_rows for r in range(first, first + k)]
+        if not sampled and not extra:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
             if hasattr(self.model, "hidden_states"):
                 self.model.hidden_states(input_ids, positions, ctx)
             else:
                 self.model(input_ids, positions=positions, ctx=ctx, logits_indices=torch.tensor([len(ids) - 1]))
             return [], [], []
         logits = self.model(input_ids, positions=positions, ctx=ctx,
-                            logits_indices=torch.tensor(last, device=self.device))  # [K, V]
-        tokens, entries = self.sampler(logits, sampled)
+                            logits_indices=torch.tensor(last + extra, device=self.device))  # [K + E, V]
+        if extra:
+            self._prompt_logprobs(logits[len(last):], prompt_rows)
+        if not sampled:
+            return [], [], []
+        tokens, entries = self.sampler(logits[:len(last)], sampled)
         return sampled, tokens, entries
 
     def _run_multimodal(self, input_ids, spans, ctx, last, sampled):
@@ -101,3 +113,13 @@ class ModelRunner:
         logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1])[torch.tensor(last, device=self.device)])
         tokens, entries = self.sampler(logits, sampled)
         return sampled, tokens, entries
+
+    def _prompt_logprobs(self, logits: torch.Tensor, prompt_rows: list[tuple[Sequence, int, int]]) -> None:
+        """Append each scored position's entry for the prompt token after it; `logits` [E, V]: the rows in order."""
+        row = 0
+        for seq, _, k in prompt_rows:
+            start = len(seq.prompt_logprobs)  # the first token scored now
+            next_ids = seq.token_ids[start:start + k]
+            seq.prompt_logprobs.extend(self.sampler.prompt_entries(logits[row:row + k], next_ids,
+                                                                   seq.params.prompt_logprobs))
+            row += k

@@ -67,6 +67,23 @@ class Sampler:
             entries[i] = entry
         return ids, entries
 
+    def prompt_entries(self, logits: torch.Tensor, next_ids: list[int], top_n: int, rows: int = 64) -> list[dict]:
+        """Prompt logprobs: logits [k, V] of k prompt positions and the k tokens that follow them -> one entry per
+        token {"token_id", "logprob", "rank" (1 = most likely), "top_logprobs": [(id, lp), ...] (top_n of them)},
+        from the raw logits as for generated tokens (`rows` positions at a time: [rows, V] floats in memory)."""
+        out = []
+        for r0 in range(0, len(next_ids), rows):
+            lp = torch.log_softmax(logits[r0:r0 + rows, :self.vocab_size].float().cpu(), dim=-1)  # [r, V]
+            ids = torch.tensor(next_ids[r0:r0 + rows])
+            chosen = lp.gather(1, ids.clamp(max=lp.shape[-1] - 1)[:, None])  # [r, 1]
+            chosen[ids >= lp.shape[-1]] = float("-inf")  # an id past the sampled vocabulary (a padding row)
+            ranks = (lp > chosen).sum(dim=-1) + 1
+            top = lp.topk(top_n, dim=-1) if top_n else None
+            for j, (t, v, rank) in enumerate(zip(ids.tolist(), chosen[:, 0].tolist(), ranks.tolist())):
+                top_j = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if top is not None else []
+                out.append({"token_id": t, "logprob": v, "rank": rank, "top_logprobs": top_j})
+        return out
+
     def _process(self, row: torch.Tensor, seq: Sequence) -> torch.Tensor:
         p = seq.params
         if p.logits_processors:

@@ -20,7 +20,9 @@ class SamplingParams:
     `stop_token_ids` and the model's EOS ids (unless `ignore_eos`) end the request with the token kept
     in `token_ids` but not in `text`. `seed` makes this request's sampling reproducible whatever else
     is in the batch. `logprobs` returns the chosen token's log-probability (from the raw model logits)
-    and `top_logprobs` that many alternatives. `logits_processors` are called as
+    and `top_logprobs` that many alternatives. `prompt_logprobs` (k >= 0) also returns each prompt token's
+    log-probability given the tokens before it (the first has none), with its rank and the k most likely
+    alternatives; such a request computes its whole prompt (no prefix cache). `logits_processors` are called as
     `fn(generated_token_ids, logits[V]) -> logits[V]` before the other filters.
     """
 
@@ -41,6 +43,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     skip_special_tokens: bool = True
@@ -85,6 +88,8 @@ class SamplingParams:
         num("presence_penalty", -2.0, 2.0)
         num("frequency_penalty", -2.0, 2.0)
         num("top_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
+        if self.prompt_logprobs is not None:
+            num("prompt_logprobs", 0, MAX_TOP_LOGPROBS, integer=True)
         if self.seed is not None:
             num("seed", integer=True)
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
@@ -121,6 +126,8 @@ class SamplingParams:
 
         p = copy.copy(self)
         p.n = 1
+        if index > 0:  # the prompt is the same for every sample: the first one reports its logprobs
+            p.prompt_logprobs = None
         if p.seed is not None:
             p.seed = p.seed + index
         return p

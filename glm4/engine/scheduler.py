@@ -72,7 +72,7 @@ class Scheduler:
         # no new admissions in a step that had to preempt: blocks are scarce
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            cached = self.bm.find_cached_prefix(seq)
+            cached = [] if seq.needs_prompt_logprobs else self.bm.find_cached_prefix(seq)  # logits of every token
             n = min(seq.num_tokens - len(cached) * self.bm.block_size, budget)
             if not self.bm.can_allocate(seq, cached, n):
                 break

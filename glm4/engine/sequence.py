@@ -47,6 +47,8 @@ class Sequence:
         self.sent_tokens = 0
         self.logprobs: list[dict] = []
         self.cumulative_logprob = 0.0
+        # params.prompt_logprobs: one entry per prompt token, None for the first (filled during prefill)
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
         self.first_token_time: float | None = None
         self.detok = None  # IncrementalDetokenizer, set by the engine when a tokenizer exists
         self.mm = None  # glm4.engine.multimodal.MultimodalPrompt of a request with images / videos
@@ -65,6 +67,11 @@ class Sequence:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs asked for and not all computed yet (the prefill must then run the whole prompt)."""
+        return self.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -113,6 +120,8 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
+    # SamplingParams.prompt_logprobs: per prompt token {"token_id", "logprob", "rank", "top_logprobs"}, None first
+    prompt_logprobs: list[dict | None] | None = None
 
     # convenience for n == 1: outs[0].text, outs[0].token_ids
     @property

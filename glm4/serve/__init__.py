@@ -1,4 +1,4 @@
-"""Serving: the OpenAI-compatible server and the terminal chat, over the engine and the chat layer.
+"""Serving: the OpenAI- (and Ollama-) compatible server and the terminal chat, over the engine and the chat layer.
 
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     glm4 chat --model PATH
@@ -10,8 +10,10 @@ The server, one module per job (a request flows top to bottom):
     app           FastAPI app and routes (`create_app`), state from a checkpoint (`build_state`)
     errors        APIError, validation errors in OpenAI's words, API key / body size gate
     protocol      OpenAI request shapes (validated once, here) and the documented response shapes
-    chat_handler  /v1/chat/completions: the only serve module that uses the chat layer
-    completions   /v1/completions
+    chat_handler  /v1/chat/completions: chat layer plans -> engine requests -> reply events -> OpenAI shapes
+    ollama        Ollama's /api/* (ollama_protocol: its request shapes): the same plans and events, Ollama's shapes
+    completions   /v1/completions (echo + logprobs and prompt_logprobs score the prompt)
+    tokenization  vLLM's /tokenize, /detokenize, /tokenizer_info (what lm-eval's local-completions reads)
     serving       what the handlers share: ServerState, sampling params, context budget, waiting for
                   engine requests, server-sent events, usage
     async_engine  the engine thread <-> asyncio bridge (AsyncEngine, EngineRequest)

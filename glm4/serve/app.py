@@ -4,7 +4,8 @@
     app = create_app(st)                                       # serve it with uvicorn (see serve_cli.main)
 
 Routes: GET /health (no key), /v1/models, /v1/models/{id}, /metrics; POST /v1/chat/completions
-(chat_handler), /v1/completions (completions). The app's lifespan starts the engine thread and, on
+(chat_handler), /v1/completions (completions); vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization);
+Ollama's /api/* (ollama). The app's lifespan starts the engine thread and, on
 shutdown, lets it finish what is in flight.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from glm4.serve import ollama, tokenization
 from glm4.serve import protocol as P
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
@@ -70,6 +72,8 @@ def create_app(st: ServerState, drain_timeout: float = 30.0) -> FastAPI:
     async def complete(req: P.CompletionRequest, request: Request) -> Response:
         return await create_completion(st, req, request)
 
+    app.include_router(tokenization.router)
+    app.include_router(ollama.router)
     app.add_middleware(GateMiddleware, api_key=st.api_key)
     return app
 

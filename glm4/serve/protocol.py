@@ -296,9 +296,14 @@ class ChatCompletionRequest(_SamplingFields):
 
 
 class CompletionRequest(_SamplingFields):
+    """`echo` with `logprobs` also scores the prompt (its first token has none), as lm-eval's loglikelihood
+    requests need; `max_tokens` 0 with `echo` scores the prompt and generates nothing; `prompt_logprobs`
+    (vLLM) gives each prompt token's logprob, rank and that many alternatives by token id."""
+
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int = Field(16, ge=1, le=2**31 - 1)
+    max_tokens: int = Field(16, ge=0, le=2**31 - 1)
     logprobs: int | None = Field(None, ge=0, le=5)
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1, le=MAX_N)
@@ -310,7 +315,16 @@ class CompletionRequest(_SamplingFields):
             raise ValueError("prompt: must not be empty")
         if isinstance(p, list) and any(isinstance(x, list) and len(x) == 0 for x in p):
             raise ValueError("prompt: token lists must not be empty")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: must be at least 1 (0 only together with echo)")
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("prompt_logprobs: not available when stream is true")
         return self
+
+    @property
+    def scores_prompt(self) -> bool:
+        """The prompt's token logprobs are needed (echoed logprobs or prompt_logprobs)."""
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
 
 
 # ---------------------------------------------------------------- responses (what the OpenAPI schema documents)
@@ -377,11 +391,18 @@ class CompletionLogprobs(_Strict):
     text_offset: list[int] = []
 
 
+class PromptLogprob(_Strict):
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
 class CompletionChoice(_Strict):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    prompt_logprobs: list[dict[str, PromptLogprob] | None] | None = None  # vLLM: by token id, None for the first
 
 
 class Completion(_Strict):
