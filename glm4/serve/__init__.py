@@ -1,4 +1,5 @@
-"""Serving: the OpenAI- (and Ollama-) compatible server and the terminal chat, over the engine and the chat layer.
+"""Serving: the OpenAI-, Anthropic- and Ollama-compatible server and the terminal chat, over the engine and the chat
+layer.
 
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
     glm4 chat --model PATH
@@ -8,9 +9,11 @@
 The server, one module per job (a request flows top to bottom):
     serve_cli     `glm4 serve`: arguments, torch threads, SIGINT/SIGTERM drain (`main`)
     app           FastAPI app and routes (`create_app`), state from a checkpoint (`build_state`)
-    errors        APIError, validation errors in OpenAI's words, API key / body size gate
+    errors        APIError, validation errors in OpenAI's words, API key / body size gate, per-API error shapes
     protocol      OpenAI request shapes (validated once, here) and the documented response shapes
     chat_handler  /v1/chat/completions: chat layer plans -> engine requests -> reply events -> OpenAI shapes
+    anthropic     /v1/messages[/count_tokens]: the same plans and events -> Anthropic's shapes
+                  (anthropic_protocol: its request and response shapes)
     ollama        Ollama's /api/* (ollama_protocol: its request shapes): the same plans and events, Ollama's shapes
     completions   /v1/completions (echo + logprobs and prompt_logprobs score the prompt)
     tokenization  vLLM's /tokenize, /detokenize, /tokenizer_info (what lm-eval's local-completions reads)

@@ -4,8 +4,9 @@
     app = create_app(st)                                       # serve it with uvicorn (see serve_cli.main)
 
 Routes: GET /health (no key), /v1/models, /v1/models/{id}, /metrics; POST /v1/chat/completions
-(chat_handler), /v1/completions (completions); vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization);
-Ollama's /api/* (ollama). The app's lifespan starts the engine thread and, on
+(chat_handler), /v1/completions (completions), /v1/messages and /v1/messages/count_tokens (anthropic: Anthropic's
+Messages API, its errors in Anthropic's shape); vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization);
+Ollama's /api/* (ollama, errors in Ollama's shape). The app's lifespan starts the engine thread and, on
 shutdown, lets it finish what is in flight.
 """
 
@@ -19,7 +20,8 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from glm4.serve import ollama, tokenization
+from glm4.serve import anthropic, ollama, tokenization
+from glm4.serve import anthropic_protocol as AP
 from glm4.serve import protocol as P
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
@@ -37,10 +39,12 @@ def create_app(st: ServerState, drain_timeout: float = 30.0) -> FastAPI:
         # uvicorn has stopped accepting and waited for open responses; let the engine finish anything left
         await asyncio.get_running_loop().run_in_executor(None, st.engine.stop, drain_timeout)
 
-    app = FastAPI(title="glm4 OpenAI-compatible server", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="glm4 OpenAI- and Anthropic-compatible server", version="0.1.0", lifespan=lifespan)
     app.state.glm4 = st
     _describe_metrics(st)
-    install_error_handlers(app, st.metrics)
+    # path prefix -> its API's error body (else OpenAI's): also for the key / body-size gate and unknown routes
+    shapes = {anthropic.PATH: anthropic.error_body, "/api/": lambda e: {"error": e.message}}
+    install_error_handlers(app, st.metrics, shapes)
 
     err = {"model": P.ErrorResponse}
     errors = {400: err, 401: err, 404: err, 429: err}
@@ -74,7 +78,19 @@ def create_app(st: ServerState, drain_timeout: float = 30.0) -> FastAPI:
 
     app.include_router(tokenization.router)
     app.include_router(ollama.router)
-    app.add_middleware(GateMiddleware, api_key=st.api_key)
+
+    a_err = {"model": AP.AnthropicErrorResponse}
+    a_errors = {400: a_err, 401: a_err, 404: a_err, 429: a_err}
+
+    @app.post(anthropic.PATH, response_model=AP.MessageResponse, responses=a_errors)
+    async def messages(req: AP.MessagesRequest, request: Request) -> Response:
+        return await anthropic.create_message(st, req, request)
+
+    @app.post(anthropic.PATH + "/count_tokens", response_model=AP.TokenCount, responses=a_errors)
+    async def messages_count_tokens(req: AP.CountTokensRequest) -> Response:
+        return await anthropic.count_tokens(st, req)
+
+    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes)
     return app
 
 

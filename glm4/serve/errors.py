@@ -3,13 +3,18 @@
 Every failure a request can meet ends here: `APIError` raised by the handlers, pydantic's validation errors
 (reworded the way OpenAI words them), unknown routes, and, as the last resort, any other exception (a 500
 that names only the exception's type; the traceback goes to the log, never to the client). `GateMiddleware`
-checks the API key and the body size before anything else runs.
+checks the API key (`Authorization: Bearer`, `x-api-key` or `api-key`) and the body size before anything else runs.
+
+An API with its own error body (Anthropic's under /v1/messages) registers an `ErrorShape` for its path prefix:
+`install_error_handlers(app, metrics, shapes)` and `GateMiddleware(app, api_key, shapes=shapes)` answer every error
+on those paths in that shape, with the same status.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -47,14 +52,28 @@ def client_gone() -> APIError:
     return APIError(499, "client disconnected", "invalid_request_error")
 
 
-def error_response(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+ErrorShape = Callable[[APIError], dict]  # an APIError -> the JSON body an API answers it with
+
+
+def shape_for(shapes: dict[str, ErrorShape] | None, path: str) -> ErrorShape:
+    """The error shape of the API serving `path`: the registered prefix it falls under, else OpenAI's."""
+    for prefix, shape in (shapes or {}).items():
+        if path == prefix or path.startswith(prefix.rstrip("/") + "/"):
+            return shape
+    return APIError.body
+
+
+def error_response(e: APIError, shape: ErrorShape = APIError.body) -> JSONResponse:
+    return JSONResponse(shape(e), status_code=e.status, headers=e.headers)
 
 
 # ---------------------------------------------------------------------------------------------
 # pydantic's validation errors in OpenAI's words
 
-_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function", "text", "image_url"}
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function", "text", "image_url",
+              # Anthropic's block, tool_choice and thinking tags
+              "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "auto", "any", "none", "enabled",
+              "disabled", "adaptive"}
 
 
 def _clean_loc(loc) -> list[str]:
@@ -92,39 +111,43 @@ def validation_error(exc: RequestValidationError) -> APIError:
     return bad_request(f"{param}: {msg}" if param else msg, param)
 
 
-def install_error_handlers(app: FastAPI, metrics) -> None:
-    """Every exception a route can raise becomes a JSON error body; each is counted by status."""
+def install_error_handlers(app: FastAPI, metrics, shapes: dict[str, ErrorShape] | None = None) -> None:
+    """Every exception a route can raise becomes a JSON error body (in the shape of the API its path belongs to);
+    each is counted by status."""
 
-    def answer(e: APIError) -> JSONResponse:
+    def answer(e: APIError, request=None) -> JSONResponse:
         metrics.inc("request_errors_total", status=str(e.status))
-        return error_response(e)
+        return error_response(e, shape_for(shapes, request.url.path if request is not None else ""))
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
-        return answer(exc)
+        return answer(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
-        return answer(validation_error(exc))
+        return answer(validation_error(exc), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request, exc: StarletteHTTPException):
         msg = {404: f"Unknown route: {request.method} {request.url.path}",
                405: f"Method {request.method} not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return answer(APIError(exc.status_code, msg, "invalid_request_error", headers=getattr(exc, "headers", None)))
+        return answer(APIError(exc.status_code, msg, "invalid_request_error", headers=getattr(exc, "headers", None)),
+                      request)
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
         log.exception("unhandled error")
-        return answer(APIError(500, f"internal error: {type(exc).__name__}", "server_error"))
+        return answer(APIError(500, f"internal error: {type(exc).__name__}", "server_error"), request)
 
 
 class GateMiddleware:
-    """Bearer-token check for every route but /health, and a request-size cap (pure ASGI, so streaming
-    and disconnect detection stay intact)."""
+    """API-key check for every route but /health (`Authorization: Bearer <key>`, `x-api-key` as Anthropic's
+    clients send it, or `api-key`), and a request-size cap (pure ASGI, so streaming and disconnect detection stay
+    intact). Errors come in the shape of the API the path belongs to."""
 
-    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
+    def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES,
+                 shapes: dict[str, ErrorShape] | None = None):
+        self.app, self.api_key, self.max_body, self.shapes = app, api_key, max_body, shapes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -134,13 +157,16 @@ class GateMiddleware:
         if size.isdigit() and int(size) > self.max_body:
             err = APIError(413, f"request body over {self.max_body} bytes", "invalid_request_error", None,
                            "request_too_large")
-            return await error_response(err)(scope, receive, send)
+            return await error_response(err, shape_for(self.shapes, scope.get("path", "")))(scope, receive, send)
         if not self.api_key or scope.get("path") == "/health":
             return await self.app(scope, receive, send)
         auth = headers.get(b"authorization", b"").decode("latin-1")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else headers.get(b"api-key", b"").decode("latin-1")
+        if auth.lower().startswith("bearer "):
+            token = auth[7:].strip()
+        else:
+            token = (headers.get(b"x-api-key") or headers.get(b"api-key") or b"").decode("latin-1")
         if not hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode("utf-8")):
-            err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>'.",
-                           "invalid_request_error", None, "invalid_api_key")
-            return await error_response(err)(scope, receive, send)
+            err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>'.", "invalid_request_error", None, "invalid_api_key")
+            return await error_response(err, shape_for(self.shapes, scope.get("path", "")))(scope, receive, send)
         return await self.app(scope, receive, send)
