@@ -10,7 +10,9 @@ The server, one module per job (a request flows top to bottom):
     app           FastAPI app and routes (`create_app`), state from a checkpoint (`build_state`)
     errors        APIError, validation errors in OpenAI's words, API key / body size gate
     protocol      OpenAI request shapes (validated once, here) and the documented response shapes
-    chat_handler  /v1/chat/completions: the only serve module that uses the chat layer
+    chat_handler  /v1/chat/completions: chat requests -> the chat layer's plans and reply events
+    responses     /v1/responses (+ responses_protocol, responses_output): the Responses API onto the same plans
+                  and events; a bounded in-memory store for previous_response_id and GET / DELETE
     completions   /v1/completions
     serving       what the handlers share: ServerState, sampling params, context budget, waiting for
                   engine requests, server-sent events, usage

@@ -54,7 +54,9 @@ def error_response(e: APIError) -> JSONResponse:
 # ---------------------------------------------------------------------------------------------
 # pydantic's validation errors in OpenAI's words
 
-_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function", "text", "image_url"}
+_ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function", "text", "image_url",
+              # Responses input items and parts (never a field name right after an index)
+              "message", "function_call_output", "reasoning", "input_text", "input_image", "input_file", "output_text"}
 
 
 def _clean_loc(loc) -> list[str]:

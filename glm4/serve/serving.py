@@ -48,7 +48,7 @@ class TokenTexts:
 @dataclass
 class ServerState:
     engine: AsyncEngine
-    chat: Any  # the chat layer: used by chat_handler only
+    chat: Any  # the chat layer: used by the handlers of chat-shaped APIs (chat_handler, responses)
     tokenizer: Any
     model_name: str
     max_model_len: int
