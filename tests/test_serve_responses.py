@@ -313,9 +313,14 @@ def _check_sequence(events: list) -> None:
 
 def _same(a, b) -> None:
     """Two responses with the same output and usage (ids and times aside)."""
+    def item(x) -> dict:  # the client's parsed response adds parsed_arguments / parsed
+        d = {k: v for k, v in x.model_dump().items() if k not in ("id", "call_id", "parsed_arguments")}
+        if "content" in d and d["content"] is not None:
+            d["content"] = [{k: v for k, v in part.items() if k != "parsed"} for part in d["content"]]
+        return d
+
     def shape(r):
-        items = [{k: v for k, v in x.model_dump().items() if k not in ("id", "call_id")} for x in r.output]
-        return r.status, items, r.usage.model_dump(), r.output_text
+        return r.status, [item(x) for x in r.output], r.usage.model_dump(), r.output_text
 
     assert shape(a) == shape(b)
 
@@ -493,6 +498,41 @@ def test_reasoning_items_from_a_thinking_format(tmp_path):
         assert (chat.choices[0].message.content or "") == r.output_text
     finally:
         srv.stop()
+
+
+def test_builder_events_are_the_clients_types(server):
+    """The builder over GLM-4.5's reply parser: thinking, text and a call, fed in pieces, give OpenAI's event
+    sequence (each event valid as the client's own type) and the same reply the chat API's fold gives."""
+    from glm4.chat import ChatFormat
+    from glm4.chat.planner import ChatPlanner
+    from glm4.serve.responses_output import ResponseBuilder
+
+    planner = ChatPlanner(server.state.chat.tok, ChatFormat("glm45"), constrain=False)
+    plan = planner.plan([{"role": "user", "content": QUESTION}], tools=CHAT_TOOLS)
+    text = ("\n<think>Paris is in France.</think>\nLet me check.\n<tool_call>get_time\n<arg_key>zone</arg_key>\n"
+            "<arg_value>utc</arg_value>\n</tool_call>")
+    base = {"id": "resp_x", "object": "response", "created_at": 1, "model": MODEL, "parallel_tool_calls": True,
+            "tool_choice": "auto", "tools": TOOLS, "text": {"format": {"type": "text"}}, "reasoning": {},
+            "metadata": {}, "store": True, "usage": None, "error": None, "incomplete_details": None}
+    builder, parser = ResponseBuilder(base, plan.in_reasoning), planner.stream(plan)
+    events = builder.start()
+    for i in range(0, len(text), 5):
+        events += builder.feed(parser.feed_events(text[i:i + 5]), 1)
+    events += builder.feed(parser.finish_events()) + builder.finish("stop", 10, len(range(0, len(text), 5)))
+    parsed = [EVENTS.validate_python(e) for e in events]
+    _check_sequence(parsed)
+    r = parsed[-1].response
+    assert [x.type for x in r.output] == ["reasoning", "message", "function_call"]
+    message = parser.message()
+    assert r.output[0].content[0].text == message["reasoning_content"] == "Paris is in France."
+    assert r.output_text == message["content"] and message["content"].strip() == "Let me check."
+    call = message["tool_calls"][0]
+    assert (r.output[2].call_id, r.output[2].name, json.loads(r.output[2].arguments)) == (
+        call["id"], "get_time", {"zone": "utc"}) and r.status == "completed"
+    assert 0 < r.usage.output_tokens_details.reasoning_tokens < r.usage.output_tokens
+    kinds = [e.type for e in parsed]
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"] and "response.reasoning_text.done" in kinds
 
 
 def test_reasoning_input_items_reach_the_template(tmp_path):

@@ -136,9 +136,10 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[dict]:
             turn = None
             out.append({"role": it["role"], "content": _text(it["content"], f"{param}.{i}.content")})
         elif kind == "reasoning":
-            parts = it.get("content") or it.get("summary") or []
-            t = assistant(fresh=True)
-            t["reasoning_content"] = t.get("reasoning_content", "") + "".join(p["text"] for p in parts)
+            thought = "".join(p["text"] for p in it.get("content") or it.get("summary") or [])
+            if thought:  # (an encrypted reasoning item from elsewhere carries no text: nothing to render)
+                t = assistant(fresh=True)
+                t["reasoning_content"] = t.get("reasoning_content", "") + thought
         elif kind == "function_call":
             assistant().setdefault("tool_calls", []).append(
                 {"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}})
@@ -146,6 +147,9 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[dict]:
             turn = None
             out.append({"role": "tool", "tool_call_id": it["call_id"],
                         "content": _text(it["output"], f"{param}.{i}.output")})
+    for m in out:  # a turn that only thought (cut off by max_output_tokens) said nothing
+        if m["role"] == "assistant" and m["content"] is None and not m.get("tool_calls"):
+            m["content"] = ""
     return out
 
 
@@ -270,7 +274,8 @@ class _Run:
         serving.observe_finished(self.st, self.t0, self.n_generated)
         body = self.builder.response
         if self.req.store is not False:
-            store.put(body, self.conversation + items_to_messages(body["output"]))
+            said = items_to_messages(body["output"]) or [{"role": "assistant", "content": ""}]  # an empty reply
+            store.put(body, self.conversation + said)
         return body
 
 

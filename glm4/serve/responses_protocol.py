@@ -37,7 +37,7 @@ class InputText(_Strict):
 
 
 class InputImage(_Strict):
-    """Accepted by shape so that the chat layer can answer "only text" (a 400 naming the item)."""
+    """Accepted by shape so that the handler can answer "only text" (a 400 naming the part)."""
 
     type: Literal["input_image"]
     image_url: str | None = None
