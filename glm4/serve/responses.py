@@ -140,6 +140,8 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[dict]:
             if thought:  # (an encrypted reasoning item from elsewhere carries no text: nothing to render)
                 t = assistant(fresh=True)
                 t["reasoning_content"] = t.get("reasoning_content", "") + thought
+        elif kind == "function_call" and it.get("status") == "incomplete":
+            continue  # a call cut off by max_output_tokens (in a stored output): never made
         elif kind == "function_call":
             assistant().setdefault("tool_calls", []).append(
                 {"id": it["call_id"], "type": "function", "function": {"name": it["name"], "arguments": it["arguments"]}})

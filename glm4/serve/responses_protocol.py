@@ -165,7 +165,7 @@ HOSTED_TOOLS = ("web_search", "web_search_preview", "file_search", "computer_use
 
 class ResponsesRequest(_Strict):
     model: str
-    input: str | list[InputItem] | None = None
+    input: list[InputItem] | str | None = None  # (the list first: its errors are the ones worth telling)
     instructions: str | None = None
     previous_response_id: str | None = None
     tools: list[FunctionTool] | None = None
