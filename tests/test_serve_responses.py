@@ -5,6 +5,7 @@ conversation: the two are one chat path."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -589,14 +590,15 @@ def test_reasoning_input_items_reach_the_template(tmp_path):
 
 def test_agents_sdk_default_model_calls_a_tool(server):
     """The OpenAI Agents SDK's default model path (OpenAIResponsesModel -> /v1/responses): the agent calls the
-    function tool, gets its result back in a function_call_output, and ends with a structured answer."""
+    function tool, gets its result back in a function_call_output, and ends with a structured answer. (The tool
+    is offered once: offered again, a random model under tool_choice "auto" keeps calling it until max_turns.)"""
     agents = pytest.importorskip("agents")
     from agents.models.openai_responses import OpenAIResponsesModel
 
     agents.set_tracing_disabled(True)
     seen = []
 
-    @agents.function_tool
+    @agents.function_tool(is_enabled=lambda ctx, agent: not seen)
     def get_weather(city: str) -> str:
         """Current weather of a city."""
         seen.append(city)
@@ -605,13 +607,25 @@ def test_agents_sdk_default_model_calls_a_tool(server):
     class Answer(BaseModel):
         summary: str = Field(max_length=20)
 
-    model = OpenAIResponsesModel(model=MODEL, openai_client=openai.AsyncOpenAI(
-        base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60))
-    agent = agents.Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
-                         model=model, output_type=Answer, model_settings=agents.ModelSettings(
-                             tool_choice="required", max_tokens=120, temperature=0,
-                             extra_body={"seed": 0}))
-    result = agents.Runner.run_sync(agent, "What's the weather in Paris?", max_turns=4)
+    def agent():
+        model = OpenAIResponsesModel(model=MODEL, openai_client=openai.AsyncOpenAI(
+            base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60))
+        return agents.Agent(name="weather", instructions="Answer with the weather.", tools=[get_weather],
+                            model=model, output_type=Answer, model_settings=agents.ModelSettings(
+                                tool_choice="required", max_tokens=120, temperature=0))
+
+    result = agents.Runner.run_sync(agent(), "What's the weather in Paris?", max_turns=4)
     assert seen and isinstance(result.final_output, Answer)
-    kinds = [getattr(i, "type", "") for i in result.new_items]
-    assert "tool_call_item" in kinds and "tool_call_output_item" in kinds
+    kinds = [i.type for i in result.new_items]
+    assert kinds == ["tool_call_item", "tool_call_output_item", "message_output_item"]
+
+    async def streamed():  # the same run over the streamed Responses API
+        run = agents.Runner.run_streamed(agent(), "What's the weather in Paris?", max_turns=4)
+        events = [e async for e in run.stream_events()]
+        return run, events
+
+    seen.clear()
+    run, events = asyncio.run(streamed())
+    assert seen and run.final_output == result.final_output
+    assert any(e.type == "raw_response_event" and e.data.type == "response.function_call_arguments.delta"
+               for e in events)
