@@ -647,7 +647,7 @@ def test_agents_sdk_default_model_calls_a_tool(server):
     """The OpenAI Agents SDK's default model path (OpenAIResponsesModel -> /v1/responses): the agent calls the
     function tool, gets its result back in a function_call_output, and ends with a structured answer. (The tool
     is offered once: offered again, a random model under tool_choice "auto" keeps calling it until max_turns.)"""
-    agents = pytest.importorskip("agents")
+    import agents  # openai-agents (the dev extra)
     from agents.models.openai_responses import OpenAIResponsesModel
 
     agents.set_tracing_disabled(True)

@@ -4,8 +4,8 @@
     app = create_app(st)                                       # serve it with uvicorn (see serve_cli.main)
 
 Routes: GET /health (no key), /v1/models, /v1/models/{id}, /metrics; POST /v1/chat/completions
-(chat_handler), /v1/completions (completions); POST /v1/responses, GET / DELETE /v1/responses/{id} (responses). The app's lifespan starts the engine thread and, on
-shutdown, lets it finish what is in flight.
+(chat_handler), /v1/completions (completions); POST /v1/responses, GET / DELETE /v1/responses/{id}
+(responses). The app's lifespan starts the engine thread and, on shutdown, lets it finish what is in flight.
 """
 
 from __future__ import annotations
