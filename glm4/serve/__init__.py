@@ -15,6 +15,8 @@ The server, one module per job (a request flows top to bottom):
     anthropic     /v1/messages[/count_tokens]: the same plans and events -> Anthropic's shapes
                   (anthropic_protocol: its request and response shapes)
     ollama        Ollama's /api/* (ollama_protocol: its request shapes): the same plans and events, Ollama's shapes
+    responses     /v1/responses (+ responses_protocol, responses_output): the Responses API onto the same plans
+                  and events; a bounded in-memory store for previous_response_id and GET / DELETE
     completions   /v1/completions (echo + logprobs and prompt_logprobs score the prompt)
     tokenization  vLLM's /tokenize, /detokenize, /tokenizer_info (what lm-eval's local-completions reads)
     serving       what the handlers share: ServerState, sampling params, context budget, waiting for

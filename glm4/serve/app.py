@@ -4,10 +4,10 @@
     app = create_app(st)                                       # serve it with uvicorn (see serve_cli.main)
 
 Routes: GET /health (no key), /v1/models, /v1/models/{id}, /metrics; POST /v1/chat/completions
-(chat_handler), /v1/completions (completions), /v1/messages and /v1/messages/count_tokens (anthropic: Anthropic's
-Messages API, its errors in Anthropic's shape); vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization);
-Ollama's /api/* (ollama, errors in Ollama's shape). The app's lifespan starts the engine thread and, on
-shutdown, lets it finish what is in flight.
+(chat_handler), /v1/completions (completions); POST /v1/responses, GET / DELETE /v1/responses/{id} (responses);
+/v1/messages and /v1/messages/count_tokens (anthropic: Anthropic's Messages API, its errors in Anthropic's shape);
+vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization); Ollama's /api/* (ollama, errors in Ollama's shape).
+The app's lifespan starts the engine thread and, on shutdown, lets it finish what is in flight.
 """
 
 from __future__ import annotations
@@ -23,15 +23,17 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from glm4.serve import anthropic, ollama, tokenization
 from glm4.serve import anthropic_protocol as AP
 from glm4.serve import protocol as P
+from glm4.serve import responses_protocol as RP
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
 from glm4.serve.completions import create_completion
 from glm4.serve.errors import GateMiddleware, install_error_handlers
 from glm4.serve.metrics import Metrics
+from glm4.serve.responses import DEFAULT_STORE_SIZE, ResponseStore, create_response, delete_response, retrieve_response
 from glm4.serve.serving import ServerState, check_model
 
 
-def create_app(st: ServerState, drain_timeout: float = 30.0) -> FastAPI:
+def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         st.engine.start()
@@ -75,6 +77,20 @@ def create_app(st: ServerState, drain_timeout: float = 30.0) -> FastAPI:
     @app.post("/v1/completions", response_model=P.Completion, responses=errors)
     async def complete(req: P.CompletionRequest, request: Request) -> Response:
         return await create_completion(st, req, request)
+
+    store = ResponseStore(responses_store_size)
+
+    @app.post("/v1/responses", response_model=RP.Response, responses=errors)
+    async def responses_create(req: RP.ResponsesRequest, request: Request) -> Response:
+        return await create_response(st, store, req, request)
+
+    @app.get("/v1/responses/{response_id}", response_model=RP.Response, responses={401: err, 404: err})
+    async def responses_get(response_id: str) -> Response:
+        return retrieve_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}", response_model=RP.DeletedResponse, responses={401: err, 404: err})
+    async def responses_delete(response_id: str) -> Response:
+        return delete_response(store, response_id)
 
     app.include_router(tokenization.router)
     app.include_router(ollama.router)

@@ -1,8 +1,9 @@
 """POST /v1/chat/completions: messages -> the chat layer's plan (prompt ids, grammar) -> n engine requests ->
 the chat layer's events -> OpenAI messages, or deltas as server-sent events.
 
-This is the one serve module that talks to the chat layer (`glm4.chat.planner`, loaded for a checkpoint by
-`glm4.engine.chat`): planning a request, and the reply's parser, whose events become OpenAI deltas in one place
+It talks to the chat layer (`glm4.chat.planner`, loaded for a checkpoint by `glm4.engine.chat`; the Responses
+API in responses.py uses the same plans and events): planning a request, and the reply's parser, whose events
+become OpenAI deltas in one place
 (`glm4.chat.events.openai_delta`: thinking as `reasoning_content` and as `reasoning`). A request that used the
 legacy `functions` gets the legacy `function_call` (one call, finish_reason "function_call").
 """

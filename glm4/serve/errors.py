@@ -73,7 +73,9 @@ def error_response(e: APIError, shape: ErrorShape = APIError.body) -> JSONRespon
 _ROLE_TAGS = {"system", "developer", "user", "assistant", "tool", "function", "text", "image_url",
               # Anthropic's block, tool_choice and thinking tags
               "image", "tool_use", "tool_result", "thinking", "redacted_thinking", "auto", "any", "none", "enabled",
-              "disabled", "adaptive"}
+              "disabled", "adaptive",
+              # Responses input items and parts (never a field name right after an index)
+              "message", "function_call_output", "reasoning", "input_text", "input_image", "input_file", "output_text"}
 
 
 def _clean_loc(loc) -> list[str]:

@@ -66,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", default="auto",
                     help="torch CPU threads; auto: on <= 4 cores a small model (< 256 MB of weights) leaves one core "
                          "to the HTTP side (1.7x requests/s at one client for the default model on 2 cores)")
+    ap.add_argument("--responses-store-size", type=int, default=1024,
+                    help="responses kept in memory for previous_response_id and GET /v1/responses/{id} (LRU; 0: none)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on exit")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    app = create_app(st, drain_timeout=args.drain_timeout)
+    app = create_app(st, drain_timeout=args.drain_timeout, responses_store_size=args.responses_store_size)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.drain_timeout)
     server = uvicorn.Server(config)

@@ -28,7 +28,7 @@ log = logging.getLogger("glm4.serve")
 @dataclass
 class ServerState:
     engine: AsyncEngine
-    chat: Any  # the chat layer: used by chat_handler only
+    chat: Any  # the chat layer: used by the handlers of chat-shaped APIs (chat_handler, responses)
     tokenizer: Any
     model_name: str
     max_model_len: int
