@@ -1,0 +1,98 @@
+"""File tools confined to a workspace folder: read_file, write_file, list_files.
+
+Paths are relative to the workspace; `/mnt/data/...` (where the interpreter sees the workspace) means the
+same. Anything that resolves outside it (`../../etc/passwd`, an absolute path, a symlink leading out) is
+refused with an observation, never followed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+from .observation import Observation
+from .sandbox import WORKSPACE_MOUNT
+from .tools import Tool
+
+MAX_READ_CHARS = 100_000
+MAX_WRITE_BYTES = 10 << 20
+
+
+class PathOutsideWorkspace(ValueError):
+    pass
+
+
+class Workspace:
+    """A folder the agent's file tools (and the interpreter's /mnt/data) work in."""
+
+    def __init__(self, root: str | Path, owner: tuple[int, int] | None = None):
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.owner = owner  # (uid, gid) to give new files when we run as root (the sandbox's uid)
+
+    def resolve(self, path: str) -> Path:
+        p = str(path).strip()
+        if p == WORKSPACE_MOUNT or p.startswith(WORKSPACE_MOUNT + "/"):
+            p = p[len(WORKSPACE_MOUNT):].lstrip("/")
+        if "\x00" in p:
+            raise PathOutsideWorkspace(f"{path!r}: NUL in a path")
+        target = (self.root / p).resolve()
+        if target != self.root and not target.is_relative_to(self.root):
+            raise PathOutsideWorkspace(f"{path!r} is outside the workspace: refused")
+        return target
+
+    def read_file(self, path: Annotated[str, "file path inside the workspace"],
+                  offset: Annotated[int, "first character to return"] = 0) -> Observation:
+        """Read a text file from the workspace."""
+        try:
+            target = self.resolve(path)
+            if not target.is_file():
+                return Observation(error=f"{path!r}: no such file in the workspace")
+            text = target.read_text(encoding="utf-8", errors="replace")
+        except (PathOutsideWorkspace, OSError) as e:
+            return Observation(error=str(e))
+        chunk = text[offset:offset + MAX_READ_CHARS]
+        more = len(text) - offset - len(chunk)
+        return Observation(chunk + (f"\n[{more} more characters: read again with offset={offset + len(chunk)}]"
+                                    if more > 0 else ""))
+
+    def write_file(self, path: Annotated[str, "file path inside the workspace"],
+                   content: Annotated[str, "the text to write"],
+                   append: Annotated[bool, "append instead of overwriting"] = False) -> Observation:
+        """Write a text file in the workspace (folders are created)."""
+        data = content.encode("utf-8")
+        if len(data) > MAX_WRITE_BYTES:
+            return Observation(error=f"{len(data)} bytes is over the {MAX_WRITE_BYTES} byte limit for one write")
+        try:
+            target = self.resolve(path)
+            if target == self.root or target.is_dir():
+                return Observation(error=f"{path!r} is a folder")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target, "ab" if append else "wb") as f:
+                f.write(data)
+            if self.owner is not None and os.geteuid() == 0:
+                for p in [target, *target.parents]:
+                    if p == self.root or not p.is_relative_to(self.root):
+                        break
+                    os.lchown(p, *self.owner)
+        except (PathOutsideWorkspace, OSError) as e:
+            return Observation(error=str(e))
+        return Observation(f"wrote {len(data)} bytes to {target.relative_to(self.root)}")
+
+    def list_files(self, path: Annotated[str, "folder inside the workspace"] = ".") -> Observation:
+        """List a workspace folder: one entry per line, folders ending in /, files with their size."""
+        try:
+            target = self.resolve(path)
+            if not target.is_dir():
+                return Observation(error=f"{path!r}: no such folder in the workspace")
+            lines = []
+            for entry in sorted(target.iterdir()):
+                lines.append(f"{entry.name}/" if entry.is_dir() else f"{entry.name}  {entry.stat().st_size} bytes")
+        except (PathOutsideWorkspace, OSError) as e:
+            return Observation(error=str(e))
+        return Observation("\n".join(lines) if lines else "(empty)")
+
+    def tools(self) -> list[Tool]:
+        return [Tool.from_function(self.read_file), Tool.from_function(self.write_file),
+                Tool.from_function(self.list_files)]
