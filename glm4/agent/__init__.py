@@ -8,9 +8,14 @@
     reg.specs()                                        # OpenAI `tools` for the chat API
     reg.call_tool_call(reply.tool_calls[0])            # Observation; never raises
 
+    agent = Agent(LLMChat(glm4.LLM(path)), tools=[get_weather, python_tool("work")])   # or OpenAIChat(base_url=...)
+    agent.run("task").answer                           # plan -> tool calls -> reflection on failure -> answer
+
 Layout: schema (functions -> JSON Schema, typed validation), tools (Tool, ToolRegistry), observation,
 files (workspace file tools), browser (offline simple_browser), sandbox (bubblewrap command, rlimits,
-seccomp), interpreter (the kernel), builtins (`python` / `simple_browser` registry entries).
+seccomp), interpreter (the kernel), builtins (`python` / `simple_browser` registry entries), models (the
+chat API: LLMChat, OpenAIChat, ScriptedModel), loop (Agent: planner, executor, reflection, memory, events),
+agent_cli (`glm4 agent`).
 The agent talks to a model only through the chat API (glm4.LLM.chat or an OpenAI-compatible endpoint);
 it imports no model internals.
 """
@@ -19,13 +24,16 @@ from .browser import SimpleBrowser
 from .builtins import LazyInterpreter, browser_tool, python_tool
 from .files import PathOutsideWorkspace, Workspace
 from .interpreter import CodeInterpreter
+from .loop import Agent, AgentEvent, AgentResult, load_events, save_events
+from .models import LLMChat, OpenAIChat, Reply, ScriptedModel
 from .observation import Observation
 from .sandbox import Limits, SandboxUnavailable, bwrap_works
 from .schema import FunctionSchema, ToolDefinitionError
 from .tools import Tool, ToolRegistry, builtin_tool
 
 __all__ = [
-    "CodeInterpreter", "FunctionSchema", "LazyInterpreter", "Limits", "Observation", "PathOutsideWorkspace",
+    "Agent", "AgentEvent", "AgentResult", "LLMChat", "OpenAIChat", "Reply", "ScriptedModel", "load_events",
+    "save_events", "CodeInterpreter", "FunctionSchema", "LazyInterpreter", "Limits", "Observation", "PathOutsideWorkspace",
     "SandboxUnavailable", "SimpleBrowser", "Tool", "ToolDefinitionError", "ToolRegistry", "Workspace",
     "browser_tool", "builtin_tool", "bwrap_works", "python_tool",
 ]
