@@ -144,6 +144,32 @@ def test_save_and_replay(tmp_path):
     assert agent_main(["--replay", str(tmp_path / "run.jsonl")]) == 0
 
 
+def test_task_suite_scripted_without_python():
+    from glm4.agent.suite import TASKS, run_suite
+
+    assert len(TASKS) >= 30 and {t.category for t in TASKS} == {"arithmetic", "data", "files", "browse", "plan",
+                                                                 "recover"}
+    lines = []
+    res = run_suite(python=False, log=lines.append)
+    assert res and all(ok == n for ok, n in res.values()), "\n".join(lines)
+    # without reflection the scripted critiques are taken as answers: the recovery tasks fail, the rest pass
+    res = run_suite(python=False, reflection=False, categories={"recover", "files"}, log=lines.append)
+    assert res["recover"][0] == 0 and res["files"] == (5, 6)
+
+
+@pytest.mark.slow
+def test_task_suite_scripted_with_the_sandboxed_interpreter():
+    from glm4.agent.sandbox import bwrap_works
+    from glm4.agent.suite import TASKS, run_suite
+
+    if not bwrap_works()[0]:
+        pytest.skip(bwrap_works()[1])
+    lines = []
+    res = run_suite(log=lines.append)
+    assert sum(n for _, n in res.values()) == len(TASKS)
+    assert all(ok == n for ok, n in res.values()), "\n".join(lines)
+
+
 def test_cli_needs_a_model_source(capsys):
     assert agent_main(["do it"]) == 2
     assert "--model PATH or --base-url URL" in capsys.readouterr().err

@@ -2,7 +2,10 @@
 
 Paths are relative to the workspace; `/mnt/data/...` (where the interpreter sees the workspace) means the
 same. Anything that resolves outside it (`../../etc/passwd`, an absolute path, a symlink leading out) is
-refused with an observation, never followed.
+refused with an observation, never followed. The sandboxed code can change the workspace while we look at
+it (swap a folder for a symlink), so a file is opened without following a final symlink and its open
+descriptor is checked to be inside the workspace before a byte is read or written (a write truncates only
+after that check). New files get the workspace folder's owner (the sandbox uid, when we run as root).
 """
 
 from __future__ import annotations
@@ -26,10 +29,9 @@ class PathOutsideWorkspace(ValueError):
 class Workspace:
     """A folder the agent's file tools (and the interpreter's /mnt/data) work in."""
 
-    def __init__(self, root: str | Path, owner: tuple[int, int] | None = None):
+    def __init__(self, root: str | Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
-        self.owner = owner  # (uid, gid) to give new files when we run as root (the sandbox's uid)
 
     def resolve(self, path: str) -> Path:
         p = str(path).strip()
@@ -42,6 +44,24 @@ class Workspace:
             raise PathOutsideWorkspace(f"{path!r} is outside the workspace: refused")
         return target
 
+    def _open(self, target: Path, flags: int) -> int:
+        """os.open that refuses a final symlink and a descriptor that ended up outside the workspace."""
+        fd = os.open(target, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        real = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists(f"/proc/self/fd/{fd}") else target
+        if not real.is_relative_to(self.root):
+            os.close(fd)
+            raise PathOutsideWorkspace(f"{target.name!r} led outside the workspace: refused")
+        return fd
+
+    def _give_to_owner(self, target: Path) -> None:
+        if os.geteuid() != 0:
+            return
+        st = self.root.stat()
+        for p in [target, *target.parents]:
+            if p == self.root or not p.is_relative_to(self.root):
+                break
+            os.lchown(p, st.st_uid, st.st_gid)
+
     def read_file(self, path: Annotated[str, "file path inside the workspace"],
                   offset: Annotated[int, "first character to return"] = 0) -> Observation:
         """Read a text file from the workspace."""
@@ -49,7 +69,8 @@ class Workspace:
             target = self.resolve(path)
             if not target.is_file():
                 return Observation(error=f"{path!r}: no such file in the workspace")
-            text = target.read_text(encoding="utf-8", errors="replace")
+            with os.fdopen(self._open(target, os.O_RDONLY), "rb") as f:
+                text = f.read().decode("utf-8", errors="replace")
         except (PathOutsideWorkspace, OSError) as e:
             return Observation(error=str(e))
         chunk = text[offset:offset + MAX_READ_CHARS]
@@ -69,13 +90,12 @@ class Workspace:
             if target == self.root or target.is_dir():
                 return Observation(error=f"{path!r} is a folder")
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "ab" if append else "wb") as f:
+            fd = self._open(target, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else 0))
+            with os.fdopen(fd, "wb") as f:
+                if not append:
+                    f.truncate(0)
                 f.write(data)
-            if self.owner is not None and os.geteuid() == 0:
-                for p in [target, *target.parents]:
-                    if p == self.root or not p.is_relative_to(self.root):
-                        break
-                    os.lchown(p, *self.owner)
+            self._give_to_owner(target)
         except (PathOutsideWorkspace, OSError) as e:
             return Observation(error=str(e))
         return Observation(f"wrote {len(data)} bytes to {target.relative_to(self.root)}")

@@ -57,8 +57,8 @@ class CodeInterpreter:
     def __init__(self, workspace: str | Path, *, timeout: float = 60.0, limits: Limits | None = None,
                  unsafe: bool = False, startup_timeout: float = 60.0, sandbox_uid: int | None = None):
         try:
-            import jupyter_client  # noqa: F401
             import ipykernel  # noqa: F401
+            import jupyter_client  # noqa: F401
         except ImportError as e:
             raise SandboxUnavailable(f"the code interpreter needs jupyter_client and ipykernel: "
                                      f"pip install 'glm4[agent]' ({e})") from None
@@ -77,6 +77,7 @@ class CodeInterpreter:
                                      "Pass unsafe=True (--unsafe) to run it unsandboxed anyway.")
         self.cwd = WORKSPACE_MOUNT if self.sandbox else str(self.workspace)
         self.proc: subprocess.Popen | None = None
+        self.stderr = None
         self.client = None
         self.run_dir: Path | None = None
         self.start_seconds = 0.0
@@ -110,11 +111,12 @@ class CodeInterpreter:
             (self.run_dir / "kernel.json").write_text(host_conn.read_text())
             argv = [sys.executable, "-m", "ipykernel_launcher", "-f", str(self.run_dir / "kernel.json")]
             preexec, fds = rlimit_setter(self.limits, None), ()
-            env = {**os.environ, **{k: v for k, v in env.items() if k != "PATH"},
+            env = {**os.environ, **{k: v for k, v in env.items() if k.endswith("_NUM_THREADS")},
                    "IPYTHONDIR": str(self.run_dir / "ipython"), "MPLCONFIGDIR": str(self.run_dir / "mpl")}
+        self.stderr = tempfile.TemporaryFile()  # a file, not a pipe: a chatty kernel must never block on it
         self.proc = subprocess.Popen(argv, cwd=self.cwd if self.sandbox is None else None, env=None if self.sandbox
                                      else env, preexec_fn=preexec, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                                     stdout=subprocess.DEVNULL, stderr=self.stderr, start_new_session=True)
         client = BlockingKernelClient(connection_file=str(host_conn))
         client.load_connection_file()
         client.start_channels()
@@ -143,8 +145,9 @@ class CodeInterpreter:
         if self.proc is None or self.proc.poll() is None:
             return ""
         try:
-            return strip_ansi(self.proc.stderr.read().decode(errors="replace")).strip()[-800:]
-        except (OSError, ValueError):
+            self.stderr.seek(0)
+            return strip_ansi(self.stderr.read().decode(errors="replace")).strip()[-800:]
+        except (OSError, ValueError, AttributeError):
             return ""
 
     def restart(self) -> None:
@@ -162,9 +165,10 @@ class CodeInterpreter:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
-            if self.proc.stderr:
-                self.proc.stderr.close()
             self.proc = None
+        if getattr(self, "stderr", None) is not None:
+            self.stderr.close()
+            self.stderr = None
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
