@@ -104,6 +104,9 @@ def test_max_rounds_and_model_failure_end_with_an_error_event():
 
     r = Agent(ScriptedModel([broken]), [add], planner=False).run("x")
     assert r.events[-1].kind == "error" and "endpoint down" in r.events[-1].data["text"]
+    r = Agent(ScriptedModel(["1. plan", call("add", a="x", b=1), broken]), [add]).run("x")  # fails in reflection
+    assert kinds(r.events) == ["plan", "call", "observation", "error"]
+    assert r.events[-1].data["text"] == "the model call failed: ConnectionError: endpoint down"
 
 
 def test_scratchpad_and_summary_memory():

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 from .models import ChatModel, Reply
 from .observation import Observation
@@ -40,6 +40,12 @@ REFLECT_PROMPT = ("The last step did not work: {problem}\nIn two or three senten
                   "you do differently? If the plan must change, end with 'Revised plan:' and the new numbered steps.")
 SUMMARY_PROMPT = ("Summarise the following tool observations in a few lines, keeping every number, name and file "
                   "that may matter for the task:\n\n{observations}")
+
+
+class ModelCallFailed(RuntimeError):
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
 
 
 @dataclass
@@ -129,12 +135,24 @@ class Agent:
         return AgentResult(answer, events, self.messages, sum(e.kind == "reply" for e in events))
 
     def stream(self, task: str) -> Iterator[AgentEvent]:
+        try:
+            yield from self._steps(task)
+        except ModelCallFailed as e:  # a model/endpoint failure ends the run with its reason
+            yield AgentEvent("error", {"text": str(e)}, e.step)
+
+    def _ask(self, messages: list[dict], tools: list[dict] | None, choice: Any, step: int) -> Reply:
+        try:
+            return self.model.complete(messages, tools, choice)
+        except Exception as e:  # noqa: BLE001 - whatever the client raised, said in one line
+            raise ModelCallFailed(f"the model call failed: {type(e).__name__}: {e}", step) from e
+
+    def _steps(self, task: str) -> Iterator[AgentEvent]:
         self.scratchpad, self._answer, plan = [], None, None
         self.messages, self._summarised = [{"role": "user", "content": task}], set()
         step = 0
         if self.planner:
-            reply = self.model.complete([{"role": "system", "content": self.system},
-                                         {"role": "user", "content": PLAN_PROMPT.format(task=task)}], None, "none")
+            reply = self._ask([{"role": "system", "content": self.system},
+                               {"role": "user", "content": PLAN_PROMPT.format(task=task)}], None, "none", step)
             yield AgentEvent("reply", reply.to_dict(), step)
             plan = (reply.content or "").strip() or None
             if plan:
@@ -143,11 +161,7 @@ class Agent:
         for step in range(1, self.max_rounds + 1):
             yield from self._compress(step)
             choice = "required" if self.require_tool and step == 1 else "auto"
-            try:
-                reply = self.model.complete(self._context(plan), self.specs(), choice)
-            except Exception as e:  # noqa: BLE001 - a model/endpoint failure ends the run with its reason
-                yield AgentEvent("error", {"text": f"the model call failed: {type(e).__name__}: {e}"}, step)
-                return
+            reply = self._ask(self._context(plan), self.specs(), choice, step)
             yield AgentEvent("reply", reply.to_dict(), step)
             self.messages.append(reply.message())
             if not reply.tool_calls:
@@ -197,8 +211,8 @@ class Agent:
         return verdict if isinstance(verdict, str) else f"the answer {answer[:200]!r} failed the task's check"
 
     def _reflect(self, problem: str, plan: str | None, step: int):
-        reply: Reply = self.model.complete(self._context(plan) + [
-            {"role": "user", "content": REFLECT_PROMPT.format(problem=problem)}], None, "none")
+        reply = self._ask(self._context(plan) + [
+            {"role": "user", "content": REFLECT_PROMPT.format(problem=problem)}], None, "none", step)
         yield AgentEvent("reply", reply.to_dict(), step)
         critique = (reply.content or "").strip()
         yield AgentEvent("reflection", {"text": critique, "problem": problem}, step)
@@ -224,8 +238,8 @@ class Agent:
         if not old:
             return
         joined = "\n\n".join(f"[{m.get('name')}] {m['content']}" for m in old)
-        reply = self.model.complete([{"role": "user", "content": SUMMARY_PROMPT.format(
-            observations=joined[: self.context_chars])}], None, "none")
+        reply = self._ask([{"role": "user", "content": SUMMARY_PROMPT.format(
+            observations=joined[: self.context_chars])}], None, "none", step)
         yield AgentEvent("reply", reply.to_dict(), step)
         summary = (reply.content or "").strip() or joined[: self.observation_chars]
         for m in old:
