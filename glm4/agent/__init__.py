@@ -15,7 +15,7 @@ Layout: schema (functions -> JSON Schema, typed validation), tools (Tool, ToolRe
 files (workspace file tools), browser (offline simple_browser), sandbox (bubblewrap command, rlimits,
 seccomp), interpreter (the kernel), builtins (`python` / `simple_browser` registry entries), models (the
 chat API: LLMChat, OpenAIChat, ScriptedModel), loop (Agent: planner, executor, reflection, memory, events),
-agent_cli (`glm4 agent`).
+mcp_tools (MCP servers as tools, stdio ones sandboxed), suite (the task suite), agent_cli (`glm4 agent`).
 The agent talks to a model only through the chat API (glm4.LLM.chat or an OpenAI-compatible endpoint);
 it imports no model internals.
 """

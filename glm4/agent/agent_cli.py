@@ -4,8 +4,8 @@
     glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
     glm4 agent --replay run.jsonl           # show a saved run's steps
 Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
-running without bubblewrap), `simple_browser` over --docs DIR, and the functions of --tools FILE.py
-(its TOOLS list, or every public function defined there).
+running without bubblewrap), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
+TOOLS list, or every public function defined there), and the tools of the MCP servers in --mcp FILE.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="agent-workspace", help="folder for file tools and /mnt/data")
     p.add_argument("--docs", help="a folder of documents for the offline simple_browser")
     p.add_argument("--tools", action="append", default=[], help="a Python file whose functions become tools")
+    p.add_argument("--mcp", help='an MCP servers file: {"mcpServers": {name: {command, args} | {url}}}')
     p.add_argument("--no-python", action="store_true", help="no code interpreter")
     p.add_argument("--unsafe", action="store_true", help="run code without isolation if bubblewrap is missing")
     p.add_argument("--max-rounds", type=int, default=10)
@@ -84,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         tools.append(browser_tool(args.docs))
     for f in args.tools:
         tools += load_tool_file(f)
+    servers = None
+    if args.mcp:
+        from .mcp_tools import MCPServers
+
+        servers = MCPServers.from_file(args.mcp)
+        tools += servers.tools()
     agent = Agent(model, tools, planner=not args.no_plan, reflection=not args.no_reflection,
                   memory=not args.no_memory, max_rounds=args.max_rounds)
     events = []
@@ -94,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(ev, flush=True)
     finally:
         agent.close()
+        if servers is not None:
+            servers.close()
         if args.save:
             save_events(events, args.save)
     answer = next((e for e in reversed(events) if e.kind == "answer"), None)

@@ -211,10 +211,11 @@ class Sandbox:
                 f"{lim.cpu_seconds}s, memory {lim.memory_bytes >> 20} MiB, {lim.processes} tasks, files "
                 f"{lim.file_bytes >> 20} MiB, {lim.open_files} fds; {self.seccomp_note}")
 
-    def command(self, argv: list[str], binds: dict[str, str] | None = None,
-                env: dict[str, str] | None = None) -> tuple[list[str], Callable[[], None], tuple[int, ...]]:
+    def command(self, argv: list[str], binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                ro_binds: dict[str, str] | None = None) -> tuple[list[str], Callable[[], None], tuple[int, ...]]:
         """(bwrap argv, preexec_fn setting the rlimits, fds to pass) to run `argv` inside the sandbox.
-        `binds` are extra read-write folders {host: inside}; `env` is the whole environment inside."""
+        `binds` / `ro_binds` are extra read-write / read-only folders {host: inside}; `env` is the whole
+        environment inside."""
         py_binds = python_mounts()[0]
         a = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
@@ -226,8 +227,14 @@ class Sandbox:
         a += ["--ro-bind", str(self.etc / "passwd"), "/etc/passwd", "--ro-bind", str(self.etc / "group"), "/etc/group"]
         for host, inside in py_binds:
             a += ["--ro-bind", host, inside]
-        for host, inside in (binds or {}).items():
-            a += ["--bind", str(host), inside]
+        made = {"/", "/etc", "/opt", "/run", "/mnt", "/tmp", "/usr"}
+        for kind, extra in (("--bind", binds), ("--ro-bind", ro_binds)):
+            for host, inside in (extra or {}).items():
+                for parent in reversed(Path(inside).parents):  # each level readable by the sandbox uid
+                    if str(parent) not in made and not parent.is_relative_to("/usr"):
+                        a += ["--perms", "0755", "--dir", str(parent)]
+                        made.add(str(parent))
+                a += [kind, str(host), inside]
         a += ["--bind", str(self.workspace), WORKSPACE_MOUNT, "--chdir", WORKSPACE_MOUNT, "--clearenv"]
         for k, v in (env or {}).items():
             a += ["--setenv", k, v]
