@@ -199,8 +199,11 @@ def test_big_files_stop_at_the_file_size_limit(py):
 
 @needs_bwrap
 def test_killing_the_parent_does_nothing(py):
-    obs = py.run("import os, signal\nfor pid in (os.getppid(), 1):\n    os.kill(pid, signal.SIGKILL)\nprint(os.getppid())")
+    obs = py.run("import os, signal\nprint(os.getppid())\nos.kill(os.getppid(), signal.SIGKILL)")
     assert obs.text == "1\n"  # the parent is the sandbox's own init (pid 1 of its namespace), not a host process
+    assert "PermissionError" in obs.error  # and it is not ours to signal
+    obs = py.run("import os, signal\nos.kill(-1, signal.SIGKILL)")  # every process we may signal
+    assert "ProcessLookupError" in obs.error
     assert py.alive
     alive(py)
 

@@ -101,6 +101,7 @@ class Agent:
         self.scratchpad: list[str] = []
         self.messages: list[dict] = []
         self._summarised: set[int] = set()  # ids of tool messages whose content the summary replaced
+        self._call_names: dict[str | None, str | None] = {}  # tool_call_id -> tool name
         self._answer: str | None = None
         self._own = ToolRegistry(timeout=tool_timeout)  # finish (and note): the loop's own tools
         self._own.add(self._finish, name="finish")
@@ -149,6 +150,7 @@ class Agent:
     def _steps(self, task: str) -> Iterator[AgentEvent]:
         self.scratchpad, self._answer, plan = [], None, None
         self.messages, self._summarised = [{"role": "user", "content": task}], set()
+        self._call_names: dict[str | None, str | None] = {}
         step = 0
         if self.planner:
             reply = self._ask([{"role": "system", "content": self.system},
@@ -184,8 +186,9 @@ class Agent:
                 text = obs.render(self.observation_chars)
                 yield AgentEvent("observation", {"id": call.get("id"), "name": fn.get("name"), "text": text,
                                                  "error": obs.error, "images": len(obs.images)}, step)
-                self.messages.append({"role": "tool", "tool_call_id": call.get("id"), "name": fn.get("name"),
-                                      "content": text})
+                # OpenAI tool messages carry no name (servers refuse one); the call id links them
+                self.messages.append({"role": "tool", "tool_call_id": call.get("id"), "content": text})
+                self._call_names[call.get("id")] = fn.get("name")
                 if obs.error:
                     problems.append(f"`{fn.get('name')}` failed: {obs.error.strip().splitlines()[-1][:300]}")
                 elif not obs.text.strip() and not obs.images:
@@ -237,7 +240,7 @@ class Agent:
         old = [m for m in self.messages if m["role"] == "tool" and id(m) not in self._summarised][:-2]
         if not old:
             return
-        joined = "\n\n".join(f"[{m.get('name')}] {m['content']}" for m in old)
+        joined = "\n\n".join(f"[{self._call_names.get(m.get('tool_call_id'))}] {m['content']}" for m in old)
         reply = self._ask([{"role": "user", "content": SUMMARY_PROMPT.format(
             observations=joined[: self.context_chars])}], None, "none", step)
         yield AgentEvent("reply", reply.to_dict(), step)

@@ -65,6 +65,8 @@ class MCPServer:
             ready.result(timeout=self.timeout + 30)
         except Exception as e:
             self.close()
+            while isinstance(getattr(e, "exceptions", None), tuple) and e.exceptions:  # anyio's task groups wrap it
+                e = e.exceptions[0]
             raise RuntimeError(f"MCP server {self.name!r} did not start: {type(e).__name__}: {e}") from None
         return self
 
@@ -78,6 +80,7 @@ class MCPServer:
             self.isolation = "remote (streamable HTTP)"
             return cfg["url"]
         command, args = cfg["command"], [str(a) for a in cfg.get("args", [])]
+        cwd = Path(cfg.get("cwd") or ".")
         env = {str(k): str(v) for k, v in (cfg.get("env") or {}).items()}
         if not cfg.get("sandbox", True):
             self.isolation = "none (sandbox: false in the servers file)"
@@ -95,7 +98,10 @@ class MCPServer:
             argv = [python, "-S", "-s", "-c", RUN_SCRIPT, ":".join(sites), *args]
         else:
             argv = [command, *args]
-        binds = {str(Path(a).resolve().parent): str(Path(a).resolve().parent) for a in args if Path(a).exists()}
+        # files named in args: absolute paths (the sandbox starts in its own /mnt/data), folders mounted read-only
+        files = {a: (cwd / a).resolve() for a in args if not a.startswith("-") and (cwd / a).exists()}
+        argv = [str(files[a]) if a in files else a for a in argv]
+        binds = {str(p.parent): str(p.parent) for p in files.values()}
         bw, _, fds = self.sandbox.command(argv, env=inside_env, ro_binds=binds)
         lim = self.limits
         prlimit = ["/usr/bin/prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}",
