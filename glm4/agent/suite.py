@@ -174,7 +174,8 @@ TASKS = _tasks()
 
 def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, planner: bool = True,
               reflection: bool = True, categories: set[str] | None = None, python: bool = True,
-              unsafe: bool = False, log: Callable[[str], None] = print) -> dict[str, tuple[int, int]]:
+              unsafe: bool = False, require_tool: bool = False, max_rounds: int = 8,
+              log: Callable[[str], None] = print) -> dict[str, tuple[int, int]]:
     """Run the tasks; {category: (passed, total)}. `make_model(task, planner)` gives the model (None: the
     task's script, played by ScriptedModel)."""
     results: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -201,7 +202,8 @@ def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, plann
             model = ScriptedModel((["1. do the task"] if planner else []) + list(task.script))
         else:
             model = make_model(task, planner)
-        agent = Agent(model, tools, planner=planner, reflection=reflection, max_rounds=8)
+        agent = Agent(model, tools, planner=planner, reflection=reflection, max_rounds=max_rounds,
+                      require_tool=require_tool)
         try:
             result = agent.run(task.prompt)
             ok = task.check(result.answer or "", ws)
@@ -222,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scripted", action="store_true", help="play each task's script (tests the loop)")
     src.add_argument("--base-url")
-    src.add_argument("--model")
+    src.add_argument("--model", help="checkpoint folder, or `default` for the shipped model")
     p.add_argument("--api-key")
     p.add_argument("--model-name")
     p.add_argument("--no-plan", action="store_true")
     p.add_argument("--no-reflection", action="store_true")
     p.add_argument("--category", action="append")
     p.add_argument("--unsafe", action="store_true")
+    p.add_argument("--require-tool", action="store_true", help="tool_choice required on each task's first round")
+    p.add_argument("--max-rounds", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=256)
     args = p.parse_args(argv)
     make = None
     if args.base_url:
@@ -238,13 +243,16 @@ def main(argv: list[str] | None = None) -> int:
         make = lambda task, planner: chat
     elif args.model:
         from glm4.engine.llm import LLM
+        from glm4.engine.sampling_params import SamplingParams
 
         from .models import LLMChat
 
-        chat = LLMChat(LLM(args.model))
+        llm = LLM(None if args.model == "default" else args.model)
+        chat = LLMChat(llm, params=SamplingParams(max_tokens=args.max_tokens, temperature=0.0))
         make = lambda task, planner: chat
     res = run_suite(make, planner=not args.no_plan, reflection=not args.no_reflection,
-                    categories=set(args.category) if args.category else None, unsafe=args.unsafe)
+                    categories=set(args.category) if args.category else None, unsafe=args.unsafe,
+                    require_tool=args.require_tool, max_rounds=args.max_rounds)
     total = [sum(v[0] for v in res.values()), sum(v[1] for v in res.values())]
     for cat, (ok, n) in sorted(res.items()):
         print(f"{cat:<12} {ok}/{n}")
