@@ -9,6 +9,7 @@ COMMANDS = {
     "generate": ("glm4.reference", "generate token ids (or text) from a checkpoint with the reference generator"),
     "chat": ("glm4.serve.chat_cli", "terminal chat with streaming output and tools"),
     "serve": ("glm4.serve.serve_cli", "OpenAI-compatible HTTP server"),
+    "agent": ("glm4.agent.agent_cli", "run an agent on a task: tools, sandboxed code interpreter, planner"),
     "bench": ("glm4.engine.bench", "benchmark the engine side by side with HF transformers"),
     "pretrain": ("glm4.train.pretrain", "pretraining (causal LM, GLM blank infilling)"),
     "finetune": ("glm4.train.finetune", "SFT: full, LoRA, P-tuning v2"),

@@ -1,4 +1,5 @@
-"""Imports flow one way: config → layers → models → weights → quant → chat → {reference, train, engine} → serve → cli.
+"""Imports flow one way: config → layers → models → weights → quant → chat → {reference, train, engine} → serve → agent
+→ cli.
 
 chat (the chat formats and request planning) sits below train (SFT data uses its segments), reference and
 engine (the Python chat API over glm4.LLM lives in glm4.engine.chat); its format modules import no torch.
@@ -28,7 +29,8 @@ RANK = {
     "train": 6,
     "engine": 6,
     "serve": 7,
-    "cli": 8,
+    "agent": 8,
+    "cli": 9,
     "assets": 0,
     "media": 0,  # images and videos for the vision models: PIL + numpy, no torch (below)
 }
@@ -72,6 +74,25 @@ def test_imports_flow_one_way(path: Path):
             continue
         assert target in RANK, f"{path}:{lineno}: unknown part {target!r}"
         assert RANK[target] < RANK[part], f"{path.relative_to(PKG)}:{lineno} imports {mod}: {part} may not depend on {target}"
+
+
+def test_agent_talks_to_models_only_through_the_chat_api():
+    """glm4.agent reaches a model through `llm.chat(...)` or an OpenAI client: of glm4 it imports the chat
+    package's text modules only, never the engine, models or weights (and no torch). The entry points alone
+    (the CLI and the task suite's main) build a glm4.LLM for `--model PATH`."""
+    for path in (PKG / "agent").rglob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for lineno, mod in _glm4_imports(tree):
+            if path.name in ("agent_cli.py", "suite.py") and mod in ("glm4.engine.llm", "glm4.engine.sampling_params"):
+                continue
+            target = mod.split(".")[1]
+            assert target in ("agent", "chat"), f"agent/{path.name}:{lineno} imports {mod}"
+            assert mod not in ("glm4.chat.planner", "glm4.chat.grammar", "glm4.chat.thinking"), (
+                f"agent/{path.name}:{lineno} imports {mod} (torch)")
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "torch" for n in names), f"agent/{path.name} imports torch"
 
 
 TORCH_FREE = [PKG / "tokenizer", PKG / "chat" / "formats", *[PKG / "chat" / f"{m}.py" for m in (

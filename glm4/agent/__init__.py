@@ -1,0 +1,39 @@
+"""Agents: tools from Python functions, GLM-4's built-ins, and a sandboxed code interpreter.
+
+    from glm4.agent import CodeInterpreter, ToolRegistry, Workspace, python_tool, browser_tool
+    with CodeInterpreter(workspace="work") as py:      # a Jupyter kernel in bubblewrap (see sandbox.py)
+        py.run("import math; math.pi")                 # Observation(text='3.141592653589793\\n')
+
+    reg = ToolRegistry([get_weather, *Workspace("work").tools(), python_tool("work"), browser_tool("docs")])
+    reg.specs()                                        # OpenAI `tools` for the chat API
+    reg.call_tool_call(reply.tool_calls[0])            # Observation; never raises
+
+    agent = Agent(LLMChat(glm4.LLM(path)), tools=[get_weather, python_tool("work")])   # or OpenAIChat(base_url=...)
+    agent.run("task").answer                           # plan -> tool calls -> reflection on failure -> answer
+
+Layout: schema (functions -> JSON Schema, typed validation), tools (Tool, ToolRegistry), observation,
+files (workspace file tools), browser (offline simple_browser), sandbox (bubblewrap command, rlimits,
+seccomp), interpreter (the kernel), builtins (`python` / `simple_browser` registry entries), models (the
+chat API: LLMChat, OpenAIChat, ScriptedModel), loop (Agent: planner, executor, reflection, memory, events),
+mcp_tools (MCP servers as tools, stdio ones sandboxed), suite (the task suite), agent_cli (`glm4 agent`).
+The agent talks to a model only through the chat API (glm4.LLM.chat or an OpenAI-compatible endpoint);
+it imports no model internals.
+"""
+
+from .browser import SimpleBrowser
+from .builtins import LazyInterpreter, browser_tool, python_tool
+from .files import PathOutsideWorkspace, Workspace
+from .interpreter import CodeInterpreter
+from .loop import Agent, AgentEvent, AgentResult, load_events, save_events
+from .models import LLMChat, OpenAIChat, Reply, ScriptedModel
+from .observation import Observation
+from .sandbox import Limits, SandboxUnavailable, bwrap_works
+from .schema import FunctionSchema, ToolDefinitionError
+from .tools import Tool, ToolRegistry, builtin_tool
+
+__all__ = [
+    "Agent", "AgentEvent", "AgentResult", "LLMChat", "OpenAIChat", "Reply", "ScriptedModel", "load_events",
+    "save_events", "CodeInterpreter", "FunctionSchema", "LazyInterpreter", "Limits", "Observation", "PathOutsideWorkspace",
+    "SandboxUnavailable", "SimpleBrowser", "Tool", "ToolDefinitionError", "ToolRegistry", "Workspace",
+    "browser_tool", "builtin_tool", "bwrap_works", "python_tool",
+]

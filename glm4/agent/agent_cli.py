@@ -1,0 +1,113 @@
+"""`glm4 agent "task"`: run the agent on a task with the built-in tools, showing each step as it happens.
+
+    glm4 agent "How many lines does data.csv have?" --workspace work/ --model path/to/glm-4-9b-chat
+    glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
+    glm4 agent --replay run.jsonl           # show a saved run's steps
+Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
+running without bubblewrap), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
+TOOLS list, or every public function defined there), and the tools of the MCP servers in --mcp FILE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+
+from .builtins import browser_tool, python_tool
+from .files import Workspace
+from .loop import Agent, load_events, save_events
+from .models import LLMChat, OpenAIChat
+
+
+def load_tool_file(path: str) -> list:
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"glm4 agent: cannot load tools from {path}")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if hasattr(mod, "TOOLS"):
+        return list(mod.TOOLS)
+    return [f for name, f in vars(mod).items() if inspect.isfunction(f) and not name.startswith("_")
+            and f.__module__ == mod.__name__]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="glm4 agent", description=__doc__.split("\n\n")[0])
+    p.add_argument("task", nargs="?", help="what the agent should do")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model", help="checkpoint folder (runs in process through glm4.LLM's chat API)")
+    src.add_argument("--base-url", help="an OpenAI-compatible endpoint (glm4 serve, vLLM, a hosted GLM API)")
+    p.add_argument("--api-key", default=None)
+    p.add_argument("--model-name", default=None, help="model name at --base-url (default: the first listed)")
+    p.add_argument("--builtin-style", action="store_true",
+                   help="declare python / simple_browser as glm-4-9b-chat built-in tool types")
+    p.add_argument("--workspace", default="agent-workspace", help="folder for file tools and /mnt/data")
+    p.add_argument("--docs", help="a folder of documents for the offline simple_browser")
+    p.add_argument("--tools", action="append", default=[], help="a Python file whose functions become tools")
+    p.add_argument("--mcp", help='an MCP servers file: {"mcpServers": {name: {command, args} | {url}}}')
+    p.add_argument("--no-python", action="store_true", help="no code interpreter")
+    p.add_argument("--unsafe", action="store_true", help="run code without isolation if bubblewrap is missing")
+    p.add_argument("--max-rounds", type=int, default=10)
+    p.add_argument("--no-plan", action="store_true")
+    p.add_argument("--no-reflection", action="store_true")
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--save", help="write the run's events to this jsonl file")
+    p.add_argument("--replay", help="print the steps of a saved run and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.replay:
+        for e in load_events(args.replay):
+            if e["kind"] != "reply":
+                print(f"[{e['step']}] {e['kind']}: {e['data'].get('text', e['data'])}")
+        return 0
+    if not args.task:
+        print("glm4 agent: a task is required (or --replay FILE)", file=sys.stderr)
+        return 2
+    if args.base_url:
+        model = OpenAIChat(args.base_url, args.api_key, args.model_name, builtin_style=args.builtin_style)
+    elif args.model:
+        from glm4.engine.llm import LLM  # building the LLM is the one place the CLI touches the engine
+
+        model = LLMChat(LLM(args.model), builtin_style=args.builtin_style)
+    else:
+        print("glm4 agent: give --model PATH or --base-url URL", file=sys.stderr)
+        return 2
+    tools: list = [*Workspace(args.workspace).tools()]
+    if not args.no_python:
+        tools.append(python_tool(args.workspace, unsafe=args.unsafe))
+    if args.docs:
+        tools.append(browser_tool(args.docs))
+    for f in args.tools:
+        tools += load_tool_file(f)
+    servers = None
+    if args.mcp:
+        from .mcp_tools import MCPServers
+
+        servers = MCPServers.from_file(args.mcp)
+        tools += servers.tools()
+    agent = Agent(model, tools, planner=not args.no_plan, reflection=not args.no_reflection,
+                  memory=not args.no_memory, max_rounds=args.max_rounds)
+    events = []
+    try:
+        for ev in agent.stream(args.task):
+            events.append(ev)
+            if ev.kind != "reply":
+                print(ev, flush=True)
+    finally:
+        agent.close()
+        if servers is not None:
+            servers.close()
+        if args.save:
+            save_events(events, args.save)
+    answer = next((e for e in reversed(events) if e.kind == "answer"), None)
+    return 0 if answer is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
