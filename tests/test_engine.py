@@ -372,3 +372,12 @@ def test_auto_linear_packs_bf16_and_only_big_fp32_linears(monkeypatch):
     assert big and small and "lm_head" in big
     assert all(m.weight.numel() <= 64 * 64 for n, m in llm.engine.runner.model.named_modules() if n in small)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)] == refs
+
+
+def test_max_model_len_above_the_model_warns_and_uses_the_model_limit(caplog):
+    model = tiny_model("glm")
+    limit = int(model.config.rope.max_position_embeddings)
+    with caplog.at_level("WARNING", logger="glm4.engine"):
+        llm = LLM.from_model(model, max_model_len=limit * 4, kv_cache_tokens=limit * 8)
+    assert llm.engine.max_model_len == limit
+    assert any("above the model's" in r.getMessage() for r in caplog.records)

@@ -106,6 +106,9 @@ class LLMEngine:
         self.device, self.dtype = p.device, getattr(model, "compute_dtype", p.dtype)  # activations (see optimize_model)
         model_max = int(cfg.rope.max_position_embeddings)
         max_len = min(model_max, args.max_model_len or model_max)
+        if args.max_model_len and args.max_model_len > model_max:  # said, not clamped silently
+            log.warning("max_model_len %d is above the model's %d (max_position_embeddings): using %d",
+                        args.max_model_len, model_max, model_max)
         self.kv_cache_dtype = kv_cache_dtype(args.kv_cache_dtype, self.dtype)
         per_tok = kv_bytes_per_token(cfg, self.kv_cache_dtype)
         bs = args.block_size
