@@ -381,3 +381,30 @@ def test_max_model_len_above_the_model_warns_and_uses_the_model_limit(caplog):
         llm = LLM.from_model(model, max_model_len=limit * 4, kv_cache_tokens=limit * 8)
     assert llm.engine.max_model_len == limit
     assert any("above the model's" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not __import__("glm4.quant.kernels", fromlist=["x"]).has_streaming_kernels(),
+                    reason="glm4's CPU kernels are not built here")
+def test_quantizing_a_bf16_checkpoint_as_float32_loads_no_fp32_copy(tmp_path, monkeypatch):
+    """dtype float32 + quantization: the bf16 checkpoint is loaded as stored and quantized from it — the same codes
+    and the same tokens as quantizing an fp32 load — with the unquantized rest computed in fp32 afterwards."""
+    import glm4.quant.load as loader
+    from glm4.quant import QuantLinear
+    from glm4.weights import load_model, save_checkpoint
+
+    save_checkpoint(tiny_model("glm", seed=3).to(torch.bfloat16), tmp_path)
+    loaded, real = [], loader.load_model
+    monkeypatch.setattr(loader, "load_model", lambda path, dtype, **kw: loaded.append(dtype) or real(path, dtype, **kw))
+    direct = LLM(tmp_path, dtype="float32", quantization="int8", kv_cache_tokens=1024)
+    assert loaded == [torch.bfloat16]  # as stored: no fp32 copy of the model
+    via_fp32 = LLM.from_model(load_model(tmp_path, dtype=torch.float32), quantization="int8", kv_cache_tokens=1024)
+    a, b = direct.model, via_fp32.model
+    assert a.compute_dtype == torch.float32  # (the embedding table may stay bf16: rows are widened as looked up)
+    assert {p.dtype for n, p in a.named_parameters() if "norm" in n} == {torch.float32}
+    qa = {n: m for n, m in a.named_modules() if isinstance(m, QuantLinear)}
+    qb = {n: m for n, m in b.named_modules() if isinstance(m, QuantLinear)}
+    assert qa.keys() == qb.keys() and qa
+    for n in qa:
+        assert torch.equal(qa[n].qweight, qb[n].qweight) and torch.equal(qa[n].scales, qb[n].scales), n
+    prompts = [[1, 5, 9, 2], [7, 7, 3]]
+    assert [o.token_ids for o in direct.generate(prompts, GREEDY)] == [o.token_ids for o in via_fp32.generate(prompts, GREEDY)]

@@ -51,8 +51,9 @@ class LLM:
 
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
-        model = load_model(folder, dtype=args.dtype, device=args.device, progress=False)
-        model = optimize_model(model, args)
+        load_dtype, compute = _quantized_load_dtype(folder, args)
+        model = load_model(folder, dtype=load_dtype, device=args.device, progress=False)
+        model = optimize_model(model, args, compute=compute)
         self.path = folder
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_if_present(folder)
         self.engine = LLMEngine(model, self.tokenizer, args)
@@ -131,11 +132,29 @@ def compute_dtype(storage: torch.dtype, device: torch.device) -> torch.dtype:
     return storage if storage == torch.bfloat16 and kernels.native_bf16() else torch.float32
 
 
-def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
+def _quantized_load_dtype(folder: Path, args: EngineArgs) -> tuple[object, torch.dtype | None]:
+    """(dtype to load in, activation dtype or None). Quantizing a bf16 / fp16 checkpoint at load with dtype float32
+    asked: load the stored half-precision weights and widen only what stays unquantized, after quantizing — the
+    quantizers widen each weight to fp32 themselves (same codes), and no fp32 copy of the whole model is made."""
+    if not args.quantization or str(args.dtype).lower() == "auto":
+        return args.dtype, None
+    from glm4.quant import kernels
+    from glm4.quant.load import checkpoint_dtype
+    from glm4.weights import resolve_device, resolve_dtype
+
+    stored = checkpoint_dtype(folder)
+    if (resolve_dtype(args.dtype) == torch.float32 and stored in (torch.bfloat16, torch.float16)
+            and resolve_device(args.device).type == "cpu" and kernels.has_streaming_kernels()):
+        return stored, torch.float32
+    return args.dtype, None
+
+
+def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtype | None = None) -> torch.nn.Module:
     """Inference-time module swaps, in place: q/k/v and gate/up fused into one linear each; then the CPU linears
     (glm4.quant): weight-only int8/int4 when asked, else ("auto") glm4's streaming kernels over the weights as
     stored (FloatLinear), or prepacked oneDNN linears ("packed"; "auto" without glm4's kernels); finally the rest
-    of the model cast to the activation dtype (`model.compute_dtype`, read by the engine). Returns the model."""
+    of the model cast to the activation dtype (`model.compute_dtype`, read by the engine; `compute` overrides the
+    choice, see _quantized_load_dtype). Returns the model."""
     model.eval()
     if args.fuse_projections:
         from glm4.models.glm import fuse_projections
@@ -143,7 +162,7 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs) -> torch.nn.Module:
         fuse_projections(model)
     p = next(model.parameters())
     on_cpu = p.device.type == "cpu"
-    compute = compute_dtype(p.dtype, p.device)
+    compute = compute or compute_dtype(p.dtype, p.device)
     scheme, min_params = args.quantization, 0
     if scheme is None and on_cpu and args.linear in ("auto", "packed"):
         from glm4.quant import kernels
