@@ -440,6 +440,27 @@ def test_tool_call_and_result(browser, server, web, shots):
     p.check_clean()
 
 
+def test_server_errors_shown(browser, server, web):
+    """A request the server refuses (400) shows its one-line message on the page; no empty reply is kept, and the
+    conversation goes on once the setting is fixed. On a narrow screen the settings open over the chat."""
+    p = web(server)
+    page = p.open()
+    _settings(page, temperature=7)  # (the input's max is 2, but typed values still go: the server is the judge)
+    _send(page, QUESTION)
+    page.wait_for_selector("#error:not([hidden])")
+    assert "temperature" in page.inner_text("#error")
+    assert [m["role"] for m in p.stored()[0]["messages"]] == ["user"] and page.locator(".msg.assistant").count() == 0
+    _settings(page, temperature=0, max_tokens=3)
+    _send(page, "again")
+    _wait_done(page)
+    assert page.locator("#error").is_hidden() and page.locator(".msg.assistant").count() == 1
+    page.set_viewport_size({"width": 600, "height": 700})
+    assert page.locator("#settings").is_hidden()
+    page.click("#toggle-settings")
+    assert page.locator("#settings").is_visible()
+    p.check_clean()
+
+
 def test_api_key_asked_on_401(browser, key_server, web):
     """A server with --api-key: the page asks for the key when the API answers 401, asks again when the key is
     refused, keeps the accepted one in localStorage, and then chats."""

@@ -360,7 +360,10 @@ function main() {
   });
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newConversation);
-  $("toggle-settings").addEventListener("click", () => document.body.classList.toggle("no-settings"));
+  $("toggle-settings").addEventListener("click", () => {  // a narrow screen shows the panel over the chat
+    const narrow = matchMedia("(max-width: 900px)").matches;
+    document.body.classList.toggle(narrow ? "settings-over" : "no-settings");
+  });
   renderAll();
   loadModels().then(() => document.body.dataset.ready = "1");
 }
