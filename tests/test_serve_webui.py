@@ -359,15 +359,20 @@ def test_stop_button_aborts_the_request(browser, server, web, monkeypatch):
     p.check_clean()
 
 
-def test_reasoning_shown_in_details(browser, thinking_server, web, shots):
-    """On a thinking format (GLM-4.7's template) the reply's reasoning_content streams into a collapsible <details>;
-    the answer after it is Markdown. Reasoning and answer are the API's own at temperature 0."""
+def test_reasoning_shown_in_details(browser, thinking_server, web, shots, monkeypatch):
+    """On a thinking format (GLM-4.7's template) the reply's reasoning_content streams into a collapsible <details>
+    (open while it streams); the answer after it is Markdown. Reasoning and answer are the API's own at
+    temperature 0."""
     p = web(thinking_server)
     page = p.open()
     _settings(page, temperature=0, max_tokens=40, thinking_budget=12)
     question = "Why does this print 3?\n\n```python\nprint(len('<a>'))\n```"
+    _pace(monkeypatch, thinking_server.state, 0.05)
     _send(page, question)
+    page.wait_for_function("() => document.querySelector('.msg.assistant details.reasoning[open] .md')"
+                           "?.textContent.length > 0 && !document.getElementById('stop').hidden", timeout=30_000)
     _wait_done(page)
+    monkeypatch.undo()
     want = _oracle(thinking_server, [{"role": "user", "content": question}], max_tokens=40,
                    extra_body={"thinking_budget": 12}).choices[0].message
     msg = p.stored()[0]["messages"][1]
