@@ -23,6 +23,8 @@ The server, one module per job (a request flows top to bottom):
                   engine requests, server-sent events, usage
     async_engine  the engine thread <-> asyncio bridge (AsyncEngine, EngineRequest)
     metrics       Prometheus text
+    webui         the chat page at GET / (web/: index.html, app.js, api.js, markdown.js, style.css), a client of
+                  /v1/chat/completions; open without the API key (the page asks for it on 401)
 chat_cli is the terminal chat (`main`).
 """
 

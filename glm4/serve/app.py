@@ -7,6 +7,7 @@ Routes: GET /health (no key), /v1/models, /v1/models/{id}, /metrics; POST /v1/ch
 (chat_handler), /v1/completions (completions); POST /v1/responses, GET / DELETE /v1/responses/{id} (responses);
 /v1/messages and /v1/messages/count_tokens (anthropic: Anthropic's Messages API, its errors in Anthropic's shape);
 vLLM's /tokenize, /detokenize, /tokenizer_info (tokenization); Ollama's /api/* (ollama, errors in Ollama's shape).
+GET / is a chat page in the browser (webui: glm4/serve/web/, a client of /v1/chat/completions).
 The app's lifespan starts the engine thread and, on shutdown, lets it finish what is in flight.
 """
 
@@ -20,7 +21,7 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
-from glm4.serve import anthropic, ollama, tokenization
+from glm4.serve import anthropic, ollama, tokenization, webui
 from glm4.serve import anthropic_protocol as AP
 from glm4.serve import protocol as P
 from glm4.serve import responses_protocol as RP
@@ -106,7 +107,8 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
     async def messages_count_tokens(req: AP.CountTokensRequest) -> Response:
         return await anthropic.count_tokens(st, req)
 
-    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes)
+    app.include_router(webui.router)  # the chat page at / (its files under /web/), open without the key
+    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes, public=webui.is_page)
     return app
 
 

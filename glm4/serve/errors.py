@@ -143,13 +143,14 @@ def install_error_handlers(app: FastAPI, metrics, shapes: dict[str, ErrorShape] 
 
 
 class GateMiddleware:
-    """API-key check for every route but /health (`Authorization: Bearer <key>`, `x-api-key` as Anthropic's
-    clients send it, or `api-key`), and a request-size cap (pure ASGI, so streaming and disconnect detection stay
-    intact). Errors come in the shape of the API the path belongs to."""
+    """API-key check for every route but /health and the `public` ones (`Authorization: Bearer <key>`,
+    `x-api-key` as Anthropic's clients send it, or `api-key`), and a request-size cap (pure ASGI, so streaming and
+    disconnect detection stay intact). Errors come in the shape of the API the path belongs to."""
 
     def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES,
-                 shapes: dict[str, ErrorShape] | None = None):
+                 shapes: dict[str, ErrorShape] | None = None, public: Callable[[str], bool] | None = None):
         self.app, self.api_key, self.max_body, self.shapes = app, api_key, max_body, shapes
+        self.public = public or (lambda path: False)  # paths served without a key, besides /health
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -160,7 +161,7 @@ class GateMiddleware:
             err = APIError(413, f"request body over {self.max_body} bytes", "invalid_request_error", None,
                            "request_too_large")
             return await error_response(err, shape_for(self.shapes, scope.get("path", "")))(scope, receive, send)
-        if not self.api_key or scope.get("path") == "/health":
+        if not self.api_key or scope.get("path") == "/health" or self.public(scope.get("path", "")):
             return await self.app(scope, receive, send)
         auth = headers.get(b"authorization", b"").decode("latin-1")
         if auth.lower().startswith("bearer "):
