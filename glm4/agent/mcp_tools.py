@@ -125,7 +125,8 @@ class MCPServer:
 
         async def hold():  # the session lives in one task: anyio scopes must close where they opened
             try:
-                async with Client(target, read_timeout_seconds=self.timeout) as client:
+                # the library's own read timeout a little later than the wait in call(): ours answers, always
+                async with Client(target, read_timeout_seconds=self.timeout + 2) as client:
                     self.client = client
                     self._tools = (await client.list_tools()).tools
                     opened.set_result(None)
