@@ -187,12 +187,19 @@ def test_bad_image_sources_are_chat_errors(planner, url, message):
 
 
 @pytest.mark.parametrize("make, message", [(_truncated_png, "broken image data"),
-                                           (_zero_size_png, "image"),
+                                           (_zero_size_png, "not a readable image"),
                                            (_huge_png, "too large to decode")],
                          ids=["truncated", "0x0", "20000x20000"])
 def test_bad_pictures_are_chat_errors(planner, make, message):
     with pytest.raises(ChatError, match=re.escape(message)):
         planner.plan(_image_msg(make()))
+
+
+def test_empty_picture_is_a_chat_error(planner):
+    from PIL import Image
+
+    with pytest.raises(ChatError, match=re.escape("image has no pixels (0x0)")):
+        planner.plan([{"role": "user", "content": [{"type": "image", "image": Image.new("RGB", (0, 0))}]}])
 
 
 def test_limits_name_the_limit(planner):
