@@ -286,3 +286,69 @@ def test_llm_chat_with_image_equals_engine_on_processed_inputs(llm, planner):
 def test_llm_generate_rejects_unknown_media_keys(llm):
     with pytest.raises(ValueError, match="unknown multi_modal_data key"):
         llm.generate("x<|begin_of_image|><|image|><|end_of_image|>", None, {"audio": b""})
+
+
+# ---------------------------------------------------------------------------------------------- glm4 chat
+
+
+def test_terminal_chat_image_command(llm, tmp_path):
+    import io
+
+    from glm4 import SamplingParams
+    from glm4.serve.chat_cli import ChatSession, Repl
+
+    pic = tmp_path / "cat.png"
+    picture(50, 40, 9).save(pic)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    lines = iter([f"/image {tmp_path / 'notes.txt'}", f"/image {pic}", "/image", "What is it?", "And now?", "/exit"])
+
+    def read(prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out = io.StringIO()
+    session = ChatSession(llm, params=SamplingParams(max_tokens=3, temperature=0))
+    assert Repl(session, read, out).run() == 0
+    text = out.getvalue()
+    assert "error: messages" not in text and "error: not a readable image" in text
+    assert f"(image attached to your next message: {pic})" in text and f"next message: {pic})" in text
+    users = [m["content"] for m in session.messages if m["role"] == "user"]
+    assert users == [[{"type": "image", "image": str(pic)}, {"type": "text", "text": "What is it?"}], "And now?"]
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+
+
+def test_terminal_chat_image_flag(llm, tmp_path, monkeypatch, capsys):
+    from glm4.serve import chat_cli
+
+    pic = tmp_path / "a.png"
+    picture(40, 40).save(pic)
+    seen = {}
+
+    class FakeRepl:
+        def __init__(self, session, read, out):
+            seen["images"] = list(session.images)
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(chat_cli, "Repl", FakeRepl)
+    monkeypatch.setattr("glm4.engine.llm.LLM", lambda *a, **k: llm)
+    assert chat_cli.main(["--image", str(pic), "--max-tokens", "2"]) == 0
+    assert seen["images"] == [str(pic.resolve())]
+    assert chat_cli.main(["--image", str(tmp_path / "missing.png")]) == 2
+    assert "--image: image file not found" in capsys.readouterr().err
+
+
+def test_terminal_chat_refuses_images_on_a_text_model(tmp_path):
+    from test_serve_util import make_checkpoint
+
+    from glm4 import LLM
+    from glm4.serve.chat_cli import ChatSession
+
+    pic = tmp_path / "a.png"
+    picture(40, 40).save(pic)
+    session = ChatSession(LLM(make_checkpoint(tmp_path / "t"), kv_cache_tokens=512))
+    with pytest.raises(ValueError, match="this model does not take images"):
+        session.attach(str(pic))
