@@ -164,8 +164,9 @@ def _zero_size_png() -> str:
 
 
 def _huge_png() -> str:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.new("1", (20000, 20000)).save(buf, format="PNG")  # 1-bit, compresses to a few kB
@@ -183,7 +184,7 @@ def _huge_png() -> str:
 def test_bad_image_sources_are_chat_errors(planner, url, message):
     with pytest.raises(ChatError, match=re.escape(message)) as e:
         planner.plan(_image_msg(url))
-    assert "messages[0].content[0]" in str(e.value) and e.value.param == "messages"
+    assert "messages[0].content[0]" in str(e.value) and e.value.param == "messages.0.content"
 
 
 @pytest.mark.parametrize("make, message", [(_truncated_png, "broken image data"),

@@ -217,10 +217,18 @@ def _video(part: dict, policy: MediaPolicy) -> Video:
 # messages
 
 
-def has_media(messages: Any) -> bool:
-    return isinstance(messages, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list)
-        and any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES for p in m["content"]) for m in messages)
+def first_media_message(messages: Any) -> int | None:
+    """The index of the first message with an image or video part, or None."""
+    if not isinstance(messages, list):
+        return None
+    return next((i for i, m in enumerate(messages) if isinstance(m, dict) and isinstance(m.get("content"), list)
+                 and any(isinstance(p, dict) and p.get("type") in MEDIA_PART_TYPES for p in m["content"])), None)
+
+
+def _located(message: str, i: int) -> MediaError:
+    e = MediaError(message)
+    e.param = f"messages.{i}.content"  # where, for the server's error object
+    return e
 
 
 def extract_media(messages: list[dict], policy: MediaPolicy) -> tuple[list[dict], RequestMedia]:
@@ -235,7 +243,7 @@ def extract_media(messages: list[dict], policy: MediaPolicy) -> tuple[list[dict]
             out.append(m)
             continue
         if m.get("role") != "user":
-            raise MediaError(f"messages[{i}]: only user messages may carry images or videos")
+            raise _located(f"messages[{i}]: only user messages may carry images or videos", i)
         parts = []
         for j, p in enumerate(content):
             kind = p.get("type") if isinstance(p, dict) else None
@@ -253,8 +261,8 @@ def extract_media(messages: list[dict], policy: MediaPolicy) -> tuple[list[dict]
                 else:
                     parts.append(p)
             except MediaError as e:
-                raise MediaError(f"messages[{i}].content[{j}]: {e}") from None
+                raise _located(f"messages[{i}].content[{j}]: {e}", i) from None
             except KeyError as e:
-                raise MediaError(f"messages[{i}].content[{j}]: a {kind} part needs {e}") from None
+                raise _located(f"messages[{i}].content[{j}]: a {kind} part needs {e}", i) from None
         out.append({**m, "content": parts})
     return out, media

@@ -28,7 +28,7 @@ from glm4.tokenizer import TokenTexts
 
 from .events import ContentDelta, Event, Fold, ReasoningDelta, ToolCallDelta, ToolCallStart, openai_deltas
 from .grammar import ConstraintError, GrammarCompiler
-from .media import MediaError, MediaPolicy, extract_media, has_media
+from .media import MediaError, MediaPolicy, extract_media, first_media_message
 from .thinking import ThinkingGuard
 from .tools import SchemaError, check_schema
 
@@ -137,14 +137,15 @@ class ChatPlanner:
              parallel_tool_calls: bool = True, response_format: dict | None = None,
              enable_thinking: bool | None = None, *, reasoning_effort: str | None = None,
              chat_template_kwargs: dict | None = None, thinking_budget: int | None = None) -> ChatPlan:
-        media = None
-        if has_media(messages):
+        media, at = None, first_media_message(messages)
+        if at is not None:
             if self.media is None:
-                raise ChatError("this model does not take images or videos", "messages", "unsupported_content")
+                raise ChatError(f"messages[{at}]: this model does not take images or videos",
+                                f"messages.{at}.content", "unsupported_content")
             try:
                 messages, media = extract_media(messages, self.media)
             except MediaError as e:
-                raise ChatError(str(e), "messages", "invalid_media") from None
+                raise ChatError(str(e), getattr(e, "param", "messages"), "invalid_media") from None
         messages = self._check_messages(messages)
         tools = self._check_tools(tools)
         choice, named = self._check_tool_choice(tool_choice, tools)

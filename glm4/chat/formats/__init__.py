@@ -12,10 +12,10 @@ from ..messages import ChatFormatError
 from .base import ChatFormatSpec
 from .chatglm import ChatGLM
 from .glm4 import Glm4, GlmZ1
+from .glm4v import Glm4v, Glm45v
 from .glm45 import Glm45
 from .glm46 import Glm46
 from .glm47 import Glm47
-from .glm4v import Glm4v, Glm45v
 
 # checked in this order when sniffing a checkpoint's template: newest first, the first match wins
 FORMATS: dict[str, type[ChatFormatSpec]] = {

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from ..events import ContentDelta, Event
 from ..messages import ChatFormatError, text_of, to_openai
-from .base import THINK_CLOSE, THINK_OPEN, ChatFormatSpec, Part, Parts, StreamParser, partial_marker
+from .base import THINK_OPEN, ChatFormatSpec, Part, Parts, StreamParser, partial_marker
 from .glm45 import Glm45
 
 IMAGE_PLACEHOLDER = "<|begin_of_image|><|image|><|end_of_image|>"
