@@ -353,3 +353,21 @@ def test_terminal_chat_refuses_images_on_a_text_model(tmp_path):
     session = ChatSession(LLM(make_checkpoint(tmp_path / "t"), kv_cache_tokens=512))
     with pytest.raises(ValueError, match="this model does not take images"):
         session.attach(str(pic))
+
+
+def test_glm45v_checkpoint_chats_with_an_image(tmp_path):
+    from glm4 import LLM, SamplingParams
+
+    llm = LLM(write_checkpoint(tmp_path / "moe", kind="glm4v_moe"), linear="torch", kv_cache_tokens=1024)
+    msgs = [{"role": "user", "content": [{"type": "image", "image": picture(60, 60, 4)},
+                                         {"type": "text", "text": "Where is it?"}]}]
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    result = llm.chat(msgs, params=params, enable_thinking=False)
+    from glm4.engine.chat import chat_layer_for
+
+    planner = chat_layer_for(llm)[0]
+    assert planner.fmt.name == "glm45v"
+    plan = planner.plan(msgs, enable_thinking=False)
+    assert planner.tok.decode(plan.prompt_ids).endswith("/nothink<|assistant|>\n<think></think>")
+    (direct,) = llm.generate([plan.prompt_ids], planner.sampling_params(plan, params), [plan.multi_modal_data])
+    assert result.text == direct.outputs[0].text and result.usage["completion_tokens"] == 5
