@@ -371,3 +371,38 @@ def test_glm45v_checkpoint_chats_with_an_image(tmp_path):
     assert planner.tok.decode(plan.prompt_ids).endswith("/nothink<|assistant|>\n<think></think>")
     (direct,) = llm.generate([plan.prompt_ids], planner.sampling_params(plan, params), [plan.multi_modal_data])
     assert result.text == direct.outputs[0].text and result.usage["completion_tokens"] == 5
+
+
+def test_remote_images_only_with_the_flag_and_within_the_byte_limit(planner):
+    """A picture over http from a server on 127.0.0.1 (no outside network): refused without allow_remote, read with
+    it, refused over remote_max_bytes, and an unreachable URL is a MediaError, not an exception."""
+    import http.server
+    import threading
+
+    body = png_bytes(picture(40, 30, 2))
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}/cat.png"
+    try:
+        with pytest.raises(MediaError, match="remote media URLs are off"):
+            extract_media(_image_msg(url), planner.media)
+        _, media = extract_media(_image_msg(url), planner.media.with_limits(allow_remote=True, remote_timeout=5))
+        assert media.images[0].size == (40, 30)
+        with pytest.raises(MediaError, match=f"over the limit of {len(body) - 1} bytes"):
+            extract_media(_image_msg(url), planner.media.with_limits(allow_remote=True, remote_max_bytes=len(body) - 1))
+    finally:
+        srv.shutdown()
+    with pytest.raises(MediaError, match="could not fetch"):
+        extract_media(_image_msg(url), planner.media.with_limits(allow_remote=True, remote_timeout=2))
