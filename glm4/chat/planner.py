@@ -13,6 +13,8 @@ it starts kept well-formed). `response_format` json_object / json_schema force t
 Thinking is controlled as vLLM and SGLang accept it: `enable_thinking`, `reasoning_effort` ("none" /
 "minimal" turn thinking off) and `chat_template_kwargs` (passed to the template, winning over the
 others); `thinking_budget` caps the thinking tokens, and a guard ends thinking that loops.
+Vision checkpoints (`media=MediaPolicy`): image_url / video_url parts become the template's placeholders, expanded
+in `plan.prompt_ids`, with the pixels in `plan.multi_modal_data` (glm4.chat.media).
 """
 
 from __future__ import annotations

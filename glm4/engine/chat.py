@@ -4,6 +4,8 @@
     r = chat(llm, [{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, tool_choice="required")
     r.content, r.tool_calls, r.reasoning, r.finish_reason
     for ev in chat_stream(llm, messages): ...   # {"type": "content", "text"} / {"type": "tool_call", ...} / {"type": "done", ...}
+    chat(llm, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}},
+                                            {"type": "text", "text": "What is it?"}]}])   # vision checkpoints
 
 The planning (prompt, constraints, parsing) lives in glm4.chat; its names are re-exported here for the
 code that imported them from this module (ChatLayer is glm4.chat.planner.ChatPlanner).
