@@ -406,3 +406,31 @@ def test_remote_images_only_with_the_flag_and_within_the_byte_limit(planner):
         srv.shutdown()
     with pytest.raises(MediaError, match="could not fetch"):
         extract_media(_image_msg(url), planner.media.with_limits(allow_remote=True, remote_timeout=2))
+
+
+def test_llm_chat_with_video_and_images_over_turns(llm, planner):
+    """Frames as a video, and pictures in two user turns: the chat reply equals the engine fed the plan's inputs,
+    and the engine's output equals a full-recompute greedy loop over the model with the same inputs."""
+    import torch
+
+    from glm4 import SamplingParams
+
+    msgs = [{"role": "user", "content": [{"type": "video", "video": [picture(56, 56, s) for s in range(4)]},
+                                         {"type": "text", "text": "What happens?"}]},
+            {"role": "assistant", "content": "Shapes move."},
+            {"role": "user", "content": [{"type": "image", "image": picture(40, 60, 8)},
+                                         {"type": "text", "text": "And here?"}]}]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    result = llm.chat(msgs, params=params)
+    plan = planner.plan(msgs)
+    assert set(plan.multi_modal_data) == {"pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw"}
+    (direct,) = llm.generate([plan.prompt_ids], planner.sampling_params(plan, params), [plan.multi_modal_data])
+    assert result.text == direct.outputs[0].text
+    seq = torch.tensor([plan.prompt_ids])
+    media = {k: torch.from_numpy(v) for k, v in plan.multi_modal_data.items()}
+    with torch.no_grad():
+        for _ in range(4):
+            logits = llm.model(seq, **media)[0, -1].float()
+            logits[planner.tok.vocab_size:] = float("-inf")  # the planner's VocabGuard: ids with no text
+            seq = torch.cat([seq, logits.argmax().view(1, 1)], 1)
+    assert direct.outputs[0].token_ids == seq[0, len(plan.prompt_ids):].tolist()
