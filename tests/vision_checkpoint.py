@@ -10,6 +10,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 VISION_SPECIALS = ("<|image|>", "<|video|>", "<|begin_of_box|>", "<|end_of_box|>")
@@ -77,3 +78,18 @@ def png_bytes(img: Image.Image) -> bytes:
 def data_uri(img: Image.Image | bytes, mime: str = "image/png") -> str:
     raw = img if isinstance(img, bytes) else png_bytes(img)
     return f"data:{mime};base64," + base64.b64encode(raw).decode()
+
+
+# fixtures for the test modules that import them
+@pytest.fixture(scope="module", name="llm")
+def vision_llm(tmp_path_factory):
+    from glm4.engine import LLM
+
+    return LLM(write_checkpoint(tmp_path_factory.mktemp("v") / "glm4v"), linear="torch", block_size=4)
+
+
+@pytest.fixture(scope="module", name="planner")
+def vision_planner(llm):
+    from glm4.engine.chat import chat_layer_for
+
+    return chat_layer_for(llm)[0]
