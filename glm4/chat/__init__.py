@@ -8,8 +8,8 @@
 Layout: formats/ (one module per format behind one registry: renderer, reply parser, grammar, closing
 suffix, stop tokens), messages (shapes and the structural check), events (parser events, the one fold,
 the one OpenAI-delta mapping), tools (schemas, the one JSON-schema checker, XML value typing), jsonscan
-(the one character-level JSON scanner), template (ChatFormat, jinja like transformers), lark (grammar
-text), grammar (llguidance masks; torch), thinking (thinking budget and loop guard; torch), planner
+(the one character-level JSON scanner), template (ChatFormat, jinja like transformers), media (image / video
+content parts -> template placeholders and the vision model's numpy inputs), lark (grammar text), grammar (llguidance masks; torch), thinking (thinking budget and loop guard; torch), planner
 (requests -> prompt ids and sampling constraints; replies -> messages). Everything but grammar,
 thinking and planner is torch-free.
 """

@@ -13,6 +13,8 @@ it starts kept well-formed). `response_format` json_object / json_schema force t
 Thinking is controlled as vLLM and SGLang accept it: `enable_thinking`, `reasoning_effort` ("none" /
 "minimal" turn thinking off) and `chat_template_kwargs` (passed to the template, winning over the
 others); `thinking_budget` caps the thinking tokens, and a guard ends thinking that loops.
+Vision checkpoints (`media=MediaPolicy`): image_url / video_url parts become the template's placeholders, expanded
+in `plan.prompt_ids`, with the pixels in `plan.multi_modal_data` (glm4.chat.media).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from glm4.tokenizer import TokenTexts
 
 from .events import ContentDelta, Event, Fold, ReasoningDelta, ToolCallDelta, ToolCallStart, openai_deltas
 from .grammar import ConstraintError, GrammarCompiler
+from .media import MediaError, MediaPolicy, extract_media, first_media_message
 from .thinking import ThinkingGuard
 from .tools import SchemaError, check_schema
 
@@ -67,6 +70,7 @@ class ChatPlan:
     thinking: bool | None = None  # enable_thinking as the template saw it (None: the template's default)
     template_kwargs: dict = field(default_factory=dict)
     thinking_budget: int | None = None
+    multi_modal_data: dict | None = None  # the model's image / video inputs (numpy; glm4.chat.media)
 
 
 class VocabGuard:
@@ -112,10 +116,11 @@ def template_kwargs(enable_thinking: bool | None, reasoning_effort: str | None,
 class ChatPlanner:
     """Messages/tools -> prompt ids and SamplingParams; model text -> content, reasoning and tool calls."""
 
-    def __init__(self, tokenizer, chat_format, constrain: bool = True):
+    def __init__(self, tokenizer, chat_format, constrain: bool = True, media: MediaPolicy | None = None):
         self.tok = tokenizer
         self.fmt = chat_format
         self.constrain = constrain
+        self.media = media  # None: the model takes no images (vision checkpoints: glm4.chat.media)
         self._compiler: GrammarCompiler | None = None
         self._lock = threading.Lock()
         self.token_texts = TokenTexts(tokenizer)
@@ -134,6 +139,15 @@ class ChatPlanner:
              parallel_tool_calls: bool = True, response_format: dict | None = None,
              enable_thinking: bool | None = None, *, reasoning_effort: str | None = None,
              chat_template_kwargs: dict | None = None, thinking_budget: int | None = None) -> ChatPlan:
+        media, at = None, first_media_message(messages)
+        if at is not None:
+            if self.media is None:
+                raise ChatError(f"messages[{at}]: this model does not take images or videos",
+                                f"messages.{at}.content", "unsupported_content")
+            try:
+                messages, media = extract_media(messages, self.media)
+            except MediaError as e:
+                raise ChatError(str(e), getattr(e, "param", "messages"), "invalid_media") from None
         messages = self._check_messages(messages)
         tools = self._check_tools(tools)
         choice, named = self._check_tool_choice(tool_choice, tools)
@@ -145,8 +159,14 @@ class ChatPlanner:
             prompt = self.fmt.encode(self.tok, messages, tools=offered, **kw)
         except ValueError as e:  # ChatFormatError
             raise ChatError(str(e), "messages") from None
+        mm = None
+        if media:
+            try:
+                prompt, mm = media.prompt_inputs(list(prompt), self.media, self.tok.encode)
+            except MediaError as e:
+                raise ChatError(str(e), "messages", "invalid_media") from None
         tail = self.tok.decode(prompt[-8:])
-        plan = ChatPlan(prompt_ids=list(prompt), tools=offered, tool_choice=choice,
+        plan = ChatPlan(prompt_ids=list(prompt), tools=offered, tool_choice=choice, multi_modal_data=mm,
                         in_reasoning=self.fmt.starts_in_reasoning(tail), thinking=kw.get("enable_thinking"),
                         template_kwargs=kw, thinking_budget=thinking_budget)
         rf = response_format or {"type": "text"}
@@ -189,8 +209,8 @@ class ChatPlanner:
         if not p.ignore_eos:  # ignore_eos: run past the turn's end tokens too (benchmarks, tests)
             stops += [t for t in self.fmt.stop_token_ids(self.tok) if t not in stops]
         p.stop_token_ids = stops
-        if plan.tools:  # the tool parser splits turns on the `<|assistant|>` markers in the text
-            p.skip_special_tokens = False
+        if plan.tools or getattr(self.fmt.spec, "keeps_special_text", False):
+            p.skip_special_tokens = False  # the parser splits turns on `<|assistant|>`; 4.5V's boxes stay in content
         p.logits_processors = list(p.logits_processors or [])
         if self.vocab_guard not in p.logits_processors:
             p.logits_processors.append(self.vocab_guard)
@@ -244,10 +264,11 @@ class ChatPlanner:
                 m["role"] = "system"
             content = m.get("content")
             if isinstance(content, list):
-                if any(not isinstance(p, dict) or p.get("type") != "text" for p in content):
-                    raise ChatError(f"messages[{i}]: only text content parts are supported by this model",
+                if any(not isinstance(p, dict) or p.get("type") not in ("text", "image", "video") for p in content):
+                    raise ChatError(f"messages[{i}]: content parts must be text, image_url or video_url",
                                     f"messages.{i}.content", "unsupported_content")
-                m["content"] = "".join(str(p.get("text", "")) for p in content)
+                if all(p["type"] == "text" for p in content):
+                    m["content"] = "".join(str(p.get("text", "")) for p in content)
             elif content is not None and not isinstance(content, str):
                 raise ChatError(f"messages[{i}]: content must be a string or a list of text parts",
                                 f"messages.{i}.content")

@@ -4,6 +4,8 @@
     r = chat(llm, [{"role": "user", "content": "Weather in Paris?"}], tools=TOOLS, tool_choice="required")
     r.content, r.tool_calls, r.reasoning, r.finish_reason
     for ev in chat_stream(llm, messages): ...   # {"type": "content", "text"} / {"type": "tool_call", ...} / {"type": "done", ...}
+    chat(llm, [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "cat.png"}},
+                                            {"type": "text", "text": "What is it?"}]}])   # vision checkpoints
 
 The planning (prompt, constraints, parsing) lives in glm4.chat; its names are re-exported here for the
 code that imported them from this module (ChatLayer is glm4.chat.planner.ChatPlanner).
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from glm4.chat import ChatFormat
+from glm4.chat.media import MediaPolicy
 from glm4.chat.planner import (  # noqa: F401  (re-exported)
     ChatError,
     ChatLayer,
@@ -61,12 +64,21 @@ def chat_layer_for(llm, folder: str | Path | None = None) -> tuple[ChatPlanner, 
         if tok is None:
             raise ChatError("this checkpoint has no tokenizer: chat needs tokenizer.model or tokenizer.json")
         fmt = ChatFormat.for_checkpoint(path) if path is not None else ChatFormat("glm4")
-        layer = ChatPlanner(tok, fmt)
+        layer = ChatPlanner(tok, fmt, media=media_policy(llm, tok, path))
         try:
             llm._glm4_chat_layer = layer
         except AttributeError:
             pass
     return layer, tok, path
+
+
+def media_policy(llm, tok, folder: Path | None, **limits) -> MediaPolicy | None:
+    """The image/video policy of a vision checkpoint (its processor settings, `limits` over the defaults; local
+    files anywhere for the Python API unless `allowed_local_path` says otherwise), None for a text-only one."""
+    model = getattr(getattr(llm, "engine", None), "model", None)
+    if model is None or not hasattr(model, "rope_index"):
+        return None
+    return MediaPolicy.for_checkpoint(folder, tok, **{"allowed_local_path": "/", **limits})
 
 
 def _default_params(params):
@@ -88,7 +100,7 @@ def chat_stream(llm, messages: list[dict], tools: list[dict] | None = None, tool
         raise ChatError("chat generates one reply; use n=1", "n")
     stream = layer.stream(plan)
     last = None
-    for out in llm.engine.stream(plan.prompt_ids, p):
+    for out in llm.engine.stream(plan.prompt_ids, p, multi_modal_data=plan.multi_modal_data):
         last = out
         o = out.outputs[0]
         events = stream.feed(o.delta_text)

@@ -75,9 +75,53 @@ class LLM:
         """The CPU, dtypes, each linear kind's kernel, and the KV cache."""
         return describe_model(self.model) + "\n" + self.engine.describe()
 
-    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """prompts: one prompt or a list; a prompt is text or a list of token ids. Returns one output per prompt."""
-        return self.engine.generate(_as_prompt_list(prompts), params or SamplingParams())
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None,
+                 multi_modal_data: dict | list[dict | None] | None = None) -> list[RequestOutput]:
+        """prompts: one prompt or a list; a prompt is text or a list of token ids. Returns one output per prompt.
+
+        Vision checkpoints: `multi_modal_data` (a dict for one prompt, else one dict or None per prompt) is either
+        the model's processed inputs (pixel_values / image_grid_thw / pixel_values_videos / video_grid_thw, the
+        prompt holding the expanded placeholders, as glm4.media gives them), or raw media {"image": picture or
+        list, "video": frames list or glm4.media.video.Video, or a list of them} for a prompt with one `<|image|>` /
+        `<|video|>` per item, expanded here."""
+        plist = _as_prompt_list(prompts)
+        if multi_modal_data is None:
+            return self.engine.generate(plist, params or SamplingParams())
+        mms = [multi_modal_data] if isinstance(multi_modal_data, dict) else list(multi_modal_data)
+        pairs = [self._media_inputs(p, mm) for p, mm in zip(plist, mms)] if len(mms) == len(plist) else None
+        if pairs is None:
+            raise ValueError(f"{len(mms)} multi_modal_data entries for {len(plist)} prompts")
+        return self.engine.generate([p for p, _ in pairs], params or SamplingParams(), [mm for _, mm in pairs])
+
+    def _media_inputs(self, prompt, mm: dict | None):
+        """(prompt, model inputs) of one prompt with raw media (see generate); processed inputs pass through."""
+        from glm4.engine.multimodal import MultimodalPrompt
+
+        if not mm or set(mm) <= MultimodalPrompt.INPUTS:
+            return prompt, mm
+        unknown = sorted(set(mm) - {"image", "video"})
+        if unknown:
+            raise ValueError(f"unknown multi_modal_data key(s) {unknown}: give image / video, or the processed "
+                             f"inputs {sorted(MultimodalPrompt.INPUTS)}")
+        from glm4.chat.media import RequestMedia
+        from glm4.engine.chat import media_policy
+        from glm4.media.image import load_image
+        from glm4.media.video import Video, video_from_images
+
+        policy = media_policy(self, self.tokenizer, self.path)
+        if policy is None:
+            raise ValueError(f"{self.model.config.model_type} takes no images or videos")
+
+        def items(x):
+            return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+        videos = mm.get("video")
+        videos = [videos] if isinstance(videos, Video) or (isinstance(videos, list) and videos
+                                                           and not isinstance(videos[0], (list, Video))) else items(videos)
+        media = RequestMedia([load_image(x) for x in items(mm.get("image"))],
+                             [v if isinstance(v, Video) else video_from_images(v) for v in videos])
+        ids = self.tokenizer.encode(prompt, allow_special=True) if isinstance(prompt, str) else list(prompt)
+        return media.prompt_inputs(ids, policy, self.tokenizer.encode)
 
     def stream(self, prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Yield text deltas of one prompt (token-id deltas are in `stream_outputs`)."""

@@ -333,16 +333,21 @@ class LLMEngine:
         self.prompts.pop(rid, None)
 
     # --- convenience ------------------------------------------------------------------------------
-    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Run `prompts` (text or token-id lists) to completion; outputs in prompt order."""
+    def generate(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+                 multi_modal_data: list[dict | None] | None = None) -> list[RequestOutput]:
+        """Run `prompts` (text or token-id lists) to completion; outputs in prompt order. `multi_modal_data`: one
+        entry (or None) per prompt, as add_request takes it."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
         if len(plist) != len(prompts):
             raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
+        mms = multi_modal_data if multi_modal_data is not None else [None] * len(prompts)
+        if len(mms) != len(prompts):
+            raise ValueError(f"{len(mms)} multi_modal_data entries for {len(prompts)} prompts")
         rids: list[str] = []
         final: dict[str, RequestOutput] = {}
         try:
-            for pr, pa in zip(prompts, plist):
-                rids.append(self.add_request(None, pr, pa))
+            for pr, pa, mm in zip(prompts, plist, mms):
+                rids.append(self.add_request(None, pr, pa, multi_modal_data=mm))
             wanted = set(rids)
             while wanted - final.keys():
                 for out in self.step():
@@ -355,10 +360,11 @@ class LLMEngine:
             raise
         return [final[r] for r in rids]
 
-    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None,
+               multi_modal_data: dict | None = None) -> Iterator[RequestOutput]:
         """Yield this request's incremental outputs (other queued requests progress too); closing the
         iterator early aborts the request."""
-        rid = self.add_request(None, prompt, params)
+        rid = self.add_request(None, prompt, params, multi_modal_data=multi_modal_data)
         done = False
         try:
             while not done:

@@ -120,7 +120,9 @@ def load_image(source, max_input_pixels: int | None = None) -> Image.Image:
             img.load()
         except MediaError:
             raise
-        except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        except Image.DecompressionBombError as e:  # PIL refuses to decode it at all
+            raise MediaError(f"image is over {2 * Image.MAX_IMAGE_PIXELS} pixels, too large to decode") from e
+        except UnidentifiedImageError as e:
             raise MediaError(f"not a readable image ({type(e).__name__})") from e
         except FileNotFoundError as e:
             raise MediaError(f"image file not found: {source}") from e

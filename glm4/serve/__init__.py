@@ -2,7 +2,8 @@
 layer.
 
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY]
-    glm4 chat --model PATH
+               [--allowed-local-media-path DIR] [--allow-remote-media] [--limit-mm-per-prompt image=N,video=M]
+    glm4 chat --model PATH [--image cat.png]
     from glm4.serve import chat, chat_stream       # the chat layer's Python API, re-exported
     r = chat(llm, messages, tools=TOOLS, tool_choice="required")   # content / tool_calls / finish_reason
 
@@ -11,7 +12,8 @@ The server, one module per job (a request flows top to bottom):
     app           FastAPI app and routes (`create_app`), state from a checkpoint (`build_state`)
     errors        APIError, validation errors in OpenAI's words, API key / body size gate, per-API error shapes
     protocol      OpenAI request shapes (validated once, here) and the documented response shapes
-    chat_handler  /v1/chat/completions: chat layer plans -> engine requests -> reply events -> OpenAI shapes
+    chat_handler  /v1/chat/completions: chat layer plans (images of vision models included) -> engine requests
+                  -> reply events -> OpenAI shapes
     anthropic     /v1/messages[/count_tokens]: the same plans and events -> Anthropic's shapes
                   (anthropic_protocol: its request and response shapes)
     ollama        Ollama's /api/* (ollama_protocol: its request shapes): the same plans and events, Ollama's shapes

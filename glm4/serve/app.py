@@ -166,15 +166,21 @@ def _generation_defaults(folder: Path | None) -> dict:
 
 
 def build_state(model: str | None = None, api_key: str | None = None, model_name: str | None = None,
-                max_pending: int = 256, verbose: bool = False, **engine_args) -> ServerState:
+                max_pending: int = 256, verbose: bool = False, media: dict | None = None, **engine_args) -> ServerState:
     """Load a checkpoint into an LLM and wrap its engine, tokenizer and chat layer for serving.
-    `verbose`: print what runs where (CPU, dtypes, each linear kind's kernel, KV cache)."""
+    `verbose`: print what runs where (CPU, dtypes, each linear kind's kernel, KV cache). `media`: a vision
+    checkpoint's request limits (glm4.chat.media.MediaPolicy fields; local files and remote URLs off unless given)."""
     from glm4.engine.llm import LLM
 
     llm = LLM(model, **engine_args)
     if verbose:
         print(llm.describe(), flush=True)
     chat = load_chat(llm, model)
+    if chat.layer.media is not None:
+        from glm4.engine.chat import media_policy
+
+        chat.layer.media = media_policy(llm, chat.tokenizer, chat.folder,
+                                        **{"allowed_local_path": None, "allow_remote": False, **(media or {})})
     eng = getattr(llm, "engine", llm)
     max_len = int(getattr(llm, "max_model_len", 0) or getattr(eng, "max_model_len", 0)
                   or getattr(getattr(eng, "config", None), "max_model_len", 0) or 8192)

@@ -87,16 +87,17 @@ class AsyncEngine:
         with self._lock:
             self.num_pending = max(0, self.num_pending - k)
 
-    def submit(self, prompt_ids: list[int], params, reserved: bool = False) -> EngineRequest:
+    def submit(self, prompt_ids: list[int], params, reserved: bool = False,
+               multi_modal_data: dict | None = None) -> EngineRequest:
         """Start one engine request now (`reserved`: admitted by `reserve()` already); iterate the result for its
-        RequestOutputs."""
+        RequestOutputs. `multi_modal_data`: a vision request's image / video inputs (LLMEngine.add_request)."""
         if not reserved:
             self.reserve(1)
         rid = uuid.uuid4().hex
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._owners[rid] = (asyncio.get_running_loop(), q)
-        self._cmds.put(("add", rid, prompt_ids, params))
+        self._cmds.put(("add", rid, prompt_ids, params, multi_modal_data))
         self._wake.set()
         return EngineRequest(self, rid, q)
 
@@ -127,12 +128,15 @@ class AsyncEngine:
 
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
-            _, rid, prompt_ids, params = cmd
+            _, rid, prompt_ids, params, mm = cmd
             with self._lock:
                 if rid not in self._owners:  # aborted before it reached the engine
                     return
             try:
-                self.engine.add_request(rid, prompt_ids, params)
+                if mm:
+                    self.engine.add_request(rid, prompt_ids, params, multi_modal_data=mm)
+                else:
+                    self.engine.add_request(rid, prompt_ids, params)
             except Exception as e:  # bad params that slipped past validation: an error for that request only
                 self._count("engine_rejections_total")
                 self._deliver(rid, _Dropped(bad_request(f"request rejected by the engine: {e}")), last=True)

@@ -1,10 +1,12 @@
 """`glm4 chat`: a terminal chat with streaming output, multi-line input and tools.
 
 Commands: /reset (new conversation), /system [TEXT] (show or set the system prompt; starts over),
-/tools [FILE|off] (show, load an OpenAI tools JSON list, or drop the tools), /help, /exit.
+/tools [FILE|off] (show, load an OpenAI tools JSON list, or drop the tools), /image PATH (attach a picture to
+your next message; vision checkpoints; /image alone lists them, /image off drops them), /help, /exit.
 Multi-line input: a line of three double quotes starts and ends a block, or end a line with a backslash.
 Ctrl-C stops a generation (the partial reply is kept) and clears a half-typed input; Ctrl-D exits.
 A tool call is shown as `-> name(arguments)` and you type its result (empty: skip the result).
+`--image PATH` (repeatable) attaches pictures to the first message.
 """
 
 from __future__ import annotations
@@ -30,6 +32,30 @@ class ChatSession:
     def __init__(self, llm, system: str | None = None, tools: list[dict] | None = None, params=None):
         self.llm, self.system, self.tools, self.params = llm, system, tools, params
         self.messages: list[dict] = []
+        self.images: list[str] = []  # picture paths for the next user message
+
+    def takes_images(self) -> bool:
+        from glm4.engine.chat import chat_layer_for
+
+        return chat_layer_for(self.llm)[0].media is not None
+
+    def attach(self, path: str) -> None:
+        """Attach a picture to the next user message (ValueError: not a picture, or a text-only model)."""
+        from glm4.media.image import load_image
+
+        if not self.takes_images():
+            raise ValueError("this model does not take images")
+        p = str(Path(path).expanduser().resolve())
+        load_image(p)  # MediaError (a ValueError) now rather than at the next message
+        self.images.append(p)
+
+    def user_message(self, text: str) -> dict:
+        """The next user message: `text`, with the attached pictures first (then they are used up)."""
+        if not self.images:
+            return {"role": "user", "content": text}
+        parts = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        self.images = []
+        return {"role": "user", "content": parts}
 
     def reset(self) -> None:
         self.messages = []
@@ -164,6 +190,19 @@ class Repl:
                     self.say(f"error: {e}")
                 else:
                     self.say(f"(tools: {', '.join(t['function']['name'] for t in self.s.tools)})")
+        elif cmd == "/image":
+            if not arg:
+                self.say(f"(images for the next message: {', '.join(self.s.images) or 'none'})")
+            elif arg in ("off", "none"):
+                self.s.images = []
+                self.say("(images removed)")
+            else:
+                try:
+                    self.s.attach(arg)
+                except ValueError as e:
+                    self.say(f"error: {e}")
+                else:
+                    self.say(f"(image attached to your next message: {self.s.images[-1]})")
         elif cmd == "/help":
             self.say(HELP)
         else:
@@ -231,7 +270,7 @@ class Repl:
                 if not self.command(text):
                     return 0
                 continue
-            self.s.messages.append({"role": "user", "content": text})
+            self.s.messages.append(self.s.user_message(text))
             self.respond()
 
 
@@ -262,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--tools", default=None, help="JSON file with an OpenAI tools list")
+    ap.add_argument("--image", action="append", default=[], metavar="PATH",
+                    help="a picture for the first message (vision checkpoints; repeatable)")
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top-p", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=1024)
@@ -295,7 +336,14 @@ def main(argv: list[str] | None = None) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    return Repl(ChatSession(llm, args.system, tools, params), input, sys.stdout).run()
+    session = ChatSession(llm, args.system, tools, params)
+    try:
+        for path in args.image:
+            session.attach(path)
+    except ValueError as e:
+        print(f"glm4 chat: --image: {e}", file=sys.stderr)
+        return 2
+    return Repl(session, input, sys.stdout).run()
 
 
 if __name__ == "__main__":

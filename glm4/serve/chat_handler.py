@@ -72,7 +72,8 @@ async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, 
     except BaseException:
         st.engine.unreserve(req.n)
         raise
-    requests = [st.engine.submit(plan.prompt_ids, p, reserved=True) for p in params]
+    requests = [st.engine.submit(plan.prompt_ids, p, reserved=True, multi_modal_data=plan.multi_modal_data)
+                for p in params]
     n_prompt = len(plan.prompt_ids)
     serving.count_request(st, "chat", n_prompt * req.n)
     rid = P.random_id("chatcmpl-")

@@ -68,6 +68,17 @@ def main(argv: list[str] | None = None) -> int:
                          "to the HTTP side (1.7x requests/s at one client for the default model on 2 cores)")
     ap.add_argument("--responses-store-size", type=int, default=1024,
                     help="responses kept in memory for previous_response_id and GET /v1/responses/{id} (LRU; 0: none)")
+    ap.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                    help="vision models: image_url / video_url parts may name local files under DIR (default: none)")
+    ap.add_argument("--allow-remote-media", action="store_true",
+                    help="vision models: fetch http(s) image / video URLs (within --media-fetch-timeout and "
+                         "--media-max-bytes); off by default: send data: URIs")
+    ap.add_argument("--media-fetch-timeout", type=float, default=10.0, help="seconds per remote media URL")
+    ap.add_argument("--media-max-bytes", type=int, default=20 * 2**20, help="bytes per remote media URL")
+    ap.add_argument("--limit-mm-per-prompt", default=None, metavar="image=N,video=M",
+                    help="vision models: images and videos per request (default image=16,video=2)")
+    ap.add_argument("--max-image-pixels", type=int, default=None, help="pixels of a decoded picture (default 40M)")
+    ap.add_argument("--max-video-frames", type=int, default=None, help="sampled frames per video (default 256)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on exit")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
@@ -82,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
                                      ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization))
                    if v is not None}
     try:
+        media = media_limits(args)
         st = build_state(args.model, api_key=args.api_key, model_name=args.served_model_name,
-                         max_pending=args.max_queue, verbose=args.verbose, **engine_args)
+                         max_pending=args.max_queue, verbose=args.verbose, media=media, **engine_args)
     except (OSError, ValueError, CheckpointError) as e:
         print(f"glm4 serve: {e}")
         return 2
@@ -96,6 +108,24 @@ def main(argv: list[str] | None = None) -> int:
     server.capture_signals = lambda: _drain_on_signals(server)
     server.run()
     return 0
+
+
+def media_limits(args) -> dict:
+    """The media flags as glm4.chat.media.MediaPolicy fields (ValueError for a malformed --limit-mm-per-prompt)."""
+    out = {"allowed_local_path": args.allowed_local_media_path, "allow_remote": args.allow_remote_media,
+           "remote_timeout": args.media_fetch_timeout, "remote_max_bytes": args.media_max_bytes}
+    if args.allowed_local_media_path is not None and not Path(args.allowed_local_media_path).is_dir():
+        raise ValueError(f"--allowed-local-media-path {args.allowed_local_media_path}: not a folder")
+    for item in filter(None, (args.limit_mm_per_prompt or "").split(",")):
+        kind, _, n = item.partition("=")
+        if kind.strip() not in ("image", "video") or not n.strip().isdigit():
+            raise ValueError(f"--limit-mm-per-prompt: expected image=N,video=M, got {item!r}")
+        out["max_images" if kind.strip() == "image" else "max_videos"] = int(n)
+    if args.max_image_pixels is not None:
+        out["max_image_pixels"] = args.max_image_pixels
+    if args.max_video_frames is not None:
+        out["max_video_frames"] = args.max_video_frames
+    return out
 
 
 @contextlib.contextmanager

@@ -12,12 +12,15 @@ from ..messages import ChatFormatError
 from .base import ChatFormatSpec
 from .chatglm import ChatGLM
 from .glm4 import Glm4, GlmZ1
+from .glm4v import Glm4v, Glm45v
 from .glm45 import Glm45
 from .glm46 import Glm46
 from .glm47 import Glm47
 
 # checked in this order when sniffing a checkpoint's template: newest first, the first match wins
 FORMATS: dict[str, type[ChatFormatSpec]] = {
+    "glm45v": Glm45v,
+    "glm4v": Glm4v,
     "glm47": Glm47,
     "glm46": Glm46,
     "glm45": Glm45,
@@ -27,7 +30,8 @@ FORMATS: dict[str, type[ChatFormatSpec]] = {
 }
 ALIASES = {alias: name for name, cls in FORMATS.items() for alias in cls.aliases}
 # config.json model_type -> the format its checkpoints ship, when the template does not say
-MODEL_TYPE_FORMAT = {"chatglm": "chatglm", "glm": "chatglm", "glm4": "glm4", "glm4_moe": "glm45"}
+MODEL_TYPE_FORMAT = {"chatglm": "chatglm", "glm": "chatglm", "glm4": "glm4", "glm4_moe": "glm45",
+                     "glm4v": "glm4v", "glm4v_moe": "glm45v"}
 # GGUF general.architecture (llama.cpp's names) -> format
 GGUF_ARCH_FORMAT = {"chatglm": "chatglm", "glm4": "glm4", "glm4moe": "glm45"}
 
