@@ -51,6 +51,22 @@ def parse_lora_specs(specs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def model_and_adapters(model: str | None, specs: list[str] | None) -> tuple[str | None, dict[str, str]]:
+    """`--model M --lora NAME=PATH ...` -> (base checkpoint, {adapter name: folder}). `--model ADAPTER_DIR` (a PEFT
+    folder without config.json) stands for its local base plus that adapter, named after its folder. Raises
+    ValueError (AdapterError) with a one-line message."""
+    from glm4.layers.lora import adapter_base
+
+    lora = parse_lora_specs(specs)
+    base = adapter_base(model) if model is not None else None
+    if base is None:
+        return model, lora
+    name = Path(model).resolve().name
+    if name in lora:
+        raise AdapterError(f"--lora {name}=... has the name of the --model adapter folder; rename one")
+    return str(base), {name: str(model), **lora}
+
+
 class MultiLoRALinear(nn.Module):
     """A linear plus the LoRA updates of every loaded adapter that targets it, applied per row group of a step."""
 
@@ -198,7 +214,7 @@ class LoRAAdapters:
         if not (hasattr(lin, "in_features") and hasattr(lin, "out_features")) or ".visual." in f".{module}" \
                 or lin is head:
             raise AdapterError(f"{wpath}: {module!r} is not a language-model linear; the engine serves LoRA on "
-                               "the language model's decoder linears only (merge it: glm4 finetune --merge)")
+                               "the language model's decoder linears only")
         return target, row0, lin.out_features if rows is None else rows, lin
 
     def _wrapped(self, name: str) -> MultiLoRALinear:

@@ -194,6 +194,27 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
                       use_rslora=bool(d.get("use_rslora", False)))
 
 
+def adapter_base(folder: str | Path) -> Path | None:
+    """None unless `folder` is a PEFT adapter (adapter_config.json, no config.json); then the local base checkpoint
+    its `base_model_name_or_path` names (as given, else relative to the adapter folder). AdapterError when that
+    base is not a local folder: the message says how to name the base (`--model BASE --lora NAME=PATH`)."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() or (folder / "config.json").exists():
+        return None
+    try:
+        base = json.loads((folder / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{folder / CONFIG_NAME}: cannot read ({e})") from e
+    for cand in ([Path(base), folder / base] if isinstance(base, str) and base else []):
+        if (cand / "config.json").is_file() or any(cand.glob("*.gguf")):
+            return cand
+    merged = folder / "merged"
+    alt = (f", or load the merged model --model {merged}" if (merged / "config.json").is_file()
+           else ", or export a merged model with `glm4 finetune ... --merge`")
+    raise AdapterError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local checkpoint folder; "
+                       f"run with --model BASE --lora {folder.resolve().name}={folder}{alt}")
+
+
 def load_adapter(model: nn.Module, folder: str | Path, merge: bool = False) -> nn.Module:
     """Apply a PEFT-format LoRA adapter from `folder` to `model` (in place). `merge=True` folds it in."""
     from safetensors.torch import load_file
