@@ -280,9 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tools = load_tools(args.tools) if args.tools else None
         from glm4.engine.llm import LLM
-        from glm4.engine.sampling_params import SamplingParams
-
         from glm4.engine.lora import model_and_adapters
+        from glm4.engine.sampling_params import SamplingParams
 
         model, lora = model_and_adapters(args.model, args.lora)
         if len(lora) > 1:
