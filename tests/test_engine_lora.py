@@ -16,10 +16,12 @@ from glm4.reference import generate
 peft = pytest.importorskip("peft")
 
 NEW = 6
-# (name, PEFT LoraConfig keywords): a part of the fused qkv, the rest of the linears, everything with rsLoRA
+# (name, PEFT LoraConfig keywords): a part of the fused qkv; the rest of the linears, with a per-module rank and
+# alpha; everything with rsLoRA
 ADAPTERS = [
     ("qv", dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
-    ("kmlp", dict(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "gate_up_proj", "down_proj"])),
+    ("kmlp", dict(r=2, lora_alpha=6, target_modules=["k_proj", "o_proj", "gate_up_proj", "down_proj"],
+                  rank_pattern={"down_proj": 3}, alpha_pattern={r"layers\.1\.self_attn\.o_proj": 12})),
     ("all", dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True)),
 ]
 
@@ -167,3 +169,46 @@ def test_unknown_and_bad_adapters(base_and_adapters, tmp_path):
     assert llm.engine.lora_names == ["qv"]
     with pytest.raises(ValueError, match="lora must"):
         SamplingParams(lora="")
+
+
+def test_moe_dense_mlp_fused_gate_up(tmp_path):
+    """Glm4Moe's dense MLP and shared experts hold gate_proj / up_proj (one gate_up_proj in the engine): an
+    adapter on them, stacked into the fused linear, matches the model with the adapter applied. (Written with
+    glm4's trainer tools: PEFT 0.21 turns gate_proj / up_proj targets on this transformers class into
+    `target_parameters` on the routed experts, which the engine refuses by name.)"""
+    from conftest import build_hf_model, save_hf
+
+    from glm4.layers.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from glm4.weights import load_model
+
+    folder = save_hf(build_hf_model("glm4_moe", seed=0), tmp_path / "base")
+    trained = load_model(folder)
+    apply_lora(trained, LoRAConfig(r=4, alpha=8, dropout=0.0, targets=["gate_proj", "up_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in lora_modules(trained).values():
+            m.lora_B.weight.copy_(0.3 * torch.randn(m.lora_B.weight.shape, generator=g))
+    adapter = save_adapter(trained, tmp_path / "gu")
+    llm = LLM(folder, linear="torch", lora={"gu": str(adapter)})
+    fused = [n for n, m in llm.model.named_modules() if type(m).__name__ == "MultiLoRALinear"]
+    assert any(n.endswith("0.mlp.gate_up_proj") for n in fused) and any("shared_experts.gate_up_proj" in n for n in fused)
+    ps = prompts([6, 11], seed=9)
+    names = ("gu", "gu", None, None)
+    outs = llm.generate(ps * 2, [SamplingParams(max_tokens=NEW, temperature=0, ignore_eos=True, lora=n) for n in names])
+    models = {"gu": load_model(folder, adapter=adapter), None: load_model(folder)}
+    for p, o, name in zip(ps * 2, outs, names):
+        toks, logp = reference_run(models[name], p)
+        assert o.token_ids == toks, name
+    assert outs[0].token_ids != outs[2].token_ids or outs[1].token_ids != outs[3].token_ids
+
+
+def test_peft_expert_parameters_are_refused(tmp_path):
+    from conftest import build_hf_model, save_hf
+
+    from glm4.layers.lora import AdapterError
+
+    ref = build_hf_model("glm4_moe", seed=0)
+    folder = save_hf(ref, tmp_path / "base")
+    adapter = write_peft_adapter(ref, tmp_path / "experts", 5, r=4, lora_alpha=8, target_modules=["gate_proj", "up_proj", "v_proj"])
+    with pytest.raises(AdapterError, match="target_parameters"):
+        LLM(folder, linear="torch", lora={"experts": str(adapter)})

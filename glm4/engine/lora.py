@@ -155,14 +155,14 @@ class LoRAAdapters:
         if not pairs:
             raise AdapterError(f"{wpath}: no LoRA tensors")
         slot = len(self.names)
-        updates = self._stack(slot, pairs, cfg.scaling, wpath)  # validates everything before touching the model
+        updates = self._stack(slot, pairs, cfg.scaling_for, wpath)  # validates everything before touching the model
         for target, (a, b) in updates.items():
             self._wrapped(target).lora[slot] = (a, b)
         self.names.append(name)
         self.paths[name] = folder
         return slot
 
-    def _stack(self, slot: int, pairs: dict, scaling: float, wpath: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def _stack(self, slot: int, pairs: dict, scaling_for, wpath: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{engine linear name: (A [R, in], B*scaling [out, R])}, fused parts stacked as the module docstring says."""
         parts: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # target -> (row0, rows, A, B)
         for module, ab in sorted(pairs.items()):
@@ -174,7 +174,7 @@ class LoRAAdapters:
                     or b.shape[0] != rows:
                 raise AdapterError(f"{wpath}: {module} has lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)}; the "
                                    f"model expects [r, {lin.in_features}] / [{rows}, r] (adapter for another model?)")
-            parts.setdefault(target, []).append((row0, rows, a, b))
+            parts.setdefault(target, []).append((row0, rows, a, b.float() * scaling_for(module)))
         out = {}
         for target, ps in parts.items():
             lin = self._linear(target)
@@ -183,7 +183,7 @@ class LoRAAdapters:
             B = torch.zeros(lin.out_features, r_total)  # [out, R], block-diagonal over the fused parts
             col = 0
             for row0, rows, a, b in ps:
-                B[row0:row0 + rows, col:col + a.shape[0]] = b.float() * scaling
+                B[row0:row0 + rows, col:col + a.shape[0]] = b.float()
                 col += a.shape[0]
             out[target] = (A.to(self.device, self.dtype), B.to(self.device, self.dtype))
         return out

@@ -1,0 +1,123 @@
+"""Multi-LoRA serving cost: a mixed batch of 3 adapters + the base, against the same requests on the base alone.
+
+    python benchmarks/bench_lora.py                       # the shipped default model, CPU
+    python benchmarks/bench_lora.py --model PATH --device cuda --requests 64 --json runs/lora.json
+
+Three LoRA adapters (rank --rank, every attention projection and the dense MLPs' gate/up/down: the engine's fused
+qkv_proj and gate_up_proj take them as stacked blocks) are written in PEFT's layout with glm4's trainer tools,
+B random so that the updates are real work. The same --requests prompts (random token ids, --prompt-len tokens,
+--max-tokens greedy tokens each, ignore_eos) then run through `glm4.LLM.generate` three ways:
+
+- base:          an engine without adapters, every request on the base;
+- base+wrappers: an engine with the 3 adapters loaded, every request still on the base (the wrappers' cost alone);
+- mixed:         the same engine, request i on [base, a1, a2, a3][i % 4]: all four share every step (one forward
+                 per step; glm4.engine.lora adds each adapter's update on its own rows).
+
+Reported per run: wall seconds, generated tokens/s, engine steps; and mixed / base throughput. Each run is
+repeated --repeats times after a warm-up; the best is kept (2 shared CPU cores: the minimum is the signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "gate_up_proj", "down_proj"]
+
+
+def write_adapters(model_path: Path, out: Path, rank: int, n: int = 3) -> dict[str, str]:
+    from glm4.layers.lora import LoRAConfig, apply_lora, lora_modules, save_adapter
+    from glm4.weights import load_model
+
+    paths = {}
+    for i in range(n):
+        model = load_model(model_path, progress=False)
+        names = {m.rsplit(".", 1)[-1] for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+        apply_lora(model, LoRAConfig(r=rank, alpha=2 * rank, dropout=0.0, targets=[t for t in TARGETS if t in names]))
+        g = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_B.weight.copy_(0.02 * torch.randn(m.lora_B.weight.shape, generator=g))
+        paths[f"a{i + 1}"] = str(save_adapter(model, out / f"a{i + 1}", base_model_name_or_path=str(model_path)))
+    return paths
+
+
+def run(llm, prompts, names, max_tokens: int, repeats: int) -> dict:
+    from glm4.engine import SamplingParams
+
+    params = [SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True, lora=n) for n in names]
+    llm.generate(prompts[:4], params[:4])  # warm-up
+    best = None
+    for _ in range(repeats):
+        steps0 = llm.engine.stats["steps"]
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        dt = time.perf_counter() - t0
+        gen = sum(len(o.token_ids) for o in outs)
+        r = {"seconds": round(dt, 3), "generated_tokens": gen, "tokens_per_s": round(gen / dt, 1),
+             "steps": llm.engine.stats["steps"] - steps0}
+        if best is None or dt < best["seconds"]:
+            best = r
+    return best
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=48)
+    ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    from glm4.engine import LLM
+
+    if a.model is None:
+        from glm4.assets import default_model
+
+        a.model = str(default_model())
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
+    adapters = write_adapters(Path(a.model), tmp, a.rank)
+    kw = dict(device=a.device, kv_cache_tokens=a.requests * (a.prompt_len + a.max_tokens + 16),
+              max_num_seqs=a.requests)
+    base = LLM(a.model, **kw)
+    vocab = min(base.engine.config.vocab_size, getattr(base.tokenizer, "vocab_size", 10**9))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for _ in range(a.requests)]
+    on_base = [None] * a.requests
+    mixed = [[None, *adapters][i % 4] for i in range(a.requests)]
+    results = {"base": run(base, prompts, on_base, a.max_tokens, a.repeats)}
+    del base
+    multi = LLM(a.model, lora=adapters, **kw)
+    results["base+wrappers"] = run(multi, prompts, on_base, a.max_tokens, a.repeats)
+    results["mixed"] = run(multi, prompts, mixed, a.max_tokens, a.repeats)
+    ratio = results["mixed"]["tokens_per_s"] / results["base"]["tokens_per_s"]
+    setup = {"model": a.model, "device": a.device, "threads": torch.get_num_threads(), "requests": a.requests,
+             "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "rank": a.rank, "adapters": len(adapters),
+             "adapted_linears_per_adapter": sum(1 for m in multi.model.modules()
+                                                if type(m).__name__ == "MultiLoRALinear")}
+    print(json.dumps(setup))
+    print(f"{'run':<15} {'seconds':>8} {'tok/s':>8} {'steps':>6}")
+    for name, r in results.items():
+        print(f"{name:<15} {r['seconds']:>8.2f} {r['tokens_per_s']:>8.1f} {r['steps']:>6}")
+    print(f"mixed (3 adapters + base) / base throughput: {ratio:.2f}")
+    if a.json:
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"setup": setup, "results": results, "mixed_over_base": ratio}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
