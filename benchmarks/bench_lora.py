@@ -14,7 +14,8 @@ B random so that the updates are real work. The same --requests prompts (random 
                  per step; glm4.engine.lora adds each adapter's update on its own rows).
 
 Reported per run: wall seconds, generated tokens/s, engine steps; and mixed / base throughput. Each run is
-repeated --repeats times after a warm-up; the best is kept (2 shared CPU cores: the minimum is the signal).
+repeated --repeats times after a warm-up; the best is kept (2 shared CPU cores: the minimum is the signal; on a
+loaded machine --threads 1 avoids OpenMP's oversubscription stalls, which hit the many small LoRA ops hardest).
 """
 
 from __future__ import annotations
@@ -79,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
 
     from glm4.engine import LLM
 

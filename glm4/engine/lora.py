@@ -75,7 +75,8 @@ class MultiLoRALinear(nn.Module):
         self.base_layer = base_layer
         self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._adapters = [adapters]  # in a list: the registry is not a submodule (no recursion, no state_dict)
-        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], B*scaling [out, r])
+        # slot -> (A^T [in, r], (B*scaling)^T [r, out]), contiguous: two plain GEMMs per adapter and step
+        self.lora: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def weight(self) -> torch.Tensor:  # code that reads .weight (dtype / device probes) keeps working
@@ -97,12 +98,12 @@ class MultiLoRALinear(nn.Module):
             ab = self.lora.get(slot)
             if ab is None:  # this adapter does not adapt this linear
                 continue
-            a, b = ab
+            a_t, b_t = ab
             if rows is None:  # every row of the step is on this adapter
-                y2.add_(((x2.to(a.dtype) @ a.T) @ b.T).to(y2.dtype))
+                y2.add_(((x2.to(a_t.dtype) @ a_t) @ b_t).to(y2.dtype))
             else:
-                xs = x2.index_select(0, rows).to(a.dtype)
-                y2.index_add_(0, rows, ((xs @ a.T) @ b.T).to(y2.dtype))
+                xs = x2.index_select(0, rows).to(a_t.dtype)  # [n_i, in]
+                y2.index_add_(0, rows, ((xs @ a_t) @ b_t).to(y2.dtype))
         return y2.view(y.shape)
 
     def extra_repr(self) -> str:
@@ -163,7 +164,8 @@ class LoRAAdapters:
         return slot
 
     def _stack(self, slot: int, pairs: dict, scaling_for, wpath: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{engine linear name: (A [R, in], B*scaling [out, R])}, fused parts stacked as the module docstring says."""
+        """{engine linear name: (A^T [in, R], (B*scaling)^T [R, out])}, fused parts stacked as the module docstring
+        says."""
         parts: dict[str, list[tuple[int, int, torch.Tensor, torch.Tensor]]] = {}  # target -> (row0, rows, A, B)
         for module, ab in sorted(pairs.items()):
             if set(ab) != {"A", "B"}:
@@ -185,7 +187,7 @@ class LoRAAdapters:
             for row0, rows, a, b in ps:
                 B[row0:row0 + rows, col:col + a.shape[0]] = b.float()
                 col += a.shape[0]
-            out[target] = (A.to(self.device, self.dtype), B.to(self.device, self.dtype))
+            out[target] = (A.T.contiguous().to(self.device, self.dtype), B.T.contiguous().to(self.device, self.dtype))
         return out
 
     def _linear(self, name: str) -> nn.Module:
