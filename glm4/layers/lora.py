@@ -43,7 +43,7 @@ class LoRAConfig:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def rank_alpha(self, module: str) -> tuple[int, float]:
-        """(r, alpha) of one module path, with PEFT's pattern rule: the first key matching `(.*\.)?(key)$`."""
+        r"""(r, alpha) of one module path, with PEFT's pattern rule: the first key matching `(.*\.)?(key)$`."""
         r = next((v for k, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), self.r)
         alpha = next((v for k, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), self.alpha)
         return int(r), float(alpha)
