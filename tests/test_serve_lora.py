@@ -89,11 +89,15 @@ def test_request_model_picks_the_adapter(server, ckpt_and_adapters):
                                       temperature=0,
                                       extra_body={"ignore_eos": True})
         texts[name] = r.choices[0].text
+        assert r.model == name  # the response names the model (adapter) that answered
         want = reference_text(ckpt, server.state.tokenizer, adapters.get(name))
         assert texts[name] == want, name
     assert len(set(texts.values())) == 3  # every adapter changes the reply
     chat = client.chat.completions.create(model="sql", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
-    assert chat.choices[0].finish_reason in ("stop", "length")
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.model == "sql"
+    stream = client.chat.completions.create(model="poet", messages=[{"role": "user", "content": "hi"}], max_tokens=3,
+                                            stream=True)
+    assert {c.model for c in stream} == {"poet"}
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     r = httpx.post(server.url + "/api/generate", json={"model": "poet:latest", "prompt": PROMPT, "stream": False,
