@@ -2,6 +2,7 @@
 
     python benchmarks/bench_lora.py                       # the shipped default model, CPU
     python benchmarks/bench_lora.py --model PATH --device cuda --requests 64 --json runs/lora.json
+    python benchmarks/bench_lora.py --random-hidden 2048 --threads 1  # a wider random model: LoRA's share shrinks
 
 Three LoRA adapters (rank --rank, every attention projection and the dense MLPs' gate/up/down: the engine's fused
 qkv_proj and gate_up_proj take them as stacked blocks) are written in PEFT's layout with glm4's trainer tools,
@@ -52,6 +53,25 @@ def write_adapters(model_path: Path, out: Path, rank: int, n: int = 3) -> dict[s
     return paths
 
 
+def random_checkpoint(out: Path, hidden: int, layers: int = 4) -> Path:
+    """A random dense glm4 checkpoint (no tokenizer: token-id prompts), GLM-4-9B's proportions scaled down."""
+    from glm4.config import config_from_dict
+    from glm4.models import build_model
+    from glm4.weights import save_checkpoint
+
+    heads = hidden // 128
+    cfg = config_from_dict(dict(model_type="glm4", vocab_size=32768, hidden_size=hidden, intermediate_size=hidden * 3,
+                                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 8),
+                                head_dim=128, max_position_embeddings=4096, rms_norm_eps=1e-5, attention_bias=True,
+                                eos_token_id=[0], pad_token_id=0))
+    torch.manual_seed(0)
+    model = build_model(cfg).float().eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.02)
+    return save_checkpoint(model, out)
+
+
 def run(llm, prompts, names, max_tokens: int, repeats: int) -> dict:
     from glm4.engine import SamplingParams
 
@@ -74,6 +94,8 @@ def run(llm, prompts, names, max_tokens: int, repeats: int) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
+    ap.add_argument("--random-hidden", type=int, default=None,
+                    help="instead of --model: a random 4-layer glm4 of this width (e.g. 2048), no tokenizer")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--requests", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=48)
@@ -88,11 +110,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from glm4.engine import LLM
 
-    if a.model is None:
+    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
+    if a.random_hidden:
+        a.model = str(random_checkpoint(tmp / f"random-{a.random_hidden}", a.random_hidden))
+    elif a.model is None:
         from glm4.assets import default_model
 
         a.model = str(default_model())
-    tmp = Path(tempfile.mkdtemp(prefix="bench_lora_"))
     adapters = write_adapters(Path(a.model), tmp, a.rank)
     kw = dict(device=a.device, kv_cache_tokens=a.requests * (a.prompt_len + a.max_tokens + 16),
               max_num_seqs=a.requests)
