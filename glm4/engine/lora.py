@@ -22,7 +22,6 @@ ChatGLM) map one to one.
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 
 import torch
@@ -257,12 +256,3 @@ def _part_rows(parent: nn.Module, fused: str, leaf: str, out_features: int) -> t
     half = out_features // 2  # gate rows first, then up (GlmMLP / Glm4MoeMLP chunk(2) order)
     return (0, half) if leaf == "gate_proj" else (half, half)
 
-
-def adapter_memory_bytes(adapters: LoRAAdapters) -> int:
-    """Bytes of every loaded adapter's stacked A and B."""
-    seen = 0
-    for m in adapters.model.modules():
-        if isinstance(m, MultiLoRALinear):
-            seen += sum(math.prod(a.shape) * a.element_size() + math.prod(b.shape) * b.element_size()
-                        for a, b in m.lora.values())
-    return seen
