@@ -148,6 +148,13 @@ def test_generate_and_chat_cli_take_adapters(ckpt_and_adapters):
     by_dir = _cli("generate", "--model", str(adapters["sql"]), *ids)
     assert base.returncode == by_flag.returncode == by_dir.returncode == 0, base.stderr + by_flag.stderr
     assert by_flag.stdout == by_dir.stdout != base.stdout
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ok = subprocess.run([sys.executable, "-m", "glm4.cli", "chat", "--model", str(ckpt), "--lora",
+                         f"sql={adapters['sql']}", "--max-tokens", "3"], input="hi\n/exit\n", env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and "Traceback" not in ok.stderr, ok.stderr
+    two = _cli("chat", "--model", str(ckpt), "--lora", f"sql={adapters['sql']}", "--lora", f"p={adapters['poet']}")
+    assert two.returncode == 2 and "one LoRA adapter" in two.stderr
     bad = _cli("chat", "--model", str(adapters["poet"]))
     assert bad.returncode == 2
     assert len(bad.stderr.strip().splitlines()) == 1 and "--model BASE --lora poet=" in bad.stderr, bad.stderr
