@@ -145,6 +145,19 @@ def encode_prompt(model_path: str, text: str):
     return ids, tok
 
 
+def _one_adapter(args) -> str | None:
+    """The adapter folder of `--lora [NAME=]PATH`, or of `--model ADAPTER_DIR` (args.model becomes its base)."""
+    from glm4.layers.lora import adapter_base
+
+    specs = [s.partition("=")[2] if "=" in s else s for s in args.lora or []]
+    base = adapter_base(args.model)
+    if base is not None:
+        specs, args.model = [args.model, *specs], str(base)
+    if len(specs) > 1:
+        raise ValueError("glm4 generate applies one LoRA adapter; serve several with glm4 serve --lora ...")
+    return specs[0] if specs else None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="glm4 generate", description="Generate token ids with the reference generator.")
     p.add_argument("--model", help="checkpoint folder (config.json + safetensors) or .gguf file; default: the shipped "
@@ -160,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--eos-ids", default=None, help="comma-separated stop ids (default: the config's)")
+    p.add_argument("--lora", action="append", metavar="NAME=PATH",
+                   help="apply this PEFT LoRA adapter to --model (one); --model ADAPTER_DIR also works")
     args = p.parse_args(argv)
 
     from glm4.config import ConfigError
@@ -171,12 +186,13 @@ def main(argv: list[str] | None = None) -> int:
             from glm4.assets import default_model
 
             args.model = str(default_model())
+        adapter = _one_adapter(args)
         tok = None
         if args.prompt is not None:
             ids, tok = encode_prompt(args.model, args.prompt)
         else:
             ids = _parse_ids(args.prompt_ids)
-        model = load_model(args.model, dtype=args.dtype, device=args.device)
+        model = load_model(args.model, dtype=args.dtype, device=args.device, adapter=adapter)
         V = model.get_input_embeddings().num_embeddings
         if any(i < 0 or i >= V for i in ids):
             raise ValueError(f"prompt ids must be in [0, {V})")

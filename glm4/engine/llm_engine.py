@@ -54,6 +54,7 @@ class EngineArgs:
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)
     num_threads: int | None = None
+    lora: dict[str, str] | None = None  # LoRA adapters served next to the base: {name: PEFT folder} (glm4.engine.lora)
 
     @classmethod
     def from_kwargs(cls, **kw) -> EngineArgs:
@@ -75,6 +76,8 @@ class EngineArgs:
                 continue
             if not isinstance(getattr(args, name), int) or getattr(args, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)!r}")
+        if args.lora is not None and not (isinstance(args.lora, dict) and all(isinstance(k, str) for k in args.lora)):
+            raise ValueError(f"lora must map adapter names to PEFT folders, got {args.lora!r}")
         return args
 
 
@@ -142,7 +145,24 @@ class LLMEngine:
         self._lock = threading.RLock()
         self._ids = itertools.count()
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        for name, path in (args.lora or {}).items():
+            self.add_lora(name, path)
         log.info(self.describe())
+
+    # --- LoRA adapters ---------------------------------------------------------------------------
+    def add_lora(self, name: str, path) -> None:
+        """Load a PEFT LoRA adapter folder next to the base; requests pick it by `SamplingParams(lora=name)`.
+        Raises glm4.layers.lora.AdapterError (a ValueError) naming what is wrong."""
+        from glm4.engine.lora import LoRAAdapters
+
+        with self._lock:
+            if self.runner.lora is None:
+                self.runner.lora = LoRAAdapters(self.model)
+            self.runner.lora.add(name, path)
+
+    @property
+    def lora_names(self) -> list[str]:
+        return list(self.runner.lora.names) if self.runner.lora is not None else []
 
     # --- requests --------------------------------------------------------------------------------
     def encode(self, prompt: str | list[int]) -> list[int]:
@@ -173,6 +193,8 @@ class LLMEngine:
         if not isinstance(params, SamplingParams):
             raise TypeError("params must be a glm4.SamplingParams")
         params.check_vocab(self.runner.sampler.vocab_size)
+        if params.lora is not None and params.lora not in self.lora_names:
+            raise ValueError(f"unknown LoRA adapter {params.lora!r}; loaded: {', '.join(self.lora_names) or 'none'}")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this checkpoint has none (use stop_token_ids)")
         ids = self.encode(prompt)

@@ -57,9 +57,18 @@ class ModelRunner:
         self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, cfg.num_key_value_heads,
                                   cfg.head_dim, cache_dtype or self.dtype, self.device)
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
+        self.lora = None  # glm4.engine.lora.LoRAAdapters when the engine serves adapters (LLMEngine.add_lora)
+
+    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
+        """`_run`, with each sequence's LoRA adapter set for its rows of the step when adapters are loaded."""
+        if self.lora is None:
+            return self._run(batch)
+        slots = [None if seq.params.lora is None else self.lora.slot(seq.params.lora) for seq in batch.seqs]
+        with self.lora.step(slots, batch.num_tokens):
+            return self._run(batch)
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
+    def _run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
         """Forward the scheduled tokens; sample for sequences whose chunk reaches their last token; record
         the prompt logprobs of the chunk's tokens for sequences that ask for them.
         Returns (sampled sequences, their new token ids, logprob entries)."""

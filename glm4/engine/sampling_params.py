@@ -23,7 +23,8 @@ class SamplingParams:
     and `top_logprobs` that many alternatives. `prompt_logprobs` (k >= 0) also returns each prompt token's
     log-probability given the tokens before it (the first has none), with its rank and the k most likely
     alternatives; such a request computes its whole prompt (no prefix cache). `logits_processors` are called as
-    `fn(generated_token_ids, logits[V]) -> logits[V]` before the other filters.
+    `fn(generated_token_ids, logits[V]) -> logits[V]` before the other filters. `lora` names one of the engine's
+LoRA adapters (`EngineArgs.lora`); requests on different adapters and the base share each engine step.
     """
 
     n: int = 1
@@ -47,6 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
     skip_special_tokens: bool = True
+    lora: str | None = None  # the LoRA adapter (its served name, glm4.engine.lora) this request runs on; None: base
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -102,6 +104,8 @@ class SamplingParams:
             raise ValueError("logit_bias keys must be non-negative token ids")
         if not all(callable(p) for p in self.logits_processors):
             raise ValueError("logits_processors must be callables fn(token_ids, logits) -> logits")
+        if self.lora is not None and (not isinstance(self.lora, str) or not self.lora):
+            raise ValueError(f"lora must be an adapter name, got {self.lora!r}")
         if self.top_logprobs and not self.logprobs:
             self.logprobs = True
 

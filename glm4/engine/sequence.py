@@ -78,11 +78,14 @@ class Sequence:
         return self.status == SequenceStatus.FINISHED
 
     def block_key(self, i: int, block_size: int) -> tuple:
-        """What block i holds, for the prefix cache: its token ids, and with media the content keys of the images
-        whose placeholders fall in it (same placeholder tokens, another picture: another key)."""
+        """What block i holds, for the prefix cache: its token ids, with media the content keys of the images
+        whose placeholders fall in it (same placeholder tokens, another picture: another key), and the LoRA
+        adapter the request runs on."""
         toks = tuple(self.token_ids[i * block_size:(i + 1) * block_size])
         keys = self.mm.keys_in(i * block_size, (i + 1) * block_size) if self.mm is not None else ()
-        return (toks, keys) if keys else toks
+        key = (toks, keys) if keys else toks
+        # K/V depend on the LoRA adapter too: two adapters (or an adapter and the base) never share a block
+        return ("lora", self.params.lora, key) if self.params.lora is not None else key
 
     def reset_for_recompute(self) -> None:
         """After preemption: forget the cache; prompt + generated tokens are prefilled again."""

@@ -34,10 +34,23 @@ class LoRAConfig:
     dropout: float = 0.1
     targets: list[str] | str = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj"])
     use_rslora: bool = False
+    # PEFT's per-module overrides: {regex matching the end of a module path: rank / alpha}
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
 
     @property
     def scaling(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def rank_alpha(self, module: str) -> tuple[int, float]:
+        r"""(r, alpha) of one module path, with PEFT's pattern rule: the first key matching `(.*\.)?(key)$`."""
+        r = next((v for k, v in self.rank_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), self.r)
+        alpha = next((v for k, v in self.alpha_pattern.items() if re.match(rf"(.*\.)?({k})$", module)), self.alpha)
+        return int(r), float(alpha)
+
+    def scaling_for(self, module: str) -> float:
+        r, alpha = self.rank_alpha(module)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
 
 
 class LoRALinear(nn.Module):
@@ -115,7 +128,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, freeze: bool = True) -> list[s
         for p in model.parameters():
             p.requires_grad_(False)
     for n in names:
-        _set_module(model, n, LoRALinear.from_base(model.get_submodule(n), cfg.r, cfg.alpha, cfg.dropout,
+        _set_module(model, n, LoRALinear.from_base(model.get_submodule(n), *cfg.rank_alpha(n), cfg.dropout,
                                                    cfg.use_rslora))
     model._lora_config = cfg  # remembered for save_adapter
     return names
@@ -182,16 +195,41 @@ def read_adapter_config(folder: str | Path) -> LoRAConfig:
     for k in ("use_dora", "fan_in_fan_out"):
         if d.get(k):
             raise AdapterError(f"{p}: {k}=true is not supported")
-    if d.get("rank_pattern") or d.get("alpha_pattern"):
-        raise AdapterError(f"{p}: rank_pattern/alpha_pattern are not supported")
+    patterns = {k: d.get(k) or {} for k in ("rank_pattern", "alpha_pattern")}
+    if not all(isinstance(v, dict) for v in patterns.values()):
+        raise AdapterError(f"{p}: rank_pattern/alpha_pattern must be objects")
     if d.get("bias", "none") != "none":
         raise AdapterError(f"{p}: bias={d['bias']!r} is not supported (only 'none')")
+    if d.get("target_parameters"):
+        raise AdapterError(f"{p}: target_parameters {d['target_parameters']} (LoRA on MoE expert weights) is not "
+                           "supported; adapt the linears (target_modules) only")
     targets = d.get("target_modules")
     if not targets:
         raise AdapterError(f"{p}: target_modules is empty")
     return LoRAConfig(r=int(d["r"]), alpha=float(d.get("lora_alpha", 8)), dropout=0.0,
                       targets=targets if isinstance(targets, str) else list(targets),
-                      use_rslora=bool(d.get("use_rslora", False)))
+                      use_rslora=bool(d.get("use_rslora", False)), **patterns)
+
+
+def adapter_base(folder: str | Path) -> Path | None:
+    """None unless `folder` is a PEFT adapter (adapter_config.json, no config.json); then the local base checkpoint
+    its `base_model_name_or_path` names (as given, else relative to the adapter folder). AdapterError when that
+    base is not a local folder: the message says how to name the base (`--model BASE --lora NAME=PATH`)."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).is_file() or (folder / "config.json").exists():
+        return None
+    try:
+        base = json.loads((folder / CONFIG_NAME).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AdapterError(f"{folder / CONFIG_NAME}: cannot read ({e})") from e
+    for cand in ([Path(base), folder / base] if isinstance(base, str) and base else []):
+        if (cand / "config.json").is_file() or any(cand.glob("*.gguf")):
+            return cand
+    merged = folder / "merged"
+    alt = (f", or load the merged model --model {merged}" if (merged / "config.json").is_file()
+           else ", or export a merged model with `glm4 finetune ... --merge`")
+    raise AdapterError(f"{folder} is a LoRA adapter whose base model {base!r} is not a local checkpoint folder; "
+                       f"run with --model BASE --lora {folder.resolve().name}={folder}{alt}")
 
 
 def load_adapter(model: nn.Module, folder: str | Path, merge: bool = False) -> nn.Module:

@@ -235,7 +235,7 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
         elif isinstance(m, StackedExperts):
             key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")
         elif isinstance(m, (nn.Linear, *_SWAPPED)):
-            key = (name.rsplit(".", 1)[-1], kernel_of(m))
+            key = (name.removesuffix(".base_layer").rsplit(".", 1)[-1], kernel_of(m))  # LoRA-wrapped: its own name
         else:
             continue
         seen[key] = seen.get(key, 0) + 1

@@ -37,6 +37,8 @@ import importlib
 # --dtype of glm4 serve / glm4 chat
 DTYPE_HELP = ("weights: auto (default: as the checkpoint stores them) | float32 | bfloat16 | float16; activations are "
               "fp32 on CPUs without bf16 arithmetic")
+LORA_HELP = ("a PEFT LoRA adapter folder served next to the base (repeatable); a bare PATH is named after its folder. "
+             "--model ADAPTER_DIR alone loads the base its adapter_config.json names")
 
 _LAZY = {
     "chat": "glm4.engine.chat",

@@ -192,7 +192,8 @@ def _plan_and_params(st: ServerState, req: A.MessagesRequest):
     max_tokens = serving.token_budget(st, len(plan.prompt_ids), req.max_tokens, "messages")
     knobs = SimpleNamespace(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=None,
                             presence_penalty=None, frequency_penalty=None, repetition_penalty=None, min_tokens=None,
-                            ignore_eos=None, stop=req.stop_sequences or None, seed=None, logit_bias=None)
+                            ignore_eos=None, stop=req.stop_sequences or None, seed=None, logit_bias=None,
+                            model=req.model)
     kw = serving.sampling_kwargs(st, knobs, max_tokens, False, 0)
     return plan, st.chat.sampling_params(plan, serving.sampling_params(**kw))
 

@@ -60,12 +60,13 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: err})
     async def models():
-        return P.ModelList(data=[P.ModelCard(id=st.model_name, created=st.created, max_model_len=st.max_model_len)])
+        return P.ModelList(data=[P.ModelCard(id=name, created=st.created, max_model_len=st.max_model_len)
+                                 for name in [st.model_name, *st.adapters]])
 
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses={401: err, 404: err})
     async def model(model_id: str):
         check_model(st, model_id)
-        return P.ModelCard(id=st.model_name, created=st.created, max_model_len=st.max_model_len)
+        return P.ModelCard(id=model_id, created=st.created, max_model_len=st.max_model_len)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={401: err})
     async def metrics():
@@ -188,8 +189,12 @@ def build_state(model: str | None = None, api_key: str | None = None, model_name
     model_vocab = int(getattr(getattr(eng, "config", None), "vocab_size", 0) or vocab)
     metrics = Metrics()
     folder = Path(chat.folder) if chat.folder else None
+    name = model_name or (folder.name if folder else "glm4")
+    adapters = list(getattr(eng, "lora_names", []))
+    if name in adapters:
+        raise ValueError(f"LoRA adapter name {name!r} is the served model's name; rename the adapter (--lora NAME=PATH)")
     return ServerState(engine=AsyncEngine(eng, max_pending, metrics), chat=chat.layer, tokenizer=chat.tokenizer,
-                       model_name=model_name or (folder.name if folder else "glm4"), max_model_len=max_len,
+                       model_name=name, adapters=adapters, max_model_len=max_len,
                        vocab_size=vocab, api_key=api_key, model_vocab_size=model_vocab, vocab_guard=chat.vocab_guard,
                        defaults=_generation_defaults(folder), metrics=metrics)
 

@@ -299,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm4 chat", description="Terminal chat with a GLM-4 checkpoint",
                                  epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
+    ap.add_argument("--lora", action="append", metavar="NAME=PATH",
+                    help="chat with this PEFT LoRA adapter on the base --model (one); --model ADAPTER_DIR also works")
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--tools", default=None, help="JSON file with an OpenAI tools list")
     ap.add_argument("--image", action="append", default=[], metavar="PATH",
@@ -319,16 +321,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tools = load_tools(args.tools) if args.tools else None
         from glm4.engine.llm import LLM
+        from glm4.engine.lora import model_and_adapters
         from glm4.engine.sampling_params import SamplingParams
 
+        model, lora = model_and_adapters(args.model, args.lora)
+        if len(lora) > 1:
+            raise ValueError("glm4 chat talks to one LoRA adapter; serve several with glm4 serve --lora ...")
         engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                          ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
-                                         ("quantization", args.quantization)) if v is not None}
-        llm = LLM(args.model, **engine_args)
+                                         ("quantization", args.quantization), ("lora", lora or None)) if v is not None}
+        llm = LLM(model, **engine_args)
         from glm4.engine.chat import chat_layer_for
 
         chat_layer_for(llm)  # fails now, not at the first message, for a checkpoint without a tokenizer
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                                lora=next(iter(lora), None))
     except (OSError, ValueError, TypeError, CheckpointError) as e:
         print(f"glm4 chat: {e}", file=sys.stderr)
         return 2

@@ -89,7 +89,7 @@ async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, 
         choices.append({"index": i, "message": message,
                         "logprobs": _logprobs(st, last.logprobs) if req.logprobs else None, "finish_reason": reason})
     serving.observe_finished(st, t0, n_gen)
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": st.model_name,
+    return JSONResponse({"id": rid, "object": "chat.completion", "created": int(time.time()), "model": req.model,
                          "choices": choices, "usage": serving.usage(n_prompt, n_gen), "system_fingerprint": None})
 
 
@@ -142,7 +142,7 @@ def _chat_events(st: ServerState, req: P.ChatCompletionRequest, plan: ChatPlan, 
     n_gen = [0] * len(requests)
 
     def chunk(choices, usage_=None):
-        d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": st.model_name,
+        d = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": req.model,
              "system_fingerprint": None, "choices": choices}
         if include_usage:
             d["usage"] = usage_

@@ -132,7 +132,7 @@ async def create_completion(st: ServerState, req: P.CompletionRequest, request: 
             choice["prompt_logprobs"] = _vllm_prompt_logprobs(st, outs[-1].prompt_logprobs)
         body.append(choice)
     serving.observe_finished(st, t0, n_gen)
-    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": st.model_name,
+    return JSONResponse({"id": rid, "object": "text_completion", "created": int(time.time()), "model": req.model,
                          "choices": body, "usage": serving.usage(n_prompt, n_gen), "system_fingerprint": None})
 
 
@@ -146,7 +146,7 @@ def _completion_events(st: ServerState, req: P.CompletionRequest, choices, reque
     n_gen = [0] * len(choices)
 
     def chunk(choice_list, usage_=None):
-        d = {"id": rid, "object": "text_completion", "created": created, "model": st.model_name,
+        d = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
              "system_fingerprint": None, "choices": choice_list}
         if include_usage:
             d["usage"] = usage_

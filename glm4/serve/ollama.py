@@ -82,7 +82,7 @@ def _state(request: Request) -> ServerState:
 
 
 def _check_model(st: ServerState, name: str) -> None:
-    if name not in (st.model_name, f"{st.model_name}:latest"):
+    if name.removesuffix(":latest") not in (st.model_name, *st.adapters):
         raise APIError(404, f"model '{name}' not found")
 
 
@@ -100,7 +100,7 @@ def _sampling(st: ServerState, req, plan: ChatPlan):
     fields = SimpleNamespace(temperature=o.temperature, top_p=o.top_p, top_k=o.top_k, min_p=o.min_p,
                              presence_penalty=o.presence_penalty, frequency_penalty=o.frequency_penalty,
                              repetition_penalty=o.repeat_penalty, min_tokens=0, ignore_eos=False, stop=o.stop,
-                             seed=o.seed, logit_bias=None)
+                             seed=o.seed, logit_bias=None, model=req.model.removesuffix(":latest"))
     n_prompt = len(plan.prompt_ids)
     wanted = o.num_predict if o.num_predict is not None and o.num_predict > 0 else None
     max_tokens = serving.token_budget(st, n_prompt, wanted, "messages")

@@ -1,6 +1,7 @@
 """`glm4 serve`: the command line, the torch thread policy, and the signals that drain the server.
 
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--threads auto]
+    glm4 serve --model BASE --lora NAME=PATH [--lora ...]   # LoRA adapters: a request's `model` picks one
 
 SIGINT and SIGTERM start uvicorn's graceful shutdown: stop accepting, finish the open responses (up to
 --drain-timeout seconds), stop the engine, exit 0. The handlers are installed whatever the process inherited,
@@ -17,7 +18,8 @@ import signal
 import threading
 from pathlib import Path
 
-from glm4.serve import DTYPE_HELP
+from glm4.engine.lora import model_and_adapters
+from glm4.serve import DTYPE_HELP, LORA_HELP
 from glm4.serve.app import build_state, create_app
 from glm4.weights import CheckpointError
 
@@ -51,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="glm4 serve", description="OpenAI-compatible server for a GLM-4 checkpoint")
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--served-model-name", default=None, help="model id clients use (default: folder name)")
+    ap.add_argument("--lora", action="append", metavar="NAME=PATH", help=LORA_HELP)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--api-key", default=os.environ.get("GLM4_API_KEY"), help="require 'Authorization: Bearer KEY'")
@@ -84,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        args.model, lora = model_and_adapters(args.model, args.lora)
         threads = serve_threads(args.model, args.threads)
     except ValueError as e:
         print(f"glm4 serve: {e}")
         return 2
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
-                                     ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization))
+                                     ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization),
+                                     ("lora", lora or None))
                    if v is not None}
     try:
         media = media_limits(args)

@@ -39,6 +39,7 @@ class ServerState:
     defaults: dict = field(default_factory=dict)  # generation_config.json sampling defaults
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
+    adapters: list[str] = field(default_factory=list)  # LoRA adapters a request's `model` may name (glm4.engine.lora)
     token_texts: TokenTexts = field(init=False)
 
     def __post_init__(self):
@@ -49,9 +50,16 @@ class ServerState:
 # request -> engine parameters
 
 
-def check_model(st: ServerState, name: str) -> None:
-    if name != st.model_name:
+def check_model(st: ServerState, name: str) -> str | None:
+    """404 unless `name` is the served model or one of its LoRA adapters; returns the adapter name (None: base)."""
+    if name != st.model_name and name not in st.adapters:
         raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
+    return adapter_of(st, name)
+
+
+def adapter_of(st: ServerState, model: str | None) -> str | None:
+    """The LoRA adapter a request's `model` names, None for the base (the name is checked by check_model)."""
+    return model if model in st.adapters else None
 
 
 def sampling_params(**kw):
@@ -85,6 +93,7 @@ def sampling_kwargs(st: ServerState, req, max_tokens: int, logprobs: bool, top_l
         top_logprobs=top_logprobs,
         logit_bias={int(k): v for k, v in (req.logit_bias or {}).items()} or None,
         logits_processors=[st.vocab_guard] if st.vocab_guard and st.model_vocab_size > st.vocab_size else [],
+        lora=adapter_of(st, getattr(req, "model", None)),
     )
     bad = [t for t in (kw["logit_bias"] or {}) if t >= st.vocab_size]
     if bad:
