@@ -27,13 +27,14 @@ from glm4.serve import responses_protocol as RP
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
 from glm4.serve.completions import create_completion
-from glm4.serve.errors import GateMiddleware, install_error_handlers
+from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES, GateMiddleware, install_error_handlers
 from glm4.serve.metrics import Metrics
 from glm4.serve.responses import DEFAULT_STORE_SIZE, ResponseStore, create_response, delete_response, retrieve_response
 from glm4.serve.serving import ServerState, check_model
 
 
-def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE) -> FastAPI:
+def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         st.engine.start()
@@ -106,7 +107,8 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
     async def messages_count_tokens(req: AP.CountTokensRequest) -> Response:
         return await anthropic.count_tokens(st, req)
 
-    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes)
+    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes, max_body=max_body_bytes,
+                       body_timeout=body_timeout, metrics=st.metrics)
     return app
 
 
