@@ -162,8 +162,8 @@ def _read_all(sock: socket.socket, timeout: float) -> tuple[bytes, float]:
 
 
 def test_half_sent_body_gets_408_and_the_socket_closes(server):
-    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            f"Content-Length: 1000\r\n\r\n").encode()
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")
     with socket.create_connection(("127.0.0.1", server.port)) as sock:
         sock.sendall(head + b'{"model": "tiny')
         data, waited = _read_all(sock, timeout=10)
