@@ -3,6 +3,7 @@
     python benchmarks/soak.py --clients 16 --minutes 1                  # starts `glm4 serve` (shipped model)
     python benchmarks/soak.py --clients 16 --minutes 1 --faults 0.1     # 10 % of requests are faults
     python benchmarks/soak.py --url http://127.0.0.1:8000 --pid 1234   # an already running server
+    python benchmarks/soak.py --in-process --minutes 2                 # + tracemalloc: what Python memory grows
 
 Each client loops: a streamed chat completion (plain, with tools and tool_choice "required", or JSON mode with a
 schema) or a streamed completion; `--cancel` of them are closed after a few chunks. With `--faults`, that share of
@@ -227,16 +228,21 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
 
 
 async def soak(url: str, port: int, pid: int | None, args) -> dict:
+    import tracemalloc
+
     t0 = time.monotonic()
     st = Stats(t0)
     rss = {"start": rss_bytes(pid) if pid else 0, "peak": 0, "minute1": 0}
+    snaps = []
 
     async def sample():
         while True:
             r = rss_bytes(pid) if pid else 0
             rss["peak"] = max(rss["peak"], r)
-            if not rss["minute1"] and time.monotonic() - t0 >= 60:
+            if not rss["minute1"] and time.monotonic() - t0 >= min(60, args.minutes * 30):
                 rss["minute1"] = r
+                if tracemalloc.is_tracing():
+                    snaps.append(tracemalloc.take_snapshot())
             await asyncio.sleep(1)
 
     sampler = asyncio.ensure_future(sample())
@@ -245,7 +251,33 @@ async def soak(url: str, port: int, pid: int | None, args) -> dict:
     await asyncio.sleep(5)
     rss["end"] = rss_bytes(pid) if pid else 0
     sampler.cancel()
+    if tracemalloc.is_tracing() and snaps:
+        grown = tracemalloc.take_snapshot().compare_to(snaps[0], "lineno")
+        print("\ntracemalloc: Python allocations grown since the first sample (top 12)")
+        for d in grown[:12]:
+            print(f"  {d.size_diff / 2**20:+8.2f} MB  {d.count_diff:+7d} blocks  {d.traceback[0]}")
+        cur, peak = tracemalloc.get_traced_memory()
+        print(f"  traced now {cur / 2**20:.1f} MB, peak {peak / 2**20:.1f} MB")
     return {"stats": st, "rss": rss, "metrics": scrape(url, args.headers), "seconds": time.monotonic() - t0}
+
+
+def start_in_process(port: int, args):
+    """The server in this process (a uvicorn thread), so tracemalloc sees its Python allocations."""
+    import threading
+    import tracemalloc
+
+    import uvicorn
+
+    from glm4.serve.app import build_state, create_app
+
+    tracemalloc.start(1)
+    st = build_state(args.model, model_name=MODEL)
+    app = create_app(st, body_timeout=args.body_timeout or 30.0)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    while not server.started:
+        time.sleep(0.05)
+    return server
 
 
 def report(res: dict, args) -> None:
@@ -296,13 +328,19 @@ def main(argv: list[str] | None = None) -> int:
                          "bodies then wait 10 s for an answer)")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--in-process", action="store_true",
+                    help="run the server in this process with tracemalloc on, and print what Python memory grew")
     ap.add_argument("--server-arg", action="append", default=[], help="extra `glm4 serve` argument (repeatable)")
     args = ap.parse_args(argv)
     if not (1 <= args.clients <= 256 and 0 < args.minutes <= 60):
         ap.error("--clients must be 1..256 and --minutes 0..60")
     args.headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    proc = None
-    if args.url is None:
+    proc = server = None
+    if args.in_process:
+        port = free_port()
+        server = start_in_process(port, args)
+        url, pid = f"http://127.0.0.1:{port}", os.getpid()
+    elif args.url is None:
         port = free_port()
         cmd = [sys.executable, "-m", "glm4.cli", "serve", "--port", str(port), "--served-model-name", MODEL,
                "--log-level", "warning", *args.server_arg]
@@ -331,6 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         res = asyncio.run(soak(url, port, pid, args))
     finally:
+        if server is not None:
+            server.should_exit = True
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(timeout=120)
