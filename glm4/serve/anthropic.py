@@ -29,7 +29,6 @@ from types import SimpleNamespace
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from glm4.chat import events as E
 from glm4.chat.planner import ChatError, ChatPlan
@@ -302,7 +301,7 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
     serving.check_model(st, req.model)
     st.engine.reserve(1)
     try:
-        plan, params = await run_in_threadpool(_plan_and_params, st, req)
+        plan, params = await serving.offload(_plan_and_params, st, req)
     except BaseException:
         st.engine.unreserve(1)
         raise
@@ -328,7 +327,7 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
 
 async def count_tokens(st: ServerState, req: A.CountTokensRequest):
     serving.check_model(st, req.model)
-    plan = await run_in_threadpool(plan_request, st, req)
+    plan = await serving.offload(plan_request, st, req)
     return JSONResponse({"input_tokens": len(plan.prompt_ids)})
 
 

@@ -28,13 +28,14 @@ from glm4.serve import responses_protocol as RP
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
 from glm4.serve.completions import create_completion
-from glm4.serve.errors import GateMiddleware, install_error_handlers
+from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES, GateMiddleware, install_error_handlers
 from glm4.serve.metrics import Metrics
 from glm4.serve.responses import DEFAULT_STORE_SIZE, ResponseStore, create_response, delete_response, retrieve_response
 from glm4.serve.serving import ServerState, check_model
 
 
-def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE) -> FastAPI:
+def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE,
+               max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
         st.engine.start()
@@ -109,7 +110,8 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
         return await anthropic.count_tokens(st, req)
 
     app.include_router(webui.router)  # the chat page at / (its files under /web/), open without the key
-    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes, public=webui.is_page)
+    app.add_middleware(GateMiddleware, api_key=st.api_key, shapes=shapes, max_body=max_body_bytes,
+                       body_timeout=body_timeout, metrics=st.metrics, public=webui.is_page)
     return app
 
 
@@ -117,8 +119,12 @@ def _describe_metrics(st: ServerState) -> None:
     m = st.metrics
     m.describe("requests_total", "counter", "requests accepted, by endpoint")
     m.describe("prompt_tokens_total", "counter", "prompt tokens processed")
-    m.describe("generation_tokens_total", "counter", "tokens generated")
-    m.describe("request_errors_total", "counter", "requests answered with an error, by status")
+    m.describe("generation_tokens_total", "counter", "tokens generated (aborted and cut requests' too)")
+    m.describe("request_errors_total", "counter", "requests that ended with an error status (499: client gone)")
+    m.describe("responses_total", "counter", "every request once, by the status it ended with (499: client gone)")
+    m.describe("requests_aborted_total", "counter", "engine requests aborted because their client went away")
+    m.describe("requests_cut_total", "counter", "engine requests ended by shutdown before they finished")
+    m.describe("queue_wait_seconds", "histogram", "submit to first output of each engine request (queue + prefill)")
     m.gauge_fn("requests_in_flight", lambda: st.engine.num_pending)
     m.gauge_fn("queue_depth", lambda: _engine_stat(st, "waiting"))
     m.gauge_fn("requests_running", lambda: _engine_stat(st, "running"))

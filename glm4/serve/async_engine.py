@@ -40,9 +40,12 @@ class AsyncEngine:
         self._owners: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}  # request id -> its loop, queue
         self._lock = threading.Lock()
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = False  # the thread ends once idle
+        self._draining = False  # new requests are refused
         self._thread: threading.Thread | None = None
         self.num_pending = 0  # engine requests admitted and not finished (guarded by _lock)
+        self.num_cut = 0  # requests ended by shutdown before they finished
+        self._submitted: dict[str, float] = {}  # request id -> submit time, until its first output (queue wait)
         self.error: BaseException | None = None
 
     # -- lifecycle
@@ -51,15 +54,26 @@ class AsyncEngine:
             self._thread = threading.Thread(target=self._run, name="glm4-engine", daemon=True)
             self._thread.start()
 
-    def stop(self, drain_timeout: float = 30.0) -> None:
-        """Finish what is in flight (up to drain_timeout seconds), then stop the thread."""
-        deadline = time.monotonic() + drain_timeout
-        while self.num_pending and time.monotonic() < deadline:
-            time.sleep(0.02)
+    def begin_drain(self) -> None:
+        """Shutdown has begun: new requests get 503; those in flight run on."""
+        self._draining = True
+
+    def cut_all(self) -> int:
+        """End every request still in flight with a 503 `shutdown` error (each API tells it in-band: an error event,
+        then its end of stream); returns how many were cut."""
         with self._lock:
             left = list(self._owners)
         for rid in left:
-            self._cmds.put(("abort", rid))
+            self._cmds.put(("cut", rid))
+        self._wake.set()
+        return len(left)
+
+    def stop(self, drain_timeout: float = 30.0) -> None:
+        """Finish what is in flight (up to drain_timeout seconds), cut what is left, then stop the thread."""
+        deadline = time.monotonic() + drain_timeout
+        while self.num_pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.cut_all()
         self._stopping = True
         self._wake.set()
         if self._thread is not None:
@@ -74,8 +88,8 @@ class AsyncEngine:
     def reserve(self, k: int) -> None:
         """Admit k engine requests or raise a 429 APIError."""
         with self._lock:
-            if self._stopping or self.error is not None:
-                raise APIError(503, "the server is shutting down" if self._stopping else
+            if self._stopping or self._draining or self.error is not None:
+                raise APIError(503, "the server is shutting down" if self.error is None else
                                  f"the engine stopped: {self.error}", "server_error", None, "unavailable")
             if self.num_pending + k > self.max_pending:
                 raise APIError(429, f"the server is at capacity ({self.max_pending} requests in flight); "
@@ -97,6 +111,7 @@ class AsyncEngine:
         q: asyncio.Queue = asyncio.Queue()
         with self._lock:
             self._owners[rid] = (asyncio.get_running_loop(), q)
+            self._submitted[rid] = time.monotonic()
         self._cmds.put(("add", rid, prompt_ids, params, multi_modal_data))
         self._wake.set()
         return EngineRequest(self, rid, q)
@@ -112,6 +127,7 @@ class AsyncEngine:
     def _deliver_many(self, items: list[tuple[str, object, bool]]) -> None:
         """Hand outputs to their requests' queues: one wake-up of each event loop per engine step."""
         by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        self._observe(items)
         with self._lock:
             for rid, item, last in items:
                 sink = self._owners.pop(rid, None) if last else self._owners.get(rid)
@@ -125,6 +141,21 @@ class AsyncEngine:
                 loop.call_soon_threadsafe(_put_all, puts)
             except RuntimeError:  # the requests' event loop is gone
                 pass
+
+    def _observe(self, items: list[tuple[str, object, bool]]) -> None:
+        """Tokens generated (every request's, aborted ones too) and each request's wait for its first output."""
+        if self.metrics is None:
+            return
+        now, n_new = time.monotonic(), 0
+        for rid, item, last in items:
+            outs = getattr(item, "outputs", None)
+            if outs:
+                n_new += len(getattr(outs[0], "delta_token_ids", None) or ())
+            t = self._submitted.pop(rid, None) if (outs or last) else None
+            if t is not None and outs:
+                self.metrics.observe("queue_wait_seconds", now - t)
+        if n_new:
+            self.metrics.inc("generation_tokens_total", n_new)
 
     def _apply(self, cmd) -> None:
         if cmd[0] == "add":
@@ -141,7 +172,7 @@ class AsyncEngine:
                 self._count("engine_rejections_total")
                 self._deliver(rid, _Dropped(bad_request(f"request rejected by the engine: {e}")), last=True)
         else:
-            rid = cmd[1]
+            kind, rid = cmd
             with self._lock:
                 owned = rid in self._owners
             if owned:
@@ -149,8 +180,9 @@ class AsyncEngine:
                     self.engine.abort(rid)
                 except Exception:  # already finished inside the engine
                     log.debug("abort of %s failed", rid, exc_info=True)
-                self._count("requests_aborted_total")
-                self._deliver(rid, _Dropped(), last=True)
+                self._count("requests_aborted_total" if kind == "abort" else "requests_cut_total")
+                self.num_cut += kind == "cut"
+                self._deliver(rid, _Dropped(None if kind == "abort" else shutting_down()), last=True)
 
     def _count(self, name: str) -> None:
         if self.metrics is not None:
@@ -196,6 +228,10 @@ class AsyncEngine:
             except Exception:
                 log.debug("abort of %s failed", rid, exc_info=True)
             self._deliver(rid, _Dropped(APIError(500, f"engine failure: {e}", "server_error")), last=True)
+
+
+def shutting_down() -> APIError:
+    return APIError(503, "the server shut down before this request finished", "server_error", None, "shutdown")
 
 
 def _put_all(puts: list[tuple[asyncio.Queue, object]]) -> None:

@@ -15,7 +15,6 @@ from typing import Any, NamedTuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from glm4.chat.planner import ChatError, ChatPlan
 from glm4.engine.chat import chat_layer_for
@@ -68,7 +67,7 @@ async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, 
     serving.check_model(st, req.model)
     st.engine.reserve(req.n)  # before the work below: a full server sheds load cheaply
     try:  # tokenizing, grammar checks and matcher construction run off the event loop
-        plan, params = await run_in_threadpool(_plan, st, req)
+        plan, params = await serving.offload(_plan, st, req)
     except BaseException:
         st.engine.unreserve(req.n)
         raise

@@ -29,9 +29,13 @@ def encode_prompt(tokenizer, text: str) -> list[int]:
 
 
 def _prompts(st: ServerState, req: P.CompletionRequest) -> list[tuple[list[int], str | None]]:
-    """(prompt ids, prompt text or None for token ids) of each prompt of the request."""
+    """(prompt ids, prompt text or None for token ids) of each prompt of the request. A text too long to fit
+    however it tokenizes is rejected before it is tokenized. CPU work: run it with `serving.offload`."""
     p = req.prompt
     items: list = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+    for item in items:
+        if isinstance(item, str):
+            serving.check_text_fits(st, item, max(req.max_tokens, 1), "prompt")
     out = []
     for item in items:
         if isinstance(item, str):
@@ -93,7 +97,7 @@ def _check_supported(req: P.CompletionRequest) -> None:
 async def create_completion(st: ServerState, req: P.CompletionRequest, request: Request):
     serving.check_model(st, req.model)
     _check_supported(req)
-    prompts = _prompts(st, req)
+    prompts = await serving.offload(_prompts, st, req)
     echo_only = req.max_tokens == 0  # score (and echo) the prompt: one token is generated and dropped
     prompt_top = req.prompt_logprobs if req.prompt_logprobs is not None else req.logprobs
     choices = []  # (choice index, prompt ids, prompt text, params): prompt-major, n choices per prompt

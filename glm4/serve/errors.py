@@ -12,7 +12,9 @@ on those paths in that shape, with the same status.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 from collections.abc import Callable
 
@@ -23,7 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("glm4.serve")
 
-MAX_BODY_BYTES = 32 * 2**20
+MAX_BODY_BYTES = 32 * 2**20  # --max-body-bytes
+BODY_TIMEOUT_S = 30.0  # --body-timeout: seconds to receive a whole request body
+MAX_JSON_DEPTH = 128  # nesting levels a request body may have
 
 
 class APIError(Exception):
@@ -117,8 +121,7 @@ def install_error_handlers(app: FastAPI, metrics, shapes: dict[str, ErrorShape] 
     """Every exception a route can raise becomes a JSON error body (in the shape of the API its path belongs to);
     each is counted by status."""
 
-    def answer(e: APIError, request=None) -> JSONResponse:
-        metrics.inc("request_errors_total", status=str(e.status))
+    def answer(e: APIError, request=None) -> JSONResponse:  # counted by GateMiddleware, by the status sent
         return error_response(e, shape_for(shapes, request.url.path if request is not None else ""))
 
     @app.exception_handler(APIError)
@@ -142,34 +145,161 @@ def install_error_handlers(app: FastAPI, metrics, shapes: dict[str, ErrorShape] 
         return answer(APIError(500, f"internal error: {type(exc).__name__}", "server_error"), request)
 
 
+class _BodyError(Exception):
+    def __init__(self, error: APIError | None):  # None: the client went away while sending
+        self.error = error
+
+
+def invalid_json(message: str) -> APIError:
+    return bad_request(message, None, "invalid_json")
+
+
+def check_json_body(body: bytes) -> bytes:
+    """The body with a UTF-8 BOM removed, or a 400 `invalid_json` saying what is wrong with it (the same answer on
+    every route: empty, not UTF-8, not JSON, nested deeper than MAX_JSON_DEPTH)."""
+    body = body.removeprefix(b"\xef\xbb\xbf")
+    if not body.strip():
+        raise invalid_json("request body is empty")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise invalid_json(f"request body is not valid UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}") from None
+    too_deep = invalid_json(f"request body is nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise invalid_json(f"request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise too_deep from None
+    if _depth_over(obj, MAX_JSON_DEPTH):
+        raise too_deep
+    return body
+
+
+def _depth_over(obj, limit: int) -> bool:
+    stack = [(obj, 1)]
+    while stack:
+        o, d = stack.pop()
+        if isinstance(o, (dict, list)):
+            if d > limit:
+                return True
+            stack.extend((v, d + 1) for v in (o.values() if isinstance(o, dict) else o))
+    return False
+
+
 class GateMiddleware:
-    """API-key check for every route but /health and the `public` ones (`Authorization: Bearer <key>`,
-    `x-api-key` as Anthropic's clients send it, or `api-key`), and a request-size cap (pure ASGI, so streaming and
-    disconnect detection stay intact). Errors come in the shape of the API the path belongs to."""
+    """What every request passes before a route sees it (pure ASGI, so streaming and disconnect detection stay
+    intact): the API key for every route but /health and the `public` ones (`Authorization: Bearer <key>`, `x-api-key` as Anthropic's
+    clients send it, or `api-key`); a body read whole within `body_timeout` seconds (408, connection closed: a
+    half-sent body never holds a socket) and at most `max_body` bytes (413); a POST body checked as JSON
+    (`check_json_body`). Errors come in the shape of the API the path belongs to. With `metrics`, each request is
+    counted once by the status it ended with (`responses_total{status}`, errors also in
+    `request_errors_total{status}`), 499 when the client went away before its response was complete."""
 
     def __init__(self, app, api_key: str | None, max_body: int = MAX_BODY_BYTES,
-                 shapes: dict[str, ErrorShape] | None = None, public: Callable[[str], bool] | None = None):
+                 shapes: dict[str, ErrorShape] | None = None, body_timeout: float = BODY_TIMEOUT_S, metrics=None,
+                 public: Callable[[str], bool] | None = None):
         self.app, self.api_key, self.max_body, self.shapes = app, api_key, max_body, shapes
+        self.body_timeout, self.metrics = body_timeout, metrics
         self.public = public or (lambda path: False)  # paths served without a key, besides /health
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        seen = {"status": None, "complete": False, "gone": False}
+
+        async def watched_send(msg):
+            if msg["type"] == "http.response.start":
+                seen["status"] = msg["status"]
+            elif msg["type"] == "http.response.body" and not msg.get("more_body"):
+                seen["complete"] = True
+            await send(msg)
+
+        async def watched_receive():
+            msg = await receive()
+            if msg["type"] == "http.disconnect" and not seen["complete"]:
+                seen["gone"] = True
+            return msg
+
+        try:
+            await self._gate(scope, watched_receive, watched_send)
+        finally:
+            if self.metrics is not None:
+                status = 499 if seen["gone"] or seen["status"] is None else seen["status"]
+                self.metrics.inc("responses_total", status=str(status))
+                if status >= 400:
+                    self.metrics.inc("request_errors_total", status=str(status))
+
+    async def _gate(self, scope, receive, send):
+        shape = shape_for(self.shapes, scope.get("path", ""))
         headers = dict(scope.get("headers") or [])
         size = headers.get(b"content-length", b"0")
         if size.isdigit() and int(size) > self.max_body:
-            err = APIError(413, f"request body over {self.max_body} bytes", "invalid_request_error", None,
-                           "request_too_large")
-            return await error_response(err, shape_for(self.shapes, scope.get("path", "")))(scope, receive, send)
-        if not self.api_key or scope.get("path") == "/health" or self.public(scope.get("path", "")):
+            return await self._refuse(self._too_large(), shape, scope, receive, send)
+        if (self.api_key and scope.get("path") != "/health" and not self.public(scope.get("path", ""))
+                and not self._key_ok(headers)):
+            err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>' or "
+                           "'x-api-key: <key>'.", "invalid_request_error", None, "invalid_api_key")
+            return await error_response(err, shape)(scope, receive, send)
+        if scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
+        try:
+            body = await self._read_body(receive)
+            if scope.get("method") == "POST":
+                body = await _off_loop(check_json_body, body) if len(body) > 2**16 else check_json_body(body)
+        except _BodyError as e:
+            if e.error is None:
+                return None  # nobody to answer
+            return await self._refuse(e.error, shape, scope, receive, send)
+        except APIError as e:
+            return await error_response(e, shape)(scope, receive, send)
+        replay = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay_receive():
+            return replay.pop() if replay else await receive()
+
+        return await self.app(scope, replay_receive, send)
+
+    def _key_ok(self, headers: dict) -> bool:
         auth = headers.get(b"authorization", b"").decode("latin-1")
         if auth.lower().startswith("bearer "):
             token = auth[7:].strip()
         else:
             token = (headers.get(b"x-api-key") or headers.get(b"api-key") or b"").decode("latin-1")
-        if not hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode("utf-8")):
-            err = APIError(401, "Incorrect API key provided. Pass it as 'Authorization: Bearer <key>' or "
-                           "'x-api-key: <key>'.", "invalid_request_error", None, "invalid_api_key")
-            return await error_response(err, shape_for(self.shapes, scope.get("path", "")))(scope, receive, send)
-        return await self.app(scope, receive, send)
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.api_key.encode("utf-8"))
+
+    def _too_large(self) -> APIError:
+        return APIError(413, f"request body over {self.max_body} bytes", "invalid_request_error", None,
+                        "request_too_large")
+
+    async def _read_body(self, receive) -> bytes:
+        """The whole body within body_timeout seconds and max_body bytes, else a _BodyError."""
+        parts, n = [], 0
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                while True:
+                    msg = await receive()
+                    if msg["type"] == "http.disconnect":
+                        raise _BodyError(None)
+                    chunk = msg.get("body", b"")
+                    n += len(chunk)
+                    if n > self.max_body:
+                        raise _BodyError(self._too_large())
+                    parts.append(chunk)
+                    if not msg.get("more_body", False):
+                        return b"".join(parts)
+        except TimeoutError:
+            raise _BodyError(APIError(408, f"the request body was not received within {self.body_timeout:g} s",
+                                      "invalid_request_error", None, "request_timeout")) from None
+
+    @staticmethod
+    async def _refuse(err: APIError, shape: ErrorShape, scope, receive, send):
+        """Answer an error whose body was not (all) read, and close the connection: it cannot be reused."""
+        err.headers = {**err.headers, "Connection": "close"}
+        await error_response(err, shape)(scope, receive, send)
+
+
+async def _off_loop(fn, *args):
+    import anyio
+
+    return await anyio.to_thread.run_sync(lambda: fn(*args))

@@ -26,7 +26,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
-from starlette.concurrency import run_in_threadpool
 
 from glm4.chat.events import ContentDelta, ReasoningDelta, ToolCallEnd
 from glm4.chat.planner import ChatError, ChatPlan
@@ -228,7 +227,7 @@ async def _run(st: ServerState, req, request: Request, kind: str, planner):
     t0 = time.monotonic()
     st.engine.reserve(1)
     try:
-        plan, params = await run_in_threadpool(planner, st, req)
+        plan, params = await serving.offload(planner, st, req)
     except BaseException:
         st.engine.unreserve(1)
         raise

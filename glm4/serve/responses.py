@@ -24,7 +24,6 @@ from typing import NamedTuple
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
-from starlette.concurrency import run_in_threadpool
 
 from glm4.chat.planner import ChatError, ChatPlan
 from glm4.serve import responses_protocol as RP
@@ -297,7 +296,7 @@ async def create_response(st: ServerState, store: ResponseStore, req: RP.Respons
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
     st.engine.reserve(1)  # before the work below: a full server sheds load cheaply
     try:  # tokenizing, grammar checks and matcher construction run off the event loop
-        plan, params = await run_in_threadpool(_plan, st, req, messages)
+        plan, params = await serving.offload(_plan, st, req, messages)
     except BaseException:
         st.engine.unreserve(1)
         raise

@@ -3,9 +3,14 @@
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--threads auto]
     glm4 serve --model BASE --lora NAME=PATH [--lora ...]   # LoRA adapters: a request's `model` picks one
 
-SIGINT and SIGTERM start uvicorn's graceful shutdown: stop accepting, finish the open responses (up to
---drain-timeout seconds), stop the engine, exit 0. The handlers are installed whatever the process inherited,
-so a server started in the background with SIGINT ignored (`nohup glm4 serve &`) still drains on `kill -INT`.
+SIGINT and SIGTERM start a graceful shutdown: stop accepting (new requests on open connections get 503), let the
+open responses finish for up to --drain-timeout seconds, then end each one still running in-band (an error event
+and the end of its stream, in its API's shape), stop the engine, and exit 0 — or 3 if any response was cut. The
+handlers are installed whatever the process inherited, so a server started in the background with SIGINT ignored
+(`nohup glm4 serve &`) still drains on `kill -INT`.
+
+Slow clients cannot hold sockets: a connection must send its request line and headers within --header-timeout
+seconds (else it is closed), and a request body must arrive whole within --body-timeout seconds (else 408).
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import threading
 from pathlib import Path
 
 from glm4.engine.lora import model_and_adapters
-from glm4.serve import DTYPE_HELP, LORA_HELP
+from glm4.serve import DTYPE_HELP, LORA_HELP, serving
 from glm4.serve.app import build_state, create_app
+from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES
 from glm4.weights import CheckpointError
 
 SMALL_MODEL_BYTES = 256 * 2**20
+HEADER_TIMEOUT_S = 10.0  # --header-timeout
+CUT_GRACE_S = 5.0  # seconds after the drain timeout for the cut streams to write their ending
+EXIT_CUT = 3  # exit status when shutdown cut responses short
 
 
 def serve_threads(model: str | None, threads: str | int | None, cpus: int | None = None) -> int | None:
@@ -83,6 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-image-pixels", type=int, default=None, help="pixels of a decoded picture (default 40M)")
     ap.add_argument("--max-video-frames", type=int, default=None, help="sampled frames per video (default 256)")
     ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on exit")
+    ap.add_argument("--drain-timeout", type=float, default=30.0,
+                    help="seconds to finish in-flight requests on exit; what is left then is ended with an error "
+                         "event and the exit status is 3")
+    ap.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES, help="largest request body (else 413)")
+    ap.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S,
+                    help="seconds to receive a whole request body (else 408 and the connection is closed)")
+    ap.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
+                    help="seconds for a new connection to send its request headers (else it is closed)")
+    ap.add_argument("--onednn-cache", type=int, default=None,
+                    help="oneDNN primitives kept (one per GEMM shape; oneDNN's default 1024). Each holds memory: "
+                         "under varied batch shapes RSS grows until the cache is full — 64 cut the growth by ~100 MB "
+                         "on the shipped model, at ~20%% lower decode speed")
+    ap.add_argument("--cpu-workers", type=int, default=serving.CPU_WORKERS,
+                    help="threads that tokenize / render templates / compile grammars at once, off the event loop")
     ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -92,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"glm4 serve: {e}")
         return 2
+    if args.onednn_cache is not None:  # read by oneDNN when it builds its first primitive
+        os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(max(0, args.onednn_cache))
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
                                      ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization),
@@ -106,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import uvicorn
 
-    app = create_app(st, drain_timeout=args.drain_timeout, responses_store_size=args.responses_store_size)
+    serving.set_cpu_workers(args.cpu_workers)
+    app = create_app(st, drain_timeout=args.drain_timeout, responses_store_size=args.responses_store_size,
+                     max_body_bytes=args.max_body_bytes, body_timeout=args.body_timeout)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=args.drain_timeout)
+                            http=header_timeout_protocol(args.header_timeout),
+                            timeout_graceful_shutdown=args.drain_timeout + CUT_GRACE_S)
     server = uvicorn.Server(config)
-    server.capture_signals = lambda: _drain_on_signals(server)
+    server.capture_signals = lambda: _drain_on_signals(server, st.engine, args.drain_timeout)
     server.run()
+    if st.engine.num_cut:
+        logging.getLogger("glm4.serve").warning("shutdown cut %d unfinished request(s)", st.engine.num_cut)
+        return EXIT_CUT
     return 0
 
 
@@ -133,17 +164,50 @@ def media_limits(args) -> dict:
     return out
 
 
+def header_timeout_protocol(seconds: float):
+    """uvicorn's h11 protocol, closing (after a 408) a connection that has not sent a whole request head within
+    `seconds` of opening: uvicorn itself waits for it forever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class HeaderTimeoutH11Protocol(H11Protocol):
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self._head_timer = self.loop.call_later(seconds, self._head_timeout)
+
+        def _head_timeout(self):
+            if self.cycle is None and not self.transport.is_closing():
+                self.transport.write(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                self.transport.close()
+
+        def connection_lost(self, exc):
+            self._head_timer.cancel()
+            super().connection_lost(exc)
+
+    return HeaderTimeoutH11Protocol
+
+
 @contextlib.contextmanager
-def _drain_on_signals(server):
-    """SIGINT/SIGTERM start uvicorn's graceful shutdown; unlike uvicorn's own handler the signal is not
-    re-raised afterwards, so a drained server exits 0."""
+def _drain_on_signals(server, engine, drain_timeout: float):
+    """SIGINT/SIGTERM start the graceful shutdown (new requests 503, uvicorn stops accepting), and after
+    `drain_timeout` seconds cut what is still running; unlike uvicorn's own handler the signal is not re-raised
+    afterwards, so a drained server exits by main's status."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {sig: signal.signal(sig, server.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+    timer = threading.Timer(drain_timeout, engine.cut_all)
+    timer.daemon = True
+
+    def on_signal(sig, frame):
+        if not timer.is_alive() and not server.should_exit:
+            engine.begin_drain()
+            timer.start()
+        server.handle_exit(sig, frame)
+
+    old = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
+        timer.cancel()
         for sig, handler in old.items():
             signal.signal(sig, handler)
 

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
@@ -41,9 +42,60 @@ class ServerState:
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: list[str] = field(default_factory=list)  # LoRA adapters a request's `model` may name (glm4.engine.lora)
     token_texts: TokenTexts = field(init=False)
+    max_token_bytes: int = field(default=0, init=False)  # see serving.max_token_bytes()
 
     def __post_init__(self):
         self.token_texts = TokenTexts(self.tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU work off the event loop
+
+CPU_WORKERS = 2  # threads for tokenizing / template rendering / grammar compiling at once (--cpu-workers)
+_cpu_limiter: anyio.CapacityLimiter | None = None
+
+
+def set_cpu_workers(n: int) -> None:
+    """Bound the threads `offload` runs CPU work on (a pure-Python tokenizer holds the GIL: more threads would only
+    starve the event loop, which answers /health and writes every stream)."""
+    global CPU_WORKERS, _cpu_limiter
+    CPU_WORKERS, _cpu_limiter = max(1, int(n)), None
+
+
+async def offload(fn: Callable, *args):
+    """`fn(*args)` on the bounded CPU pool, so that tokenizing a big prompt never stalls the event loop."""
+    global _cpu_limiter
+    if _cpu_limiter is None:
+        _cpu_limiter = anyio.CapacityLimiter(CPU_WORKERS)
+    return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=_cpu_limiter)
+
+
+def max_token_bytes(st: ServerState) -> int:
+    """The most bytes one token stands for (special-token strings included): a text of B bytes is at least
+    ceil(B / this) tokens. Computed once per server."""
+    n = st.max_token_bytes
+    if not n:
+        tok = st.tokenizer
+        n = max((len(s.encode("utf-8")) for s in tok.special_tokens), default=1)
+        ranks = getattr(tok, "_ranks", None)
+        if ranks:  # tiktoken: the byte strings are the keys
+            n = max(n, max(len(b) for b in ranks))
+        else:
+            n = max(n, max(len(st.token_texts.tok.decode_bytes([i])) for i in range(tok.vocab_size)))
+        st.max_token_bytes = n
+    return n
+
+
+def check_text_fits(st: ServerState, text: str, max_tokens: int, what: str) -> None:
+    """Reject (400 context_length_exceeded) before tokenizing a text that cannot fit: it is at least
+    ceil(bytes / max_token_bytes) tokens, so if even that many leave no room the real count cannot either."""
+    n_bytes = len(text.encode("utf-8", "surrogatepass"))
+    at_least = -(-n_bytes // max_token_bytes(st))
+    if at_least >= st.max_model_len or at_least + max_tokens > st.max_model_len:
+        raise APIError(400, f"This model's maximum context length is {st.max_model_len} tokens. However, the "
+                       f"{what} alone is at least {at_least} tokens ({n_bytes} bytes). Please reduce the length of "
+                       "the prompt.", "invalid_request_error",
+                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,7 +191,7 @@ def count_request(st: ServerState, endpoint: str, prompt_tokens: int) -> None:
 
 
 def observe_finished(st: ServerState, t0: float, n_generated: int) -> None:
-    st.metrics.inc("generation_tokens_total", n_generated)
+    """A finished reply's latency (its tokens are counted by the engine bridge as they come, aborted ones too)."""
     st.metrics.observe("request_latency_seconds", time.monotonic() - t0)
 
 

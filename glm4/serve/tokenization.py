@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from glm4.chat.planner import ChatError
 from glm4.serve import protocol as P
+from glm4.serve import serving
 from glm4.serve.completions import encode_prompt
 from glm4.serve.errors import bad_request
 from glm4.serve.serving import ServerState, check_model
@@ -88,8 +89,11 @@ def _chat_ids(st: ServerState, req: TokenizeChatRequest) -> list[int]:
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=_ERRORS)
-def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
-    st = _state(request)
+async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
+    return await serving.offload(_tokenize, _state(request), req)  # CPU work: on the bounded pool
+
+
+def _tokenize(st: ServerState, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
     if req.model is not None:
         check_model(st, req.model)
     if isinstance(req, TokenizeChatRequest):
@@ -102,8 +106,11 @@ def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request: Requ
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=_ERRORS)
-def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
-    st = _state(request)
+async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    return await serving.offload(_detokenize, _state(request), req)
+
+
+def _detokenize(st: ServerState, req: DetokenizeRequest) -> DetokenizeResponse:
     if req.model is not None:
         check_model(st, req.model)
     bad = [t for t in req.tokens if not 0 <= t < st.vocab_size]
