@@ -91,7 +91,6 @@ def main(argv: list[str] | None = None) -> int:
                     help="vision models: images and videos per request (default image=16,video=2)")
     ap.add_argument("--max-image-pixels", type=int, default=None, help="pixels of a decoded picture (default 40M)")
     ap.add_argument("--max-video-frames", type=int, default=None, help="sampled frames per video (default 256)")
-    ap.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on exit")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds to finish in-flight requests on exit; what is left then is ended with an error "
                          "event and the exit status is 3")
