@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_serve_util import MAX_POS, ServerThread, make_checkpoint
+from test_serve_util import MAX_POS, ServerThread, engine_idle, make_checkpoint
 
 torch.set_num_threads(1)
 
@@ -413,16 +413,6 @@ def test_context_overflow_reports_numbers(client):
 # ------------------------------------------------------------------------------------------ load, disconnect
 
 
-def _engine_idle(st, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        bm = st.engine.engine.block_manager
-        if st.engine.num_pending == 0 and bm.num_free_blocks == bm.num_blocks and not st.engine.engine.requests:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_queue_full_answers_429(server):
     st = server.state
     old = st.engine.max_pending
@@ -438,12 +428,12 @@ def test_queue_full_answers_429(server):
             assert _err(r2)["type"] == "rate_limit_error"
     finally:
         st.engine.max_pending = old
-    assert _engine_idle(st)
+    assert engine_idle(st)
 
 
 def test_disconnect_frees_kv_blocks(server, monkeypatch):
     st = server.state
-    assert _engine_idle(st)
+    assert engine_idle(st)
     # the tiny model decodes 400 tokens in well under the client's 0.5 s on a fast CPU: pace the engine at >= 10 ms
     # a step so that both requests are still running when their clients leave
     step = st.engine.engine.step
@@ -456,7 +446,7 @@ def test_disconnect_frees_kv_blocks(server, monkeypatch):
         bm = st.engine.engine.block_manager
         assert bm.num_free_blocks < bm.num_blocks  # the stream holds KV blocks now
     # the client closed the connection mid-stream: the request is aborted and its blocks freed
-    assert _engine_idle(st)
+    assert engine_idle(st)
     # a non-streaming request whose client gives up is aborted too: all its n engine requests, before they finish
     aborted = st.metrics.counter("requests_aborted_total")
     body = json.dumps({"model": MODEL, "messages": MSGS, "max_tokens": MAX_POS - 200, "ignore_eos": True, "n": 8})
@@ -468,7 +458,7 @@ def test_disconnect_frees_kv_blocks(server, monkeypatch):
         while st.engine.num_pending == 0 and time.monotonic() < deadline:
             time.sleep(0.005)
         assert st.engine.num_pending == 8
-    assert _engine_idle(st)
+    assert engine_idle(st)
     assert st.metrics.counter("requests_aborted_total") == aborted + 8
 
 

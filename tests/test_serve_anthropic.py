@@ -19,7 +19,7 @@ import httpx
 import jsonschema
 import pytest
 import torch
-from test_serve_util import MAX_POS, ServerThread, make_checkpoint
+from test_serve_util import MAX_POS, ServerThread, engine_idle, make_checkpoint
 
 torch.set_num_threads(1)
 
@@ -459,16 +459,6 @@ def test_malformed_requests_get_anthropic_errors(server):
 # ------------------------------------------------------------------------------------------ disconnects
 
 
-def _engine_idle(st, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        bm = st.engine.engine.block_manager
-        if st.engine.num_pending == 0 and bm.num_free_blocks == bm.num_blocks and not st.engine.engine.requests:
-            return True
-        time.sleep(0.05)
-    return False
-
-
 def test_queue_full_is_a_rate_limit_error(server):
     st = server.state
     old = st.engine.max_pending
@@ -484,12 +474,12 @@ def test_queue_full_is_a_rate_limit_error(server):
             _error(r2)
     finally:
         st.engine.max_pending = old
-    assert _engine_idle(st)
+    assert engine_idle(st)
 
 
 def test_dropped_requests_free_kv_blocks(server, monkeypatch):
     st = server.state
-    assert _engine_idle(st)
+    assert engine_idle(st)
     step = st.engine.engine.step  # paced at >= 10 ms a step, so the requests still run when their clients leave
     monkeypatch.setattr(st.engine.engine, "step", lambda: (time.sleep(0.01), step())[1])
     aborted = st.metrics.counter("requests_aborted_total")
@@ -500,7 +490,7 @@ def test_dropped_requests_free_kv_blocks(server, monkeypatch):
             next(lines)
         bm = st.engine.engine.block_manager
         assert bm.num_free_blocks < bm.num_blocks  # the stream holds KV blocks now
-    assert _engine_idle(st)  # the client closed the stream: the request is aborted, its blocks freed
+    assert engine_idle(st)  # the client closed the stream: the request is aborted, its blocks freed
     assert st.metrics.counter("requests_aborted_total") == aborted + 1
     body = json.dumps({"model": MODEL, "messages": USER, "max_tokens": MAX_POS - 200, "temperature": 0.0})
     head = (f"POST /v1/messages HTTP/1.1\r\nHost: 127.0.0.1\r\nx-api-key: {KEY}\r\n"
@@ -512,7 +502,7 @@ def test_dropped_requests_free_kv_blocks(server, monkeypatch):
             time.sleep(0.005)
         assert st.engine.num_pending == 1
         time.sleep(0.1)
-    assert _engine_idle(st)
+    assert engine_idle(st)
     assert st.metrics.counter("requests_aborted_total") == aborted + 2
 
 

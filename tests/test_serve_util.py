@@ -89,3 +89,14 @@ class ServerThread:
 
 def b64(s: bytes) -> str:
     return base64.b64encode(s).decode()
+
+
+def engine_idle(st, timeout: float = 10.0) -> bool:
+    """True once the server's engine holds no request and every KV block is free again (within `timeout` s)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        bm = st.engine.engine.block_manager
+        if st.engine.num_pending == 0 and bm.num_free_blocks == bm.num_blocks and not st.engine.engine.requests:
+            return True
+        time.sleep(0.05)
+    return False

@@ -23,7 +23,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_serve_util import ServerThread, make_checkpoint
+from test_serve_util import ServerThread, engine_idle, make_checkpoint
 
 torch.set_num_threads(1)
 
@@ -165,16 +165,6 @@ def _pace(monkeypatch, st, seconds: float):
     """Slow the engine to `seconds` a step, so a reply is still streaming when the page looks at it."""
     step = st.engine.engine.step
     monkeypatch.setattr(st.engine.engine, "step", lambda: (time.sleep(seconds), step())[1])
-
-
-def _engine_idle(st, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        bm = st.engine.engine.block_manager
-        if st.engine.num_pending == 0 and bm.num_free_blocks == bm.num_blocks and not st.engine.engine.requests:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _oracle(srv, messages, key="x", **kw):
@@ -325,7 +315,7 @@ def test_streamed_reply_settings_and_conversations(browser, server, web, monkeyp
     page.locator("#conversations li", has_text=QUESTION).locator(".delete").click()
     assert [c["title"] for c in p.stored()] == ["Hello"]
     assert page.locator("#conversations li").count() == 1 and page.locator(".empty").is_visible()
-    assert _engine_idle(server.state)
+    assert engine_idle(server.state)
     p.check_clean()
 
 
@@ -336,7 +326,7 @@ def test_stop_button_aborts_the_request(browser, server, web, monkeypatch):
     messages = [{"role": "user", "content": QUESTION}]
     full = _oracle(server, messages, max_tokens=200)
     assert full.choices[0].finish_reason == "length"  # the reply would run all 200 tokens: Stop is what ends it
-    assert _engine_idle(st)
+    assert engine_idle(st)
     aborted = st.metrics.counter("requests_aborted_total")
     p = web(server)
     page = p.open()
@@ -348,7 +338,7 @@ def test_stop_button_aborts_the_request(browser, server, web, monkeypatch):
     assert st.engine.num_pending == 1 and bm.num_free_blocks < bm.num_blocks  # running, holding KV blocks
     page.click("#stop")
     _wait_done(page, timeout=10_000)
-    assert _engine_idle(st)
+    assert engine_idle(st)
     assert st.metrics.counter("requests_aborted_total") == aborted + 1
     monkeypatch.undo()
     msg = p.stored()[0]["messages"][1]
