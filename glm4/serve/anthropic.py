@@ -331,7 +331,7 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
     writer.close()
     reason, sequence = stop_reason(parser, last, req.stop_sequences)
     serving.observe_finished(st, t0, len(last.token_ids))
-    return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": st.model_name,
+    return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": req.model,
                          "content": writer.blocks, "stop_reason": reason, "stop_sequence": sequence,
                          "usage": {"input_tokens": len(plan.prompt_ids), "output_tokens": len(last.token_ids)}})
 
@@ -351,7 +351,7 @@ async def _stream(st: ServerState, req: A.MessagesRequest, plan: ChatPlan, engin
     after the start is an `error` event (the status line is gone by then), and the stream ends there."""
     t0, n_prompt, n_gen = time.monotonic(), len(plan.prompt_ids), 0
     yield _event({"type": "message_start", "message": {
-        "id": mid, "type": "message", "role": "assistant", "model": st.model_name, "content": [],
+        "id": mid, "type": "message", "role": "assistant", "model": req.model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
     yield _event({"type": "ping"})
     parser, writer, last = st.chat.stream(plan), BlockWriter(show), None

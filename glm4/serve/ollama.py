@@ -317,10 +317,16 @@ async def ollama_version():
 
 @router.get("/api/tags")
 async def ollama_tags(request: Request):
+    """The served model, then its LoRA adapters (each `NAME:latest`, its details' parent_model the base; size and
+    details are the base's: an adapter runs on it)."""
     st = _state(request)
     info = _model_info(st)
-    return {"models": [{"name": info["name"], "model": info["name"], "modified_at": info["modified_at"],
-                        "size": info["size"], "digest": info["digest"], "details": info["details"]}]}
+    base = {"name": info["name"], "model": info["name"], "modified_at": info["modified_at"], "size": info["size"],
+            "digest": info["digest"], "details": info["details"]}
+    adapters = [{**base, "name": f"{a}:latest", "model": f"{a}:latest",
+                 "digest": hashlib.sha256(f"{a}:{st.created}".encode()).hexdigest(),
+                 "details": {**info["details"], "parent_model": info["name"]}} for a in st.adapters]
+    return {"models": [base, *adapters]}
 
 
 @router.get("/api/ps")

@@ -241,7 +241,7 @@ def _base(st: ServerState, req: RP.ResponsesRequest, rid: str) -> dict:
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else {}
     return {
         "id": rid, "object": "response", "created_at": int(time.time()), "completed_at": None,
-        "status": "in_progress", "error": None, "incomplete_details": None, "model": st.model_name,
+        "status": "in_progress", "error": None, "incomplete_details": None, "model": req.model,
         "instructions": req.instructions, "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
         "tool_choice": tc.model_dump() if isinstance(tc, RP.NamedFunctionChoice) else (tc or "auto"),
         "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
