@@ -449,7 +449,7 @@ def test_malformed_requests_get_anthropic_errors(server):
     assert {400, 404, 405} <= set(statuses)
     # the SDK raises its typed errors, with the message
     c = anthropic.Anthropic(base_url=server.url, api_key=KEY, max_retries=0)
-    with pytest.raises(anthropic.BadRequestError, match="images are not supported by this model"):
+    with pytest.raises(anthropic.BadRequestError, match="this model does not take images"):
         c.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "text", "text": "What is this?"}, IMAGE]}])
     with pytest.raises(anthropic.NotFoundError):

@@ -72,3 +72,40 @@ def test_format_found_and_forced_call_whole_and_streamed(served):
         reason = c.finish_reason or reason
     assert reason == "tool_calls"
     assert calls == {0: {"name": "get_weather", "arguments": call.function.arguments}}
+
+
+def _history(**reasoning) -> list[dict]:
+    """A user question, the assistant's call (with its past thinking, if given) and the tool's answer: the
+    assistant turn comes after the last user message, where the thinking templates render past thinking."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather",
+                                                             "arguments": '{"city": "Paris", "metric": true}'}}
+    return [*MSGS, {"role": "assistant", "content": "", "tool_calls": [call], **reasoning},
+            {"role": "tool", "tool_call_id": "call_1", "content": "18 C"}]
+
+
+def test_assistant_reasoning_in_history_is_rendered(served):
+    """`reasoning_content` (or vLLM's `reasoning`) on an input assistant message reaches the template: the prompt
+    is the planner's render of it, and a thinking format's prompt grows by the thought; on the official GLM-4.6
+    template the planner's render is the template's, byte for byte."""
+    name, st, client = served
+    thought = "The user wants Paris weather, so I call the tool."
+
+    def prompt_tokens(messages):
+        r = client.chat.completions.create(model="m", messages=messages, tools=[WEATHER], max_tokens=1)
+        return r.usage.prompt_tokens
+
+    plain, with_thought = _history(), _history(reasoning_content=thought)
+    n_plain, n_thought = prompt_tokens(plain), prompt_tokens(with_thought)
+    assert n_thought == len(st.chat.plan(with_thought, tools=[WEATHER]).prompt_ids)
+    assert n_plain == len(st.chat.plan(plain, tools=[WEATHER]).prompt_ids)
+    assert prompt_tokens(_history(reasoning=thought)) == n_thought
+    if st.chat.fmt.family == "glm4_moe":  # GLM-4.5 / 4.6 / 4.7 show the thinking of turns after the last user
+        assert n_thought > n_plain
+        assert thought in st.tokenizer.decode(st.chat.plan(with_thought, tools=[WEATHER]).prompt_ids)
+    if name == "glm46":
+        ctu = pytest.importorskip("transformers.utils.chat_template_utils")
+        native = json.loads(json.dumps(with_thought))  # transformers' convention: a call's arguments as an object
+        native[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris", "metric": True}
+        (official,), _ = ctu.render_jinja_template([native], tools=[WEATHER], add_generation_prompt=True,
+                                                   chat_template=(FIXTURES / "GLM-4.6.jinja").read_text())
+        assert st.tokenizer.decode(st.chat.plan(with_thought, tools=[WEATHER]).prompt_ids) == official

@@ -113,6 +113,38 @@ def test_request_model_picks_the_adapter(server, ckpt_and_adapters):
         assert bm.num_free_blocks == bm.num_blocks
 
 
+def test_every_api_names_the_adapter_that_answered(server):
+    """Anthropic, Responses and Ollama replies name the adapter in `model` (whole and streamed) and say what it
+    wrote: the chat route's reply for the same adapter at temperature 0; Ollama's /api/tags lists the adapters."""
+    anthropic = pytest.importorskip("anthropic")
+    ollama = pytest.importorskip("ollama")
+    oai = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    claude = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0, timeout=60)
+    olla = ollama.Client(host=server.url, timeout=60)
+    user = [{"role": "user", "content": PROMPT}]
+    for name in ("sql", "poet"):
+        want = oai.chat.completions.create(model=name, messages=user, max_tokens=6, temperature=0)
+        assert want.model == name and want.choices[0].message.content  # (a random model: text, no tags)
+        r = claude.messages.create(model=name, max_tokens=6, messages=user, extra_body={"temperature": 0.0})
+        assert r.model == name and "".join(b.text for b in r.content if b.type == "text") == \
+            want.choices[0].message.content
+        with claude.messages.stream(model=name, max_tokens=3, messages=user) as s:
+            assert s.get_final_message().model == name
+        resp = oai.responses.create(model=name, input=PROMPT, max_output_tokens=6, temperature=0)
+        assert resp.model == name and resp.output_text == want.choices[0].message.content
+        streamed = [e.response.model for e in oai.responses.create(model=name, input=PROMPT, max_output_tokens=3,
+                                                                   stream=True) if hasattr(e, "response")]
+        assert streamed and set(streamed) == {name}
+        o = olla.chat(model=name, messages=user, options={"temperature": 0, "num_predict": 6})
+        assert o.model == name and o.message.content == want.choices[0].message.content
+        assert {c.model for c in olla.chat(model=f"{name}:latest", messages=user, stream=True,
+                                           options={"num_predict": 3})} == {f"{name}:latest"}
+    tags = olla.list().models
+    assert [m.model for m in tags] == [f"{MODEL}:latest", "sql:latest", "poet:latest"]
+    assert [m.details.parent_model for m in tags] == ["", f"{MODEL}:latest", f"{MODEL}:latest"]
+    assert olla.show("sql").details.family == tags[0].details.family
+
+
 def test_adapter_name_may_not_shadow_the_model(ckpt_and_adapters):
     from glm4.serve.app import build_state
 

@@ -283,6 +283,8 @@ def test_tags_show_ps_version(client, server):
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x", "images": ["aGk="]}]}, 400),
     ("/api/chat", {"model": MODEL, "messages": [{"role": "user", "content": "x " * 5000}]}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "suffix": "end"}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="]}, 400),
+    ("/api/generate", {"model": MODEL, "prompt": "hi", "images": ["aGk="], "raw": True}, 400),
     ("/api/generate", {"model": MODEL, "prompt": "hi", "context": [-1]}, 400),
     ("/api/chat", [1, 2], 400),
 ])

@@ -412,6 +412,9 @@ BAD = [  # (body, the parameter the error names)
     ({"model": MODEL, "input": [{"role": "wizard", "content": "x"}]}, "input.0.role"),
     ({"model": MODEL, "input": [{"type": "message", "role": "user", "content": [{"type": "input_image",
                                                                                    "image_url": "http://x/y.png"}]}]},
+     "input"),  # a text-only checkpoint: "this model does not take images"
+    ({"model": MODEL, "input": [{"type": "message", "role": "user", "content": [{"type": "input_image",
+                                                                                   "file_id": "file_1"}]}]},
      "input.0.content.0"),
     ({"model": MODEL, "input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "{nope"}]},
      "input"),

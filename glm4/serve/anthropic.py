@@ -6,7 +6,8 @@ OpenAI text parts (concatenated as the planner concatenates them); an assistant 
 `reasoning_content` (rendered where the template shows past thinking), `tool_use` blocks its `tool_calls`;
 `tool_result` blocks become tool messages, in order (text, with "Error: " before it when `is_error`), and must
 answer a `tool_use` of the assistant turn before. Consecutive turns of one role are merged, as Anthropic does.
-Images are refused (400). `tool_choice` auto / any / tool / none = the planner's auto / required / named / none
+`image` blocks of user turns (source `base64`, or `url`) become `image_url` parts, in place, for a vision checkpoint
+(a text-only one answers 400 "this model does not take images"); images inside a tool_result are refused (400). `tool_choice` auto / any / tool / none = the planner's auto / required / named / none
 (`disable_parallel_tool_use` = parallel_tool_calls false); `thinking` enabled / adaptive / disabled = the planner's
 enable_thinking, `budget_tokens` its thinking_budget (no `thinking` = the template's default);
 `output_config.format` = response_format json_schema, `output_config.effort` = reasoning_effort.
@@ -65,7 +66,7 @@ def _result_text(block: A.ToolResultBlock, where: str) -> str:
     if isinstance(content, list):
         for k, part in enumerate(content):
             if isinstance(part, A.ImageBlock):
-                raise _unsupported(f"{where}.content.{k}", "images are not supported by this model")
+                raise _unsupported(f"{where}.content.{k}", "images in tool results are not supported")
         content = "".join(part.text for part in content)
     text = content or ""
     return f"Error: {text}" if block.is_error else text
@@ -86,10 +87,6 @@ def _turns(req: A.CountTokensRequest) -> list[tuple[str, list[tuple[str, object]
     return turns
 
 
-def _text_parts(text: str) -> list[dict]:
-    return [{"type": "text", "text": text}]
-
-
 def chat_messages(req: A.CountTokensRequest) -> list[dict]:
     """The request's conversation as the OpenAI-shaped messages the ChatPlanner reads."""
     out: list[dict] = []
@@ -104,8 +101,6 @@ def chat_messages(req: A.CountTokensRequest) -> list[dict]:
         for where, b in blocks:
             if not isinstance(b, kinds):
                 raise bad_request(f"{where}: {b.type} blocks are not allowed in {role} messages", where)
-            if isinstance(b, A.ImageBlock):
-                raise _unsupported(where, "images are not supported by this model")
         if role == "system":
             out.append({"role": "system", "content": [{"type": "text", "text": b.text} for _, b in blocks]})
         elif role == "user":
@@ -120,8 +115,21 @@ def chat_messages(req: A.CountTokensRequest) -> list[dict]:
     return out
 
 
+def _image_part(block: A.ImageBlock, where: str) -> dict:
+    """An image block as the planner's image_url part (a base64 source as a data: URL)."""
+    source = block.source
+    kind = source.get("type")
+    if kind == "base64" and isinstance(source.get("data"), str) and isinstance(source.get("media_type"), str):
+        url = f"data:{source['media_type']};base64,{source['data']}"
+    elif kind == "url" and isinstance(source.get("url"), str):
+        url = source["url"]
+    else:
+        raise _unsupported(f"{where}.source", "an image source must be base64 (media_type, data) or url")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
 def _user_messages(blocks: list[tuple[str, object]], called: set[str]) -> list[dict]:
-    """A user turn: its tool_result blocks as tool messages, its text as user messages, in their order."""
+    """A user turn: its tool_result blocks as tool messages, its text and images as user messages, in order."""
     out: list[dict] = []
     for where, b in blocks:
         if isinstance(b, A.ToolResultBlock):
@@ -129,10 +137,12 @@ def _user_messages(blocks: list[tuple[str, object]], called: set[str]) -> list[d
                 raise bad_request(f"{where}.tool_use_id: {b.tool_use_id!r} answers no tool_use block of the "
                                   "assistant message before it", f"{where}.tool_use_id")
             out.append({"role": "tool", "tool_call_id": b.tool_use_id, "content": _result_text(b, where)})
-        elif out and out[-1]["role"] == "user":
-            out[-1]["content"].append({"type": "text", "text": b.text})
+            continue
+        part = _image_part(b, where) if isinstance(b, A.ImageBlock) else {"type": "text", "text": b.text}
+        if out and out[-1]["role"] == "user":
+            out[-1]["content"].append(part)
         else:
-            out.append({"role": "user", "content": _text_parts(b.text)})
+            out.append({"role": "user", "content": [part]})
     return out
 
 
@@ -305,7 +315,8 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
     except BaseException:
         st.engine.unreserve(1)
         raise
-    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True)
+    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True,
+                                    multi_modal_data=plan.multi_modal_data)
     serving.count_request(st, "messages", len(plan.prompt_ids))
     mid = random_id("msg_")
     show = getattr(req.thinking, "display", None) != "omitted"
@@ -320,7 +331,7 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
     writer.close()
     reason, sequence = stop_reason(parser, last, req.stop_sequences)
     serving.observe_finished(st, t0, len(last.token_ids))
-    return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": st.model_name,
+    return JSONResponse({"id": mid, "type": "message", "role": "assistant", "model": req.model,
                          "content": writer.blocks, "stop_reason": reason, "stop_sequence": sequence,
                          "usage": {"input_tokens": len(plan.prompt_ids), "output_tokens": len(last.token_ids)}})
 
@@ -340,7 +351,7 @@ async def _stream(st: ServerState, req: A.MessagesRequest, plan: ChatPlan, engin
     after the start is an `error` event (the status line is gone by then), and the stream ends there."""
     t0, n_prompt, n_gen = time.monotonic(), len(plan.prompt_ids), 0
     yield _event({"type": "message_start", "message": {
-        "id": mid, "type": "message", "role": "assistant", "model": st.model_name, "content": [],
+        "id": mid, "type": "message", "role": "assistant", "model": req.model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": n_prompt, "output_tokens": 0}}})
     yield _event({"type": "ping"})
     parser, writer, last = st.chat.stream(plan), BlockWriter(show), None

@@ -36,7 +36,7 @@ class TextBlock(_Strict):
 
 
 class ImageBlock(_Strict):
-    """Accepted in shape; the adapter answers 400 (this model reads no images)."""
+    """An image: source {"type": "base64", "media_type", "data"} or {"type": "url", "url"} (glm4.serve.anthropic)."""
 
     type: Literal["image"]
     source: dict[str, Any]

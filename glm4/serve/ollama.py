@@ -120,18 +120,16 @@ def _plan_chat(st: ServerState, req: O.ChatRequest):
 
 
 def _plan_generate(st: ServerState, req: O.GenerateRequest):
-    if req.images:
-        raise APIError(400, "images are not supported by this model (text only)")
     for name in ("suffix", "template"):
         if getattr(req, name):
             raise APIError(400, f"{name} is not supported by this server")
     if req.raw:
-        if req.format or req.think:
-            raise APIError(400, "format and think need the chat template: not available with raw")
+        if req.format or req.think or req.images:
+            raise APIError(400, "format, think and images need the chat template: not available with raw")
         plan = ChatPlan(prompt_ids=encode_prompt(st.tokenizer, req.prompt or ""))
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
-            [{"role": "user", "content": req.prompt or ""}]
+            [{"role": "user", "content": O.user_content(req.prompt or "", req.images)}]
         plan = st.chat.plan(messages, response_format=O.response_format(req.format), **_check_think(st, req))
     if req.context:
         bad = [t for t in req.context if not 0 <= t < st.vocab_size]
@@ -231,7 +229,7 @@ async def _run(st: ServerState, req, request: Request, kind: str, planner):
     except BaseException:
         st.engine.unreserve(1)
         raise
-    engine_req = st.engine.submit(plan.prompt_ids, params, reserved=True)
+    engine_req = st.engine.submit(plan.prompt_ids, params, reserved=True, multi_modal_data=plan.multi_modal_data)
     reply = _Reply(st, plan, req, "ollama_" + kind, t0)
     if req.stream:
         return StreamingResponse(_lines(st, kind, reply, engine_req), media_type=NDJSON,
@@ -319,10 +317,16 @@ async def ollama_version():
 
 @router.get("/api/tags")
 async def ollama_tags(request: Request):
+    """The served model, then its LoRA adapters (each `NAME:latest`, its details' parent_model the base; size and
+    details are the base's: an adapter runs on it)."""
     st = _state(request)
     info = _model_info(st)
-    return {"models": [{"name": info["name"], "model": info["name"], "modified_at": info["modified_at"],
-                        "size": info["size"], "digest": info["digest"], "details": info["details"]}]}
+    base = {"name": info["name"], "model": info["name"], "modified_at": info["modified_at"], "size": info["size"],
+            "digest": info["digest"], "details": info["details"]}
+    adapters = [{**base, "name": f"{a}:latest", "model": f"{a}:latest",
+                 "digest": hashlib.sha256(f"{a}:{st.created}".encode()).hexdigest(),
+                 "details": {**info["details"], "parent_model": info["name"]}} for a in st.adapters]
+    return {"models": [base, *adapters]}
 
 
 @router.get("/api/ps")

@@ -99,9 +99,7 @@ def openai_messages(messages: list[Message]) -> list[dict]:
     (by `tool_call_id`, else by `tool_name`, else the earliest unanswered one)."""
     out, open_calls = [], []  # open_calls: (id, name) of calls not answered yet
     for k, m in enumerate(messages):
-        if m.images:
-            raise ValueError(f"messages.{k}.images: images are not supported by this model (text only)")
-        d: dict = {"role": m.role, "content": m.content or ""}
+        d: dict = {"role": m.role, "content": user_content(m.content or "", m.images)}
         if m.role == "assistant":
             if m.thinking:
                 d["reasoning_content"] = m.thinking
@@ -122,6 +120,15 @@ def openai_messages(messages: list[Message]) -> list[dict]:
             d["tool_call_id"] = call[0]
         out.append(d)
     return out
+
+
+def user_content(text: str, images: list[str] | None) -> str | list[dict]:
+    """A message's text, with its `images` (base64, no data: prefix) as image_url parts before it (the planner
+    refuses them on a text-only checkpoint, and on a message that is not the user's)."""
+    if not images:
+        return text
+    parts = [{"type": "image_url", "image_url": {"url": "data:image;base64," + b64}} for b64 in images]
+    return [*parts, {"type": "text", "text": text}]
 
 
 def response_format(fmt: Format | None) -> dict | None:

@@ -105,6 +105,14 @@ class AssistantMessage(_Strict):
     tool_calls: list[ToolCall] | None = None
     function_call: FunctionCall | None = None  # legacy: mapped onto tool_calls
     refusal: str | None = None
+    reasoning_content: str | None = None  # past thinking, rendered where the chat template shows it
+    reasoning: str | None = Field(None, exclude=True)  # the same under vLLM's newer name (reasoning_content wins)
+
+    @model_validator(mode="after")
+    def _one_reasoning(self):
+        if self.reasoning_content is None:
+            self.reasoning_content = self.reasoning
+        return self
 
 
 class ToolMessage(_Strict):

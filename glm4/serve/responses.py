@@ -5,7 +5,9 @@
         -> the chat layer's reply events -> output items (responses_output.ResponseBuilder), whole or as events
 
 Mapping: `instructions` -> a system message (not carried to the next response, as OpenAI does); message items ->
-messages (`input_text` / `output_text` parts joined; images and files are a 400: the model reads text only);
+messages (`input_text` / `output_text` parts joined; a user message's `input_image` parts with an `image_url` become
+image_url parts for a vision checkpoint (a text-only one answers 400 "this model does not take images"); images by
+`file_id` and `input_file` parts are a 400: this server keeps no files);
 `function_call` items -> the assistant turn's tool_calls, `function_call_output` -> a tool message, `reasoning`
 items -> the assistant turn's reasoning_content (what thinking templates render for history). Function tools,
 `tool_choice` and `parallel_tool_calls` as chat takes them; `text.format` -> response_format; `reasoning.effort`
@@ -101,17 +103,33 @@ def _text(content, where: str) -> str:
     """A message's or a tool output's content as one string; non-text parts are refused."""
     if isinstance(content, str):
         return content
+    return "".join(_part_text(part, f"{where}.{j}") for j, part in enumerate(content))
+
+
+def _part_text(part: dict, where: str) -> str:
+    kind = part["type"]
+    if kind in ("input_text", "output_text"):
+        return part["text"]
+    if kind == "refusal":
+        return part["refusal"]
+    raise bad_request(f"{where}: {kind} parts are not supported here (text, and images in user messages)", where,
+                      "unsupported_content")
+
+
+def _user_content(content, where: str) -> str | list[dict]:
+    """A user message's content: one string, or text and image_url parts in order when it has images."""
+    if isinstance(content, str) or not any(part["type"] == "input_image" for part in content):
+        return _text(content, where)
     out = []
     for j, part in enumerate(content):
-        kind = part["type"]
-        if kind in ("input_text", "output_text"):
-            out.append(part["text"])
-        elif kind == "refusal":
-            out.append(part["refusal"])
+        if part["type"] != "input_image":
+            out.append({"type": "text", "text": _part_text(part, f"{where}.{j}")})
+        elif part.get("image_url"):
+            out.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
         else:
-            raise bad_request(f"{where}.{j}: only text content is supported by this model (got {kind})",
+            raise bad_request(f"{where}.{j}: images by file_id are not supported by this server (send image_url)",
                               f"{where}.{j}", "unsupported_content")
-    return "".join(out)
+    return out
 
 
 def items_to_messages(items: list[dict], param: str = "input") -> list[dict]:
@@ -133,7 +151,8 @@ def items_to_messages(items: list[dict], param: str = "input") -> list[dict]:
             assistant(fresh=True)["content"] = _text(it["content"], f"{param}.{i}.content")
         elif kind == "message":
             turn = None
-            out.append({"role": it["role"], "content": _text(it["content"], f"{param}.{i}.content")})
+            read = _user_content if it["role"] == "user" else _text
+            out.append({"role": it["role"], "content": read(it["content"], f"{param}.{i}.content")})
         elif kind == "reasoning":
             thought = "".join(p["text"] for p in it.get("content") or it.get("summary") or [])
             if thought:  # (an encrypted reasoning item from elsewhere carries no text: nothing to render)
@@ -222,7 +241,7 @@ def _base(st: ServerState, req: RP.ResponsesRequest, rid: str) -> dict:
     text = req.text.model_dump(by_alias=True, exclude_none=True) if req.text else {}
     return {
         "id": rid, "object": "response", "created_at": int(time.time()), "completed_at": None,
-        "status": "in_progress", "error": None, "incomplete_details": None, "model": st.model_name,
+        "status": "in_progress", "error": None, "incomplete_details": None, "model": req.model,
         "instructions": req.instructions, "output": [], "parallel_tool_calls": req.parallel_tool_calls is not False,
         "tool_choice": tc.model_dump() if isinstance(tc, RP.NamedFunctionChoice) else (tc or "auto"),
         "tools": [t.model_dump(exclude_none=True) for t in req.tools or []],
@@ -300,7 +319,8 @@ async def create_response(st: ServerState, store: ResponseStore, req: RP.Respons
     except BaseException:
         st.engine.unreserve(1)
         raise
-    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True)
+    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True,
+                                    multi_modal_data=plan.multi_modal_data)
     serving.count_request(st, "responses", len(plan.prompt_ids))
     run = _Run(st, req, plan, conversation)
     if req.stream:

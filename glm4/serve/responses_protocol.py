@@ -37,7 +37,7 @@ class InputText(_Strict):
 
 
 class InputImage(_Strict):
-    """Accepted by shape so that the handler can answer "only text" (a 400 naming the part)."""
+    """An image by URL (data:, or what the server's media flags allow); by file_id it is a 400 (no file store)."""
 
     type: Literal["input_image"]
     image_url: str | None = None
