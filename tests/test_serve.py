@@ -14,7 +14,7 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_serve_util import MAX_POS, ServerThread, engine_idle, make_checkpoint
+from test_serve_util import MAX_POS, ServerThread, engine_idle, make_checkpoint, openai_error, wait_healthy
 
 torch.set_num_threads(1)
 
@@ -57,11 +57,6 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _err(r: httpx.Response) -> dict:
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    e = r.json()["error"]
-    assert set(e) == {"message", "type", "param", "code"} and isinstance(e["message"], str) and e["message"]
-    return e
 
 
 def _auth():
@@ -75,7 +70,7 @@ def test_health_and_api_key(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}  # no key needed
     for path in ("/v1/models", "/metrics", "/v1/chat/completions"):
         r = httpx.get(server.url + path)
-        assert r.status_code == 401 and _err(r)["code"] == "invalid_api_key"
+        assert r.status_code == 401 and openai_error(r)["code"] == "invalid_api_key"
     r = httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert r.status_code == 401
     with pytest.raises(openai.AuthenticationError):
@@ -396,7 +391,7 @@ def test_malformed_requests_are_4xx_json(server):
         headers = {**h, **kw.pop("headers", {})}
         r = httpx.request(method, server.url + path, headers=headers, timeout=30, **kw)
         assert 400 <= r.status_code < 500, (path, kw, r.status_code, r.text)
-        _err(r)
+        openai_error(r)
 
 
 def test_context_overflow_reports_numbers(client):
@@ -425,7 +420,7 @@ def test_queue_full_answers_429(server):
             r2 = httpx.post(server.url + "/v1/chat/completions", headers=_auth(), timeout=30,
                             json={"model": MODEL, "messages": MSGS, "max_tokens": 2})
             assert r2.status_code == 429 and r2.headers["retry-after"] == "1"
-            assert _err(r2)["type"] == "rate_limit_error"
+            assert openai_error(r2)["type"] == "rate_limit_error"
     finally:
         st.engine.max_pending = old
     assert engine_idle(st)
@@ -575,15 +570,7 @@ def test_cli_serve_signal_drains(ckpt, sig):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         body = {"model": MODEL, "messages": MSGS, "max_tokens": 80, "ignore_eos": True, "stream": True,
                 "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=_auth(), timeout=60) as r:

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 import torch
-from test_serve_util import MAX_POS, ServerThread, free_port, make_checkpoint
+from test_serve_util import MAX_POS, ServerThread, free_port, make_checkpoint, wait_healthy
 
 torch.set_num_threads(1)
 
@@ -340,15 +340,7 @@ def test_shutdown_ends_cut_streams_in_band_and_exits_nonzero(ckpt):
                             stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_healthy(url, proc)
         streams = [(p, {**b, "max_tokens": MAX_POS - 100} if "max_tokens" in b else b) for p, b in STREAMS[:5]]
         streams[3][1]["max_output_tokens"] = MAX_POS - 100
         streams[4][1]["options"] = {"num_predict": MAX_POS - 100}

@@ -17,7 +17,7 @@ import pytest
 import torch
 from openai.types.responses import ResponseStreamEvent
 from pydantic import BaseModel, Field, TypeAdapter
-from test_serve_util import MAX_POS, ServerThread, make_checkpoint
+from test_serve_util import MAX_POS, ServerThread, make_checkpoint, openai_error
 
 from glm4.serve import responses_protocol as RP
 
@@ -66,12 +66,6 @@ def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
 
 
-def _err(r: httpx.Response) -> dict:
-    assert r.headers["content-type"].startswith("application/json"), r.text
-    e = r.json()["error"]
-    assert set(e) == {"message", "type", "param", "code"} and isinstance(e["message"], str) and e["message"]
-    assert "\n" not in e["message"] and "Traceback" not in e["message"]
-    return e
 
 
 def _chat(client, messages, **kw):
@@ -184,7 +178,7 @@ def test_retrieve_and_delete(client, server):
         for method in ("GET", "DELETE"):
             res = httpx.request(method, server.url + path, headers={"Authorization": f"Bearer {KEY}"})
             assert res.status_code == 404
-            _err(res)
+            openai_error(res)
     assert httpx.get(server.url + "/v1/responses/resp_nope").status_code == 401  # the key guards it too
 
 
@@ -447,16 +441,16 @@ def test_malformed_bodies_are_4xx_in_openais_shape(server):
     for body, param in BAD:
         r = httpx.post(server.url + "/v1/responses", json=body, headers=h, timeout=30)
         assert r.status_code == 400, (body, r.status_code, r.text)
-        e = _err(r)
+        e = openai_error(r)
         assert e["type"] == "invalid_request_error"
         if param is not None:
             assert e["param"] == param, (body, e)
     r = httpx.post(server.url + "/v1/responses", json={"model": "gpt-4o", "input": "x"}, headers=h)
-    assert r.status_code == 404 and _err(r)["code"] == "model_not_found"
+    assert r.status_code == 404 and openai_error(r)["code"] == "model_not_found"
     for raw in (b"{not json", b"[1, 2]", b"\xff\xfe"):
         r = httpx.post(server.url + "/v1/responses", content=raw, headers={**h, "Content-Type": "application/json"})
         assert 400 <= r.status_code < 500
-        _err(r)
+        openai_error(r)
 
 
 def test_schemathesis_finds_no_5xx_on_the_responses_routes(ckpt):

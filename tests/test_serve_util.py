@@ -100,3 +100,28 @@ def engine_idle(st, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return False
+
+
+def openai_error(r) -> dict:
+    """The `error` object of an OpenAI-shaped error response (an httpx.Response), checked for shape: JSON, the four
+    keys, a one-line message that is no traceback."""
+    assert r.headers["content-type"].startswith("application/json"), r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"} and isinstance(e["message"], str) and e["message"]
+    assert "\n" not in e["message"] and "Traceback" not in e["message"]
+    return e
+
+
+def wait_healthy(url: str, proc, timeout: float = 60.0) -> None:
+    """Wait until a `glm4 serve` subprocess answers /health (failing with its output if it exits first)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        time.sleep(0.2)
