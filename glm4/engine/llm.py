@@ -225,6 +225,10 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
 
         cast_for_compute(model, compute)
     model.compute_dtype = compute
+    if args.fused_ops and on_cpu:
+        from glm4.quant.fused import use_fused_ops
+
+        use_fused_ops(model)  # norms, RoPE, and model.decode_attention_kernel for the runner
     if args.compile:
         compile_model(model)
     return model
@@ -238,6 +242,11 @@ def describe_model(model: torch.nn.Module) -> str:
     lines = [f"device {p.device}" + (f": {kernels.cpu_summary()}" if p.device.type == "cpu" else ""),
              f"activations {str(getattr(model, 'compute_dtype', p.dtype)).removeprefix('torch.')}"]
     lines += [f"  {kind:<14} x{n:<4} {desc}" for kind, n, desc in describe_linears(model)]
+    from glm4.quant.fused import describe_fused
+
+    fused = describe_fused(model)
+    if fused:
+        lines.append(f"fused ops: {fused}")
     return "\n".join(lines)
 
 

@@ -53,6 +53,7 @@ class EngineArgs:
     quant_group_size: int = 128
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)
+    fused_ops: bool = True  # CPU: RMSNorm, RoPE and decode attention as one op each (glm4.quant.fused)
     num_threads: int | None = None
     lora: dict[str, str] | None = None  # LoRA adapters served next to the base: {name: PEFT folder} (glm4.engine.lora)
 

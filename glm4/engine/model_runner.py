@@ -90,7 +90,8 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 last.append(len(ids) - 1)
                 sampled.append(seq)
-        ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device)
+        ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device,
+                                   decode_kernel=getattr(self.model, "decode_attention_kernel", None))
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)[None]  # [1, N]
         positions = ctx.positions.to(self.device)[None]  # [1, N]
         if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)

@@ -128,6 +128,9 @@ class _Prefill:
 
 
 MASK_ELEMENTS = 1 << 22  # largest [queries, keys] mask built at once for a chunk after cached context
+# Longest decode context handed to a fused decode kernel: glm4.quant.fused's beats gather + SDPA up to ~400 keys
+# (head_dim 64) / ~250 (128), one thread, Zen 5 (10 vs 22 us at 64 keys; 294 vs 229 us at 2048), then SDPA's GEMM wins.
+FUSED_DECODE_MAX_KEYS = 256
 
 
 class PagedAttention:
@@ -144,11 +147,15 @@ class PagedAttention:
         self.prefills = prefills
         self.num_tokens = num_tokens
         self.num_decodes = 0 if decode_slots is None else decode_slots.shape[0]
+        self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (with decode_kernel)
+        self.decode_kernel = None  # fused decode attention over the cache slots (glm4.quant.fused), or None
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: list[list[int]], ctx_lens: list[int], q_lens: list[int],
-              device: torch.device | str = "cpu") -> PagedAttention:
-        """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones."""
+              device: torch.device | str = "cpu", decode_kernel=None) -> PagedAttention:
+        """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
+        `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], slots [Bd, Lmax], lens [Bd]) -> [Bd, Hq, D]`: attends
+        the decodes straight from a float cache of the activations' dtype, instead of gather + SDPA."""
         bs = cache.block_size
         B = len(block_tables)
         maxb = max(len(t) for t in block_tables)
@@ -183,6 +190,8 @@ class PagedAttention:
                 decode_idx = starts[rows_t].to(device)
         out = cls(cache, slot_mapping.to(device), decode_idx, decode_slots, decode_mask, prefills, N)
         out.positions = cols  # [N] position of each packed token (CPU)
+        if dec_rows and decode_kernel is not None and not cache.quantized and lmax <= FUSED_DECODE_MAX_KEYS:
+            out.decode_kernel, out.decode_lens = decode_kernel, torch.tensor(dec_lens).to(device)
         return out
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -222,6 +231,9 @@ class PagedAttention:
 
     def _decode(self, layer_idx: int, q: torch.Tensor, Hkv: int) -> torch.Tensor:
         # q [Bd, Hq, D] -> [Bd, Hq, D]; keys gathered [Bd, L, Hkv, D]
+        if self.decode_kernel is not None and self.cache.dtype == q.dtype:
+            return self.decode_kernel(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.decode_slots,
+                                      self.decode_lens)
         Bd, Hq, D = q.shape
         L = self.decode_slots.shape[1]
         ks, vs = self.cache.gather(layer_idx, self.decode_slots.reshape(-1), q.dtype)

@@ -17,6 +17,7 @@ positions[..., i]; then laid out over the pairs as usual. [B, T] positions mean 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,7 @@ class CosSin:
     rotary_dim: int
     interleaved: bool
     two_d: bool = False
+    rotate: Callable[[torch.Tensor, CosSin], torch.Tensor] | None = None  # a fused apply_rope (Rope.rotate)
 
 
 def _expand(t: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -107,6 +109,7 @@ class Rope:
 
     def __init__(self, spec: RopeSpec):
         self.spec = spec
+        self.rotate = None  # set by the engine to a fused apply_rope (glm4.quant.fused.rope); tables carry it
         self._cache: dict[tuple, tuple[torch.Tensor, float]] = {}
 
     def _inv_freq(self, dim: int, device: torch.device, seq_len: int) -> tuple[torch.Tensor, float]:
@@ -141,7 +144,7 @@ class Rope:
             if positions.dim() == 2:
                 positions = positions[..., None].expand(*positions.shape, 3)
             cos, sin = self._mrope_table(positions, dtype)
-            return CosSin(cos, sin, self.spec.rotary_dim, self.spec.interleaved)
+            return CosSin(cos, sin, self.spec.rotary_dim, self.spec.interleaved, rotate=self.rotate)
         # dynamic NTK: transformers scales by the largest position in the call (+1); only then a host sync
         dynamic = (self.spec.scaling or {}).get("rope_type") == "dynamic"
         seq_len = int(positions.max()) + 1 if dynamic and positions.numel() else 0
@@ -151,7 +154,7 @@ class Rope:
             b = self._table(positions[..., 1], R // 2, dtype, seq_len)
             return CosSin((a[0], b[0]), (a[1], b[1]), R, self.spec.interleaved, two_d=True)
         cos, sin = self._table(positions, R, dtype, seq_len)
-        return CosSin(cos, sin, R, self.spec.interleaved)
+        return CosSin(cos, sin, R, self.spec.interleaved, rotate=self.rotate)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -166,6 +169,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
 
 def apply_rope(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
     """x [B, T, H, D] -> same shape, the first `rotary_dim` dims of each head rotated."""
+    if cs.rotate is not None:
+        return cs.rotate(x, cs)
+    return apply_rope_torch(x, cs)
+
+
+def apply_rope_torch(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
+    """apply_rope in torch ops (what a fused rotation falls back to)."""
     R = cs.rotary_dim
     if R == 0:
         return x

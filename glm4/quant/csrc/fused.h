@@ -1,0 +1,50 @@
+// The small per-layer ops of a decode step, fused (fused_avx2.cpp), so that a step is not ~2,000 torch calls.
+// Shared between the op wrappers (fused_ops.cpp, baseline x86-64) and the kernels (AVX2 + FMA + F16C).
+#pragma once
+#include <cstdint>
+
+namespace glm4k {
+
+enum ActType { kActF32 = 0, kActBF16 = 1 };  // x, weights and outputs of one call share this dtype
+
+// rows [r0, r1) of y [R, D] = w * (x * rsqrt(mean(x^2) + eps)), the variance in fp32; bf16: normalized in fp32,
+// rounded to bf16, times the bf16 weight, rounded again (the order of transformers' GlmRMSNorm)
+struct NormArgs {
+  const void* x;
+  const void* w;
+  void* y;
+  int64_t D, x_stride;  // y is contiguous
+  float eps;
+  int dtype;
+};
+void rms_norm_rows_avx2(const NormArgs& a, int64_t r0, int64_t r1);
+
+// rows [r0, r1) of y [T, H, D] = x rotated on its first R dims: x * cos + rotate(x) * sin, each product and the
+// sum rounded to the dtype as torch's elementwise ops round them; dims >= R copied
+struct RopeArgs {
+  const void* x;
+  const void* cos;  // [T, R]: one angle per rotated dim, laid out like the dims (pairs repeated)
+  const void* sin;
+  void* y;
+  int64_t H, D, R, x_tstride, x_hstride, cs_stride;  // y is contiguous [T, H, D]
+  int interleaved;  // pairs (2i, 2i + 1), else (i, i + R / 2)
+  int dtype;
+};
+void rope_rows_avx2(const RopeArgs& a, int64_t t0, int64_t t1);
+
+// units [u0, u1) (u = b * Hkv + kv_head) of out [B, Hq, D] = softmax(q k^T / sqrt(D)) v over the first lens[b]
+// slots of row b; the G = Hq / Hkv query heads of a KV head share its keys; fp32 scores and accumulation
+struct DecodeArgs {
+  const void* q;  // [B, Hq, D] contiguous
+  const void* k;  // [S, Hkv, D] contiguous (one layer of the paged cache)
+  const void* v;
+  const int64_t* slots;  // [B, slots_stride]
+  const int64_t* lens;   // [B]
+  void* out;             // [B, Hq, D]
+  int64_t Hq, Hkv, D, slots_stride;
+  float scale;
+  int dtype;
+};
+void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
+
+}  // namespace glm4k

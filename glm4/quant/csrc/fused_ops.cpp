@@ -1,0 +1,101 @@
+// torch ops over the fused per-layer kernels (fused.h): torch.ops.glm4.rms_norm / rope / decode_attention.
+// Compiled for baseline x86-64; glm4.quant.fused calls them only where torch.ops.glm4.isa() is not "none".
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "fused.h"
+
+namespace {
+
+bool has_avx2() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+
+int act_type(const at::Tensor& t, const char* op) {
+  if (t.scalar_type() == at::kFloat) return glm4k::kActF32;
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16, op, ": float32 or bfloat16 activations, not ", t.scalar_type());
+  return glm4k::kActBF16;
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* op) {
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), op, ": dtypes differ (", a.scalar_type(), ", ", b.scalar_type(), ")");
+}
+
+// x [..., D] (rows of D contiguous values), w [D] -> y [..., D] contiguous
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(has_avx2(), "glm4.rms_norm needs AVX2 + FMA");
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == D && w.is_contiguous(), "rms_norm: w [D] contiguous");
+  check_same(x, w, "rms_norm");
+  auto x2 = x.reshape({-1, D});
+  if (x2.stride(1) != 1) x2 = x2.contiguous();
+  auto y = at::empty(x.sizes(), x.options());
+  glm4k::NormArgs a{x2.data_ptr(), w.data_ptr(), y.data_ptr(), D, x2.stride(0), float(eps), act_type(x, "rms_norm")};
+  const int64_t rows = x2.size(0);
+  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / D), [&](int64_t r0, int64_t r1) {
+    glm4k::rms_norm_rows_avx2(a, r0, r1);
+  });
+  return y;
+}
+
+// x [B, T, H, D] (last dim contiguous), cos/sin [B, T, 1, R] -> [B, T, H, D] contiguous
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  TORCH_CHECK(has_avx2(), "glm4.rope needs AVX2 + FMA");
+  TORCH_CHECK(x.dim() == 4 && cos.dim() == 4 && cos.sizes() == sin.sizes(), "rope: x [B, T, H, D], cos/sin [B, T, 1, R]");
+  const int64_t B = x.size(0), T = x.size(1), H = x.size(2), D = x.size(3), R = cos.size(3);
+  TORCH_CHECK(cos.size(0) == B && cos.size(1) == T && R <= D && R % 2 == 0, "rope: tables do not match x");
+  check_same(x, cos, "rope");
+  check_same(x, sin, "rope");
+  auto xc = x.stride(3) == 1 && x.stride(0) == T * x.stride(1) ? x : x.contiguous();
+  auto c = cos.contiguous(), s = sin.contiguous();
+  auto y = at::empty({B, T, H, D}, x.options());
+  glm4k::RopeArgs a{xc.data_ptr(), c.data_ptr(), s.data_ptr(), y.data_ptr(), H, D, R, xc.stride(1), xc.stride(2), R,
+                    int(interleaved), act_type(x, "rope")};
+  at::parallel_for(0, B * T, std::max<int64_t>(1, 4096 / (H * D)), [&](int64_t t0, int64_t t1) {
+    glm4k::rope_rows_avx2(a, t0, t1);
+  });
+  return y;
+}
+
+// q [B, Hq, D], k/v [S, Hkv, D] (one layer of the cache), slots [B, L] int64, lens [B] int64 -> [B, Hq, D]
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                            const at::Tensor& lens) {
+  TORCH_CHECK(has_avx2(), "glm4.decode_attention needs AVX2 + FMA");
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(2) == k.size(2),
+              "decode_attention: q [B, Hq, D], k/v [S, Hkv, D]");
+  TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_attention: Hq must be a multiple of Hkv");
+  TORCH_CHECK(q.size(2) % 8 == 0, "decode_attention: head_dim must be a multiple of 8");
+  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == q.size(0) && slots.scalar_type() == at::kLong &&
+                  lens.dim() == 1 && lens.size(0) == q.size(0) && lens.scalar_type() == at::kLong,
+              "decode_attention: slots [B, L] and lens [B], int64");
+  TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: k/v contiguous");
+  check_same(q, k, "decode_attention");
+  check_same(q, v, "decode_attention");
+  auto qc = q.contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
+  const int64_t B = q.size(0), S = k.size(0), L = slots.size(1);
+  const int64_t* lp = lc.data_ptr<int64_t>();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // a bad slot would read outside the cache
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: lens[", b, "] = ", lp[b], " outside [1, ", L, "]");
+    for (int64_t l = 0; l < lp[b]; ++l)
+      TORCH_CHECK(sp[b * L + l] >= 0 && sp[b * L + l] < S, "decode_attention: slot out of range");
+  }
+  auto out = at::empty(q.sizes(), q.options());
+  glm4k::DecodeArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), sp, lp, out.data_ptr(),
+                      q.size(1), k.size(1), q.size(2), L, float(1.0 / std::sqrt(double(q.size(2)))),
+                      act_type(q, "decode_attention")};
+  at::parallel_for(0, B * k.size(1), 1, [&](int64_t u0, int64_t u1) { glm4k::decode_attention_avx2(a, u0, u1); });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(glm4, m) {
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor", &rope);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lens) -> Tensor", &decode_attention);
+}

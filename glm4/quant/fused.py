@@ -1,0 +1,106 @@
+"""Fused small ops for inference on CPU: one glm4 op where a decode step made a dozen torch calls per layer.
+
+A batch-1 decode of a small model spends a fifth of its step outside the linears (the 400M bench checkpoint,
+int4, one thread: RMSNorm 0.33 ms, RoPE 0.33 ms, attention 0.45 ms of an 11 ms step — ~2,000 torch calls),
+which the weight-streaming kernels cannot win back. `use_fused_ops(model)` (glm4.engine's optimize_model, on
+by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.quant.kernels.has_streaming_kernels):
+
+- every RMSNorm -> FusedRMSNorm (torch.ops.glm4.rms_norm; fp32 / bf16, the reference's rounding order);
+- the model's Rope -> tables that carry `rope` (torch.ops.glm4.rope: equal to apply_rope to the bit);
+- and `decode_attention` for glm4.layers.paged_attention (the engine's runner passes it to PagedAttention.build):
+  decodes attend straight from the paged cache, no gather, no mask, no SDPA.
+
+Anything the ops do not take (autograd, other dtypes or devices, 2-D positions, an int8 KV cache) runs the
+torch code as before.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glm4.layers.norm import RMSNorm
+from glm4.layers.rope import CosSin, apply_rope_torch
+
+from . import kernels
+
+__all__ = ["FusedRMSNorm", "decode_attention", "describe_fused", "have_fused_ops", "rope", "use_fused_ops"]
+
+_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def have_fused_ops() -> bool:
+    """The fused ops exist and run on this CPU (they need AVX2 + FMA, as the streaming kernels)."""
+    return kernels.has_streaming_kernels() and hasattr(torch.ops.glm4, "rms_norm")
+
+
+def _takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
+    """The ops take CPU fp32 / bf16 tensors of one dtype, and have no backward."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
+        return False
+    return x.device.type == "cpu" and x.dtype in _DTYPES and all(o.dtype == x.dtype for o in others)
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm by one op; shares the weight Parameter of the norm it replaces (checkpoint names unchanged)."""
+
+    @classmethod
+    def from_norm(cls, norm: RMSNorm) -> FusedRMSNorm:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.weight, new.eps = norm.weight, norm.eps
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _takes(x, self.weight):
+            return torch.ops.glm4.rms_norm(x, self.weight, self.eps)
+        return super().forward(x)
+
+
+def rope(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
+    """apply_rope by one op (x [B, T, H, D], tables [B, T, 1, R] of x's dtype)."""
+    if cs.two_d or cs.rotary_dim == 0 or x.dim() != 4 or not _takes(x, cs.cos, cs.sin):
+        return apply_rope_torch(x, cs)
+    return torch.ops.glm4.rope(x, cs.cos, cs.sin, cs.interleaved)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                     lens: torch.Tensor) -> torch.Tensor:
+    """q [Bd, Hq, D] over k/v [S, Hkv, D] at slots [Bd, L] (the first lens[b] of row b) -> [Bd, Hq, D]."""
+    return torch.ops.glm4.decode_attention(q, k, v, slots, lens)
+
+
+def use_fused_ops(model: nn.Module) -> int:
+    """Swap the fused ops into `model` in place (see the module doc) and set `model.decode_attention_kernel`
+    (read by the engine's runner) where its head_dim allows; returns how many norms were swapped. Does nothing
+    where the ops do not run."""
+    if not have_fused_ops():
+        return 0
+    head_dim = getattr(getattr(model, "config", None), "head_dim", None)
+    if isinstance(head_dim, int) and head_dim % 8 == 0:
+        model.decode_attention_kernel = decode_attention
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is RMSNorm:
+                setattr(parent, name, FusedRMSNorm.from_norm(child))
+                n += 1
+    for m in model.modules():
+        r = getattr(m, "rope", None)
+        if r is not None and hasattr(r, "rotate"):
+            r.rotate = rope
+    return n
+
+
+def describe_fused(model: nn.Module) -> str:
+    """Which fused ops `model` runs ("" for none), for describe() / `glm4 serve --verbose`."""
+    from glm4.layers.paged_attention import FUSED_DECODE_MAX_KEYS
+
+    ops = []
+    if any(isinstance(m, FusedRMSNorm) for m in model.modules()):
+        ops.append("rms_norm")
+    if any(getattr(getattr(m, "rope", None), "rotate", None) is rope for m in model.modules()):
+        ops.append("rope")
+    if getattr(model, "decode_attention_kernel", None) is not None:
+        ops.append(f"decode_attention (contexts <= {FUSED_DECODE_MAX_KEYS} keys)")
+    return ", ".join(ops)

@@ -1,0 +1,121 @@
+"""glm4.quant.fused: the fused RMSNorm / RoPE / decode-attention ops against the torch code they replace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_engine import GREEDY, make_prompts, reference, tiny_model
+
+from glm4.engine import LLM
+from glm4.layers.norm import RMSNorm
+from glm4.layers.paged_attention import FUSED_DECODE_MAX_KEYS
+from glm4.layers.rope import CosSin, apply_rope_torch
+from glm4.quant import fused
+
+pytestmark = pytest.mark.skipif(not fused.have_fused_ops(),
+                                reason="glm4.quant._C not built or the CPU lacks AVX2+FMA")
+
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 1024, 100, 5])  # tails past the last 8
+def test_rms_norm_equals_torch(dtype, D):
+    g = torch.Generator().manual_seed(D)
+    norm = RMSNorm(D, eps=1e-5)
+    norm.weight.data = 1 + 0.1 * torch.randn(D, generator=g)
+    norm = norm.to(dtype)
+    x = (3 * torch.randn(4, 3, 2 * D, generator=g)).to(dtype)[..., :D]  # rows not contiguous with each other
+    with torch.inference_mode():
+        want, got = norm(x), fused.FusedRMSNorm.from_norm(norm)(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    # the sum of squares runs in another order than torch's reduction: equal within fp32 rounding (bf16: one ulp)
+    tol = dict(rtol=2e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=8e-3, atol=0)
+    torch.testing.assert_close(got, want, **tol)
+
+
+def test_fused_norm_falls_back_when_autograd_needs_it():
+    norm = fused.FusedRMSNorm.from_norm(RMSNorm(8))
+    x = torch.randn(2, 8, requires_grad=True)
+    norm(x).sum().backward()  # the op has no backward: torch's code ran
+    assert x.grad is not None and norm.weight.grad is not None
+
+
+def _tables(B, T, R, interleaved, dtype, g):
+    ang = 5 * torch.randn(B, T, R // 2, generator=g)
+    expand = (lambda t: t.repeat_interleave(2, -1)) if interleaved else (lambda t: torch.cat((t, t), -1))
+    return CosSin(expand(ang.cos()).to(dtype)[:, :, None], expand(ang.sin()).to(dtype)[:, :, None], R, interleaved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("R,D", [(32, 64), (64, 64), (64, 128), (6, 10), (8, 8)])  # vector and scalar paths
+def test_rope_equals_apply_rope_to_the_bit(dtype, interleaved, R, D):
+    g = torch.Generator().manual_seed(R * 7 + D)
+    B, T, H = 2, 5, 3
+    qkv = torch.randn(B, T, 3 * H * D, generator=g).to(dtype)
+    x = qkv[..., H * D:2 * H * D].reshape(B, T, H, D)  # a strided view, as the fused qkv projection gives
+    cs = _tables(B, T, R, interleaved, dtype, g)
+    want, got = apply_rope_torch(x, cs), fused.rope(x, cs)
+    assert torch.equal(got, want)
+
+
+def _gather_sdpa(q, k, v, slots, lens):
+    out = []
+    for b in range(q.shape[0]):
+        n, Hkv = int(lens[b]), k.shape[1]
+        ks, vs = (t.index_select(0, slots[b, :n]).transpose(0, 1).double() for t in (k, v))
+        qg = q[b].double().view(Hkv, -1, q.shape[-1])
+        out.append(F.scaled_dot_product_attention(qg, ks, vs).reshape(q.shape[1:]))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 64), (12, 1, 128), (4, 2, 48), (20, 2, 8)])  # G = 8, 12, 2, 10
+def test_decode_attention_matches_float64(dtype, Hq, Hkv, D):
+    g = torch.Generator().manual_seed(Hq + D)
+    S, B = 300, 4
+    k, v = (torch.randn(S, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    q = torch.randn(B, Hq, D, generator=g).to(dtype)
+    lens = torch.tensor([1, 7, 64, 200])
+    slots = torch.stack([torch.randperm(S, generator=g)[:200] for _ in range(B)])
+    got = fused.decode_attention(q, k, v, slots, lens)
+    want = _gather_sdpa(q, k, v, slots, lens)
+    tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)  # bf16: output rounding
+    torch.testing.assert_close(got.double(), want, **tol)
+
+
+def test_decode_attention_refuses_bad_slots_and_lengths():
+    k = v = torch.zeros(10, 1, 8)
+    q = torch.zeros(1, 2, 8)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        fused.decode_attention(q, k, v, torch.tensor([[3, 10]]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="lens"):
+        fused.decode_attention(q, k, v, torch.tensor([[3, 4]]), torch.tensor([3]))
+
+
+def _recording(kernel, longest: list[int]):
+    def run(q, k, v, slots, lens):
+        longest.append(int(lens.max()))
+        return kernel(q, k, v, slots, lens)
+    return run
+
+
+@pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe"])
+def test_engine_with_fused_ops_equals_reference(model_type):
+    """Greedy tokens equal the reference generator's with the fused ops on (and off), with decode contexts on
+    both sides of FUSED_DECODE_MAX_KEYS; the fused decode kernel runs only below it."""
+    prompts = make_prompts([1, 5, 33, FUSED_DECODE_MAX_KEYS - 4, FUSED_DECODE_MAX_KEYS + 20])
+    refs = reference(tiny_model(model_type, max_position_embeddings=1024), prompts)
+    for on in (False, True):
+        llm = LLM.from_model(tiny_model(model_type, max_position_embeddings=1024), linear="torch", fused_ops=on)
+        assert any(isinstance(m, fused.FusedRMSNorm) for m in llm.model.modules()) == on
+        assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
+        longest = []
+        if on:
+            llm.model.decode_attention_kernel = _recording(llm.model.decode_attention_kernel, longest)
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.outputs[0].token_ids for o in outs] == refs
+        if on:
+            assert longest and max(longest) <= FUSED_DECODE_MAX_KEYS
