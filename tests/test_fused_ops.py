@@ -61,11 +61,13 @@ def test_rope_equals_apply_rope_to_the_bit(dtype, interleaved, R, D):
     assert torch.equal(got, want)
 
 
-def _gather_sdpa(q, k, v, slots, lens):
+def _gather_sdpa(q, k, v, tables, lens, block_size):
     out = []
     for b in range(q.shape[0]):
         n, Hkv = int(lens[b]), k.shape[1]
-        ks, vs = (t.index_select(0, slots[b, :n]).transpose(0, 1).double() for t in (k, v))
+        pos = torch.arange(n)
+        slots = tables[b, pos // block_size] * block_size + pos % block_size
+        ks, vs = (t.index_select(0, slots).transpose(0, 1).double() for t in (k, v))
         qg = q[b].double().view(Hkv, -1, q.shape[-1])
         out.append(F.scaled_dot_product_attention(qg, ks, vs).reshape(q.shape[1:]))
     return torch.stack(out)
@@ -73,32 +75,34 @@ def _gather_sdpa(q, k, v, slots, lens):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 64), (12, 1, 128), (4, 2, 48), (20, 2, 8)])  # G = 8, 12, 2, 10
-def test_decode_attention_matches_float64(dtype, Hq, Hkv, D):
-    g = torch.Generator().manual_seed(Hq + D)
-    S, B = 300, 4
-    k, v = (torch.randn(S, Hkv, D, generator=g).to(dtype) for _ in range(2))
+@pytest.mark.parametrize("block_size", [16, 1, 5])
+def test_decode_attention_matches_float64(dtype, Hq, Hkv, D, block_size):
+    g = torch.Generator().manual_seed(Hq + D + block_size)
+    blocks, B = 300 // block_size, 4
+    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(dtype) for _ in range(2))
     q = torch.randn(B, Hq, D, generator=g).to(dtype)
     lens = torch.tensor([1, 7, 64, 200])
-    slots = torch.stack([torch.randperm(S, generator=g)[:200] for _ in range(B)])
-    got = fused.decode_attention(q, k, v, slots, lens)
-    want = _gather_sdpa(q, k, v, slots, lens)
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:(200 + block_size - 1) // block_size]
+                          for _ in range(B)])  # blocks in any order, as a paged cache hands them out
+    got = fused.decode_attention(q, k, v, tables, lens, block_size)
+    want = _gather_sdpa(q, k, v, tables, lens, block_size)
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)  # bf16: output rounding
     torch.testing.assert_close(got.double(), want, **tol)
 
 
-def test_decode_attention_refuses_bad_slots_and_lengths():
+def test_decode_attention_refuses_bad_tables_and_lengths():
     k = v = torch.zeros(10, 1, 8)
     q = torch.zeros(1, 2, 8)
-    with pytest.raises(RuntimeError, match="slot out of range"):
-        fused.decode_attention(q, k, v, torch.tensor([[3, 10]]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        fused.decode_attention(q, k, v, torch.tensor([[0, 2]]), torch.tensor([8]), 4)  # block 2 = slots 8..11
     with pytest.raises(RuntimeError, match="lens"):
-        fused.decode_attention(q, k, v, torch.tensor([[3, 4]]), torch.tensor([3]))
+        fused.decode_attention(q, k, v, torch.tensor([[0, 1]]), torch.tensor([9]), 4)
 
 
 def _recording(kernel, longest: list[int]):
-    def run(q, k, v, slots, lens):
+    def run(q, k, v, tables, lens, block_size):
         longest.append(int(lens.max()))
-        return kernel(q, k, v, slots, lens)
+        return kernel(q, k, v, tables, lens, block_size)
     return run
 
 
@@ -114,7 +118,7 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
         longest = []
         if on:
-            llm.model.decode_attention_kernel = _recording(llm.model.decode_attention_kernel, longest)
+            llm.engine.runner.decode_kernel = _recording(llm.engine.runner.decode_kernel, longest)
         outs = llm.generate(prompts, GREEDY)
         assert [o.outputs[0].token_ids for o in outs] == refs
         if on:

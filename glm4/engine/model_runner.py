@@ -58,6 +58,9 @@ class ModelRunner:
                                   cfg.head_dim, cache_dtype or self.dtype, self.device)
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
         self.lora = None  # glm4.engine.lora.LoRAAdapters when the engine serves adapters (LLMEngine.add_lora)
+        # fused decode attention (glm4.quant.fused, set by optimize_model) reads the cache as it is stored
+        self.decode_kernel = (getattr(model, "decode_attention_kernel", None) if self.cache.dtype == self.dtype
+                              else None)
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
         """`_run`, with each sequence's LoRA adapter set for its rows of the step when adapters are loaded."""
@@ -90,8 +93,7 @@ class ModelRunner:
             if c + n == seq.num_tokens:
                 last.append(len(ids) - 1)
                 sampled.append(seq)
-        ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device,
-                                   decode_kernel=getattr(self.model, "decode_attention_kernel", None))
+        ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device, decode_kernel=self.decode_kernel)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)[None]  # [1, N]
         positions = ctx.positions.to(self.device)[None]  # [1, N]
         if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)

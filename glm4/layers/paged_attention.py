@@ -147,19 +147,31 @@ class PagedAttention:
         self.prefills = prefills
         self.num_tokens = num_tokens
         self.num_decodes = 0 if decode_slots is None else decode_slots.shape[0]
-        self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (with decode_kernel)
-        self.decode_kernel = None  # fused decode attention over the cache slots (glm4.quant.fused), or None
+        self.decode_kernel = None  # fused decode attention over the paged cache (glm4.quant.fused), or None
+        self.decode_tables: torch.Tensor | None = None  # [Bd, blocks] int64 block tables of the decodes (kernel)
+        self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (kernel)
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: list[list[int]], ctx_lens: list[int], q_lens: list[int],
               device: torch.device | str = "cpu", decode_kernel=None) -> PagedAttention:
         """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
-        `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], slots [Bd, Lmax], lens [Bd]) -> [Bd, Hq, D]`: attends
-        the decodes straight from a float cache of the activations' dtype, instead of gather + SDPA."""
+        `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
+        -> [Bd, Hq, D]` attends decodes of up to FUSED_DECODE_MAX_KEYS keys straight from the cache, instead of
+        gather + SDPA; the caller passes one only for a float cache of the activations' dtype."""
         bs = cache.block_size
         B = len(block_tables)
         maxb = max(len(t) for t in block_tables)
-        bt = torch.tensor([t + [0] * (maxb - len(t)) for t in block_tables], dtype=torch.long)  # [B, maxb]
+        padded = [t + [0] * (maxb - len(t)) for t in block_tables]
+        fused = decode_kernel is not None and not cache.quantized
+        if fused and max(ctx_lens) < FUSED_DECODE_MAX_KEYS and all(q == 1 for q in q_lens):
+            # decode-only step for the kernel: the metadata in plain Python, three small tensors
+            out = cls(cache, torch.tensor([t[c // bs] * bs + c % bs for t, c in zip(block_tables, ctx_lens)],
+                                          device=device), None, None, None, [], B)
+            out.num_decodes, out.positions = B, torch.tensor(ctx_lens)
+            out.decode_kernel, out.decode_tables = decode_kernel, torch.tensor(padded, device=device)
+            out.decode_lens = torch.tensor([c + 1 for c in ctx_lens], device=device)
+            return out
+        bt = torch.tensor(padded, dtype=torch.long)  # [B, maxb]
         all_slots = (bt[:, :, None] * bs + torch.arange(bs)).view(B, maxb * bs)  # slot of every position
         ctx_t, q_t = torch.tensor(ctx_lens), torch.tensor(q_lens)
         starts = torch.cumsum(q_t, 0) - q_t
@@ -190,8 +202,9 @@ class PagedAttention:
                 decode_idx = starts[rows_t].to(device)
         out = cls(cache, slot_mapping.to(device), decode_idx, decode_slots, decode_mask, prefills, N)
         out.positions = cols  # [N] position of each packed token (CPU)
-        if dec_rows and decode_kernel is not None and not cache.quantized and lmax <= FUSED_DECODE_MAX_KEYS:
-            out.decode_kernel, out.decode_lens = decode_kernel, torch.tensor(dec_lens).to(device)
+        if dec_rows and fused and lmax <= FUSED_DECODE_MAX_KEYS:
+            out.decode_kernel, out.decode_tables = decode_kernel, bt[torch.tensor(dec_rows)].to(device)
+            out.decode_lens = torch.tensor(dec_lens, device=device)
         return out
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -231,9 +244,9 @@ class PagedAttention:
 
     def _decode(self, layer_idx: int, q: torch.Tensor, Hkv: int) -> torch.Tensor:
         # q [Bd, Hq, D] -> [Bd, Hq, D]; keys gathered [Bd, L, Hkv, D]
-        if self.decode_kernel is not None and self.cache.dtype == q.dtype:
-            return self.decode_kernel(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.decode_slots,
-                                      self.decode_lens)
+        if self.decode_kernel is not None:
+            return self.decode_kernel(q, self.cache.k[layer_idx], self.cache.v[layer_idx], self.decode_tables,
+                                      self.decode_lens, self.cache.block_size)
         Bd, Hq, D = q.shape
         L = self.decode_slots.shape[1]
         ks, vs = self.cache.gather(layer_idx, self.decode_slots.reshape(-1), q.dtype)

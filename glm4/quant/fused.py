@@ -64,10 +64,11 @@ def rope(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
     return torch.ops.glm4.rope(x, cs.cos, cs.sin, cs.interleaved)
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
-                     lens: torch.Tensor) -> torch.Tensor:
-    """q [Bd, Hq, D] over k/v [S, Hkv, D] at slots [Bd, L] (the first lens[b] of row b) -> [Bd, Hq, D]."""
-    return torch.ops.glm4.decode_attention(q, k, v, slots, lens)
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
+                     lens: torch.Tensor, block_size: int) -> torch.Tensor:
+    """q [Bd, Hq, D] over k/v [S, Hkv, D] (one layer of the paged cache): row b attends its first lens[b]
+    positions, position l at slot block_table[b, l // block_size] * block_size + l % block_size -> [Bd, Hq, D]."""
+    return torch.ops.glm4.decode_attention(q, k, v, block_table, lens, block_size)
 
 
 def use_fused_ops(model: nn.Module) -> int:

@@ -33,15 +33,16 @@ struct RopeArgs {
 void rope_rows_avx2(const RopeArgs& a, int64_t t0, int64_t t1);
 
 // units [u0, u1) (u = b * Hkv + kv_head) of out [B, Hq, D] = softmax(q k^T / sqrt(D)) v over the first lens[b]
-// slots of row b; the G = Hq / Hkv query heads of a KV head share its keys; fp32 scores and accumulation
+// positions of sequence b, position l at cache slot block_table[b][l / block_size] * block_size + l % block_size;
+// the G = Hq / Hkv query heads of a KV head share its keys; fp32 scores and accumulation
 struct DecodeArgs {
   const void* q;  // [B, Hq, D] contiguous
   const void* k;  // [S, Hkv, D] contiguous (one layer of the paged cache)
   const void* v;
-  const int64_t* slots;  // [B, slots_stride]
-  const int64_t* lens;   // [B]
-  void* out;             // [B, Hq, D]
-  int64_t Hq, Hkv, D, slots_stride;
+  const int64_t* block_table;  // [B, bt_stride]
+  const int64_t* lens;         // [B]
+  void* out;                   // [B, Hq, D]
+  int64_t Hq, Hkv, D, bt_stride, block_size;
   float scale;
   int dtype;
 };

@@ -249,12 +249,14 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
   std::vector<float> scores, qf(size_t(GB * D), 0.0f);
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u / a.Hkv, kvh = u % a.Hkv, L = a.lens[b];
-    const int64_t* slots = a.slots + b * a.slots_stride;
+    const int64_t* table = a.block_table + b * a.bt_stride;
+    const int64_t bs = a.block_size;
+    auto slot = [&](int64_t l) { return table[l / bs] * bs + l % bs; };
     scores.resize(size_t(GB * L));
     for (int64_t g = 0; g < G; ++g)  // the G query heads of this KV head in fp32, scaled; heads >= G stay 0
       for (int64_t j = 0; j < D; ++j) qf[g * D + j] = load1<DT>(a.q, (b * a.Hq + kvh * G + g) * D + j) * a.scale;
     for (int64_t l = 0; l < L; ++l) {
-      const void* kp = at(a.k, (slots[l] * a.Hkv + kvh) * D, DT);
+      const void* kp = at(a.k, (slot(l) * a.Hkv + kvh) * D, DT);
       for (int64_t g0 = 0; g0 < GB; g0 += 8) {
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
@@ -275,7 +277,7 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
         const int n = int(std::min<int64_t>(32, D - j0) / 8);
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (int64_t l = 0; l < L; ++l) {
-          const void* vp = at(a.v, (slots[l] * a.Hkv + kvh) * D + j0, DT);
+          const void* vp = at(a.v, (slot(l) * a.Hkv + kvh) * D + j0, DT);
           const __m256 pl = _mm256_set1_ps(p[l]);
           for (int i = 0; i < n; ++i) acc[i] = _mm256_fmadd_ps(pl, load8<DT>(at(vp, 8 * i, DT)), acc[i]);
         }

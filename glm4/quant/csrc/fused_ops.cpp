@@ -61,32 +61,35 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
-// q [B, Hq, D], k/v [S, Hkv, D] (one layer of the cache), slots [B, L] int64, lens [B] int64 -> [B, Hq, D]
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
-                            const at::Tensor& lens) {
+// q [B, Hq, D], k/v [S, Hkv, D] (one layer of the cache), block_table [B, maxb] int64, lens [B] int64 -> [B, Hq, D]
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const at::Tensor& block_table, const at::Tensor& lens, int64_t block_size) {
   TORCH_CHECK(has_avx2(), "glm4.decode_attention needs AVX2 + FMA");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(2) == k.size(2),
               "decode_attention: q [B, Hq, D], k/v [S, Hkv, D]");
   TORCH_CHECK(q.size(1) % k.size(1) == 0, "decode_attention: Hq must be a multiple of Hkv");
   TORCH_CHECK(q.size(2) % 8 == 0, "decode_attention: head_dim must be a multiple of 8");
-  TORCH_CHECK(slots.dim() == 2 && slots.size(0) == q.size(0) && slots.scalar_type() == at::kLong &&
+  TORCH_CHECK(block_table.dim() == 2 && block_table.size(0) == q.size(0) && block_table.scalar_type() == at::kLong &&
                   lens.dim() == 1 && lens.size(0) == q.size(0) && lens.scalar_type() == at::kLong,
-              "decode_attention: slots [B, L] and lens [B], int64");
+              "decode_attention: block_table [B, blocks] and lens [B], int64");
+  TORCH_CHECK(block_size >= 1, "decode_attention: block_size >= 1");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: k/v contiguous");
   check_same(q, k, "decode_attention");
   check_same(q, v, "decode_attention");
-  auto qc = q.contiguous(), sc = slots.contiguous(), lc = lens.contiguous();
-  const int64_t B = q.size(0), S = k.size(0), L = slots.size(1);
+  auto qc = q.contiguous(), tc = block_table.contiguous(), lc = lens.contiguous();
+  const int64_t B = q.size(0), blocks = tc.size(1), S = k.size(0);
   const int64_t* lp = lc.data_ptr<int64_t>();
-  const int64_t* sp = sc.data_ptr<int64_t>();
-  for (int64_t b = 0; b < B; ++b) {  // a bad slot would read outside the cache
-    TORCH_CHECK(lp[b] >= 1 && lp[b] <= L, "decode_attention: lens[", b, "] = ", lp[b], " outside [1, ", L, "]");
-    for (int64_t l = 0; l < lp[b]; ++l)
-      TORCH_CHECK(sp[b * L + l] >= 0 && sp[b * L + l] < S, "decode_attention: slot out of range");
+  const int64_t* tp = tc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {  // a bad block id would read outside the cache
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= blocks * block_size, "decode_attention: lens[", b, "] = ", lp[b],
+                " outside [1, ", blocks * block_size, "]");
+    for (int64_t i = 0; i < (lp[b] + block_size - 1) / block_size; ++i)
+      TORCH_CHECK(tp[b * blocks + i] >= 0 && (tp[b * blocks + i] + 1) * block_size <= S,
+                  "decode_attention: block id out of range");
   }
   auto out = at::empty(q.sizes(), q.options());
-  glm4k::DecodeArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), sp, lp, out.data_ptr(),
-                      q.size(1), k.size(1), q.size(2), L, float(1.0 / std::sqrt(double(q.size(2)))),
+  glm4k::DecodeArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), tp, lp, out.data_ptr(),
+                      q.size(1), k.size(1), q.size(2), blocks, block_size, float(1.0 / std::sqrt(double(q.size(2)))),
                       act_type(q, "decode_attention")};
   at::parallel_for(0, B * k.size(1), 1, [&](int64_t u0, int64_t u1) { glm4k::decode_attention_avx2(a, u0, u1); });
   return out;
@@ -97,5 +100,6 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
 TORCH_LIBRARY_FRAGMENT(glm4, m) {
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor", &rms_norm);
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor", &rope);
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor slots, Tensor lens) -> Tensor", &decode_attention);
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_table, Tensor lens, int block_size) -> Tensor",
+        &decode_attention);
 }
