@@ -58,6 +58,7 @@ class ModelRunner:
                                   cfg.head_dim, cache_dtype or self.dtype, self.device)
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
         self.lora = None  # glm4.engine.lora.LoRAAdapters when the engine serves adapters (LLMEngine.add_lora)
+        self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
         """`_run`, with each sequence's LoRA adapter set for its rows of the step when adapters are loaded."""
@@ -115,7 +116,7 @@ class ModelRunner:
         """A step holding a request with images / videos (glm4.engine.multimodal): M-RoPE positions, media rows
         placed into the token embeddings, then the language model."""
         positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
-        embeds = multimodal_embeddings(self.model, input_ids, spans)
+        embeds = multimodal_embeddings(self.model, input_ids, spans, self.max_encoder_bytes)
         h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds)
         if not sampled:
             return [], [], []

@@ -110,6 +110,21 @@ class EVA2CLIPTower(nn.Module):
         self.boi = nn.Parameter(torch.zeros(1, 1, text_hidden))
         self.eoi = nn.Parameter(torch.zeros(1, 1, text_hidden))
 
+    def activation_bytes(self, itemsize: int) -> int:
+        """Estimated peak bytes of activations while encoding one image, weights not counted (the method of
+        glm4.layers.vision's `activation_bytes`, x 1.25 likewise): N = (S/P)^2 + 1 rows; the largest of a block's
+        attention (residual, qkv, its q/k/v copies, output, transposed copy, projection, norm, sum: 12 D, plus
+        LayerNorm's fp32 statistics in half precision: 2 D x 4 bytes), its MLP (residual, fc1, GELU, fc2, norm,
+        sum: 4 D + 2 x intermediate) and the GLU projector's per patch over the 2 x 2 merge (5 x text hidden +
+        4 x ffn hidden, / 4); plus the image (fp32, its cast and the patch convolution's unfolded copy)."""
+        c = self.config
+        n = c.grid_side ** 2 + 1
+        d, inner = c.hidden_size, c.intermediate_size
+        text, ffn = self.conv.out_channels, self.linear_proj.dense_h_to_4h.out_features
+        per_row = max(12 * d * itemsize + 2 * d * 4, (4 * d + 2 * inner) * itemsize, (5 * text + 4 * ffn) * itemsize // 4)
+        image = c.in_channels * c.image_size ** 2 * (4 + 2 * itemsize)
+        return int(1.25 * (n * per_row + image))
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         c = self.config
         want = (c.in_channels, c.image_size, c.image_size)

@@ -49,6 +49,11 @@ class ChatGLMVisionForConditionalGeneration(ChatGLMForConditionalGeneration):
         """(pixel_values rows, prompt tokens) of one image: one [C, S, S] row, 1602 tokens (any grid is S/P square)."""
         return 1, self.num_image_tokens
 
+    def encoder_bytes(self, grid: tuple[int, int, int]) -> int:
+        """Estimated peak activation bytes of the tower on one image (the same for every image)."""
+        tower = self.transformer.vision
+        return tower.activation_bytes(tower.patch_embedding.proj.weight.element_size())
+
     def image_grid(self) -> tuple[int, int, int]:
         """The grid every image has after preprocessing: (1, S/P, S/P) patches."""
         side = self.config.vision_config.grid_side
