@@ -100,8 +100,8 @@ class RequestMedia:
             for (t, h, w), stamps in zip(v["video_grid_thw"], v["video_timestamps"]):
                 frame = [tid[BEGIN_IMAGE]] + [tid[IMAGE_TOKEN]] * (int(h * w) // merge) + [tid[END_IMAGE]]
                 span: list[int] = []
-                for k in range(int(t)):  # the processor's text: per temporal patch, the frame then its whole seconds
-                    span += frame + list(encode(str(int(stamps[k]))))
+                for k in range(int(t)):  # the processor's text: per temporal patch, the frame then its time
+                    span += frame + list(encode(spec.timestamp_text(stamps[k])))
                 video_spans.append(span)
         out: list[int] = []
         it_img, it_vid = iter(image_tokens), iter(video_spans)
@@ -204,7 +204,8 @@ def _video(part: dict, policy: MediaPolicy) -> Video:
     source = part.get("video") if part.get("type") == "video" else fetch(_url_of(part, "video_url"), policy)
     if isinstance(source, str):
         source = fetch(source, policy)
-    kw = dict(fps=policy.spec.fps, max_duration=policy.spec.max_duration, max_frames=policy.max_video_frames)
+    kw = dict(fps=policy.spec.fps, max_duration=policy.spec.max_duration, max_frames=policy.max_video_frames,
+              sampler=policy.spec.video_sampler, temporal_patch_size=policy.spec.temporal_patch_size)
     if isinstance(source, (bytes, bytearray)):
         with tempfile.NamedTemporaryFile(suffix=".video") as f:
             f.write(source)
