@@ -222,3 +222,30 @@ def test_preprocess_square_is_torchvision_resize_totensor_normalize(w, h):
     assert out["pixel_values"].shape == (1, 3, 56, 56) and out["pixel_values"].dtype == np.float32
     assert np.array_equal(out["pixel_values"][0], x.numpy())
     assert out["image_grid_thw"].tolist() == [[1, 4, 4]]
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------------
+
+def test_engine_batches_glm4v_9b_requests_like_the_model(pair):
+    """Expanded prompts with their images through the paged engine (prefix caching on, a 7-token chunk budget so
+    chunks end inside the image spans, 11 rows here, 1602 in the checkpoint) equal a full-recompute greedy loop."""
+    from glm4.engine import LLM, SamplingParams
+
+    _, model, _ = pair
+    _, t = _fixture()
+    rows = [_prompt(5, 6, 7), _prompt(2, 9, 8), _prompt(5, 6, 7)]  # the third repeats the first: cached blocks
+    images = [t["input.images"][0:1], t["input.images"][1:2], t["input.images"][0:1]]
+    grid = np.array([model.image_grid()])
+    reqs = [(expand_image_placeholders(r, BOI, EOI, FILLER, model.num_image_tokens),
+             {"pixel_values": img.numpy(), "image_grid_thw": grid}) for r, img in zip(rows, images)]
+    want = []
+    for ids, mm in reqs:
+        seq = torch.tensor([ids])
+        with torch.no_grad():
+            for _ in range(5):
+                seq = torch.cat([seq, model(seq, pixel_values=torch.from_numpy(mm["pixel_values"]))[:, -1:].argmax(-1)], 1)
+        want.append(seq[0, len(ids):].tolist())
+    llm = LLM.from_model(model, linear="torch", block_size=4, max_num_batched_tokens=7)
+    outs = llm.generate([ids for ids, _ in reqs], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
+                        [mm for _, mm in reqs])
+    assert [o.outputs[0].token_ids for o in outs] == want
