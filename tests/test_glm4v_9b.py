@@ -249,3 +249,90 @@ def test_engine_batches_glm4v_9b_requests_like_the_model(pair):
     outs = llm.generate([ids for ids, _ in reqs], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True),
                         [mm for _, mm in reqs])
     assert [o.outputs[0].token_ids for o in outs] == want
+
+
+# ---- chat and the server -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def chat_checkpoint(tmp_path_factory):
+    """A tiny GLM-4V-9B folder with a real tokenizer (GLM-4's special tokens): boi / eoi are the tokenizer's."""
+    pytest.importorskip("transformers")
+    from conftest import build_hf_model, save_hf
+    from vision_checkpoint import write_tokenizer
+
+    tmp = tmp_path_factory.mktemp("glm4v_9b_chat")
+    folder = tmp / "glm4v_9b"
+    folder.mkdir()
+    ids = write_tokenizer(folder)
+    write_glm4v_9b(folder, save_hf(build_hf_model("glm", seed=3, vocab_size=512), tmp / "hf"))
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(boi_token_id=ids["<|begin_of_image|>"], eoi_token_id=ids["<|end_of_image|>"],
+               eos_token_id=[ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]])
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder, ids
+
+
+def test_chat_renders_the_remote_tokenizers_image_prefix(chat_checkpoint):
+    from vision_checkpoint import picture
+
+    from glm4.chat.planner import ChatError
+    from glm4.engine import LLM, SamplingParams
+    from glm4.engine.chat import chat_layer_for
+
+    folder, ids = chat_checkpoint
+    llm = LLM(folder, linear="torch", block_size=4)
+    planner, tok, _ = chat_layer_for(llm)
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                         {"type": "image", "image": picture(90, 60, 1)}]}]
+    plan = planner.plan(msgs)
+    # the tokenizer's apply_chat_template: <|user|> "\n", then boi <|endoftext|> eoi, then the text (the image
+    # goes first whatever the part order); glm4 expands the middle token to one row per tower vector
+    boi, eot, eoi = ids["<|begin_of_image|>"], ids["<|endoftext|>"], ids["<|end_of_image|>"]
+    want = tok.encode("[gMASK]<sop><|user|>\n", allow_special=True) + [boi] + [eot] * 9 + [eoi] + \
+        tok.encode("What is it?<|assistant|>", allow_special=True)
+    assert plan.prompt_ids == want
+    assert plan.multi_modal_data["pixel_values"].shape == (1, 3, 42, 42)
+    assert plan.multi_modal_data["image_grid_thw"].tolist() == [[1, 6, 6]]
+    two = [{"role": "user", "content": [{"type": "image", "image": picture(40, 40, 2)}, {"type": "text", "text": "a"}]},
+           {"role": "assistant", "content": "b"},
+           {"role": "user", "content": [{"type": "image", "image": picture(40, 40, 3)}, {"type": "text", "text": "c"}]}]
+    with pytest.raises(ChatError, match="over the limit of 1 images per request"):
+        planner.plan(two)
+    policy, planner.media = planner.media, planner.media.with_limits(max_images=2)
+    try:  # a looser limit (--limit-mm-per-prompt image=2) still meets the format's rule
+        with pytest.raises(ChatError, match="one image per conversation"):
+            planner.plan(two)
+    finally:
+        planner.media = policy
+    result = llm.chat(msgs, params=SamplingParams(max_tokens=4, temperature=0))
+    direct = llm.generate([plan.prompt_ids], planner.sampling_params(plan, SamplingParams(max_tokens=4, temperature=0)),
+                          [plan.multi_modal_data])[0]
+    assert result.content == planner.parse_full(plan, direct.outputs[0].text)[0]
+
+
+def test_server_answers_a_glm4v_9b_image(chat_checkpoint):
+    import openai
+    from test_serve_util import ServerThread
+    from vision_checkpoint import data_uri, picture
+
+    from glm4 import LLM, SamplingParams
+    from glm4.serve.app import build_state, create_app
+
+    folder, _ = chat_checkpoint
+    st = build_state(str(folder), model_name="m", kv_cache_tokens=2048)
+    srv = ServerThread(create_app(st)).start()
+    try:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_uri(picture(70, 50, 4))}},
+                                             {"type": "text", "text": "Describe the image briefly, please."}]}]
+        r = client.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0)
+        plan = st.chat.plan(msgs)
+        assert r.usage.prompt_tokens == len(plan.prompt_ids)
+        params = st.chat.sampling_params(plan, SamplingParams(max_tokens=6, temperature=0))
+        (direct,) = LLM(folder, kv_cache_tokens=2048).generate([plan.prompt_ids], params, [plan.multi_modal_data])
+        assert len(direct.outputs[0].token_ids) == r.usage.completion_tokens
+        with pytest.raises(openai.BadRequestError, match="over the limit of 1 images"):
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": msgs[0]["content"] * 2}],
+                                           max_tokens=2)
+    finally:
+        srv.stop()

@@ -21,9 +21,10 @@ from glm4.media.image import CLIP_MEAN, CLIP_STD, MediaError, load_image
 PLACEHOLDER = "<|begin_of_image|><|endoftext|><|end_of_image|>"
 
 
-def preprocess_square(images, image_size: int = 1120, mean=CLIP_MEAN, std=CLIP_STD) -> dict[str, np.ndarray]:
+def preprocess_square(images, image_size: int = 1120, mean=CLIP_MEAN, std=CLIP_STD,
+                      patch_size: int = 14) -> dict[str, np.ndarray]:
     """Images (PIL, bytes or paths) -> {"pixel_values": float32 [n, 3, S, S], "image_grid_thw": int64 [n, 3]}
-    (the grid is (1, S/14, S/14), the same for every image; the engine keys on it like the GLM-4.xV grids)."""
+    (the grid is (1, S/P, S/P), the same for every image; the engine keys on it like the GLM-4.xV grids)."""
     out = []
     for image in images:
         img = load_image(image)
@@ -33,7 +34,7 @@ def preprocess_square(images, image_size: int = 1120, mean=CLIP_MEAN, std=CLIP_S
         out.append(np.ascontiguousarray(x.transpose(2, 0, 1)))
     if not out:
         raise MediaError("no images given")
-    side = image_size // 14
+    side = image_size // patch_size
     return {"pixel_values": np.stack(out), "image_grid_thw": np.array([(1, side, side)] * len(out), dtype=np.int64)}
 
 
