@@ -6,6 +6,10 @@
 Tools ride on a system message (`"tools"` key), results are `<|observation|>` turns, and several
 `name\\n{...}` turns in a row (each after `<|assistant|>`) are several calls. Built-in tools `python`,
 `cogview`, `simple_browser` may carry a raw body instead of JSON.
+
+GLM-4V-9B (the same format): a user message's image part (`{"type": "image"}`, from glm4.chat.media) renders as its
+tokenizer writes it, `<|user|>\n<|begin_of_image|><|endoftext|><|end_of_image|>{text}` — the image first whatever
+the part order, one image per conversation.
 """
 
 from __future__ import annotations
