@@ -147,6 +147,71 @@ class ChatGLMConfig(_BaseConfig):
 
 
 @dataclass(slots=True)
+class EVA2CLIPVisionConfig(_BaseConfig):
+    """GLM-4V-9B's EVA2-CLIP tower (`vision_config` of its chatglm config.json): a square `image_size` image, one
+    learned position per patch plus a CLS row, post-sublayer LayerNorm blocks; outputs divided by `scaling_factor`."""
+
+    model_type: str = "eva2clip_vision"
+    image_size: int = 1120
+    patch_size: int = 14
+    in_channels: int = 3
+    hidden_size: int = 1792
+    num_hidden_layers: int = 63
+    num_heads: int = 16
+    intermediate_size: int = 15360
+    hidden_act: str = "gelu"
+    layer_norm_eps: float = 1e-6
+    num_positions: int = 6401
+    dropout_prob: float = 0.0
+    scaling_factor: float = 8.0
+
+    def __post_init__(self):
+        side = self.image_size // self.patch_size
+        if self.image_size % self.patch_size or side % 2:
+            raise ConfigError(f"vision_config: image_size {self.image_size} must be an even number of "
+                              f"{self.patch_size}-pixel patches per side (the 2x2 conv halves the grid)")
+        if self.num_positions != side * side + 1:
+            raise ConfigError(f"vision_config: num_positions {self.num_positions} must be (image_size / patch_size)^2"
+                              f" + 1 = {side * side + 1} (one per patch plus the CLS row)")
+        if self.hidden_act != "gelu":
+            raise ConfigError(f"vision_config: hidden_act {self.hidden_act!r} unsupported (only gelu)")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError("vision_config: hidden_size must be a multiple of num_heads")
+
+    @property
+    def grid_side(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Vectors one image becomes in the language model: boi + (side/2)^2 merged patches + eoi (1602)."""
+        return (self.grid_side // 2) ** 2 + 2
+
+
+@dataclass(slots=True)
+class ChatGLMVisionConfig(ChatGLMConfig):
+    """GLM-4V-9B: `model_type: chatglm` with a `vision_config` (remote code `visual.py`, `transformer.vision.*`)."""
+
+    vision_config: EVA2CLIPVisionConfig = field(default_factory=EVA2CLIPVisionConfig)
+    boi_token_id: int = 151339
+    eoi_token_id: int = 151340
+
+    architecture = "chatglm_vision"  # registry key (glm4.models): same model_type, a different model class
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChatGLMVisionConfig:
+        d = dict(d)
+        if isinstance(d.get("vision_config"), dict):
+            d["vision_config"] = EVA2CLIPVisionConfig.from_dict(d["vision_config"])
+        return _BaseConfig.from_dict.__func__(cls, d)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["vision_config"] = self.vision_config.to_dict()
+        return out
+
+
+@dataclass(slots=True)
 class GlmConfig(_BaseConfig):
     """The -hf checkpoints (`model_type: glm`, GlmForCausalLM)."""
 
@@ -411,7 +476,7 @@ CONFIGS: dict[str, type[_BaseConfig]] = {
     "glm4v_moe": Glm4vMoeConfig,
 }
 
-AnyConfig = ChatGLMConfig | GlmConfig | Glm4Config | Glm4MoeConfig | Glm4vConfig | Glm4vMoeConfig
+AnyConfig = ChatGLMConfig | ChatGLMVisionConfig | GlmConfig | Glm4Config | Glm4MoeConfig | Glm4vConfig | Glm4vMoeConfig
 
 
 def config_from_dict(d: dict[str, Any]) -> AnyConfig:
@@ -420,6 +485,8 @@ def config_from_dict(d: dict[str, Any]) -> AnyConfig:
         raise ConfigError("config.json has no 'model_type'")
     if mt not in CONFIGS:
         raise ConfigError(f"unsupported model_type {mt!r}; supported: {', '.join(CONFIGS)}")
+    if mt == "chatglm" and d.get("vision_config"):  # GLM-4V-9B
+        return ChatGLMVisionConfig.from_dict(d)
     return CONFIGS[mt].from_dict(d)
 
 

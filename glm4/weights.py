@@ -38,7 +38,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from glm4.config import ConfigError, load_config
-from glm4.models import get_model_class
+from glm4.models import model_class
 
 
 class CheckpointError(RuntimeError):
@@ -220,7 +220,7 @@ def empty_model(config, dtype: torch.dtype = torch.float32, device: str | torch.
 def meta_model(config, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model for `config` on the meta device in `dtype` (`keep_in_fp32` tensors in float32): modules can be
     swapped before any storage exists (quantized checkpoints), then `materialize_` allocates the rest."""
-    cls = get_model_class(config.model_type)
+    cls = model_class(config)
     with torch.device("meta"), _SkipMetaInit():
         model = cls.from_config(config)
     model.to(dtype)

@@ -49,6 +49,10 @@ class MediaPolicy:
     allow_remote: bool = False
     remote_timeout: float = 10.0
     remote_max_bytes: int = 20 * 2**20
+    # GLM-4V-9B: every image resized to this square; the prompt's <|begin_of_image|><|endoftext|><|end_of_image|>
+    # becomes num_image_tokens rows (glm4.media.glm4v_9b); None: the GLM-4.xV processors
+    square_image_size: int | None = None
+    num_image_tokens: int = 0
 
     @classmethod
     def for_checkpoint(cls, folder, tokenizer, **limits) -> MediaPolicy:
@@ -66,6 +70,19 @@ class MediaPolicy:
             raise MediaError(f"the tokenizer has no {IMAGE_TOKEN} token: it cannot carry images")
         return cls(spec=spec, token_ids=ids, **limits)
 
+    @classmethod
+    def for_glm4v_9b(cls, tokenizer, image_size: int, num_image_tokens: int, patch_size: int = 14,
+                     **limits) -> MediaPolicy:
+        """GLM-4V-9B: one image per conversation, square resize, its 3-token placeholder's ids."""
+        specials = getattr(tokenizer, "special_tokens", {})
+        names = (BEGIN_IMAGE, END_IMAGE, "<|endoftext|>")
+        if not all(n in specials for n in names):
+            raise MediaError(f"the tokenizer lacks {', '.join(n for n in names if n not in specials)}: it cannot "
+                             "carry GLM-4V-9B images")
+        return cls(spec=VisionSpec(patch_size=patch_size), token_ids={n: specials[n] for n in names},
+                   square_image_size=image_size,
+                   num_image_tokens=num_image_tokens, **{"max_images": 1, "max_videos": 0, **limits})
+
     def with_limits(self, **limits) -> MediaPolicy:
         return replace(self, **{k: v for k, v in limits.items() if v is not None})
 
@@ -80,10 +97,27 @@ class RequestMedia:
     def __bool__(self) -> bool:
         return bool(self.images or self.videos)
 
+    def _square_inputs(self, ids: list[int], policy: MediaPolicy) -> tuple[list[int], dict]:
+        """GLM-4V-9B: its 3-token placeholders expanded, pixel_values [n, 3, S, S] (glm4.media.glm4v_9b)."""
+        from glm4.media.glm4v_9b import expand_image_placeholders, preprocess_square
+
+        if self.videos:
+            raise MediaError("this model takes no videos")
+        boi, eoi, eot = (policy.token_ids[n] for n in (BEGIN_IMAGE, END_IMAGE, "<|endoftext|>"))
+        if ids.count(boi) != len(self.images):
+            raise MediaError(f"the prompt has {ids.count(boi)} image placeholder(s) but {len(self.images)} image(s)")
+        if not self.images:
+            return list(ids), {}
+        spec = policy.spec
+        inputs = preprocess_square(self.images, policy.square_image_size, spec.image_mean, spec.image_std, spec.patch_size)
+        return expand_image_placeholders(list(ids), boi, eoi, eot, policy.num_image_tokens), inputs
+
     def prompt_inputs(self, ids: list[int], policy: MediaPolicy, encode) -> tuple[list[int], dict]:
         """Prompt ids with one `<|image|>` / `<|video|>` per item -> (ids with the placeholders expanded, the
         model's inputs: pixel_values / image_grid_thw, pixel_values_videos / video_grid_thw, numpy).
         `encode`: text -> ids, for a video's timestamps (between special tokens, so encoded on their own)."""
+        if policy.square_image_size is not None:
+            return self._square_inputs(ids, policy)
         spec, tid = policy.spec, policy.token_ids
         inputs: dict = {}
         image_tokens: list[int] = []
@@ -100,8 +134,8 @@ class RequestMedia:
             for (t, h, w), stamps in zip(v["video_grid_thw"], v["video_timestamps"]):
                 frame = [tid[BEGIN_IMAGE]] + [tid[IMAGE_TOKEN]] * (int(h * w) // merge) + [tid[END_IMAGE]]
                 span: list[int] = []
-                for k in range(int(t)):  # the processor's text: per temporal patch, the frame then its whole seconds
-                    span += frame + list(encode(str(int(stamps[k]))))
+                for k in range(int(t)):  # the processor's text: per temporal patch, the frame then its time
+                    span += frame + list(encode(spec.timestamp_text(stamps[k])))
                 video_spans.append(span)
         out: list[int] = []
         it_img, it_vid = iter(image_tokens), iter(video_spans)
@@ -204,7 +238,8 @@ def _video(part: dict, policy: MediaPolicy) -> Video:
     source = part.get("video") if part.get("type") == "video" else fetch(_url_of(part, "video_url"), policy)
     if isinstance(source, str):
         source = fetch(source, policy)
-    kw = dict(fps=policy.spec.fps, max_duration=policy.spec.max_duration, max_frames=policy.max_video_frames)
+    kw = dict(fps=policy.spec.fps, max_duration=policy.spec.max_duration, max_frames=policy.max_video_frames,
+              sampler=policy.spec.video_sampler, temporal_patch_size=policy.spec.temporal_patch_size)
     if isinstance(source, (bytes, bytearray)):
         with tempfile.NamedTemporaryFile(suffix=".video") as f:
             f.write(source)

@@ -78,7 +78,11 @@ def media_policy(llm, tok, folder: Path | None, **limits) -> MediaPolicy | None:
     model = getattr(getattr(llm, "engine", None), "model", None)
     if model is None or not hasattr(model, "rope_index"):
         return None
-    return MediaPolicy.for_checkpoint(folder, tok, **{"allowed_local_path": "/", **limits})
+    limits = {"allowed_local_path": "/", **limits}
+    if hasattr(model, "image_grid"):  # GLM-4V-9B: square images behind its 3-token placeholder
+        vc = model.config.vision_config
+        return MediaPolicy.for_glm4v_9b(tok, vc.image_size, vc.num_image_tokens, vc.patch_size, **limits)
+    return MediaPolicy.for_checkpoint(folder, tok, **limits)
 
 
 def _default_params(params):

@@ -56,6 +56,9 @@ class EngineArgs:
     fused_ops: bool = True  # CPU: RMSNorm, RoPE and decode attention as one op each (glm4.quant.fused)
     num_threads: int | None = None
     lora: dict[str, str] | None = None  # LoRA adapters served next to the base: {name: PEFT folder} (glm4.engine.lora)
+    # vision models: MiB of estimated tower activations per encoder call (an image over it is refused at add_request);
+    # None: a quarter of the memory free once the KV cache is allocated
+    max_encoder_mb: float | None = None
 
     @classmethod
     def from_kwargs(cls, **kw) -> EngineArgs:
@@ -77,6 +80,8 @@ class EngineArgs:
                 continue
             if not isinstance(getattr(args, name), int) or getattr(args, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(args, name)!r}")
+        if args.max_encoder_mb is not None and not args.max_encoder_mb > 0:
+            raise ValueError(f"max_encoder_mb must be positive, got {args.max_encoder_mb!r}")
         if args.lora is not None and not (isinstance(args.lora, dict) and all(isinstance(k, str) for k in args.lora)):
             raise ValueError(f"lora must map adapter names to PEFT folders, got {args.lora!r}")
         return args
@@ -140,6 +145,9 @@ class LLMEngine:
         sample_vocab = min(self.config.vocab_size, tok_vocab) if tok_vocab else None
         self.runner = ModelRunner(model, num_blocks, bs, eos, args.seed, sample_vocab=sample_vocab,
                                   cache_dtype=self.kv_cache_dtype)
+        if hasattr(model, "encoder_bytes"):  # vision: the budget glm4.engine.multimodal holds the tower to
+            self.runner.max_encoder_bytes = int(args.max_encoder_mb * 2**20) if args.max_encoder_mb is not None \
+                else available_memory(self.device) // 4
         self.requests: dict[str, list[Sequence]] = {}
         self.prompts: dict[str, str | None] = {}
         self._pending: list[RequestOutput] = []  # outputs produced outside step() (aborts)
@@ -210,7 +218,8 @@ class LLMEngine:
             unknown = sorted(set(multi_modal_data) - MultimodalPrompt.INPUTS)
             if unknown:
                 raise ValueError(f"unknown multi_modal_data key(s) {unknown}; expected {sorted(MultimodalPrompt.INPUTS)}")
-            mm = MultimodalPrompt.build(self.model, ids, **multi_modal_data)
+            mm = MultimodalPrompt.build(self.model, ids, **multi_modal_data,
+                                        max_encoder_bytes=self.runner.max_encoder_bytes)
         with self._lock:
             if request_id is None:
                 request_id = f"req-{next(self._ids)}"

@@ -61,6 +61,7 @@ class ModelRunner:
         # fused decode attention (glm4.quant.fused, set by optimize_model) reads the cache as it is stored
         self.decode_kernel = (getattr(model, "decode_attention_kernel", None) if self.cache.dtype == self.dtype
                               else None)
+        self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)
 
     def run(self, batch: ScheduledBatch) -> tuple[list[Sequence], list[int], list[dict | None]]:
         """`_run`, with each sequence's LoRA adapter set for its rows of the step when adapters are loaded."""
@@ -118,7 +119,7 @@ class ModelRunner:
         """A step holding a request with images / videos (glm4.engine.multimodal): M-RoPE positions, media rows
         placed into the token embeddings, then the language model."""
         positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
-        embeds = multimodal_embeddings(self.model, input_ids, spans)
+        embeds = multimodal_embeddings(self.model, input_ids, spans, self.max_encoder_bytes)
         h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds)
         if not sampled:
             return [], [], []

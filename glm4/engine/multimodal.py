@@ -6,7 +6,9 @@ into `MediaItem`s, one per image or video, each knowing the prompt indices its e
 (sha256 of its pixels and grid), and computes the prompt's 3-D M-RoPE positions and rope delta once.
 
 In a step (`glm4.engine.model_runner`): every item with a placeholder in the scheduled chunk and no embeddings yet is
-encoded, all such items of the step in one tower call (batched across requests); the chunk's placeholder rows of
+encoded, the step's items batched across requests into as few tower calls as the encoder budget allows
+(`encoder_batches`: summed `model.encoder_bytes` estimates within `max_encoder_bytes`; one item over the budget is
+refused when its request is added, so a big image errors before it can run the machine out of memory); the chunk's placeholder rows of
 the token embeddings are replaced by the matching rows of the item's output, so a chunk boundary may fall anywhere
 inside an image; an item's embeddings are dropped once the prefill has passed its last placeholder. Positions:
 prompt tokens from the table, later tokens at index + rope delta (all three axes).
@@ -34,6 +36,7 @@ class MediaItem:
     grid_thw: tuple[int, int, int]
     slots: torch.Tensor  # [n] prompt indices of its placeholder tokens, ascending; n = its output rows
     key: int  # content hash of pixels + grid
+    encoder_bytes: int = 0  # the tower's estimated peak activations for this item (model.encoder_bytes)
     embeds: torch.Tensor | None = None  # the tower's output while the prefill still needs it
 
 
@@ -60,13 +63,13 @@ class MultimodalPrompt:
 
     @classmethod
     def build(cls, model, ids: list[int], pixel_values=None, image_grid_thw=None, pixel_values_videos=None,
-              video_grid_thw=None) -> MultimodalPrompt:
-        """ValueError (one line) when the prompt's placeholders do not match the media."""
+              video_grid_thw=None, max_encoder_bytes: int | None = None) -> MultimodalPrompt:
+        """ValueError (one line) when the prompt's placeholders do not match the media, or when one item's
+        estimated encoder activations (`model.encoder_bytes`) are over `max_encoder_bytes`."""
         if not hasattr(model, "rope_index"):
             raise ValueError(f"{model.config.model_type} takes no images or videos")
         ids_t = torch.tensor([ids], dtype=torch.long)
         types = model.token_types(ids_t)[0]
-        merge = model.config.vision_config.spatial_merge_size
         items: list[MediaItem] = []
         for kind, pixels, grids, name in ((IMAGE, pixel_values, image_grid_thw, "image"),
                                           (VIDEO, pixel_values_videos, video_grid_thw, "video")):
@@ -79,15 +82,19 @@ class MultimodalPrompt:
                     raise ValueError(f"the prompt has {len(slots)} {name} placeholder tokens but no {name} was given")
                 continue
             grid_list = [tuple(int(v) for v in g) for g in grids.tolist()]
-            rows = [t * h * w for t, h, w in grid_list]
-            outs = [r // merge ** 2 for r in rows]
+            rows, outs = (list(x) for x in zip(*(model.media_layout(g) for g in grid_list)))
             if sum(rows) != pixels.shape[0]:
                 raise ValueError(f"{name} pixel rows {pixels.shape[0]} do not match the grids ({sum(rows)})")
             if sum(outs) != len(slots):
                 raise ValueError(f"the prompt has {len(slots)} {name} placeholder tokens but the {name} grids give "
                                  f"{sum(outs)}")
             for px, g, sl in zip(pixels.split(rows), grid_list, slots.split(outs)):
-                items.append(MediaItem(kind, px, g, sl, content_key(px, g)))
+                need = model.encoder_bytes(g)
+                if max_encoder_bytes is not None and need > max_encoder_bytes:
+                    raise ValueError(f"an {name} of grid {g} ({len(sl)} tokens) needs about {need / 2**20:.0f} MB of "
+                                     f"vision-encoder activations, over the limit of {max_encoder_bytes / 2**20:.0f} MB "
+                                     f"(--max-encoder-mb); send a smaller {name}")
+                items.append(MediaItem(kind, px, g, sl, content_key(px, g), need))
         items.sort(key=lambda it: int(it.slots[0]))
         positions, deltas = model.rope_index(ids_t, image_grid_thw=_as_tensor(image_grid_thw),
                                              video_grid_thw=_as_tensor(video_grid_thw), mm_token_type_ids=types[None])
@@ -120,8 +127,24 @@ def mrope_positions(spans) -> torch.Tensor:
     return torch.cat(rows)[None]
 
 
-def multimodal_embeddings(model, input_ids: torch.Tensor, spans) -> torch.Tensor:
-    """Token embeddings [1, N, H] of a step with the media rows placed (encoding what is missing in one call)."""
+def encoder_batches(items: list[MediaItem], max_bytes: int | None) -> list[list[MediaItem]]:
+    """Items in order, grouped into tower calls whose summed `encoder_bytes` stay within `max_bytes` (an item over
+    it alone was refused when its request came in; None: one call for all)."""
+    if max_bytes is None:
+        return [items] if items else []
+    batches, cur, used = [], [], 0
+    for it in items:
+        if cur and used + it.encoder_bytes > max_bytes:
+            batches.append(cur)
+            cur, used = [], 0
+        cur.append(it)
+        used += it.encoder_bytes
+    return batches + [cur] if cur else batches
+
+
+def multimodal_embeddings(model, input_ids: torch.Tensor, spans, max_encoder_bytes: int | None = None) -> torch.Tensor:
+    """Token embeddings [1, N, H] of a step with the media rows placed (encoding what is missing, as few tower calls
+    as the encoder budget allows)."""
     h = model.get_input_embeddings()(input_ids)
     todo, seen = [], set()
     for seq, c, n in spans:
@@ -129,10 +152,10 @@ def multimodal_embeddings(model, input_ids: torch.Tensor, spans) -> torch.Tensor
             if it.embeds is None and id(it) not in seen and bool(((it.slots >= c) & (it.slots < c + n)).any()):
                 todo.append(it)
                 seen.add(id(it))
-    if todo:
-        dev = h.device
-        feats = model.image_features(torch.cat([it.pixel_values for it in todo]).to(dev), [it.grid_thw for it in todo])
-        for it, f in zip(todo, feats.split([len(it.slots) for it in todo])):
+    dev = h.device
+    for batch in encoder_batches(todo, max_encoder_bytes):
+        feats = model.image_features(torch.cat([it.pixel_values for it in batch]).to(dev), [it.grid_thw for it in batch])
+        for it, f in zip(batch, feats.split([len(it.slots) for it in batch])):
             it.embeds = f
     start = 0
     for seq, c, n in spans:

@@ -158,6 +158,28 @@ class VisionTower(nn.Module):
         ang = torch.cat((ang, ang), dim=-1)
         return ang.cos(), ang.sin()
 
+    def activation_bytes(self, grid: tuple[int, int, int], itemsize: int) -> int:
+        """Estimated peak bytes of activations while encoding one image / video of this grid, weights not counted.
+
+        Counted per patch (N = t*h*w) from the tensors alive at the widest point, then x 1.25 for allocator rounding
+        and kernel workspaces (checked against measured peaks in tests/test_encoder_budget.py): the fp32 pixel row
+        held throughout, plus the largest of: the embedding (the row cast to the weights' dtype, the patch
+        embedding, its norm, the position rows in fp32); a block's attention (residual, norm, qkv, per-frame q/k/v
+        copies, output, concat, projection, sum: 11 D, plus 9 D x 4 bytes in fp32 for the rotated q/k and the
+        RMSNorm's working copies); its MLP (residual, norm, gate, up, silu, product, down, sum: 4 D + 4 O); the
+        merger's per patch ((5 O + 4 intermediate) / merge^2). Attention adds nothing quadratic: the tower calls
+        scaled_dot_product_attention without a mask, which runs the flash kernels on CPU and CUDA (measured: 8000
+        tokens x 4 heads fp32 -> +6 MB RSS, where a score matrix would be 977 MB)."""
+        t, h, w = grid
+        c, n = self.config, t * h * w
+        d, out, inner = c.hidden_size, c.out_hidden_size, c.intermediate_size
+        row = c.in_channels * c.temporal_patch_size * c.patch_size ** 2
+        embed = (row * itemsize if itemsize != 4 else 0) + 2 * d * itemsize + 2 * d * 4
+        attn = 11 * d * itemsize + 9 * d * 4
+        mlp = (4 * d + 4 * out) * itemsize
+        merger = (5 * out + 4 * inner) * itemsize // self.merge ** 2
+        return int(1.25 * n * (row * 4 + max(embed, attn, mlp, merger)))
+
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
         grids = [tuple(int(v) for v in g) for g in (grid_thw.tolist() if torch.is_tensor(grid_thw) else grid_thw)]
         m = self.merge

@@ -50,10 +50,17 @@ class VisionSpec:
     video_max_pixels: int = 28 * 28 * 2 * 30000
     fps: float = 2.0
     max_duration: float = 300.0
+    # "glm4v": GLM-4.1V's frame sampler (fps, then max_duration) and whole-second timestamps; "glm46v": GLM-4.6V's
+    # processor (Glm46VVideoProcessor: 3 / 1 / 0.5 frame pairs per second by duration, timestamps "1.5 seconds")
+    video_sampler: str = "glm4v"
 
     @property
     def factor(self) -> int:
         return self.patch_size * self.merge_size
+
+    def timestamp_text(self, seconds: float) -> str:
+        """What the prompt shows after a video frame: its time, as the checkpoint's processor writes it."""
+        return f"{seconds:.1f} seconds" if self.video_sampler == "glm46v" else str(int(seconds))
 
     @classmethod
     def from_config(cls, image: dict | None = None, video: dict | None = None) -> VisionSpec:
@@ -77,6 +84,10 @@ class VisionSpec:
         for key in ("fps", "max_duration"):
             if vid.get(key) is not None:
                 kw[key] = float(vid[key])
+        kinds = " ".join(str(src.get(k, "")) for src in (image or {}, vid)
+                         for k in ("processor_class", "video_processor_type", "image_processor_type"))
+        if "Glm46V" in kinds:
+            kw["video_sampler"] = "glm46v"
         return cls(**kw)
 
 

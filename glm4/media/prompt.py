@@ -6,6 +6,7 @@ into what the model reads (transformers' Glm4vProcessor text, character for char
 
     <|image|>  ->  n x <|image|>                       n = t*h*w / merge^2 of the image's grid
     <|video|>  ->  per temporal patch k: <|begin_of_image|> + n x <|image|> + <|end_of_image|> + str(int(seconds_k))
+                   (GLM-4.6V: f"{seconds_k:.1f} seconds")
 
 `token_types(ids, ...)` gives mm_token_type_ids (0 text, 1 image token, 2 image token inside a video span), the
 input the model's position rule reads. `process(text, images, videos, encode, spec)` does it all for one prompt.
@@ -26,8 +27,10 @@ BEGIN_VIDEO, END_VIDEO = "<|begin_of_video|>", "<|end_of_video|>"
 _PLACEHOLDER = re.compile(re.escape(IMAGE_TOKEN) + "|" + re.escape(VIDEO_TOKEN))
 
 
-def expand_placeholders(text: str, image_grids=(), video_grids=(), video_timestamps=(), merge_size: int = 2) -> str:
-    """Each placeholder, in order, replaced by its tokens (see the module docstring); counts must match."""
+def expand_placeholders(text: str, image_grids=(), video_grids=(), video_timestamps=(), merge_size: int = 2,
+                        timestamp_text=lambda s: str(int(s))) -> str:
+    """Each placeholder, in order, replaced by its tokens (see the module docstring); counts must match.
+    `timestamp_text`: seconds -> the text after a video frame (GLM-4.6V: `VisionSpec.timestamp_text`)."""
     images, videos = [list(map(int, g)) for g in image_grids], [list(map(int, g)) for g in video_grids]
     stamps = list(video_timestamps)
     found = _PLACEHOLDER.findall(text)
@@ -47,7 +50,7 @@ def expand_placeholders(text: str, image_grids=(), video_grids=(), video_timesta
         if len(secs) < t:
             raise MediaError(f"a video of {t} temporal patches has only {len(secs)} timestamps")
         per_frame = IMAGE_TOKEN * (h * w // merge_size ** 2)
-        return "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{int(secs[k])}" for k in range(t))
+        return "".join(f"{BEGIN_IMAGE}{per_frame}{END_IMAGE}{timestamp_text(secs[k])}" for k in range(t))
 
     return _PLACEHOLDER.sub(one, text)
 
@@ -77,7 +80,7 @@ def process(text: str, images=(), videos=(), encode=None, spec: VisionSpec = DEF
         v = preprocess_videos(videos, spec)
         out.update(pixel_values_videos=v["pixel_values_videos"], video_grid_thw=v["video_grid_thw"])
         vgrids, stamps = v["video_grid_thw"], v["video_timestamps"]
-    out["text"] = expand_placeholders(text, grids, vgrids, stamps, spec.merge_size)
+    out["text"] = expand_placeholders(text, grids, vgrids, stamps, spec.merge_size, spec.timestamp_text)
     if encode is not None:
         ids = np.asarray(encode(out["text"]), dtype=np.int64)
         out["input_ids"] = ids

@@ -2,14 +2,17 @@
 
 A `Video` is frames (PIL images) plus each frame's time in seconds. Make one from a list of images
 (`video_from_images(images, fps=...)` or explicit `timestamps=`), or decode a file with `load_video(path)`, which
-needs PyAV (`pip install av`; without it a `MediaError` says so).
+needs PyAV (the `video` extra: `pip install 'glm4[video]'`; without it a `MediaError` says so).
 
 Sampling (`sample_frame_indices`, transformers' Glm4vVideoProcessor rule): `fps` frames per second (default 2) of
 the video; longer than `max_duration` seconds -> that many seconds' worth spread evenly; repeated indices dropped; an
-odd count gets its last frame repeated. `preprocess_video` then resizes every frame alike (`smart_resize` with the
-frame count, PIL bicubic), normalizes, pads the frames to a multiple of temporal_patch_size with the last one and
-packs them: one (t, h, w) grid, t = frames / 2. The prompt shows one timestamp per temporal patch: the time of its
-first frame (`Video.timestamps[::2]`), written as whole seconds.
+odd count gets its last frame repeated. GLM-4.6V's processor samples by the video's length instead
+(`sample_frame_indices_glm46v`; `load_video(..., sampler="glm46v")`, chosen by VisionSpec.video_sampler from the
+checkpoint's video_preprocessor_config.json). `preprocess_video` then resizes every frame alike (`smart_resize`
+with the frame count, PIL bicubic), normalizes, pads the frames to a multiple of temporal_patch_size with the last
+one and packs them: one (t, h, w) grid, t = frames / 2. The prompt shows one timestamp per temporal patch: the
+time of its first frame (`Video.timestamps[::2]`), as `VisionSpec.timestamp_text` writes it (whole seconds;
+GLM-4.6V: "1.5 seconds").
 """
 
 from __future__ import annotations
@@ -76,24 +79,87 @@ def sample_frame_indices(total_frames: int, video_fps: float, fps: float = 2.0, 
     return uniq
 
 
-def load_video(path: str, fps: float = 2.0, max_duration: float = 300.0, max_frames: int | None = None) -> Video:
-    """Decode a video file with PyAV and sample it (frames as RGB PIL images, timestamps index / video fps)."""
+def sample_frame_indices_glm46v(total_frames: int, video_fps: float, duration: float | None = None,
+                                temporal_patch_size: int = 2) -> list[int]:
+    """GLM-4.6V's frame choice (transformers' Glm46VVideoProcessor): 3 frame pairs per second up to 30 s of video,
+    1 up to 300 s, 0.5 beyond (counting at most 2400 s), at most 640 frames; frames taken at that rate by their
+    timestamps, then spread evenly (np.linspace, truncated) when they come out too few or too many; repeated
+    indices dropped; an odd count gets its last frame repeated."""
+    if total_frames <= 0 or not video_fps or video_fps <= 0:
+        raise MediaError(f"video has {total_frames} frames at {video_fps} fps: nothing to sample")
+    last = total_frames - 1
+    duration = duration or round(last / video_fps) + 1
+    counted = min(duration, 2400)
+    rate = 3 if counted <= 30 else 1 if counted <= 300 else 0.5
+    want = min(int(counted * rate * temporal_patch_size), 640)
+    if total_frames < want:
+        picks = np.linspace(0, last, want, dtype=int).tolist()
+    else:
+        picks, due, step, stop = [], 0, 1 / (temporal_patch_size * rate), int(duration)
+        per_frame = 1 / video_fps
+        for i in range(total_frames):
+            if i * per_frame >= due:
+                due += step
+                picks.append(i)
+                if due >= stop:
+                    break
+    if len(picks) < want:
+        lo, hi = (picks[0], picks[-1]) if picks else (0, last)
+        picks = np.linspace(lo, hi, want, dtype=int).tolist()
+    elif len(picks) > want:
+        picks = np.linspace(0, last, want, dtype=int).tolist()
+    uniq = list(dict.fromkeys(picks))
+    if len(uniq) % 2:
+        uniq.append(uniq[-1])
+    return uniq
+
+
+def load_video(path: str, fps: float = 2.0, max_duration: float = 300.0, max_frames: int | None = None,
+               sampler: str = "glm4v", temporal_patch_size: int = 2) -> Video:
+    """Decode a video file with PyAV and sample it: `sampler` "glm4v" (`sample_frame_indices` at `fps`, GLM-4.1V)
+    or "glm46v" (`sample_frame_indices_glm46v`). The frame count, rate (average_rate) and duration (frames / rate)
+    are what transformers' PyAV reader gives the samplers; only the picked frames are kept (RGB PIL images),
+    timestamps index / rate."""
     try:
         import av
     except ImportError as e:
-        raise MediaError("reading video files needs PyAV (pip install av); or pass the frames as a list of images") from e
+        raise MediaError("reading video files needs PyAV (pip install 'glm4[video]' or pip install av); "
+                         "or pass the frames as a list of images") from e
+    if sampler not in ("glm4v", "glm46v"):
+        raise ValueError(f"unknown video sampler {sampler!r} (glm4v, glm46v)")
     try:
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise MediaError("the file has no video stream")
             stream = container.streams.video[0]
-            frames = [f.to_image() for f in container.decode(stream)]
             rate = float(stream.average_rate or stream.guessed_rate or 0)
-            duration = float(stream.duration * stream.time_base) if stream.duration and stream.time_base else None
-    except (OSError, av.error.FFmpegError, IndexError) as e:
+            total = int(stream.frames or 0)
+            if total <= 0:  # the container does not say: count by decoding
+                total = sum(1 for _ in container.decode(stream))
+                container.seek(0)
+            if sampler == "glm46v":
+                picks = sample_frame_indices_glm46v(total, rate, total / rate if rate else None, temporal_patch_size)
+            else:
+                picks = sample_frame_indices(total, rate, fps, max_duration, total / rate if rate else None)
+            if max_frames is not None and len(picks) > max_frames:
+                raise MediaError(f"video gives {len(picks)} frames, over the limit of {max_frames}")
+            wanted, frames = set(picks), {}
+            for i, frame in enumerate(container.decode(stream)):
+                if i in wanted:
+                    frames[i] = frame.to_image().convert("RGB")
+                if i >= picks[-1]:
+                    break
+    except (OSError, av.error.FFmpegError, IndexError, ValueError) as e:
+        if isinstance(e, MediaError):
+            raise
         raise MediaError(f"not a readable video ({e})") from e
-    picks = sample_frame_indices(len(frames), rate, fps, max_duration, duration)
-    if max_frames is not None and len(picks) > max_frames:
-        raise MediaError(f"video gives {len(picks)} frames, over the limit of {max_frames}")
-    return Video([frames[i].convert("RGB") for i in picks], [i / rate for i in picks])
+    missing = [i for i in picks if i not in frames]
+    if missing:  # the stream held fewer frames than its header said: take the last decoded one
+        if not frames:
+            raise MediaError("the video has no decodable frames")
+        last = max(frames)
+        frames.update({i: frames[last] for i in missing})
+    return Video([frames[i] for i in picks], [i / rate for i in picks])
 
 
 def preprocess_video(video: Video, spec: VisionSpec = DEFAULT_SPEC) -> tuple[np.ndarray, tuple[int, int, int], list[float]]:

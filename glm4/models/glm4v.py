@@ -120,6 +120,15 @@ class Glm4vForConditionalGeneration(nn.Module):
         """[N_patches, C*T*P*P] -> [N_patches / merge^2, hidden]: one embedding per `<|image|>` token, in order."""
         return self.model.visual(pixel_values, image_grid_thw)
 
+    def media_layout(self, grid: tuple[int, int, int]) -> tuple[int, int]:
+        """(pixel_values rows, `<|image|>` tokens) of one image or video of this (t, h, w) grid."""
+        t, h, w = grid
+        return t * h * w, t * h * w // self.config.vision_config.spatial_merge_size ** 2
+
+    def encoder_bytes(self, grid: tuple[int, int, int]) -> int:
+        """Estimated peak activation bytes of the tower on one image / video of this grid (the engine's budget)."""
+        return self.model.visual.activation_bytes(grid, self.model.visual.patch_embed.proj.weight.element_size())
+
     def token_types(self, input_ids: torch.Tensor) -> torch.Tensor:
         return token_types(input_ids, self.config)
 

@@ -91,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="vision models: images and videos per request (default image=16,video=2)")
     ap.add_argument("--max-image-pixels", type=int, default=None, help="pixels of a decoded picture (default 40M)")
     ap.add_argument("--max-video-frames", type=int, default=None, help="sampled frames per video (default 256)")
+    ap.add_argument("--max-encoder-mb", type=float, default=None,
+                    help="MiB of vision-encoder activations per tower call; a larger image or video gets a 400 "
+                         "(default: a quarter of the memory free after the KV cache)")
     ap.add_argument("--drain-timeout", type=float, default=30.0,
                     help="seconds to finish in-flight requests on exit; what is left then is ended with an error "
                          "event and the exit status is 3")
@@ -119,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
                                      ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization),
-                                     ("lora", lora or None))
+                                     ("lora", lora or None), ("max_encoder_mb", args.max_encoder_mb))
                    if v is not None}
     try:
         media = media_limits(args)

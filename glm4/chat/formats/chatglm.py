@@ -6,6 +6,10 @@
 Tools ride on a system message (`"tools"` key), results are `<|observation|>` turns, and several
 `name\\n{...}` turns in a row (each after `<|assistant|>`) are several calls. Built-in tools `python`,
 `cogview`, `simple_browser` may carry a raw body instead of JSON.
+
+GLM-4V-9B (the same format): a user message's image part (`{"type": "image"}`, from glm4.chat.media) renders as its
+tokenizer writes it, `<|user|>\n<|begin_of_image|><|endoftext|><|end_of_image|>{text}` — the image first whatever
+the part order, one image per conversation.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from collections.abc import Callable
 from ..events import ContentDelta, Event, Notice, ToolCallDelta, ToolCallEnd, ToolCallInvalid
 from ..jsonscan import JsonScanner
 from ..lark import json_rule, lark_str
-from ..messages import to_native
+from ..messages import ChatFormatError, text_of, to_native
 from ..tools import tool_function
 from .base import NAME_CHARS, THINK_OPEN, ChatFormatSpec, Parts, StreamParser, jinja_str, json_str_chars
 
@@ -219,6 +223,46 @@ def json_auto_grammar(special: set[str], tools: list[dict], parallel: bool, json
     return "\n".join([start, answer, *json_calls_rules(special, tools, parallel)])
 
 
+# GLM-4V-9B (a chatglm checkpoint with a vision tower): its tokenizer puts an image as these 3 tokens at the start of
+# the user message, after `<|user|>{metadata}\n`; one image per conversation (glm4.media.glm4v_9b expands them)
+GLM4V_9B_IMAGE = ("<|begin_of_image|>", "<|endoftext|>", "<|end_of_image|>")
+_IMAGE_MARK = "\U0010fffe"  # stands for the image inside rendered text until the parts are split (never in input)
+
+
+def _image_prefix(messages: list[dict]) -> list[dict]:
+    """User messages with an image part (`{"type": "image"}`, glm4.chat.media) -> text with the image mark first."""
+    out, seen = [], 0
+    for i, m in enumerate(messages):
+        content = m.get("content")
+        if isinstance(content, str) and _IMAGE_MARK in content:
+            raise ChatFormatError(f"message {i} contains the reserved character U+10FFFE")
+        parts = [c for c in content if isinstance(c, dict)] if isinstance(content, list) else []
+        images = [c for c in parts if c.get("type") == "image" or "image" in c]
+        if any(c.get("type") == "video" or "video" in c for c in parts):
+            raise ChatFormatError(f"message {i}: this format takes no videos")
+        if images:
+            seen += len(images)
+            if seen > 1:
+                raise ChatFormatError("GLM-4V-9B takes one image per conversation")
+            if m.get("role") != "user":
+                raise ChatFormatError(f"message {i}: images go in user messages")
+            m = {**m, "content": _IMAGE_MARK + text_of(content)}
+        out.append(m)
+    return out
+
+
+def _split_image_mark(parts: list) -> list:
+    out = []
+    for text, special, label in parts:
+        if special or _IMAGE_MARK not in text:
+            out.append((text, special, label))
+            continue
+        before, after = text.split(_IMAGE_MARK, 1)
+        out += ([(before, False, label)] if before else []) + [(t, True, label) for t in GLM4V_9B_IMAGE] + \
+            ([(after, False, label)] if after else [])
+    return out
+
+
 class ChatGLM(ChatFormatSpec):
     name = "chatglm"
     family = "chatglm"
@@ -232,6 +276,7 @@ class ChatGLM(ChatFormatSpec):
         return re.search(r"""item\[['"]tools['"]\]|item\.tools""", template) is not None
 
     def normalize(self, messages, tools):
+        messages = _image_prefix(messages)
         msgs = to_native(messages)
         if tools:  # glm-4-9b-chat reads tools off a message, not from the tools keyword
             msgs = [{"role": "system", "content": "", "tools": tools}] + msgs
@@ -256,7 +301,7 @@ class ChatGLM(ChatFormatSpec):
                 p.turn(item["role"], f"{'' if meta is None else meta}\n{item['content']}")
         if add_generation_prompt:
             p.open("<|assistant|>", "assistant")
-        return p.parts
+        return _split_image_mark(p.parts)
 
     def stream_parser(self, tools=None, stream_arguments=True, id_factory: Callable[[], str] | None = None,
                       in_reasoning=False) -> StreamParser:
