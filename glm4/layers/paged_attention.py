@@ -128,9 +128,10 @@ class _Prefill:
 
 
 MASK_ELEMENTS = 1 << 22  # largest [queries, keys] mask built at once for a chunk after cached context
-# Longest decode context handed to a fused decode kernel: glm4.quant.fused's beats gather + SDPA up to ~400 keys
-# (head_dim 64) / ~250 (128), one thread, Zen 5 (10 vs 22 us at 64 keys; 294 vs 229 us at 2048), then SDPA's GEMM wins.
-FUSED_DECODE_MAX_KEYS = 256
+# Longest decode context handed to a fused decode kernel: glm4.quant.fused's beats gather + SDPA at every length
+# tried with head_dim 64 and up to ~512 keys with 128 (one thread, Zen 5: 8 vs 21 us at 64 keys, 64 vs 63 us at 512
+# with head_dim 128, 264 vs 224 us at 2048), where SDPA's GEMM over the gathered keys wins.
+FUSED_DECODE_MAX_KEYS = 512
 
 
 class PagedAttention:
