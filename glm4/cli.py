@@ -32,10 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"glm4: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = COMMANDS[name][0]
-    if name == "chat" and "--agent" in rest:  # the chat (serve) ranks below the agent: the agent drives it
-        module = "glm4.agent.chat_agent"
-    mod = importlib.import_module(module)
+    mod = importlib.import_module(COMMANDS[name][0])
+    if name == "chat" and "--agent" in rest:
+        # the terminal chat with the agent's tools, composed here: the one place above both serve and agent
+        from glm4.agent import chat_agent
+
+        return chat_agent.main(rest, chat=mod) or 0
     return mod.main(rest) or 0
 
 

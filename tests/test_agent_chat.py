@@ -16,6 +16,7 @@ import pytest
 
 from glm4.agent.chat_agent import agent_registry, run_chat
 from glm4.agent.launchers import choose_launcher
+from glm4.serve import chat_cli
 from glm4.serve.chat_cli import ChatSession
 
 REPO = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_tool_calls_run_and_the_model_continues(tmp_path):
     ])
     registry = agent_registry(str(tmp_path), python=False)
     out = io.StringIO()
-    assert run_chat(session, registry, lines(["double the number in n.txt", "thanks"]), out) == 0
+    assert run_chat(chat_cli, session, registry, lines(["double the number in n.txt", "thanks"]), out) == 0
     text = out.getvalue()
     assert '-> read_file({"path": "n.txt"})' in text and "  <- 21" in text
     assert (tmp_path / "double.txt").read_text() == "42"
@@ -115,7 +116,7 @@ def test_python_runs_sandboxed_from_the_chat(tmp_path):
     registry = agent_registry(str(tmp_path))
     out = io.StringIO()
     try:
-        run_chat(session, registry, lines(["compute"]), out)
+        run_chat(chat_cli, session, registry, lines(["compute"]), out)
     finally:
         registry.close()
     text = out.getvalue()

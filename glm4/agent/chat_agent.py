@@ -6,18 +6,18 @@
 The tools: the workspace file tools, `python` (the sandboxed interpreter; its kernel starts on the first
 call), `simple_browser` over --docs, the functions of --tools FILE.py, the tools of the --mcp servers. Each
 call runs through the ToolRegistry (arguments checked against the schema, a timeout, errors as the result)
-and its result goes back to the model, which continues; `/tools` lists them. The chat package ranks below
-this one, so the glue is here: chat_cli's Repl takes a `run_tool` hook, and `glm4 chat --agent` is routed to
-this module's main by glm4/cli.py.
+and its result goes back to the model, which continues; `/tools` lists them. chat_cli's Repl takes a
+`run_tool` hook; glm4/cli.py (which ranks above both) composes them: it routes `glm4 chat --agent` to this
+module's main with the terminal chat module (glm4.serve.chat_cli) as `chat`, so the agent, which talks to
+models only through the chat API, imports nothing of the server or the engine.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from types import ModuleType
 from typing import TextIO
-
-from glm4.serve.chat_cli import ChatSession, Repl, build_parser, build_session
 
 from .agent_cli import load_tool_file
 from .builtins import browser_tool, python_tool
@@ -57,14 +57,15 @@ def tool_runner(registry: ToolRegistry, chars: int = OBSERVATION_CHARS):
     return lambda call: registry.call_tool_call(call).render(chars)
 
 
-def run_chat(session: ChatSession, registry: ToolRegistry, read, out: TextIO) -> int:
-    """The chat loop with the registry's tools declared to the model and their calls run by it."""
+def run_chat(chat: ModuleType, session, registry: ToolRegistry, read, out: TextIO) -> int:
+    """The chat loop (`chat.Repl`) with the registry's tools declared to the model and their calls run by it."""
     session.tools = registry.specs() or None
-    return Repl(session, read, out, run_tool=tool_runner(registry)).run()
+    return chat.Repl(session, read, out, run_tool=tool_runner(registry)).run()
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = build_parser("glm4 chat --agent")
+def main(argv: list[str] | None, chat: ModuleType) -> int:
+    """`glm4 chat --agent ...`; `chat` is the terminal chat module (build_parser, build_session, Repl)."""
+    ap = chat.build_parser("glm4 chat --agent")
     add_agent_arguments(ap)
     args = ap.parse_args(argv)
     from glm4.weights import CheckpointError
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         registry = agent_registry(args.workspace, python=not args.no_python, unsafe=args.unsafe,
                                   launcher=args.sandbox, docs=args.docs, tool_files=tool_files, mcp=servers)
         args.tools = None
-        session = build_session(args)
+        session = chat.build_session(args)
     except (OSError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
         print(f"glm4 chat --agent: {e}", file=sys.stderr)
         if registry is not None:
@@ -95,12 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     try:
-        return run_chat(session, registry, input, sys.stdout)
+        return run_chat(chat, session, registry, input, sys.stdout)
     finally:
         registry.close()
         if servers is not None:
             servers.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())
