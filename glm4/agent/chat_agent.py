@@ -68,7 +68,6 @@ def main(argv: list[str] | None, chat: ModuleType) -> int:
     ap = chat.build_parser("glm4 chat --agent")
     add_agent_arguments(ap)
     args = ap.parse_args(argv)
-    from glm4.weights import CheckpointError
 
     tool_files = [args.tools] if args.tools else []
     if any(not f.endswith(".py") for f in tool_files):
@@ -84,7 +83,7 @@ def main(argv: list[str] | None, chat: ModuleType) -> int:
                                   launcher=args.sandbox, docs=args.docs, tool_files=tool_files, mcp=servers)
         args.tools = None
         session = chat.build_session(args)
-    except (OSError, ValueError, TypeError, RuntimeError, CheckpointError) as e:
+    except (OSError, ValueError, TypeError, RuntimeError) as e:  # RuntimeError: a CheckpointError, an MCP start
         print(f"glm4 chat --agent: {e}", file=sys.stderr)
         if registry is not None:
             registry.close()
