@@ -3,8 +3,10 @@
     glm4 agent "How many lines does data.csv have?" --workspace work/ --model path/to/glm-4-9b-chat
     glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
     glm4 agent --replay run.jsonl           # show a saved run's steps
+On a terminal the steps are drawn live with rich (glm4.agent.view); `--plain`, or stdout not a terminal,
+prints one line per step.
 Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
-running without bubblewrap), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
+running with no sandbox launcher; --sandbox bwrap|nsjail picks one), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
 TOOLS list, or every public function defined there), and the tools of the MCP servers in --mcp FILE.
 """
 
@@ -18,8 +20,9 @@ from pathlib import Path
 
 from .builtins import browser_tool, python_tool
 from .files import Workspace
-from .loop import Agent, load_events, save_events
+from .loop import Agent, AgentEvent, load_events, save_events
 from .models import LLMChat, OpenAIChat
+from .view import make_view
 
 
 def load_tool_file(path: str) -> list:
@@ -49,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", action="append", default=[], help="a Python file whose functions become tools")
     p.add_argument("--mcp", help='an MCP servers file: {"mcpServers": {name: {command, args} | {url}}}')
     p.add_argument("--no-python", action="store_true", help="no code interpreter")
-    p.add_argument("--unsafe", action="store_true", help="run code without isolation if bubblewrap is missing")
+    p.add_argument("--unsafe", action="store_true", help="run code without isolation if no sandbox launcher works")
+    p.add_argument("--sandbox", choices=["bwrap", "nsjail"], default=None,
+                   help="the sandbox launcher (default: bubblewrap, else nsjail)")
+    p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
     p.add_argument("--max-rounds", type=int, default=10)
     p.add_argument("--no-plan", action="store_true")
     p.add_argument("--no-reflection", action="store_true")
@@ -62,9 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.replay:
-        for e in load_events(args.replay):
-            if e["kind"] != "reply":
-                print(f"[{e['step']}] {e['kind']}: {e['data'].get('text', e['data'])}")
+        with make_view(sys.stdout, args.plain) as view:
+            for e in load_events(args.replay):
+                view.show(AgentEvent(e["kind"], e["data"], e["step"], e["time"]))
         return 0
     if not args.task:
         print("glm4 agent: a task is required (or --replay FILE)", file=sys.stderr)
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tools: list = [*Workspace(args.workspace).tools()]
     if not args.no_python:
-        tools.append(python_tool(args.workspace, unsafe=args.unsafe))
+        tools.append(python_tool(args.workspace, unsafe=args.unsafe, launcher=args.sandbox))
     if args.docs:
         tools.append(browser_tool(args.docs))
     for f in args.tools:
@@ -95,10 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                   memory=not args.no_memory, max_rounds=args.max_rounds)
     events = []
     try:
-        for ev in agent.stream(args.task):
-            events.append(ev)
-            if ev.kind != "reply":
-                print(ev, flush=True)
+        with make_view(sys.stdout, args.plain) as view:
+            for ev in agent.stream(args.task):
+                events.append(ev)
+                view.show(ev)
     finally:
         agent.close()
         if servers is not None:
