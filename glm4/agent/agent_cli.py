@@ -3,6 +3,7 @@
     glm4 agent "How many lines does data.csv have?" --workspace work/ --model path/to/glm-4-9b-chat
     glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
     glm4 agent --replay run.jsonl           # show a saved run's steps
+    glm4 agent --suite --base-url URL       # the task suite (glm4.agent.suite) against that model
 On a terminal the steps are drawn live with rich (glm4.agent.view); `--plain`, or stdout not a terminal,
 prints one line per step.
 Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
@@ -22,6 +23,7 @@ from .builtins import browser_tool, python_tool
 from .files import Workspace
 from .loop import Agent, AgentEvent, load_events, save_events
 from .models import LLMChat, OpenAIChat
+from .suite import add_suite_arguments, format_report, run_suite
 from .view import make_view
 
 
@@ -62,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--save", help="write the run's events to this jsonl file")
     p.add_argument("--replay", help="print the steps of a saved run and exit")
+    p.add_argument("--suite", action="store_true", help="run the task suite against the model instead of a task")
+    add_suite_arguments(p)
     return p
 
 
@@ -72,18 +76,33 @@ def main(argv: list[str] | None = None) -> int:
             for e in load_events(args.replay):
                 view.show(AgentEvent(e["kind"], e["data"], e["step"], e["time"]))
         return 0
-    if not args.task:
-        print("glm4 agent: a task is required (or --replay FILE)", file=sys.stderr)
+    if not args.task and not args.suite:
+        print("glm4 agent: a task is required (or --replay FILE, or --suite)", file=sys.stderr)
         return 2
     if args.base_url:
-        model = OpenAIChat(args.base_url, args.api_key, args.model_name, builtin_style=args.builtin_style)
+        try:
+            model = OpenAIChat(args.base_url, args.api_key, args.model_name, builtin_style=args.builtin_style,
+                               **({"max_tokens": args.max_tokens, "temperature": 0.0} if args.suite else {}))
+        except Exception as e:  # noqa: BLE001 - an endpoint that does not answer: one line, no traceback
+            print(f"glm4 agent: cannot reach {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     elif args.model:
         from glm4.engine.llm import LLM  # building the LLM is the one place the CLI touches the engine
+        from glm4.engine.sampling_params import SamplingParams
 
-        model = LLMChat(LLM(args.model), builtin_style=args.builtin_style)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0) if args.suite else None
+        model = LLMChat(LLM(None if args.model == "default" else args.model), params=params,
+                        builtin_style=args.builtin_style)
     else:
         print("glm4 agent: give --model PATH or --base-url URL", file=sys.stderr)
         return 2
+    if args.suite:
+        res = run_suite(lambda task, planner: model, planner=not args.no_plan, reflection=not args.no_reflection,
+                        categories=set(args.category) if args.category else None, python=not args.no_python,
+                        unsafe=args.unsafe, require_tool=args.require_tool, max_rounds=args.max_rounds,
+                        memory=not args.no_memory, all_tools=args.all_tools)
+        print(format_report(res))
+        return 0
     tools: list = [*Workspace(args.workspace).tools()]
     if not args.no_python:
         tools.append(python_tool(args.workspace, unsafe=args.unsafe, launcher=args.sandbox))
