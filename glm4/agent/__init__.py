@@ -15,7 +15,8 @@ Layout: schema (functions -> JSON Schema, typed validation), tools (Tool, ToolRe
 files (workspace file tools), browser (offline simple_browser), sandbox (the bubblewrap command, rlimits,
 seccomp), nsjail (the same sandbox through nsjail), launchers (bubblewrap, else nsjail, else refuse), interpreter (the kernel), builtins (`python` / `simple_browser` registry entries), models (the
 chat API: LLMChat, OpenAIChat, ScriptedModel), loop (Agent: planner, executor, reflection, memory, events),
-mcp_tools (MCP servers as tools, stdio ones sandboxed), suite (the task suite), agent_cli (`glm4 agent`).
+mcp_tools (MCP servers as tools, stdio ones sandboxed), suite (the task suite), view (the live rich view),
+agent_cli (`glm4 agent`), chat_agent (`glm4 chat --agent`), gui/ (the AutoGLM GUI agent and a simulated phone).
 The agent talks to a model only through the chat API (glm4.LLM.chat or an OpenAI-compatible endpoint);
 it imports no model internals.
 """
