@@ -252,3 +252,25 @@ def test_gui_agent_over_a_vision_checkpoints_chat_api(tmp_path_factory):
     replies = [e for e in r.events if e.kind == "reply"]
     assert len(replies) == 2  # both screenshots went through the vision chat path; random weights, no valid action
     assert not any(e.kind == "error" and "model call failed" in e.data["text"] for e in r.events), r.events
+
+
+# ---- glm4 agent --gui
+
+
+@pytest.mark.parametrize("answer, rc", [("y", 0), ("n", 1)])
+def test_cli_gui_run_asks_the_user(answer, rc, monkeypatch, capsys):
+    from glm4.agent import agent_cli
+
+    prompts = []
+    monkeypatch.setattr("builtins.input", lambda p: prompts.append(p) or answer)
+    buy = [500, 240]  # the centre of the shop's Buy button on the 540x1080 phone
+    model = ScriptedModel(['do(action="Launch", app="Shop")', 'do(action="Take_over", message="sign in")',
+                           f'do(action="Tap", element={buy}, message="pay 30")', 'finish(message="ordered")'])
+    args = agent_cli.build_parser().parse_args(["Buy coffee", "--gui", "--plain", "--max-rounds", "6"])
+    assert agent_cli.run_gui(args, model) == rc
+    out = capsys.readouterr().out
+    if answer == "y":
+        assert prompts == ["take over (sign in): sign in on the simulated phone? [y/N] ", "confirm: pay 30? [y/N] "]
+        assert "answer: ordered" in out
+    else:  # not signed in: no Buy button, the tap hits nothing; the sensitive tap is declined and the run stops
+        assert "the user declined the sensitive action: pay 30" in out

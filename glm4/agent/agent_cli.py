@@ -4,6 +4,7 @@
     glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
     glm4 agent --replay run.jsonl           # show a saved run's steps
     glm4 agent --suite --base-url URL       # the task suite (glm4.agent.suite) against that model
+    glm4 agent --gui "Turn Wi-Fi off" --base-url URL    # the GUI agent on the simulated phone (a vision model)
 On a terminal the steps are drawn live with rich (glm4.agent.view); `--plain`, or stdout not a terminal,
 prints one line per step.
 Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
@@ -65,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", help="write the run's events to this jsonl file")
     p.add_argument("--replay", help="print the steps of a saved run and exit")
     p.add_argument("--suite", action="store_true", help="run the task suite against the model instead of a task")
+    p.add_argument("--gui", action="store_true",
+                   help="drive the simulated phone (glm4.agent.gui) with AutoGLM's actions; needs a vision model")
     add_suite_arguments(p)
     return p
 
@@ -96,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print("glm4 agent: give --model PATH or --base-url URL", file=sys.stderr)
         return 2
+    if args.gui:
+        return run_gui(args, model)
     if args.suite:
         res = run_suite(lambda task, planner: model, planner=not args.no_plan, reflection=not args.no_reflection,
                         categories=set(args.category) if args.category else None, python=not args.no_python,
@@ -132,6 +137,41 @@ def main(argv: list[str] | None = None) -> int:
             save_events(events, args.save)
     answer = next((e for e in reversed(events) if e.kind == "answer"), None)
     return 0 if answer is not None else 1
+
+
+def ask(prompt: str) -> str:
+    """A line from the user; empty at the end of input (a pipe, no terminal)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return ""
+
+
+def run_gui(args, model) -> int:
+    """The GUI agent on the simulated phone: sensitive taps are confirmed and take-overs done at the prompt."""
+    from .gui import GUIAgent, SimulatedPhone
+
+    phone = SimulatedPhone()
+    events = []
+    with make_view(sys.stdout, args.plain) as view:
+        def yes(prompt: str) -> bool:
+            with view.paused():
+                return ask(prompt).strip().lower() in ("y", "yes")
+
+        def take_over(why: str) -> None:
+            if yes(f"take over ({why}): sign in on the simulated phone? [y/N] "):
+                phone.sign_in()
+
+        agent = GUIAgent(model, phone, confirm=lambda why: yes(f"confirm: {why}? [y/N] "), take_over=take_over,
+                         max_steps=args.max_rounds)
+        try:
+            for ev in agent.stream(args.task):
+                events.append(ev)
+                view.show(ev)
+        finally:
+            if args.save:
+                save_events(events, args.save)
+    return 0 if any(e.kind == "answer" for e in events) else 1
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ green) and keeps a spinner line at the bottom saying what the agent waits for. T
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import TextIO
 
@@ -30,6 +31,11 @@ class PlainView:
 
     def __exit__(self, *exc) -> None:
         pass
+
+    @contextlib.contextmanager
+    def paused(self):
+        """While the user is asked something (nothing to pause in plain lines)."""
+        yield
 
     def show(self, event: AgentEvent) -> None:
         if event.kind != "reply":  # raw model replies are for saved runs and replays
@@ -68,6 +74,18 @@ class RichView:
         if self.status is not None:
             self.status.__exit__(*exc)
             self.status = None
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Stop the spinner while the user is asked something at the terminal."""
+        if self.status is None:
+            yield
+            return
+        self.status.stop()
+        try:
+            yield
+        finally:
+            self.status.start()
 
     def show(self, event: AgentEvent) -> None:
         if event.kind == "reply":
