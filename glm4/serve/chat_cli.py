@@ -362,7 +362,10 @@ def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> 
                             lora=next(iter(lora), None))
     session = ChatSession(llm, args.system, tools, params)
     for path in args.image:
-        session.attach(path)
+        try:
+            session.attach(path)
+        except ValueError as e:
+            raise ValueError(f"--image: {e}") from None
     return session
 
 
