@@ -7,7 +7,7 @@ import sys
 
 COMMANDS = {
     "generate": ("glm4.reference", "generate token ids (or text) from a checkpoint with the reference generator"),
-    "chat": ("glm4.serve.chat_cli", "terminal chat with streaming output and tools"),
+    "chat": ("glm4.serve.chat_cli", "terminal chat with streaming output and tools (--agent: the agent's tools run)"),
     "serve": ("glm4.serve.serve_cli", "OpenAI-compatible HTTP server"),
     "agent": ("glm4.agent.agent_cli", "run an agent on a task: tools, sandboxed code interpreter, planner"),
     "bench": ("glm4.engine.bench", "benchmark the engine side by side with HF transformers"),
@@ -33,6 +33,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"glm4: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     mod = importlib.import_module(COMMANDS[name][0])
+    if name == "chat" and "--agent" in rest:
+        # the terminal chat with the agent's tools, composed here: the one place above both serve and agent
+        from glm4.agent import chat_agent
+
+        return chat_agent.main(rest, chat=mod) or 0
     return mod.main(rest) or 0
 
 

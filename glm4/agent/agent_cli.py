@@ -3,8 +3,12 @@
     glm4 agent "How many lines does data.csv have?" --workspace work/ --model path/to/glm-4-9b-chat
     glm4 agent "..." --base-url http://127.0.0.1:8000/v1 --api-key KEY [--model-name NAME]
     glm4 agent --replay run.jsonl           # show a saved run's steps
+    glm4 agent --suite --base-url URL       # the task suite (glm4.agent.suite) against that model
+    glm4 agent --gui "Turn Wi-Fi off" --base-url URL    # the GUI agent on the simulated phone (a vision model)
+On a terminal the steps are drawn live with rich (glm4.agent.view); `--plain`, or stdout not a terminal,
+prints one line per step.
 Tools: the workspace file tools and `python` (sandboxed; --no-python to leave it out, --unsafe to allow
-running without bubblewrap), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
+running with no sandbox launcher; --sandbox bwrap|nsjail picks one), `simple_browser` over --docs DIR, the functions of --tools FILE.py (its
 TOOLS list, or every public function defined there), and the tools of the MCP servers in --mcp FILE.
 """
 
@@ -18,8 +22,10 @@ from pathlib import Path
 
 from .builtins import browser_tool, python_tool
 from .files import Workspace
-from .loop import Agent, load_events, save_events
+from .loop import Agent, AgentEvent, load_events, save_events
 from .models import LLMChat, OpenAIChat
+from .suite import add_suite_arguments, format_report, run_suite
+from .view import make_view
 
 
 def load_tool_file(path: str) -> list:
@@ -49,38 +55,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", action="append", default=[], help="a Python file whose functions become tools")
     p.add_argument("--mcp", help='an MCP servers file: {"mcpServers": {name: {command, args} | {url}}}')
     p.add_argument("--no-python", action="store_true", help="no code interpreter")
-    p.add_argument("--unsafe", action="store_true", help="run code without isolation if bubblewrap is missing")
+    p.add_argument("--unsafe", action="store_true", help="run code without isolation if no sandbox launcher works")
+    p.add_argument("--sandbox", choices=["bwrap", "nsjail"], default=None,
+                   help="the sandbox launcher (default: bubblewrap, else nsjail)")
+    p.add_argument("--plain", action="store_true", help="plain lines instead of the live view")
     p.add_argument("--max-rounds", type=int, default=10)
     p.add_argument("--no-plan", action="store_true")
     p.add_argument("--no-reflection", action="store_true")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--save", help="write the run's events to this jsonl file")
     p.add_argument("--replay", help="print the steps of a saved run and exit")
+    p.add_argument("--suite", action="store_true", help="run the task suite against the model instead of a task")
+    p.add_argument("--gui", action="store_true",
+                   help="drive the simulated phone (glm4.agent.gui) with AutoGLM's actions; needs a vision model")
+    add_suite_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.replay:
-        for e in load_events(args.replay):
-            if e["kind"] != "reply":
-                print(f"[{e['step']}] {e['kind']}: {e['data'].get('text', e['data'])}")
+        with make_view(sys.stdout, args.plain) as view:
+            for e in load_events(args.replay):
+                view.show(AgentEvent(e["kind"], e["data"], e["step"], e["time"]))
         return 0
-    if not args.task:
-        print("glm4 agent: a task is required (or --replay FILE)", file=sys.stderr)
+    if not args.task and not args.suite:
+        print("glm4 agent: a task is required (or --replay FILE, or --suite)", file=sys.stderr)
         return 2
     if args.base_url:
-        model = OpenAIChat(args.base_url, args.api_key, args.model_name, builtin_style=args.builtin_style)
+        try:
+            model = OpenAIChat(args.base_url, args.api_key, args.model_name, builtin_style=args.builtin_style,
+                               **({"max_tokens": args.max_tokens, "temperature": 0.0} if args.suite else {}))
+        except Exception as e:  # noqa: BLE001 - an endpoint that does not answer: one line, no traceback
+            print(f"glm4 agent: cannot reach {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
     elif args.model:
         from glm4.engine.llm import LLM  # building the LLM is the one place the CLI touches the engine
+        from glm4.engine.sampling_params import SamplingParams
 
-        model = LLMChat(LLM(args.model), builtin_style=args.builtin_style)
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0) if args.suite else None
+        model = LLMChat(LLM(None if args.model == "default" else args.model), params=params,
+                        builtin_style=args.builtin_style)
     else:
         print("glm4 agent: give --model PATH or --base-url URL", file=sys.stderr)
         return 2
+    if args.gui:
+        return run_gui(args, model)
+    if args.suite:
+        res = run_suite(lambda task, planner: model, planner=not args.no_plan, reflection=not args.no_reflection,
+                        categories=set(args.category) if args.category else None, python=not args.no_python,
+                        unsafe=args.unsafe, require_tool=args.require_tool, max_rounds=args.max_rounds,
+                        memory=not args.no_memory, all_tools=args.all_tools)
+        print(format_report(res))
+        return 0
     tools: list = [*Workspace(args.workspace).tools()]
     if not args.no_python:
-        tools.append(python_tool(args.workspace, unsafe=args.unsafe))
+        tools.append(python_tool(args.workspace, unsafe=args.unsafe, launcher=args.sandbox))
     if args.docs:
         tools.append(browser_tool(args.docs))
     for f in args.tools:
@@ -95,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
                   memory=not args.no_memory, max_rounds=args.max_rounds)
     events = []
     try:
-        for ev in agent.stream(args.task):
-            events.append(ev)
-            if ev.kind != "reply":
-                print(ev, flush=True)
+        with make_view(sys.stdout, args.plain) as view:
+            for ev in agent.stream(args.task):
+                events.append(ev)
+                view.show(ev)
     finally:
         agent.close()
         if servers is not None:
@@ -107,6 +137,41 @@ def main(argv: list[str] | None = None) -> int:
             save_events(events, args.save)
     answer = next((e for e in reversed(events) if e.kind == "answer"), None)
     return 0 if answer is not None else 1
+
+
+def ask(prompt: str) -> str:
+    """A line from the user; empty at the end of input (a pipe, no terminal)."""
+    try:
+        return input(prompt)
+    except EOFError:
+        return ""
+
+
+def run_gui(args, model) -> int:
+    """The GUI agent on the simulated phone: sensitive taps are confirmed and take-overs done at the prompt."""
+    from .gui import GUIAgent, SimulatedPhone
+
+    phone = SimulatedPhone()
+    events = []
+    with make_view(sys.stdout, args.plain) as view:
+        def yes(prompt: str) -> bool:
+            with view.paused():
+                return ask(prompt).strip().lower() in ("y", "yes")
+
+        def take_over(why: str) -> None:
+            if yes(f"take over ({why}): sign in on the simulated phone? [y/N] "):
+                phone.sign_in()
+
+        agent = GUIAgent(model, phone, confirm=lambda why: yes(f"confirm: {why}? [y/N] "), take_over=take_over,
+                         max_steps=args.max_rounds)
+        try:
+            for ev in agent.stream(args.task):
+                events.append(ev)
+                view.show(ev)
+        finally:
+            if args.save:
+                save_events(events, args.save)
+    return 0 if any(e.kind == "answer" for e in events) else 1
 
 
 if __name__ == "__main__":

@@ -21,14 +21,15 @@ class LazyInterpreter:
     """A CodeInterpreter made on first use; its start failure becomes the observation."""
 
     def __init__(self, workspace: str | Path, timeout: float = 60.0, limits: Limits | None = None,
-                 unsafe: bool = False):
+                 unsafe: bool = False, launcher: str | None = None):
         self.workspace, self.timeout, self.limits, self.unsafe = workspace, timeout, limits, unsafe
+        self.launcher = launcher
         self.interpreter: CodeInterpreter | None = None
 
     def run(self, code: str) -> Observation:
         if self.interpreter is None:
             self.interpreter = CodeInterpreter(self.workspace, timeout=self.timeout, limits=self.limits,
-                                               unsafe=self.unsafe)
+                                               unsafe=self.unsafe, launcher=self.launcher)
         return self.interpreter.run(code)
 
     def close(self) -> None:
@@ -38,8 +39,8 @@ class LazyInterpreter:
 
 
 def python_tool(workspace: str | Path, timeout: float = 60.0, limits: Limits | None = None,
-                unsafe: bool = False) -> Tool:
-    py = LazyInterpreter(workspace, timeout, limits, unsafe)
+                unsafe: bool = False, launcher: str | None = None) -> Tool:
+    py = LazyInterpreter(workspace, timeout, limits, unsafe, launcher)
     desc = (f"Run Python code in a stateful Jupyter notebook and get its output, errors and figures. The cell "
             f"times out after {timeout:g} s. Files in {WORKSPACE_MOUNT} persist. There is no internet access.")
     return builtin_tool("python", py.run, desc, "the Python code to run", close=py.close)

@@ -9,8 +9,9 @@ The kernel (ipykernel) runs inside the sandbox of glm4.agent.sandbox and talks t
 (zmq ipc) in a private folder bound into the sandbox: loopback TCP could not cross the network namespace.
 A cell that runs past `timeout` seconds is interrupted over the control channel (KeyboardInterrupt in the
 cell, the kernel's state kept); a kernel that does not answer the interrupt, or that died (CPU limit,
-kill), is restarted and the observation says the state was lost. Without bubblewrap the interpreter
-refuses to start unless `unsafe=True`: then the kernel runs as a plain subprocess with rlimits only.
+kill), is restarted and the observation says the state was lost. The sandbox is bubblewrap's, else
+nsjail's (glm4.agent.launchers; `launcher=` picks one); with neither the interpreter refuses to start
+unless `unsafe=True`: then the kernel runs as a plain subprocess with rlimits only.
 """
 
 from __future__ import annotations
@@ -27,16 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from .launchers import choose_launcher, open_sandbox
 from .observation import Observation, strip_ansi
-from .sandbox import (
-    WORKSPACE_MOUNT,
-    Limits,
-    Sandbox,
-    SandboxUnavailable,
-    bwrap_works,
-    python_mounts,
-    rlimit_setter,
-)
+from .sandbox import WORKSPACE_MOUNT, Limits, Sandbox, SandboxUnavailable, python_mounts, rlimit_setter
 
 RUN_MOUNT = "/run/kernel"  # the connection file and the kernel's sockets, inside the sandbox
 INTERRUPT_GRACE = 5.0  # seconds a kernel gets to answer an interrupt before it is restarted
@@ -55,7 +49,8 @@ class CodeInterpreter:
     """A sandboxed, stateful Python (Jupyter kernel). `run(code)` -> Observation; `close()`; a context manager."""
 
     def __init__(self, workspace: str | Path, *, timeout: float = 60.0, limits: Limits | None = None,
-                 unsafe: bool = False, startup_timeout: float = 60.0, sandbox_uid: int | None = None):
+                 unsafe: bool = False, startup_timeout: float = 60.0, sandbox_uid: int | None = None,
+                 launcher: str | None = None):
         try:
             import ipykernel  # noqa: F401
             import jupyter_client  # noqa: F401
@@ -66,9 +61,9 @@ class CodeInterpreter:
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.timeout, self.limits, self.startup_timeout = timeout, limits or Limits(), startup_timeout
         self.sandbox: Sandbox | None = None
-        ok, why = bwrap_works()
-        if ok:
-            self.sandbox = Sandbox(self.workspace, self.limits, sandbox_uid)
+        name, why = choose_launcher(launcher)  # bubblewrap, then nsjail (or the one asked for)
+        if name is not None:
+            self.sandbox = open_sandbox(self.workspace, self.limits, sandbox_uid, name)
             self.isolation = self.sandbox.describe()
         elif unsafe:
             self.isolation = f"NONE: unsafe=True and {why}; the code runs as this user with rlimits only"
@@ -160,7 +155,7 @@ class CodeInterpreter:
             self.client = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.kill()  # bwrap --die-with-parent takes the sandbox's processes with it
+                self.proc.kill()  # bwrap --die-with-parent / nsjail's pid namespace take the sandbox's processes
             try:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -8,8 +8,8 @@
 Each server gets one client session, held open by a task on a private asyncio loop in a background
 thread; calls from the (synchronous) agent are sent to that loop and waited for with a timeout, so a server
 that hangs gives a timeout observation and one that dies gives an error observation, never a stuck agent.
-A stdio server is launched through the sandbox (bubblewrap, no network, an empty private workspace, rlimits
-through `prlimit`, the seccomp filter) unless its entry says `"sandbox": false`; a Python server (`command`
+A stdio server is launched through the sandbox (bubblewrap, else nsjail: no network, an empty private
+workspace, rlimits, the seccomp filter; `"launcher": "nsjail"` picks one) unless its entry says `"sandbox": false`; a Python server (`command`
 "python"/"python3") runs on this environment's Python mounted read-only, and the folders of the files in its
 `args` are mounted read-only at their own paths.
 """
@@ -28,8 +28,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
+from .launchers import open_sandbox
 from .observation import Observation
-from .sandbox import Limits, Sandbox, bwrap_works, python_mounts
+from .sandbox import Limits, Sandbox, SandboxUnavailable, python_mounts
 from .tools import Tool
 
 PYTHON_NAMES = {"python", "python3", sys.executable}
@@ -85,11 +86,11 @@ class MCPServer:
         if not cfg.get("sandbox", True):
             self.isolation = "none (sandbox: false in the servers file)"
             return StdioServerParameters(command=command, args=args, env=env or None, cwd=cfg.get("cwd"))
-        ok, why = bwrap_works()
-        if not ok:
-            raise RuntimeError(f"{why}; set \"sandbox\": false for {self.name!r} to run it unsandboxed")
         self._tmp = Path(tempfile.mkdtemp(prefix=f"glm4-mcp-{self.name}-"))
-        self.sandbox = Sandbox(self._tmp / "ws", self.limits)
+        try:
+            self.sandbox = open_sandbox(self._tmp / "ws", self.limits, launcher=cfg.get("launcher"))
+        except SandboxUnavailable as e:
+            raise RuntimeError(f"{e}; set \"sandbox\": false for {self.name!r} to run it unsandboxed") from None
         _, python, home, sites = python_mounts()
         inside_env = {"PATH": "/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", **env}
         if command in PYTHON_NAMES:
@@ -102,18 +103,7 @@ class MCPServer:
         files = {a: (cwd / a).resolve() for a in args if not a.startswith("-") and (cwd / a).exists()}
         argv = [str(files[a]) if a in files else a for a in argv]
         binds = {str(p.parent): str(p.parent) for p in files.values()}
-        bw, _, fds = self.sandbox.command(argv, env=inside_env, ro_binds=binds)
-        lim = self.limits
-        prlimit = ["/usr/bin/prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}",
-                   f"--nproc={lim.processes}", f"--fsize={lim.file_bytes}", f"--nofile={lim.open_files}", "--"]
-        if fds:  # the seccomp program reaches bwrap as fd 3, opened by a shell (mcp spawns without pass_fds)
-            bpf = self._tmp / "seccomp.bpf"
-            self.sandbox.seccomp.seek(0)
-            bpf.write_bytes(self.sandbox.seccomp.read())
-            bw = [("3" if a == str(fds[0]) else a) for a in bw]
-            full = ["/bin/sh", "-c", 'exec "$@" 3<"$0"', str(bpf), *prlimit, *bw]
-        else:
-            full = [*prlimit, *bw]
+        full = self.sandbox.spawn_argv(argv, env=inside_env, ro_binds=binds)
         self.isolation = self.sandbox.describe()
         return StdioServerParameters(command=full[0], args=full[1:])
 

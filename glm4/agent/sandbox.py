@@ -1,7 +1,11 @@
 """The isolation layer for model-written code: a bubblewrap command line, rlimits and a seccomp filter.
 
-    sb = Sandbox(workspace, limits=Limits(memory_bytes=2 << 30))
+    sb = BwrapSandbox(workspace, limits=Limits(memory_bytes=2 << 30))   # or launchers.open_sandbox(...)
     argv, preexec, pass_fds = sb.command([python, "-c", "..."], binds={run_dir: "/run/kernel"})
+    argv = sb.spawn_argv([...])       # the same, for spawners with no preexec_fn / pass_fds (prlimit, fd 3)
+
+`Sandbox` holds what every launcher shares (uid, limits, /etc/passwd); nsjail.py builds the same sandbox
+through nsjail where bubblewrap is missing, and launchers.py picks one.
 
 What the sandboxed process sees and may do:
 - `/usr` (and the /bin, /lib, /lib64 links) read-only; the Python install and its site-packages read-only
@@ -185,13 +189,13 @@ def _count_processes(uid: int) -> int:
 
 
 class Sandbox:
-    """Builds the bubblewrap command for one sandboxed process tree over a workspace folder."""
+    """What every launcher shares: the workspace, the limits, the sandbox uid, a private /etc/passwd.
+    Subclasses build the command line: `command(argv, ...)` for a Popen with `preexec_fn` and `pass_fds`,
+    `spawn_argv(argv, ...)` for spawners that take only an argv (the MCP client)."""
+
+    name = "sandbox"
 
     def __init__(self, workspace: str | Path, limits: Limits | None = None, uid: int | None = None):
-        ok, why = bwrap_works()
-        if not ok:
-            raise SandboxUnavailable(why)
-        self.bwrap = why
         self.workspace = Path(workspace).resolve()
         self.limits = limits or Limits()
         self.as_root = os.geteuid() == 0
@@ -200,16 +204,45 @@ class Sandbox:
         self.etc = Path(tempfile.mkdtemp(prefix="glm4-sandbox-etc-"))
         (self.etc / "passwd").write_text(f"sandbox:x:{self.uid}:{self.gid}::/tmp:/bin/sh\n")
         (self.etc / "group").write_text(f"sandbox:x:{self.gid}:\n")
-        self.seccomp, self.seccomp_note = seccomp_filter_file()
+        self.seccomp_note = "no seccomp filter"
         if self.as_root:
             own_tree(self.workspace, self.uid, self.gid)
 
     def describe(self) -> str:
         who = f"uid {self.uid} (dropped from root)" if self.as_root else f"uid {self.uid} in a user namespace"
         lim = self.limits
-        return (f"bubblewrap: no network, read-only system, workspace at {WORKSPACE_MOUNT}, {who}; rlimits cpu "
+        return (f"{self.name}: no network, read-only system, workspace at {WORKSPACE_MOUNT}, {who}; rlimits cpu "
                 f"{lim.cpu_seconds}s, memory {lim.memory_bytes >> 20} MiB, {lim.processes} tasks, files "
                 f"{lim.file_bytes >> 20} MiB, {lim.open_files} fds; {self.seccomp_note}")
+
+    def nproc(self) -> int:
+        """RLIMIT_NPROC: a dedicated uid gets the limit; a user's own processes count against it too."""
+        return self.limits.processes if self.as_root else _count_processes(self.uid) + self.limits.processes
+
+    def command(self, argv: list[str], binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
+                ro_binds: dict[str, str] | None = None) -> tuple[list[str], Callable[[], None], tuple[int, ...]]:
+        raise NotImplementedError
+
+    def spawn_argv(self, argv: list[str], env: dict[str, str] | None = None,
+                   ro_binds: dict[str, str] | None = None) -> list[str]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        shutil.rmtree(self.etc, ignore_errors=True)
+
+
+class BwrapSandbox(Sandbox):
+    """Builds the bubblewrap command for one sandboxed process tree over a workspace folder."""
+
+    name = "bubblewrap"
+
+    def __init__(self, workspace: str | Path, limits: Limits | None = None, uid: int | None = None):
+        ok, why = bwrap_works()
+        if not ok:
+            raise SandboxUnavailable(why)
+        super().__init__(workspace, limits, uid)
+        self.bwrap = why
+        self.seccomp, self.seccomp_note = seccomp_filter_file()
 
     def command(self, argv: list[str], binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
                 ro_binds: dict[str, str] | None = None) -> tuple[list[str], Callable[[], None], tuple[int, ...]]:
@@ -247,14 +280,28 @@ class Sandbox:
         if self.as_root:  # mounts as root, then the code runs as the dedicated uid without capabilities
             a += ["/usr/bin/setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups",
                   "--no-new-privs", "--inh-caps=-all", "--bounding-set=-all", "--"]
-            nproc = self.limits.processes
         else:
             a[1:1] = ["--unshare-user", "--disable-userns", "--uid", str(self.uid), "--gid", str(self.gid)]
-            nproc = _count_processes(self.uid) + self.limits.processes  # the user's own processes count too
-        return a + list(argv), rlimit_setter(self.limits, nproc), fds
+        return a + list(argv), rlimit_setter(self.limits, self.nproc()), fds
+
+    def spawn_argv(self, argv: list[str], env: dict[str, str] | None = None,
+                   ro_binds: dict[str, str] | None = None) -> list[str]:
+        """A command needing no preexec_fn or inherited fd: prlimit sets the rlimits, a shell opens the
+        seccomp program as fd 3 for bwrap."""
+        bw, _, fds = self.command(argv, env=env, ro_binds=ro_binds)
+        lim = self.limits
+        prlimit = ["/usr/bin/prlimit", f"--cpu={lim.cpu_seconds}", f"--as={lim.memory_bytes}",
+                   f"--nproc={self.nproc()}", f"--fsize={lim.file_bytes}", f"--nofile={lim.open_files}", "--"]
+        if not fds:
+            return [*prlimit, *bw]
+        bpf = self.etc / "seccomp.bpf"
+        self.seccomp.seek(0)
+        bpf.write_bytes(self.seccomp.read())
+        bw = [("3" if a == str(fds[0]) else a) for a in bw]
+        return ["/bin/sh", "-c", 'exec "$@" 3<"$0"', str(bpf), *prlimit, *bw]
 
     def close(self) -> None:
-        shutil.rmtree(self.etc, ignore_errors=True)
+        super().close()
         if self.seccomp is not None:
             self.seccomp.close()
             self.seccomp = None

@@ -3,13 +3,16 @@
     python -m glm4.agent.suite --scripted                       # each task's scripted replies: tests the loop
     python -m glm4.agent.suite --base-url URL [--api-key K]     # any OpenAI-compatible endpoint
     python -m glm4.agent.suite --model PATH                     # in process, glm4.LLM's chat API
-    ... [--no-plan] [--no-reflection] [--category files] [--unsafe]
+    glm4 agent --suite --base-url URL                           # the same, from the agent's CLI
+    ... [--no-plan] [--no-reflection] [--category files] [--require-tool] [--unsafe] [--no-python]
 
 Categories: arithmetic and data (through the sandboxed interpreter), files (workspace tools), browse (the
 offline simple_browser), plan (several steps, a plan helps), recover (the scripted first call fails and
 reflection must correct it). A task passes when `check` accepts the final answer (and the workspace).
 A scripted run plays the task's `script` (what a good model would send), so it measures the loop and the
-tools, not a model.
+tools, not a model. Each task declares the tools its script calls (`Task.tool_names`) and only those (plus
+the loop's finish / note) are offered, which keeps prompts short for small-context models; `all_tools=True`
+(`--all-tools`) offers every tool to every task.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ class Task:
     files: dict[str, str] = field(default_factory=dict)  # workspace files to create first
     docs: dict[str, str] = field(default_factory=dict)  # documents for simple_browser
     needs_python: bool = False
+
+    @property
+    def tool_names(self) -> set[str]:
+        """The tools the task's script calls (the loop's own finish and note aside)."""
+        return {c["name"] for step in self.script if isinstance(step, dict) for c in step.get("tool_calls", [])}
 
 
 def says(value) -> Callable[[str, Path], bool]:
@@ -174,8 +182,8 @@ TASKS = _tasks()
 
 def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, planner: bool = True,
               reflection: bool = True, categories: set[str] | None = None, python: bool = True,
-              unsafe: bool = False, require_tool: bool = False, max_rounds: int = 8,
-              log: Callable[[str], None] = print) -> dict[str, tuple[int, int]]:
+              unsafe: bool = False, require_tool: bool = False, max_rounds: int = 8, memory: bool = True,
+              all_tools: bool = False, log: Callable[[str], None] = print) -> dict[str, tuple[int, int]]:
     """Run the tasks; {category: (passed, total)}. `make_model(task, planner)` gives the model (None: the
     task's script, played by ScriptedModel)."""
     results: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -190,10 +198,11 @@ def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, plann
             (ws / name).parent.mkdir(parents=True, exist_ok=True)
             (ws / name).write_text(text)
         ws.mkdir(exist_ok=True)
-        tools: list = [*Workspace(ws).tools()]
-        if python:
+        wanted = None if all_tools else task.tool_names
+        tools: list = [t for t in Workspace(ws).tools() if wanted is None or t.name in wanted]
+        if python and (wanted is None or "python" in wanted):
             tools.append(python_tool(ws, timeout=30, unsafe=unsafe))
-        if task.docs:
+        if task.docs and (wanted is None or "simple_browser" in wanted):
             (root / "docs").mkdir()
             for name, text in task.docs.items():
                 (root / "docs" / name).write_text(text)
@@ -202,7 +211,7 @@ def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, plann
             model = ScriptedModel((["1. do the task"] if planner else []) + list(task.script))
         else:
             model = make_model(task, planner)
-        agent = Agent(model, tools, planner=planner, reflection=reflection, max_rounds=max_rounds,
+        agent = Agent(model, tools, planner=planner, reflection=reflection, memory=memory, max_rounds=max_rounds,
                       require_tool=require_tool)
         try:
             result = agent.run(task.prompt)
@@ -219,27 +228,45 @@ def run_suite(make_model: Callable[[Task, bool], object] | None = None, *, plann
     return {k: (v[0], v[1]) for k, v in results.items()}
 
 
+def format_report(res: dict[str, tuple[int, int]]) -> str:
+    """Per-category success, then the total: `category  passed/total  percent` lines."""
+    rows = sorted(res.items()) + [("all", (sum(v[0] for v in res.values()), sum(v[1] for v in res.values())))]
+    return "\n".join(f"{cat:<12} {ok:>2}/{n:<3} {100 * ok / n:5.1f}%" if n else f"{cat:<12} 0/0" for cat, (ok, n) in rows)
+
+
+def add_suite_arguments(p: argparse.ArgumentParser) -> None:
+    """The suite's switches (shared with `glm4 agent --suite`)."""
+    p.add_argument("--category", action="append", help="run only these categories (repeatable)")
+    p.add_argument("--require-tool", action="store_true", help="tool_choice required on each task's first round")
+    p.add_argument("--max-tokens", type=int, default=256, help="per model reply")
+    p.add_argument("--all-tools", action="store_true", help="offer every tool to every task (longer prompts)")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m glm4.agent.suite", description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--scripted", action="store_true", help="play each task's script (tests the loop)")
-    src.add_argument("--base-url")
+    src.add_argument("--base-url", help="any OpenAI-compatible endpoint (glm4 serve, vLLM, a hosted GLM API)")
     src.add_argument("--model", help="checkpoint folder, or `default` for the shipped model")
     p.add_argument("--api-key")
     p.add_argument("--model-name")
     p.add_argument("--no-plan", action="store_true")
     p.add_argument("--no-reflection", action="store_true")
-    p.add_argument("--category", action="append")
+    p.add_argument("--no-memory", action="store_true")
     p.add_argument("--unsafe", action="store_true")
-    p.add_argument("--require-tool", action="store_true", help="tool_choice required on each task's first round")
     p.add_argument("--max-rounds", type=int, default=8)
-    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--no-python", action="store_true", help="leave out the tasks that need the interpreter")
+    add_suite_arguments(p)
     args = p.parse_args(argv)
     make = None
     if args.base_url:
         from .models import OpenAIChat
 
-        chat = OpenAIChat(args.base_url, args.api_key, args.model_name)
+        try:
+            chat = OpenAIChat(args.base_url, args.api_key, args.model_name, max_tokens=args.max_tokens, temperature=0.0)
+        except Exception as e:  # noqa: BLE001 - an endpoint that does not answer /models: one line
+            print(f"python -m glm4.agent.suite: cannot reach {args.base_url}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         make = lambda task, planner: chat
     elif args.model:
         from glm4.engine.llm import LLM
@@ -252,11 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         make = lambda task, planner: chat
     res = run_suite(make, planner=not args.no_plan, reflection=not args.no_reflection,
                     categories=set(args.category) if args.category else None, unsafe=args.unsafe,
-                    require_tool=args.require_tool, max_rounds=args.max_rounds)
-    total = [sum(v[0] for v in res.values()), sum(v[1] for v in res.values())]
-    for cat, (ok, n) in sorted(res.items()):
-        print(f"{cat:<12} {ok}/{n}")
-    print(f"{'all':<12} {total[0]}/{total[1]}")
+                    python=not args.no_python, require_tool=args.require_tool, max_rounds=args.max_rounds,
+                    memory=not args.no_memory, all_tools=args.all_tools)
+    print(format_report(res))
     return 0
 
 

@@ -5,7 +5,8 @@ Commands: /reset (new conversation), /system [TEXT] (show or set the system prom
 your next message; vision checkpoints; /image alone lists them, /image off drops them), /help, /exit.
 Multi-line input: a line of three double quotes starts and ends a block, or end a line with a backslash.
 Ctrl-C stops a generation (the partial reply is kept) and clears a half-typed input; Ctrl-D exits.
-A tool call is shown as `-> name(arguments)` and you type its result (empty: skip the result).
+A tool call is shown as `-> name(arguments)` and you type its result (empty: skip the result); with
+`glm4 chat --agent` the agent's tools run it and the result is shown as `<- ...`.
 `--image PATH` (repeatable) attaches pictures to the first message.
 """
 
@@ -124,11 +125,18 @@ def load_tools(path: str) -> list[dict]:
     return tools
 
 
-class Repl:
-    """The read-eval-print loop; `read(prompt) -> str` raises EOFError at the end, KeyboardInterrupt on Ctrl-C."""
+ToolRunner = Callable[[dict], str]  # an OpenAI tool call -> its result as the model should read it
 
-    def __init__(self, session: ChatSession, read: Callable[[str], str], out: TextIO):
+
+class Repl:
+    """The read-eval-print loop; `read(prompt) -> str` raises EOFError at the end, KeyboardInterrupt on Ctrl-C.
+    `run_tool` (the hook `glm4 chat --agent` fills) executes tool calls; without it the user types results.
+    `max_tool_rounds` bounds the calls the model may chain in one turn (10, as GLM-4's demo)."""
+
+    def __init__(self, session: ChatSession, read: Callable[[str], str], out: TextIO,
+                 run_tool: ToolRunner | None = None, max_tool_rounds: int = 10):
         self.s, self.read, self.out = session, read, out
+        self.run_tool, self.max_tool_rounds = run_tool, max_tool_rounds
 
     def say(self, text: str = "", end: str = "\n") -> None:
         self.out.write(text + end)
@@ -210,8 +218,9 @@ class Repl:
         return True
 
     def respond(self) -> None:
-        """Stream one reply; Ctrl-C stops it. Tool calls ask for their results, then the model continues."""
-        while True:
+        """Stream one reply; Ctrl-C stops it. Tool calls get their results (run, or asked for), then the model
+        continues."""
+        for _ in range(self.max_tool_rounds + 1):
             self.say("glm> ", end="")
             calls, gen = [], self.s.reply()
             try:
@@ -236,14 +245,29 @@ class Repl:
                 return
             for c in calls:
                 self.say(f"  -> {c['function']['name']}({_pretty_args(c['function']['arguments'])})")
-                try:
-                    result = self.read(f"  result of {c['function']['name']}> ")
-                except (EOFError, KeyboardInterrupt):
-                    self.say()
-                    return
-                if not result.strip():
+                result = self._tool_result(c)
+                if result is None:
                     return
                 self.s.messages.append({"role": "tool", "tool_call_id": c["id"], "content": result})
+        self.say(f"(stopped after {self.max_tool_rounds} rounds of tool calls)")
+
+    def _tool_result(self, call: dict) -> str | None:
+        """The call's result: run by the hook, or typed by the user (None: skip, the turn ends)."""
+        if self.run_tool is not None:
+            try:
+                with _ctrl_c_as_flag():  # a running tool finishes (it has its own timeout)
+                    result = self.run_tool(call)
+            except Exception as e:  # noqa: BLE001 - a failing hook is the tool's error, not the chat's end
+                result = f"Error: {type(e).__name__}: {e}"
+            shown = result if len(result) <= 400 else result[:400] + f"... [{len(result) - 400} more characters]"
+            self.say("  <- " + shown.replace("\n", "\n     "))
+            return result
+        try:
+            result = self.read(f"  result of {call['function']['name']}> ")
+        except (EOFError, KeyboardInterrupt):
+            self.say()
+            return None
+        return result if result.strip() else None
 
     def _show(self, ev: dict) -> None:
         if ev["type"] == "content":
@@ -295,8 +319,8 @@ def _pretty_args(args: str) -> str:
         return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="glm4 chat", description="Terminal chat with a GLM-4 checkpoint",
+def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=prog, description="Terminal chat with a GLM-4 checkpoint",
                                  epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--lora", action="append", metavar="NAME=PATH",
@@ -315,27 +339,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> ChatSession:
+    """The model and session the arguments describe; ValueError/OSError/TypeError/CheckpointError for bad ones."""
+    from glm4.engine.llm import LLM
+    from glm4.engine.lora import model_and_adapters
+    from glm4.engine.sampling_params import SamplingParams
+
+    model, lora = model_and_adapters(args.model, args.lora)
+    if len(lora) > 1:
+        raise ValueError("glm4 chat talks to one LoRA adapter; serve several with glm4 serve --lora ...")
+    engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
+                                     ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
+                                     ("quantization", args.quantization), ("lora", lora or None)) if v is not None}
+    llm = LLM(model, **engine_args)
+    from glm4.engine.chat import chat_layer_for
+
+    chat_layer_for(llm)  # fails now, not at the first message, for a checkpoint without a tokenizer
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                            lora=next(iter(lora), None))
+    session = ChatSession(llm, args.system, tools, params)
+    for path in args.image:
+        try:
+            session.attach(path)
+        except ValueError as e:
+            raise ValueError(f"--image: {e}") from None
+    return session
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     from glm4.weights import CheckpointError
 
     try:
         tools = load_tools(args.tools) if args.tools else None
-        from glm4.engine.llm import LLM
-        from glm4.engine.lora import model_and_adapters
-        from glm4.engine.sampling_params import SamplingParams
-
-        model, lora = model_and_adapters(args.model, args.lora)
-        if len(lora) > 1:
-            raise ValueError("glm4 chat talks to one LoRA adapter; serve several with glm4 serve --lora ...")
-        engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
-                                         ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
-                                         ("quantization", args.quantization), ("lora", lora or None)) if v is not None}
-        llm = LLM(model, **engine_args)
-        from glm4.engine.chat import chat_layer_for
-
-        chat_layer_for(llm)  # fails now, not at the first message, for a checkpoint without a tokenizer
-        params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                                lora=next(iter(lora), None))
+        session = build_session(args, tools)
     except (OSError, ValueError, TypeError, CheckpointError) as e:
         print(f"glm4 chat: {e}", file=sys.stderr)
         return 2
@@ -343,13 +383,6 @@ def main(argv: list[str] | None = None) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    session = ChatSession(llm, args.system, tools, params)
-    try:
-        for path in args.image:
-            session.attach(path)
-    except ValueError as e:
-        print(f"glm4 chat: --image: {e}", file=sys.stderr)
-        return 2
     return Repl(session, input, sys.stdout).run()
 
 
