@@ -67,6 +67,9 @@ GLM4_FORMATS = {
     "int8": dict(dtype="float32", quantization="int8"),
     "int4-g128": dict(dtype="float32", quantization="int4", quant_group_size=128),
     "int4-g32": dict(dtype="float32", quantization="int4", quant_group_size=32),
+    # the prefill GEMM of int8 / int4 weights kept in fp32 (quant_gemm="auto" takes bf16 where the CPU computes in bf16)
+    "int8-gemm-fp32": dict(dtype="float32", quantization="int8", quant_gemm="float32"),
+    "int4-g128-gemm-fp32": dict(dtype="float32", quantization="int4", quant_group_size=128, quant_gemm="float32"),
 }
 REFERENCE = "fp32"
 # GGUF files: name -> converter --outtype, or the llama_ftype llama_model_quantize makes from the bf16 file
@@ -493,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None, type=Path)
     ap.add_argument("--worker", nargs=2, metavar=("KIND", "KWARGS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    args.data_dir = args.data_dir.resolve()  # the fetch steps run in sub-folders of it
     if args.worker:  # inside a llama.cpp measurement process
         kind, kwargs = args.worker
         print(json.dumps(WORKERS[kind](**json.loads(kwargs))), flush=True)

@@ -220,6 +220,8 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
         from glm4.quant import quantize
 
         quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params)
+    if on_cpu:
+        _set_quant_gemm(model, args.quant_gemm)
     if compute != p.dtype:
         from glm4.quant import cast_for_compute
 
@@ -232,6 +234,18 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
     if args.compile:
         compile_model(model)
     return model
+
+
+def _set_quant_gemm(model: torch.nn.Module, choice: str) -> None:
+    """EngineArgs.quant_gemm -> glm4.quant.set_gemm_dtype: "auto" takes bf16 for 4-bit weights where the CPU computes
+    in bf16 (their own error swamps bf16's rounding; 8-bit weights stay exact, see set_gemm_dtype)."""
+    from glm4.quant import kernels, set_gemm_dtype
+
+    set_gemm_dtype(model, torch.float32)
+    if choice == "bfloat16":
+        set_gemm_dtype(model, torch.bfloat16)
+    elif choice == "auto" and kernels.native_bf16():
+        set_gemm_dtype(model, torch.bfloat16, bits=(4,))
 
 
 def describe_model(model: torch.nn.Module) -> str:

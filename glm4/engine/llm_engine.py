@@ -51,6 +51,10 @@ class EngineArgs:
     linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
     quantization: str | None = None  # weight-only "int8" | "int4" (glm4.quant), CPU
     quant_group_size: int = 128
+    # prefill GEMM of int8 / int4 weights under fp32 activations: "auto" = bfloat16 for int4 where the CPU computes in
+    # bf16 (AVX512_BF16 / AMX: ~1.5x prefill), else float32 (exact to the stored weights); "bfloat16" for both widths
+    # (glm4.quant.set_gemm_dtype)
+    quant_gemm: str = "auto"
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)
     fused_ops: bool = True  # CPU: RMSNorm, RoPE and decode attention as one op each (glm4.quant.fused)
@@ -69,6 +73,8 @@ class EngineArgs:
         args = cls(**kw)
         if args.linear not in ("auto", "packed", "torch"):
             raise ValueError(f"linear must be 'auto', 'packed' or 'torch', got {args.linear!r}")
+        if args.quant_gemm not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"quant_gemm must be 'auto', 'float32' or 'bfloat16', got {args.quant_gemm!r}")
         if args.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {args.kv_cache_dtype!r}")

@@ -20,7 +20,7 @@ from torch import nn
 from glm4.layers.moe import StackedExperts
 
 from . import kernels
-from .experts import StreamExperts
+from .experts import ExpertPack, StreamExperts
 from .fast_linear import PackedLinear, QuantizationError, has_op
 from .float_linear import CastEmbedding, FloatLinear
 from .int4 import WeightOnlyInt4Linear, quantize_int4
@@ -29,7 +29,7 @@ from .qlinear import QuantLinear
 
 __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "QuantLinear", "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
-           "quantize_weights_report"]
+           "quantize_weights_report", "set_gemm_dtype"]
 
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
@@ -199,6 +199,23 @@ def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
+def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] = (4, 8)) -> int:
+    """The dtype of the large-M (prefill) GEMM of the int8 / int4 linears and expert packs of `model` whose width is
+    in `bits`, under fp32 activations: bfloat16 rounds the activations and the dequantized weights to bf16 for that
+    GEMM (fp32 accumulation, the output widened back), ~1.5x the fp32 GEMM's prefill where the CPU has native bf16.
+    Measured on the shipped model (docs/benchmarks.md): with 4-bit weights it changes nothing their own error does
+    not swamp (KL to fp32 1.5e-2 either way); with 8-bit weights it adds ~27 % to their KL (5.6e-4 -> 7.1e-4).
+    Decode (the streaming kernels) is unchanged. Returns how many modules were set."""
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"the quantized GEMM runs in float32 or bfloat16, not {dtype}")
+    n = 0
+    for m in model.modules():
+        if (isinstance(m, QuantLinear) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
+            m.gemm_dtype = dtype
+            n += 1
+    return n
+
+
 def kernel_of(m: nn.Module) -> str:
     """Which kernel runs module `m` (a linear or a swapped linear), in words."""
     dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
@@ -209,7 +226,8 @@ def kernel_of(m: nn.Module) -> str:
     if isinstance(m, QuantLinear):
         group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
-        gemm = kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else "")
+        gemm = (f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
+                kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else ""))
         return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size)} stream (M<={kernels.max_m(m)}); "
                 f"dequantize + {gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
@@ -231,7 +249,8 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
             gu = m.gate_up
             isa = kernels.quant_isa(gu.bits, gu.group_size) if gu.bits else kernels.dense_isa()
             key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} stream per busy expert "
-                              f"(<= {kernels.dense_max_m()} tokens each); a GEMM per expert above")
+                              f"(<= {kernels.dense_max_m()} tokens each); a "
+                              f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per expert above")
         elif isinstance(m, StackedExperts):
             key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")
         elif isinstance(m, (nn.Linear, *_SWAPPED)):

@@ -24,6 +24,8 @@ class ExpertPack(nn.Module):
     """One projection of E experts: `weight` [E, N, K] in its storage dtype, or (bits 4 / 8) `qweight` [E, N, K']
     with `scales` / `mins` [E, N, K/g] read as in QuantLinear."""
 
+    gemm_dtype = torch.float32  # quantized packs: the prefill GEMM's dtype for fp32 activations (QuantLinear's)
+
     def __init__(self, weight: torch.Tensor | None = None, *, bits: int = 0, group_size: int = 0, zero_point: int = 0,
                  qweight: torch.Tensor | None = None, scales: torch.Tensor | None = None,
                  mins: torch.Tensor | None = None):
@@ -53,6 +55,7 @@ class ExpertPack(nn.Module):
         m = QuantLinear(self.in_features, self.out_features, bits=self.bits, group_size=self.group_size,
                         zero_point=self.zero_point, has_mins=self.mins is not None, scale_dtype=self.scales.dtype)
         m.qweight, m.scales = self.qweight[e], self.scales[e]
+        m.gemm_dtype = self.gemm_dtype
         if self.mins is not None:
             m.mins = self.mins[e]
         return m

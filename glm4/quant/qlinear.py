@@ -44,7 +44,10 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 class QuantLinear(nn.Module):
     """y = x @ W.T + bias, W as in the module docstring. Small M runs the streaming kernel of this CPU;
-    large M (prefill) dequantizes chunks into an fp32 GEMM."""
+    large M (prefill) dequantizes chunks into a GEMM in `gemm_dtype` (fp32; bf16 activations stay bf16 where the
+    CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too)."""
+
+    gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, zero_point: int = 0,
                  has_mins: bool = False, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
@@ -130,7 +133,7 @@ class QuantLinear(nn.Module):
         if x.shape[0] <= kernels.max_m(self):
             y = kernels.quant_mm(x.float(), self)
         else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
-            y = self._dequant_mm(x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.float())
+            y = self._dequant_mm(x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype))
         if self.bias is not None:
             y = y + self.bias.float()
         return y.to(in_dtype).reshape(*shape[:-1], self.out_features)

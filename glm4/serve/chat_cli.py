@@ -336,6 +336,9 @@ def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
     ap.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization at load")
+    ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="prefill GEMM of int8/int4 weights: auto = bf16 for int4 on CPUs with native bf16 (~1.5x), "
+                         "float32 = exact to the stored weights")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
@@ -353,7 +356,8 @@ def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> 
         raise ValueError("glm4 chat talks to one LoRA adapter; serve several with glm4 serve --lora ...")
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
-                                     ("quantization", args.quantization), ("lora", lora or None)) if v is not None}
+                                     ("quantization", args.quantization), ("quant_gemm", args.quant_gemm),
+                                     ("lora", lora or None)) if v is not None}
     llm = LLM(model, **engine_args)
     from glm4.engine.chat import chat_layer_for
 
