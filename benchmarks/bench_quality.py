@@ -67,8 +67,9 @@ GLM4_FORMATS = {
     "int8": dict(dtype="float32", quantization="int8"),
     "int4-g128": dict(dtype="float32", quantization="int4", quant_group_size=128),
     "int4-g32": dict(dtype="float32", quantization="int4", quant_group_size=32),
-    # the prefill GEMM of int8 / int4 weights kept in fp32 (quant_gemm="auto" takes bf16 where the CPU computes in bf16)
-    "int8-gemm-fp32": dict(dtype="float32", quantization="int8", quant_gemm="float32"),
+    # the prefill GEMM of quantized weights in the other dtype than quant_gemm="auto" picks on a CPU with native bf16
+    # (auto: bf16 for int4, fp32 for int8)
+    "int8-gemm-bf16": dict(dtype="float32", quantization="int8", quant_gemm="bfloat16"),
     "int4-g128-gemm-fp32": dict(dtype="float32", quantization="int4", quant_group_size=128, quant_gemm="float32"),
 }
 REFERENCE = "fp32"
