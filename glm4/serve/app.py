@@ -189,6 +189,8 @@ def build_state(model: str | None = None, api_key: str | None = None, model_name
         chat.layer.media = media_policy(llm, chat.tokenizer, chat.folder,
                                         **{"allowed_local_path": None, "allow_remote": False, **(media or {})})
     eng = getattr(llm, "engine", llm)
+    if hasattr(eng, "runner"):  # a server lives long enough to touch every KV block: take the memory now
+        eng.runner.commit_kv_cache()
     max_len = int(getattr(llm, "max_model_len", 0) or getattr(eng, "max_model_len", 0)
                   or getattr(getattr(eng, "config", None), "max_model_len", 0) or 8192)
     vocab = int(chat.tokenizer.vocab_size)
