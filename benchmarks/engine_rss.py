@@ -9,7 +9,7 @@ Each round generates for 1-64 random token prompts of 3-300 tokens and 4-48 new 
 run every batch size the engine's scheduler can form. Per round it prints the wall time, RSS (/proc/self/statm)
 and glibc's view of the heap (mallinfo2: bytes in use vs free inside the arenas); at the end the RSS after the
 first sixth of the rounds against the last, and `--passes 2` repeats the same rounds (every primitive already
-built: the steady-state speed). Measured on the shipped model (Zen 5, 1 torch thread): see docs/serving.md.
+built: the steady-state speed). Numbers on the shipped model: docs/benchmarks.md, "Server soak and faults".
 """
 
 from __future__ import annotations

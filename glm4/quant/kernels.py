@@ -139,7 +139,7 @@ def gemm_rows(m: int) -> int:
     (18, 20, ..., 32, 36, 40, ..., 64, 72, ..., 512, 576, ...: at most 12.5 % padding, ~6 % on average).
     oneDNN and torch's ideep layer each keep a compiled primitive per shape (ideep's ~260 KB apiece, evicted only
     past 1024): one per row count made a server's RSS grow with every new batch size it met; this way a weight
-    has 8 shapes per doubling of M (benchmarks/engine_rss.py, docs/serving.md)."""
+    has 8 shapes per doubling of M (benchmarks/engine_rss.py; docs/benchmarks.md "Server soak")."""
     if m <= 16:
         return m
     step = 1 << ((m - 1).bit_length() - 4)  # the next power of two / 16
