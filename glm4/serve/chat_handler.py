@@ -47,7 +47,7 @@ def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list
     """The request's ChatPlan and one SamplingParams per choice (each with its own grammar matcher)."""
     rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
     messages = [m.model_dump(exclude_none=True) for m in req.messages]
-    serving.check_messages_fit(st, messages, req.max_completion_tokens or req.max_tokens)
+    serving.check_messages_fit(st, messages)
     try:
         plan = st.chat.plan(
             messages,

@@ -114,7 +114,7 @@ def _check_think(st: ServerState, req) -> dict:
 
 def _plan_chat(st: ServerState, req: O.ChatRequest):
     messages = O.openai_messages(req.messages)
-    serving.check_messages_fit(st, messages, None)
+    serving.check_messages_fit(st, messages)
     plan = st.chat.plan(messages, tools=req.tools or None,
                         response_format=O.response_format(req.format), **_check_think(st, req))
     return plan, _sampling(st, req, plan)
@@ -131,7 +131,7 @@ def _plan_generate(st: ServerState, req: O.GenerateRequest):
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": O.user_content(req.prompt or "", req.images)}]
-        serving.check_messages_fit(st, messages, None, "prompt")
+        serving.check_messages_fit(st, messages, "prompt")
         plan = st.chat.plan(messages, response_format=O.response_format(req.format), **_check_think(st, req))
     if req.context:
         bad = [t for t in req.context if not 0 <= t < st.vocab_size]

@@ -98,8 +98,10 @@ def check_text_fits(st: ServerState, text: str, max_tokens: int, what: str, para
                        param or ("messages" if what == "messages" else "prompt"), "context_length_exceeded")
 
 
-def check_messages_fit(st: ServerState, messages: list, max_tokens: int | None, param: str = "messages") -> None:
-    """`check_text_fits` for a chat, before its template is rendered and tokenized. Only a final user turn of text
+def check_messages_fit(st: ServerState, messages: list, param: str = "messages") -> None:
+    """`check_text_fits` for a chat, before its template is rendered and tokenized: refused when the prompt alone
+    cannot fit (a prompt that fits but leaves too little room for max_tokens is bounded in size, and the exact
+    count after tokenizing says it with the real numbers). Only a final user turn of text
     counts (a string, or text parts, which the planner joins as they are): whatever a format does with the history
     (drops past reasoning, strips whitespace, cuts what precedes a `</think>`), that turn's text after its last
     `</think>`, stripped, is in the prompt, so its bytes bound the prompt's tokens from below. Other turns may
@@ -111,7 +113,7 @@ def check_messages_fit(st: ServerState, messages: list, max_tokens: int | None, 
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
         content = "".join(str(p.get("text", "")) for p in content)
     if isinstance(content, str):
-        check_text_fits(st, content.split("</think>")[-1].strip(), max(max_tokens or 1, 1), "last user message", param)
+        check_text_fits(st, content.split("</think>")[-1].strip(), 1, "last user message", param)
 
 
 # ---------------------------------------------------------------------------------------------
