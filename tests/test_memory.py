@@ -173,3 +173,48 @@ def test_only_the_last_user_turn_is_bounded(server, monkeypatch):
     r = httpx.post(server.url + "/v1/chat/completions", json={"model": MODEL, "max_tokens": 2, "messages": [
         {"role": "user", "content": BIG + "</think>hi"}]}, timeout=60)
     assert rendered == [1]
+
+
+# ------------------------------------------------------------------------------------------ idle trim
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * mmap.PAGESIZE / 2**20
+
+
+def test_release_free_memory_gives_free_pages_back():
+    from glm4.serve.async_engine import release_free_memory
+
+    blocks = [bytes(1000 + i % 7) for i in range(60000)]  # ~60 MB of malloc'd blocks
+    pin = bytes(1000)  # allocated after them: the freed ones below are not the heap's top, free() keeps them
+    del blocks[:58000]
+    before = _rss_mb()
+    assert release_free_memory()
+    assert before - _rss_mb() > 30, (before, _rss_mb())
+    del pin, blocks
+
+
+def test_engine_thread_trims_when_it_goes_idle(server, monkeypatch):
+    import time
+
+    from glm4.serve import async_engine
+
+    eng = server.state.engine
+    calls = []
+    monkeypatch.setattr(async_engine, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
+    monkeypatch.setattr(async_engine, "TRIM_INTERVAL_S", 0.0)
+    time.sleep(0.3)  # a trim still owed for the tests before (throttled then) happens now
+    calls.clear()
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 2}
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert len(calls) == 1  # once after the work, not on every idle tick
+    time.sleep(0.3)
+    assert len(calls) == 1
+    monkeypatch.setattr(async_engine, "TRIM_INTERVAL_S", 3600.0)  # throttled: no second trim within the interval
+    assert httpx.post(server.url + "/v1/completions", json=body, timeout=60).status_code == 200
+    time.sleep(0.3)
+    assert len(calls) == 1 and eng.num_trims >= 1
