@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds for a new connection to send its request headers (else it is closed)")
     ap.add_argument("--onednn-cache", type=int, default=None,
                     help="compiled GEMMs kept by oneDNN and by torch's ideep layer (one per weight and row count; "
-                         "default 1024 each; ~0.5 MB per shape for the two). Row counts are rounded up to 8 sizes per doubling, "
-                         "so the shipped model needs ~200 (~100 MB, built in the first minute of load); a smaller "
-                         "cache rebuilds GEMMs at a speed cost")
+                         "default 1024 each; ~0.5 MB per shape for the two). Row counts are rounded up to 8 sizes "
+                         "per doubling, so the shipped model needs ~200 (~100 MB, built in the first minute of "
+                         "load); a smaller cache rebuilds GEMMs at a speed cost")
     ap.add_argument("--cpu-workers", type=int, default=serving.CPU_WORKERS,
                     help="threads that tokenize / render templates / compile grammars at once, off the event loop")
     ap.add_argument("--log-level", default="info")
