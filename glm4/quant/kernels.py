@@ -29,7 +29,7 @@ if HAVE_EXT and os.environ.get("GLM4_ISA"):  # e.g. GLM4_ISA=avx2 on an AVX-512 
     else:
         warnings.warn(f"GLM4_ISA={os.environ['GLM4_ISA']!r} ignored: avx2 or avx512_vnni", stacklevel=1)
 
-__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "gemm", "gemm_kernel",
+__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
            "has_streaming_kernels", "max_m", "native_bf16", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
@@ -134,8 +134,25 @@ def gemm_kernel(dtype: torch.dtype) -> str:
     return "oneDNN GEMM" if _onednn_gemm(dtype) else "torch GEMM"
 
 
+def gemm_rows(m: int) -> int:
+    """The row count the oneDNN GEMM runs for M rows: M up to 16, above it M rounded up to 8 sizes per doubling
+    (18, 20, ..., 32, 36, 40, ..., 64, 72, ..., 512, 576, ...: at most 12.5 % padding, ~6 % on average).
+    oneDNN and torch's ideep layer each keep a compiled primitive per shape (ideep's ~260 KB apiece, evicted only
+    past 1024): one per row count made a server's RSS grow with every new batch size it met; this way a weight
+    has 8 shapes per doubling of M (benchmarks/engine_rss.py; docs/benchmarks.md "Server soak")."""
+    if m <= 16:
+        return m
+    step = 1 << ((m - 1).bit_length() - 4)  # the next power of two / 16
+    return -(-m // step) * step
+
+
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T in their (common) dtype: the large-M path of the linears (prefill)."""
+    """x [M, K] @ w [N, K]^T in their (common) dtype: the large-M path of the linears (prefill). oneDNN runs
+    `gemm_rows(M)` rows (zero rows appended), so that its per-shape caches stay bounded."""
     if x.device.type == "cpu" and _onednn_gemm(x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, None, "none", [], "")
+        m = x.shape[0]
+        rows = gemm_rows(m)
+        x = x.contiguous() if rows == m else torch.constant_pad_nd(x, (0, 0, 0, rows - m))  # zero rows below
+        y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return y if rows == m else y[:m]
     return torch.nn.functional.linear(x, w)

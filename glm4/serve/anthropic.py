@@ -197,6 +197,7 @@ def plan_request(st: ServerState, req: A.CountTokensRequest) -> ChatPlan:
 
 
 def _plan_and_params(st: ServerState, req: A.MessagesRequest):
+    serving.check_messages_fit(st, chat_messages(req))
     plan = plan_request(st, req)
     max_tokens = serving.token_budget(st, len(plan.prompt_ids), req.max_tokens, "messages")
     knobs = SimpleNamespace(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=None,

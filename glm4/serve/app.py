@@ -28,7 +28,7 @@ from glm4.serve import responses_protocol as RP
 from glm4.serve.async_engine import AsyncEngine
 from glm4.serve.chat_handler import create_chat_completion, load_chat
 from glm4.serve.completions import create_completion
-from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES, GateMiddleware, install_error_handlers
+from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES, GateMiddleware, ParsedBodyRoute, install_error_handlers
 from glm4.serve.metrics import Metrics
 from glm4.serve.responses import DEFAULT_STORE_SIZE, ResponseStore, create_response, delete_response, retrieve_response
 from glm4.serve.serving import ServerState, check_model
@@ -44,6 +44,7 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
         await asyncio.get_running_loop().run_in_executor(None, st.engine.stop, drain_timeout)
 
     app = FastAPI(title="glm4 OpenAI- and Anthropic-compatible server", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = ParsedBodyRoute  # the body the gate parsed goes to the route as it is
     app.state.glm4 = st
     _describe_metrics(st)
     # path prefix -> its API's error body (else OpenAI's): also for the key / body-size gate and unknown routes
@@ -189,6 +190,8 @@ def build_state(model: str | None = None, api_key: str | None = None, model_name
         chat.layer.media = media_policy(llm, chat.tokenizer, chat.folder,
                                         **{"allowed_local_path": None, "allow_remote": False, **(media or {})})
     eng = getattr(llm, "engine", llm)
+    if hasattr(eng, "runner"):  # a server lives long enough to touch every KV block: take the memory now
+        eng.runner.commit_kv_cache()
     max_len = int(getattr(llm, "max_model_len", 0) or getattr(eng, "max_model_len", 0)
                   or getattr(getattr(eng, "config", None), "max_model_len", 0) or 8192)
     vocab = int(chat.tokenizer.vocab_size)

@@ -5,11 +5,18 @@ queue of the HTTP request that owns it (one event-loop wake-up per step). `Async
 `EngineRequest`: async-iterate it for that request's RequestOutputs; `close()` aborts it in the engine
 (its KV blocks are freed). Admission is counted here: over `max_pending` engine requests in flight a new
 request gets 429 + Retry-After; while stopping, 503.
+
+When the engine goes idle after work, at most once every TRIM_INTERVAL_S, the thread hands the
+allocator's free pages back to the OS (glibc `malloc_trim(0)`: ~20 MB of ~600 after a 64-client fault soak on the
+shipped model), so an idle server's RSS is what it holds, not what a burst left free.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
+import functools
 import logging
 import queue
 import threading
@@ -20,6 +27,24 @@ from glm4.serve.errors import APIError, bad_request
 from glm4.serve.metrics import Metrics
 
 log = logging.getLogger("glm4.serve")
+TRIM_INTERVAL_S = 30.0  # the least time between two malloc_trim calls of the engine thread
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library)."""
+    try:
+        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_size_t], ctypes.c_int
+    return fn
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the OS (glibc); False where there is no malloc_trim."""
+    trim = _malloc_trim()
+    return bool(trim is not None and trim(0) is not None)
 
 
 class _Dropped:
@@ -46,6 +71,9 @@ class AsyncEngine:
         self.num_pending = 0  # engine requests admitted and not finished (guarded by _lock)
         self.num_cut = 0  # requests ended by shutdown before they finished
         self._submitted: dict[str, float] = {}  # request id -> submit time, until its first output (queue wait)
+        self._worked = False  # steps ran since the last malloc_trim
+        self._last_trim = 0.0
+        self.num_trims = 0
         self.error: BaseException | None = None
 
     # -- lifecycle
@@ -201,9 +229,13 @@ class AsyncEngine:
                 if not busy:
                     if self._stopping:
                         return
+                    if self._worked and time.monotonic() - self._last_trim >= TRIM_INTERVAL_S:
+                        self._worked, self._last_trim = False, time.monotonic()
+                        self.num_trims += release_free_memory()
                     self._wake.wait(0.05)
                     self._wake.clear()
                     continue
+                self._worked = True
                 try:
                     outs = self.engine.step()
                 except Exception as e:  # a failed step: fail what was in flight, keep serving

@@ -46,9 +46,11 @@ def load_chat(llm, model: str | None) -> ChatSetup:
 def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list]:
     """The request's ChatPlan and one SamplingParams per choice (each with its own grammar matcher)."""
     rf = req.response_format.model_dump(by_alias=True, exclude_none=True) if req.response_format else None
+    messages = [m.model_dump(exclude_none=True) for m in req.messages]
+    serving.check_messages_fit(st, messages)
     try:
         plan = st.chat.plan(
-            [m.model_dump(exclude_none=True) for m in req.messages],
+            messages,
             tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
             tool_choice=req.tool_choice.model_dump() if isinstance(req.tool_choice, P.NamedToolChoice) else req.tool_choice,
             parallel_tool_calls=req.parallel_tool_calls is not False, response_format=rf,

@@ -23,7 +23,6 @@ from types import SimpleNamespace
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.background import BackgroundTask
 
@@ -33,7 +32,7 @@ from glm4.serve import ollama_protocol as O
 from glm4.serve import serving
 from glm4.serve.async_engine import abort_unfinished
 from glm4.serve.completions import encode_prompt
-from glm4.serve.errors import APIError, aborted, validation_error
+from glm4.serve.errors import APIError, ParsedBodyRoute, aborted, validation_error
 from glm4.serve.serving import ServerState
 from glm4.serve.tokenization import chat_template_text
 
@@ -43,7 +42,7 @@ OLLAMA_VERSION = "0.13.0"  # the Ollama release whose API shapes these routes fo
 NDJSON = "application/x-ndjson"
 
 
-class OllamaRoute(APIRoute):
+class OllamaRoute(ParsedBodyRoute):
     """A route whose errors take Ollama's shape: `{"error": message}` with the status."""
 
     def get_route_handler(self):
@@ -114,7 +113,9 @@ def _check_think(st: ServerState, req) -> dict:
 
 
 def _plan_chat(st: ServerState, req: O.ChatRequest):
-    plan = st.chat.plan(O.openai_messages(req.messages), tools=req.tools or None,
+    messages = O.openai_messages(req.messages)
+    serving.check_messages_fit(st, messages)
+    plan = st.chat.plan(messages, tools=req.tools or None,
                         response_format=O.response_format(req.format), **_check_think(st, req))
     return plan, _sampling(st, req, plan)
 
@@ -130,6 +131,7 @@ def _plan_generate(st: ServerState, req: O.GenerateRequest):
     else:
         messages = ([{"role": "system", "content": req.system}] if req.system else []) + \
             [{"role": "user", "content": O.user_content(req.prompt or "", req.images)}]
+        serving.check_messages_fit(st, messages, "prompt")
         plan = st.chat.plan(messages, response_format=O.response_format(req.format), **_check_think(st, req))
     if req.context:
         bad = [t for t in req.context if not 0 <= t < st.vocab_size]

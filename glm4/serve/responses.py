@@ -214,6 +214,7 @@ def _response_format(req: RP.ResponsesRequest) -> dict | None:
 
 def _plan(st: ServerState, req: RP.ResponsesRequest, messages: list[dict]) -> tuple[ChatPlan, object]:
     tc = req.tool_choice
+    serving.check_messages_fit(st, messages, "input")
     try:
         plan = st.chat.plan(
             messages,

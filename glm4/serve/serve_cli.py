@@ -106,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT_S,
                     help="seconds for a new connection to send its request headers (else it is closed)")
     ap.add_argument("--onednn-cache", type=int, default=None,
-                    help="oneDNN primitives kept (one per GEMM shape; oneDNN's default 1024). Each holds memory: "
-                         "under varied batch shapes RSS grows until the cache is full — 64 cut the growth by ~100 MB "
-                         "on the shipped model, at ~20%% lower decode speed")
+                    help="compiled GEMMs kept by oneDNN and by torch's ideep layer (one per weight and row count; "
+                         "default 1024 each; ~0.5 MB per shape for the two). Row counts are rounded up to 8 sizes "
+                         "per doubling, so the shipped model needs ~200 (~100 MB, built in the first minute of "
+                         "load); a smaller cache rebuilds GEMMs at a speed cost")
     ap.add_argument("--cpu-workers", type=int, default=serving.CPU_WORKERS,
                     help="threads that tokenize / render templates / compile grammars at once, off the event loop")
     ap.add_argument("--log-level", default="info")
@@ -120,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"glm4 serve: {e}")
         return 2
-    if args.onednn_cache is not None:  # read by oneDNN when it builds its first primitive
+    if args.onednn_cache is not None:  # read by oneDNN / ideep when they build their first primitive
         os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = str(max(0, args.onednn_cache))
+        os.environ["LRU_CACHE_CAPACITY"] = str(max(1, args.onednn_cache))  # ideep's; 0 crashes torch 2.13
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
                                      ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization),

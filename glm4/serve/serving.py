@@ -86,7 +86,7 @@ def max_token_bytes(st: ServerState) -> int:
     return n
 
 
-def check_text_fits(st: ServerState, text: str, max_tokens: int, what: str) -> None:
+def check_text_fits(st: ServerState, text: str, max_tokens: int, what: str, param: str | None = None) -> None:
     """Reject (400 context_length_exceeded) before tokenizing a text that cannot fit: it is at least
     ceil(bytes / max_token_bytes) tokens, so if even that many leave no room the real count cannot either."""
     n_bytes = len(text.encode("utf-8", "surrogatepass"))
@@ -95,7 +95,25 @@ def check_text_fits(st: ServerState, text: str, max_tokens: int, what: str) -> N
         raise APIError(400, f"This model's maximum context length is {st.max_model_len} tokens. However, the "
                        f"{what} alone is at least {at_least} tokens ({n_bytes} bytes). Please reduce the length of "
                        "the prompt.", "invalid_request_error",
-                       "messages" if what == "messages" else "prompt", "context_length_exceeded")
+                       param or ("messages" if what == "messages" else "prompt"), "context_length_exceeded")
+
+
+def check_messages_fit(st: ServerState, messages: list, param: str = "messages") -> None:
+    """`check_text_fits` for a chat, before its template is rendered and tokenized: refused when the prompt alone
+    cannot fit (a prompt that fits but leaves too little room for max_tokens is bounded in size, and the exact
+    count after tokenizing says it with the real numbers). Only a final user turn of text
+    counts (a string, or text parts, which the planner joins as they are): whatever a format does with the history
+    (drops past reasoning, strips whitespace, cuts what precedes a `</think>`), that turn's text after its last
+    `</think>`, stripped, is in the prompt, so its bytes bound the prompt's tokens from below. Other turns may
+    render shorter than their bytes: not counted."""
+    last = messages[-1] if messages else None
+    if not isinstance(last, dict) or last.get("role") != "user":
+        return
+    content = last.get("content")
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
+        content = "".join(str(p.get("text", "")) for p in content)
+    if isinstance(content, str):
+        check_text_fits(st, content.split("</think>")[-1].strip(), 1, "last user message", param)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,10 +22,10 @@ from glm4.chat.planner import ChatError
 from glm4.serve import protocol as P
 from glm4.serve import serving
 from glm4.serve.completions import encode_prompt
-from glm4.serve.errors import bad_request
+from glm4.serve.errors import ParsedBodyRoute, bad_request
 from glm4.serve.serving import ServerState, check_model
 
-router = APIRouter()
+router = APIRouter(route_class=ParsedBodyRoute)
 _ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404)}
 
 
