@@ -233,17 +233,20 @@ def model_kwargs(batch: dict, device, ctx_factory=None) -> dict:
 
 def wants_router_logits(model: nn.Module) -> bool:
     c = getattr(model, "config", None)
-    return getattr(c, "model_type", "") == "glm4_moe" and getattr(c, "scoring_func", "") == "softmax" \
+    c = getattr(c, "text_config", c)  # a vision model's language half
+    return getattr(c, "model_type", "") in ("glm4_moe", "glm4v_moe_text") and getattr(c, "scoring_func", "") == "softmax" \
         and getattr(c, "num_hidden_layers", 0) > getattr(c, "first_k_dense_replace", 0)
 
 
 class LMTask:
     """Cross-entropy on shifted targets (+ MoE balance / z losses). Samples are objectives.py dicts."""
 
+    target_logits_only = False  # True: pass `logits_indices` (models that take it) and score those rows only
+
     def __init__(self, base_model: nn.Module, args: TrainArgs, ctx_factory=None, pad_id: int = 0):
         self.ctx_factory, self.pad_id = ctx_factory, pad_id
         self.moe = wants_router_logits(base_model) and (args.moe_aux_coef > 0 or args.moe_z_coef > 0)
-        self.top_k = getattr(base_model.config, "num_experts_per_tok", 1)
+        self.top_k = getattr(getattr(base_model.config, "text_config", base_model.config), "num_experts_per_tok", 1)
         self.args = args
 
     def normalizer(self, samples: list[dict]) -> float:
@@ -252,11 +255,18 @@ class LMTask:
     def n_tokens(self, samples: list[dict]) -> int:
         return sum(len(s["input_ids"]) for s in samples)
 
+    def model_inputs(self, samples: list[dict], batch: dict, device) -> dict:
+        """The model's keyword inputs besides the ids (vision tasks add the pictures)."""
+        return model_kwargs(batch, device, self.ctx_factory)
+
     def loss(self, model: nn.Module, samples: list[dict], norm: float, device, world: int):
         """-> (loss to backprop, already scaled for the global batch and DDP's mean; stats dict of local sums)."""
         b = collate(samples, self.pad_id)
         ids, tgt = b["input_ids"].to(device), b["targets"].to(device)
-        kw = model_kwargs(b, device, self.ctx_factory)
+        kw = self.model_inputs(samples, b, device)
+        if self.target_logits_only:  # the output head only at target rows (vision SFT: most rows are prompt/image)
+            keep = (tgt.reshape(-1) != IGNORE).nonzero().squeeze(1)
+            kw["logits_indices"], tgt = keep, tgt.reshape(-1)[keep]
         stats = {}
         if self.moe:
             logits, router = model(ids, return_router_logits=True, **kw)
