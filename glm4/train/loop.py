@@ -48,6 +48,7 @@ class TrainArgs:
     batch_size: int = 8  # global sequences (or pairs) per optimizer step, over all processes
     micro_batch_size: int = 0  # per process per forward; 0 = batch_size / world (no accumulation)
     lr: float = 3e-4
+    lr_scale: typing.Any = None  # {parameter-name prefix: lr multiplier}, e.g. {"model.language_model.": 0.1}
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 0
     weight_decay: float = 0.0  # AdamW, on >= 2-D parameters only
@@ -332,10 +333,20 @@ def make_optimizer(model: nn.Module, a: TrainArgs):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise RecipeError("no trainable parameters")
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=a.lr, betas=(a.beta1, a.beta2), eps=a.adam_eps)
+    scales = a.lr_scale or {}
+    if not isinstance(scales, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in scales.values()):
+        raise RecipeError(f"lr_scale: expected {{parameter-name prefix: multiplier >= 0}}, got {scales!r}")
+
+    def scale(name: str) -> float:  # the longest matching prefix wins; DDP's "module." is not part of the name
+        hits = [k for k in scales if name.removeprefix("module.").startswith(k)]
+        return float(scales[max(hits, key=len)]) if hits else 1.0
+
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in params:
+        groups.setdefault((p.ndim >= 2, scale(n)), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": a.weight_decay if decay else 0.0, "lr": a.lr * s}
+                             for (decay, s), ps in sorted(groups.items(), key=lambda g: (g[0][1] != 1.0, not g[0][0]))],
+                            lr=a.lr, betas=(a.beta1, a.beta2), eps=a.adam_eps)  # logs show the first group's lr
 
     def lr_lambda(step: int) -> float:
         if a.warmup_steps and step < a.warmup_steps:
