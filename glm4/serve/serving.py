@@ -113,16 +113,17 @@ MEDIA_PART_TYPES = frozenset({"image_url", "video_url", "image", "video", "input
 
 def carries_media(body) -> bool:
     """Whether request content (pydantic models, dicts, lists) holds a picture or video in any served API's shape:
-    OpenAI image_url / video_url parts, Responses input_image, Anthropic image blocks, Ollama `images`."""
-    if hasattr(body, "model_dump"):
-        body = body.model_dump(exclude_none=True)
+    OpenAI image_url / video_url parts, Responses input_image, Anthropic image blocks, Ollama `images`. Walks the
+    objects in place (no copy of a 2 MiB prompt on the event loop); strings are never entered."""
+    if hasattr(body, "__pydantic_fields__"):
+        body = {**body.__dict__, **(getattr(body, "__pydantic_extra__", None) or {})}
     if isinstance(body, dict):
         if body.get("type") in MEDIA_PART_TYPES or body.get("images"):
             return True
-        return any(carries_media(v) for v in body.values() if isinstance(v, (dict, list)) or hasattr(v, "model_dump"))
-    if isinstance(body, list):
-        return any(carries_media(v) for v in body)
-    return hasattr(body, "model_dump") and carries_media(body)
+        return any(carries_media(v) for v in body.values() if not isinstance(v, (str, bytes, int, float)))
+    if isinstance(body, (list, tuple)):
+        return any(carries_media(v) for v in body if not isinstance(v, (str, bytes, int, float)))
+    return False
 
 
 def route(st: ServerState, model: str | None, media: bool = False) -> ServerState:
