@@ -1,12 +1,12 @@
 """Copy the trained vision checkpoint into the package (bf16) and write its card.
 
-    python recipes/vision/ship.py weights --checkpoint runs/vision/sft2     # -> glm4/assets/vision/
+    python recipes/vision/ship.py weights --checkpoint runs/vision/sft3     # -> glm4/assets/vision/
     python recipes/vision/ship.py card --runs runs/vision                   # -> training_curves.png
 
 `weights`: tensors in bf16 except the MoE routers (fp32, as the model keeps them), config.json with
 torch_dtype bfloat16, the tokenizer (with <|image|> / <|video|>), the GLM-4.1V chat template, the processor config
 (64 x 64 pictures -> 112 x 112 -> 16 image tokens) and generation_config.json (greedy).
-`card`: training_curves.png from the two SFT stages' logs.csv (MODEL_CARD.md is written by hand from eval.json and
+`card`: training_curves.png from the SFT stages' logs.csv (MODEL_CARD.md is written by hand from eval.json and
 timings.json).
 """
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("weights")
-    w.add_argument("--checkpoint", default="runs/vision/sft2", type=Path)
+    w.add_argument("--checkpoint", default="runs/vision/sft3", type=Path)
     w.add_argument("--out", default=ASSET, type=Path)
     c = sub.add_parser("card")
     c.add_argument("--runs", default="runs/vision", type=Path)
