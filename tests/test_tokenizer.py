@@ -106,6 +106,25 @@ def test_any_rank_count(tmp_path):
     assert load_tokenizer(tmp_path / "config.json").eos_token_ids == [261]
 
 
+def test_extra_specials_from_tokenizer_config(tmp_path):
+    """tokenizer_config.json may declare specials after GLM-4's 14 (the shipped vision model's <|image|>, <|video|>);
+    the ids must follow on, and the standard ones it lists change nothing."""
+    _write_ranks(tmp_path / "tokenizer.model", [bytes([b]) for b in range(256)])
+    added = {str(256 + i): {"content": name} for i, name in enumerate(GLM4_SPECIAL_TOKENS)}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    assert load_tokenizer(tmp_path).vocab_size == 256 + 14
+    added.update({"270": {"content": "<|image|>"}, "271": {"content": "<|video|>"}})
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    tok = load_tokenizer(tmp_path)
+    assert tok.vocab_size == 272 and tok.special_tokens["<|image|>"] == 270 and tok.special_tokens["<|video|>"] == 271
+    assert tok.encode("<|image|>", allow_special=True) == [270] and tok.decode([271]) == "<|video|>"
+    assert tok.encode("<|image|>") != [270]  # in plain text it stays text, like every special
+    del added["270"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": added}))
+    with pytest.raises(TokenizerError, match="consecutive"):
+        load_tokenizer(tmp_path)
+
+
 @pytest.mark.parametrize("content,msg", [
     ("QQ== 0\n!!notbase64 1\n", ":2:"), ("QQ== 0\nQg==\n", ":2:"), ("QQ== 0\nQg== 5\n", "contiguous"),
     ("QQ== 0\nQQ== 1\n", "duplicate"), ("", "no tokens"), ("QQ== x\n", ":1:")])

@@ -248,3 +248,25 @@ def test_cli_recipe_flags_and_errors(text_bin, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # argparse's own usage error for a bad flag value
         cli(["pretrain", "--config", str(recipe), "--lr", "abc"])
     assert e.value.code == 2
+
+
+def test_lr_scale_groups_by_name_prefix():
+    """lr_scale: the longest matching prefix sets a parameter's multiplier; decay only on >= 2-D weights; the
+    schedule scales every group alike; a bad mapping is a RecipeError."""
+    from torch import nn
+
+    from glm4.train.loop import RecipeError, TrainArgs, make_optimizer
+
+    m = nn.ModuleDict({"lm": nn.ModuleDict({"a": nn.Linear(4, 4), "head": nn.Linear(4, 2)}), "tower": nn.Linear(4, 4)})
+    a = TrainArgs(lr=1e-3, lr_scale={"lm.": 0.1, "lm.head.": 0.5}, weight_decay=0.05, warmup_steps=0, max_steps=10)
+    opt, sched = make_optimizer(m, a)
+    by_param = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    got = {n: by_param[id(p)] for n, p in m.named_parameters()}
+    assert got["tower.weight"] == (1e-3, 0.05) and got["tower.bias"] == (1e-3, 0.0)
+    assert got["lm.a.weight"] == pytest.approx((1e-4, 0.05)) and got["lm.head.bias"] == pytest.approx((5e-4, 0.0))
+    assert opt.param_groups[0]["lr"] == 1e-3  # the unscaled group first: logs.csv reports the recipe's lr
+    sched.step()
+    ratios = [g["lr"] / g["initial_lr"] for g in opt.param_groups]
+    assert ratios == pytest.approx([ratios[0]] * len(ratios)) and ratios[0] < 1
+    with pytest.raises(RecipeError, match="lr_scale"):
+        make_optimizer(m, TrainArgs(lr_scale={"lm.": "fast"}))

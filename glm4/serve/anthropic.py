@@ -309,6 +309,7 @@ def stop_reason(parser, engine_output, stop_sequences: list[str] | None) -> tupl
 
 
 async def create_message(st: ServerState, req: A.MessagesRequest, request: Request):
+    st = serving.route(st, req.model, serving.carries_media(req.messages))
     serving.check_model(st, req.model)
     st.engine.reserve(1)
     try:
@@ -338,6 +339,7 @@ async def create_message(st: ServerState, req: A.MessagesRequest, request: Reque
 
 
 async def count_tokens(st: ServerState, req: A.CountTokensRequest):
+    st = serving.route(st, req.model, serving.carries_media(req.messages))
     serving.check_model(st, req.model)
     plan = await serving.offload(plan_request, st, req)
     return JSONResponse({"input_tokens": len(plan.prompt_ids)})

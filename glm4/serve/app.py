@@ -31,17 +31,19 @@ from glm4.serve.completions import create_completion
 from glm4.serve.errors import BODY_TIMEOUT_S, MAX_BODY_BYTES, GateMiddleware, ParsedBodyRoute, install_error_handlers
 from glm4.serve.metrics import Metrics
 from glm4.serve.responses import DEFAULT_STORE_SIZE, ResponseStore, create_response, delete_response, retrieve_response
-from glm4.serve.serving import ServerState, check_model
+from glm4.serve.serving import ServerState, check_model, route, served_names
 
 
 def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_size: int = DEFAULT_STORE_SIZE,
                max_body_bytes: int = MAX_BODY_BYTES, body_timeout: float = BODY_TIMEOUT_S) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app):
-        st.engine.start()
+        for s in (st, *st.companions.values()):
+            s.engine.start()
         yield
-        # uvicorn has stopped accepting and waited for open responses; let the engine finish anything left
-        await asyncio.get_running_loop().run_in_executor(None, st.engine.stop, drain_timeout)
+        # uvicorn has stopped accepting and waited for open responses; let the engines finish anything left
+        for s in (st, *st.companions.values()):
+            await asyncio.get_running_loop().run_in_executor(None, s.engine.stop, drain_timeout)
 
     app = FastAPI(title="glm4 OpenAI- and Anthropic-compatible server", version="0.1.0", lifespan=lifespan)
     app.router.route_class = ParsedBodyRoute  # the body the gate parsed goes to the route as it is
@@ -62,13 +64,13 @@ def create_app(st: ServerState, drain_timeout: float = 30.0, responses_store_siz
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: err})
     async def models():
-        return P.ModelList(data=[P.ModelCard(id=name, created=st.created, max_model_len=st.max_model_len)
-                                 for name in [st.model_name, *st.adapters]])
+        return P.ModelList(data=[P.ModelCard(id=name, created=st.created, max_model_len=route(st, name).max_model_len)
+                                 for name in served_names(st)])
 
     @app.get("/v1/models/{model_id:path}", response_model=P.ModelCard, responses={401: err, 404: err})
     async def model(model_id: str):
-        check_model(st, model_id)
-        return P.ModelCard(id=model_id, created=st.created, max_model_len=st.max_model_len)
+        check_model(route(st, model_id), model_id)
+        return P.ModelCard(id=model_id, created=st.created, max_model_len=route(st, model_id).max_model_len)
 
     @app.get("/metrics", response_class=PlainTextResponse, responses={401: err})
     async def metrics():
@@ -174,10 +176,13 @@ def _generation_defaults(folder: Path | None) -> dict:
 
 
 def build_state(model: str | None = None, api_key: str | None = None, model_name: str | None = None,
-                max_pending: int = 256, verbose: bool = False, media: dict | None = None, **engine_args) -> ServerState:
+                max_pending: int = 256, verbose: bool = False, media: dict | None = None,
+                companion: str | Path | None = None, metrics: Metrics | None = None, **engine_args) -> ServerState:
     """Load a checkpoint into an LLM and wrap its engine, tokenizer and chat layer for serving.
     `verbose`: print what runs where (CPU, dtypes, each linear kind's kernel, KV cache). `media`: a vision
-    checkpoint's request limits (glm4.chat.media.MediaPolicy fields; local files and remote URLs off unless given)."""
+    checkpoint's request limits (glm4.chat.media.MediaPolicy fields; local files and remote URLs off unless given).
+    `companion`: a second checkpoint served beside it (its own engine; serving.route sends it the requests that
+    name it, and those with pictures when this model takes none), e.g. the shipped vision model."""
     from glm4.engine.llm import LLM
 
     llm = LLM(model, **engine_args)
@@ -196,14 +201,22 @@ def build_state(model: str | None = None, api_key: str | None = None, model_name
                   or getattr(getattr(eng, "config", None), "max_model_len", 0) or 8192)
     vocab = int(chat.tokenizer.vocab_size)
     model_vocab = int(getattr(getattr(eng, "config", None), "vocab_size", 0) or vocab)
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     folder = Path(chat.folder) if chat.folder else None
     name = model_name or (folder.name if folder else "glm4")
     adapters = list(getattr(eng, "lora_names", []))
     if name in adapters:
         raise ValueError(f"LoRA adapter name {name!r} is the served model's name; rename the adapter (--lora NAME=PATH)")
-    return ServerState(engine=AsyncEngine(eng, max_pending, metrics), chat=chat.layer, tokenizer=chat.tokenizer,
-                       model_name=name, adapters=adapters, max_model_len=max_len,
-                       vocab_size=vocab, api_key=api_key, model_vocab_size=model_vocab, vocab_guard=chat.vocab_guard,
-                       defaults=_generation_defaults(folder), metrics=metrics)
+    st = ServerState(engine=AsyncEngine(eng, max_pending, metrics), chat=chat.layer, tokenizer=chat.tokenizer,
+                     model_name=name, adapters=adapters, max_model_len=max_len,
+                     vocab_size=vocab, api_key=api_key, model_vocab_size=model_vocab, vocab_guard=chat.vocab_guard,
+                     defaults=_generation_defaults(folder), metrics=metrics)
+    if companion is not None:
+        other = build_state(str(companion), api_key, None, max_pending, verbose, media, metrics=metrics,
+                            **{k: v for k, v in engine_args.items() if k != "lora"})
+        if other.model_name in (name, *adapters):
+            raise ValueError(f"the companion model's name {other.model_name!r} is already served")
+        other.aliases = [name]  # a request naming this model but carrying pictures is served there
+        st.companions = {other.model_name: other}
+    return st
 

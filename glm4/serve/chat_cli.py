@@ -7,7 +7,8 @@ Multi-line input: a line of three double quotes starts and ends a block, or end 
 Ctrl-C stops a generation (the partial reply is kept) and clears a half-typed input; Ctrl-D exits.
 A tool call is shown as `-> name(arguments)` and you type its result (empty: skip the result); with
 `glm4 chat --agent` the agent's tools run it and the result is shown as `<- ...`.
-`--image PATH` (repeatable) attaches pictures to the first message.
+`--image PATH` (repeatable) attaches pictures to the first message; without --model it picks the shipped vision
+model (glm4/assets/vision), which answers questions about simple pictures, greedily unless --temperature is given.
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ class ChatSession:
         from glm4.media.image import load_image
 
         if not self.takes_images():
-            raise ValueError("this model does not take images")
+            raise ValueError("this model does not take images (`glm4 chat --image PATH` starts the shipped vision "
+                             "model)")
         p = str(Path(path).expanduser().resolve())
         load_image(p)  # MediaError (a ValueError) now rather than at the next message
         self.images.append(p)
@@ -322,14 +324,16 @@ def _pretty_args(args: str) -> str:
 def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog=prog, description="Terminal chat with a GLM-4 checkpoint",
                                  epilog=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint folder (default: the shipped model; with --image, the shipped vision model)")
     ap.add_argument("--lora", action="append", metavar="NAME=PATH",
                     help="chat with this PEFT LoRA adapter on the base --model (one); --model ADAPTER_DIR also works")
     ap.add_argument("--system", default=None, help="system prompt")
     ap.add_argument("--tools", default=None, help="JSON file with an OpenAI tools list")
     ap.add_argument("--image", action="append", default=[], metavar="PATH",
                     help="a picture for the first message (vision checkpoints; repeatable)")
-    ap.add_argument("--temperature", type=float, default=0.8)
+    ap.add_argument("--temperature", type=float, default=None,
+                    help="sampling temperature (default 0.8; 0, greedy, for the shipped vision model)")
     ap.add_argument("--top-p", type=float, default=0.8)
     ap.add_argument("--max-tokens", type=int, default=1024)
     ap.add_argument("--max-model-len", type=int, default=None)
@@ -352,6 +356,13 @@ def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> 
     from glm4.engine.sampling_params import SamplingParams
 
     model, lora = model_and_adapters(args.model, args.lora)
+    from glm4.assets import VISION_MODEL
+
+    # pictures and no --model: the shipped model that sees (when this install has it)
+    vision_default = model is None and bool(args.image) and not lora and (VISION_MODEL / "config.json").is_file()
+    if vision_default:
+        model = str(VISION_MODEL)
+    temperature = args.temperature if args.temperature is not None else 0.0 if vision_default else 0.8
     if len(lora) > 1:
         raise ValueError("glm4 chat talks to one LoRA adapter; serve several with glm4 serve --lora ...")
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
@@ -362,7 +373,7 @@ def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> 
     from glm4.engine.chat import chat_layer_for
 
     chat_layer_for(llm)  # fails now, not at the first message, for a checkpoint without a tokenizer
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+    params = SamplingParams(temperature=temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             lora=next(iter(lora), None))
     session = ChatSession(llm, args.system, tools, params)
     for path in args.image:

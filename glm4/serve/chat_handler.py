@@ -66,6 +66,7 @@ def _plan(st: ServerState, req: P.ChatCompletionRequest) -> tuple[ChatPlan, list
 
 
 async def create_chat_completion(st: ServerState, req: P.ChatCompletionRequest, request: Request):
+    st = serving.route(st, req.model, serving.carries_media(req.messages))
     serving.check_model(st, req.model)
     st.engine.reserve(req.n)  # before the work below: a full server sheds load cheaply
     try:  # tokenizing, grammar checks and matcher construction run off the event loop

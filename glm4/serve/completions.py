@@ -95,6 +95,7 @@ def _check_supported(req: P.CompletionRequest) -> None:
 
 
 async def create_completion(st: ServerState, req: P.CompletionRequest, request: Request):
+    st = serving.route(st, req.model)
     serving.check_model(st, req.model)
     _check_supported(req)
     prompts = await serving.offload(_prompts, st, req)

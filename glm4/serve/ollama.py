@@ -80,7 +80,7 @@ def _state(request: Request) -> ServerState:
 
 
 def _check_model(st: ServerState, name: str) -> None:
-    if name.removesuffix(":latest") not in (st.model_name, *st.adapters):
+    if name.removesuffix(":latest") not in (st.model_name, *st.adapters, *st.aliases):
         raise APIError(404, f"model '{name}' not found")
 
 
@@ -223,6 +223,7 @@ def _body(kind: str, reply: _Reply, content: str, thinking: str, calls: list[dic
 
 
 async def _run(st: ServerState, req, request: Request, kind: str, planner):
+    st = serving.route(st, req.model, serving.carries_media(req))
     _check_model(st, req.model)
     t0 = time.monotonic()
     st.engine.reserve(1)

@@ -311,6 +311,7 @@ def _logprobs(st: ServerState, entries: list[dict] | None) -> list[dict]:
 
 
 async def create_response(st: ServerState, store: ResponseStore, req: RP.ResponsesRequest, request: Request):
+    st = serving.route(st, req.model, serving.carries_media(req.input))
     serving.check_model(st, req.model)
     conversation = _conversation(store, req)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation

@@ -2,6 +2,8 @@
 
     glm4 serve --model PATH [--host 127.0.0.1] [--port 8000] [--api-key KEY] [--threads auto]
     glm4 serve --model BASE --lora NAME=PATH [--lora ...]   # LoRA adapters: a request's `model` picks one
+    glm4 serve                                              # the shipped models: text (`default`) and vision
+                                                            # (`vision`: requests with pictures, or naming it)
 
 SIGINT and SIGTERM start a graceful shutdown: stop accepting (new requests on open connections get 503), let the
 open responses finish for up to --drain-timeout seconds, then end each one still running in-band (an error event
@@ -130,10 +132,16 @@ def main(argv: list[str] | None = None) -> int:
                                      ("quant_gemm", args.quant_gemm), ("lora", lora or None),
                                      ("max_encoder_mb", args.max_encoder_mb))
                    if v is not None}
+    companion = None
+    if args.model is None and not lora:  # the shipped text model, with the shipped vision model for pictures
+        from glm4.assets import VISION_MODEL
+
+        companion = VISION_MODEL if (VISION_MODEL / "config.json").is_file() else None
     try:
         media = media_limits(args)
         st = build_state(args.model, api_key=args.api_key, model_name=args.served_model_name,
-                         max_pending=args.max_queue, verbose=args.verbose, media=media, **engine_args)
+                         max_pending=args.max_queue, verbose=args.verbose, media=media, companion=companion,
+                         **engine_args)
     except (OSError, ValueError, CheckpointError) as e:
         print(f"glm4 serve: {e}")
         return 2

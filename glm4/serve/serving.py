@@ -1,6 +1,10 @@
 """What the chat and completions handlers share: the server's state, sampling parameters from a request, the
 context budget, waiting for engine requests (all of them, or interleaved as they come) with a client that may
 disconnect, server-sent events, token texts for logprobs, and the usage / latency bookkeeping.
+
+A server may hold companion models next to its own (`glm4 serve` without --model: the shipped text model with the
+shipped vision model beside it): `route(st, model, media)` picks the state that serves a request — the companion
+its `model` names, or, for a request with pictures the served model cannot see, the companion that can.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ class ServerState:
     metrics: Metrics = field(default_factory=Metrics)
     created: int = field(default_factory=lambda: int(time.time()))
     adapters: list[str] = field(default_factory=list)  # LoRA adapters a request's `model` may name (glm4.engine.lora)
+    companions: dict[str, ServerState] = field(default_factory=dict)  # other models served beside this one, by name
+    aliases: list[str] = field(default_factory=list)  # other names routed here (a companion: its primary's name)
     token_texts: TokenTexts = field(init=False)
     max_token_bytes: int = field(default=0, init=False)  # see serving.max_token_bytes()
 
@@ -120,9 +126,45 @@ def check_messages_fit(st: ServerState, messages: list, param: str = "messages")
 # request -> engine parameters
 
 
+MEDIA_PART_TYPES = frozenset({"image_url", "video_url", "image", "video", "input_image"})
+
+
+def carries_media(body) -> bool:
+    """Whether request content (pydantic models, dicts, lists) holds a picture or video in any served API's shape:
+    OpenAI image_url / video_url parts, Responses input_image, Anthropic image blocks, Ollama `images`. Walks the
+    objects in place (no copy of a 2 MiB prompt on the event loop); strings are never entered."""
+    if hasattr(body, "__pydantic_fields__"):
+        body = {**body.__dict__, **(getattr(body, "__pydantic_extra__", None) or {})}
+    if isinstance(body, dict):
+        if body.get("type") in MEDIA_PART_TYPES or body.get("images"):
+            return True
+        return any(carries_media(v) for v in body.values() if not isinstance(v, (str, bytes, int, float)))
+    if isinstance(body, (list, tuple)):
+        return any(carries_media(v) for v in body if not isinstance(v, (str, bytes, int, float)))
+    return False
+
+
+def route(st: ServerState, model: str | None, media: bool = False) -> ServerState:
+    """The state serving a request: the companion its `model` names; for a request carrying pictures or video that
+    this model cannot see, the companion that can; else `st` itself."""
+    if not st.companions:
+        return st
+    name = model.removesuffix(":latest") if isinstance(model, str) else model
+    if name in st.companions:
+        return st.companions[name]
+    if media and st.chat.media is None:
+        return next((c for c in st.companions.values() if c.chat.media is not None), st)
+    return st
+
+
+def served_names(st: ServerState) -> list[str]:
+    """Every name /v1/models lists: the model, its adapters, then the companions and theirs."""
+    return [st.model_name, *st.adapters] + [n for c in st.companions.values() for n in (c.model_name, *c.adapters)]
+
+
 def check_model(st: ServerState, name: str) -> str | None:
     """404 unless `name` is the served model or one of its LoRA adapters; returns the adapter name (None: base)."""
-    if name != st.model_name and name not in st.adapters:
+    if name != st.model_name and name not in st.adapters and name not in st.aliases:
         raise APIError(404, f"The model `{name}` does not exist.", "invalid_request_error", "model", "model_not_found")
     return adapter_of(st, name)
 

@@ -23,7 +23,7 @@ from glm4.serve import protocol as P
 from glm4.serve import serving
 from glm4.serve.completions import encode_prompt
 from glm4.serve.errors import ParsedBodyRoute, bad_request
-from glm4.serve.serving import ServerState, check_model
+from glm4.serve.serving import ServerState, check_model, route
 
 router = APIRouter(route_class=ParsedBodyRoute)
 _ERRORS = {code: {"model": P.ErrorResponse} for code in (400, 401, 404)}
@@ -95,6 +95,7 @@ async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request
 
 def _tokenize(st: ServerState, req: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:
     if req.model is not None:
+        st = route(st, req.model)
         check_model(st, req.model)
     if isinstance(req, TokenizeChatRequest):
         ids = _chat_ids(st, req)
@@ -112,6 +113,7 @@ async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResp
 
 def _detokenize(st: ServerState, req: DetokenizeRequest) -> DetokenizeResponse:
     if req.model is not None:
+        st = route(st, req.model)
         check_model(st, req.model)
     bad = [t for t in req.tokens if not 0 <= t < st.vocab_size]
     if bad:

@@ -307,6 +307,22 @@ def read_eos_token_ids(folder: str | Path) -> list[int] | None:
     return None
 
 
+def extra_special_tokens(folder: Path, first_id: int) -> tuple[str, ...]:
+    """Specials a `tokenizer_config.json` declares after GLM-4's fixed list (ids first_id, first_id + 1, ...), e.g. a
+    small vision checkpoint's `<|image|>` / `<|video|>`; the ids must follow on without a gap."""
+    p = folder / "tokenizer_config.json"
+    if not p.is_file():
+        return ()
+    try:
+        added = json.loads(p.read_text(encoding="utf-8")).get("added_tokens_decoder") or {}
+        later = sorted((int(k), v["content"]) for k, v in added.items() if int(k) >= first_id)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        raise TokenizerError(f"{p}: added_tokens_decoder is not a mapping of id -> {{content: ...}}") from None
+    if [i for i, _ in later] != list(range(first_id, first_id + len(later))):
+        raise TokenizerError(f"{p}: added tokens after id {first_id - 1} must have consecutive ids from {first_id}")
+    return tuple(name for _, name in later)
+
+
 def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     """Load `tokenizer.model` (GLM-4 tiktoken format) or `tokenizer.json` from a checkpoint folder, or the
     vocabulary of a GGUF file (its path, or a folder whose only model file is one)."""
@@ -323,7 +339,8 @@ def load_tokenizer(folder: str | os.PathLike) -> Tokenizer:
     eos = read_eos_token_ids(folder)
     if (folder / "tokenizer.model").is_file():
         ranks = read_rank_file(folder / "tokenizer.model")
-        tok: Tokenizer = TiktokenTokenizer(ranks, eos_token_ids=eos)
+        extra = extra_special_tokens(folder, len(ranks) + len(GLM4_SPECIAL_TOKENS))
+        tok: Tokenizer = TiktokenTokenizer(ranks, GLM4_SPECIAL_TOKENS + extra, eos_token_ids=eos)
     elif (folder / "tokenizer.json").is_file():
         tok = HFTokenizer(folder / "tokenizer.json", eos_token_ids=eos)
     else:

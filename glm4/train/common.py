@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt")
+                   "chat_template.jinja", "generation_config.json", "vocab.json", "merges.txt",
+                   "preprocessor_config.json", "video_preprocessor_config.json")  # vision checkpoints' processor
 
 
 def user_errors() -> tuple[type[BaseException], ...]:

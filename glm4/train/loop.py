@@ -48,6 +48,7 @@ class TrainArgs:
     batch_size: int = 8  # global sequences (or pairs) per optimizer step, over all processes
     micro_batch_size: int = 0  # per process per forward; 0 = batch_size / world (no accumulation)
     lr: float = 3e-4
+    lr_scale: typing.Any = None  # {parameter-name prefix: lr multiplier}, e.g. {"model.language_model.": 0.1}
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
     warmup_steps: int = 0
     weight_decay: float = 0.0  # AdamW, on >= 2-D parameters only
@@ -233,17 +234,20 @@ def model_kwargs(batch: dict, device, ctx_factory=None) -> dict:
 
 def wants_router_logits(model: nn.Module) -> bool:
     c = getattr(model, "config", None)
-    return getattr(c, "model_type", "") == "glm4_moe" and getattr(c, "scoring_func", "") == "softmax" \
+    c = getattr(c, "text_config", c)  # a vision model's language half
+    return getattr(c, "model_type", "") in ("glm4_moe", "glm4v_moe_text") and getattr(c, "scoring_func", "") == "softmax" \
         and getattr(c, "num_hidden_layers", 0) > getattr(c, "first_k_dense_replace", 0)
 
 
 class LMTask:
     """Cross-entropy on shifted targets (+ MoE balance / z losses). Samples are objectives.py dicts."""
 
+    target_logits_only = False  # True: pass `logits_indices` (models that take it) and score those rows only
+
     def __init__(self, base_model: nn.Module, args: TrainArgs, ctx_factory=None, pad_id: int = 0):
         self.ctx_factory, self.pad_id = ctx_factory, pad_id
         self.moe = wants_router_logits(base_model) and (args.moe_aux_coef > 0 or args.moe_z_coef > 0)
-        self.top_k = getattr(base_model.config, "num_experts_per_tok", 1)
+        self.top_k = getattr(getattr(base_model.config, "text_config", base_model.config), "num_experts_per_tok", 1)
         self.args = args
 
     def normalizer(self, samples: list[dict]) -> float:
@@ -252,11 +256,18 @@ class LMTask:
     def n_tokens(self, samples: list[dict]) -> int:
         return sum(len(s["input_ids"]) for s in samples)
 
+    def model_inputs(self, samples: list[dict], batch: dict, device) -> dict:
+        """The model's keyword inputs besides the ids (vision tasks add the pictures)."""
+        return model_kwargs(batch, device, self.ctx_factory)
+
     def loss(self, model: nn.Module, samples: list[dict], norm: float, device, world: int):
         """-> (loss to backprop, already scaled for the global batch and DDP's mean; stats dict of local sums)."""
         b = collate(samples, self.pad_id)
         ids, tgt = b["input_ids"].to(device), b["targets"].to(device)
-        kw = model_kwargs(b, device, self.ctx_factory)
+        kw = self.model_inputs(samples, b, device)
+        if self.target_logits_only:  # the output head only at target rows (vision SFT: most rows are prompt/image)
+            keep = (tgt.reshape(-1) != IGNORE).nonzero().squeeze(1)
+            kw["logits_indices"], tgt = keep, tgt.reshape(-1)[keep]
         stats = {}
         if self.moe:
             logits, router = model(ids, return_router_logits=True, **kw)
@@ -322,10 +333,20 @@ def make_optimizer(model: nn.Module, a: TrainArgs):
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not params:
         raise RecipeError("no trainable parameters")
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": a.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=a.lr, betas=(a.beta1, a.beta2), eps=a.adam_eps)
+    scales = a.lr_scale or {}
+    if not isinstance(scales, dict) or not all(isinstance(v, (int, float)) and v >= 0 for v in scales.values()):
+        raise RecipeError(f"lr_scale: expected {{parameter-name prefix: multiplier >= 0}}, got {scales!r}")
+
+    def scale(name: str) -> float:  # the longest matching prefix wins; DDP's "module." is not part of the name
+        hits = [k for k in scales if name.removeprefix("module.").startswith(k)]
+        return float(scales[max(hits, key=len)]) if hits else 1.0
+
+    groups: dict[tuple[bool, float], list] = {}
+    for n, p in params:
+        groups.setdefault((p.ndim >= 2, scale(n)), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps, "weight_decay": a.weight_decay if decay else 0.0, "lr": a.lr * s}
+                             for (decay, s), ps in sorted(groups.items(), key=lambda g: (g[0][1] != 1.0, not g[0][0]))],
+                            lr=a.lr, betas=(a.beta1, a.beta2), eps=a.adam_eps)  # logs show the first group's lr
 
     def lr_lambda(step: int) -> float:
         if a.warmup_steps and step < a.warmup_steps:

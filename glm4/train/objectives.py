@@ -18,6 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 IGNORE = -100
@@ -186,10 +187,10 @@ def collate(samples: list[dict], pad_id: int = 0, length: int | None = None) -> 
     (blank infilling `n_a`, or packed `seq_ids`); padded query rows see only themselves (no NaN)."""
     T = length or max(len(s["input_ids"]) for s in samples)
     B = len(samples)
-    two_d = isinstance(samples[0]["positions"][0], (list, tuple))
+    two_d = np.ndim(samples[0]["positions"]) == 2  # [T, 2] GLM blank infilling, [T, 3] M-RoPE (an array)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     tgt = torch.full((B, T), IGNORE, dtype=torch.long)
-    pos = torch.zeros((B, T, 2) if two_d else (B, T), dtype=torch.long)
+    pos = torch.zeros((B, T, len(samples[0]["positions"][0])) if two_d else (B, T), dtype=torch.long)
     need_mask = any("n_a" in s or "seq_ids" in s for s in samples)
     mask = torch.zeros(B, 1, T, T, dtype=torch.bool) if need_mask else None
     for b, s in enumerate(samples):
@@ -198,7 +199,7 @@ def collate(samples: list[dict], pad_id: int = 0, length: int | None = None) -> 
             raise ValueError(f"sample of length {n} exceeds batch length {T}")
         ids[b, :n] = torch.tensor(s["input_ids"])
         tgt[b, :n] = torch.tensor(s["targets"])
-        pos[b, :n] = torch.tensor(s["positions"])
+        pos[b, :n] = torch.as_tensor(np.asarray(s["positions"]))
         if mask is not None:
             if "n_a" in s:
                 m = blank_mask(s["n_a"], n)
