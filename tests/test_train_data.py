@@ -142,7 +142,8 @@ def test_records_too_long_for_max_length_are_skipped(tok, tmp_path, capsys):
 
 def test_packing_never_crosses_examples(hf_checkpoint, tok):
     """A packed row gives every example exactly the loss it has alone (block-diagonal mask, positions reset)."""
-    from glm4.train.loop import LMTask, TrainArgs
+    from glm4.train.loop import LMTask
+    from glm4.train.recipe import TrainArgs
     from glm4.weights import load_model
 
     fmt = ChatFormat("chatglm")

@@ -99,8 +99,9 @@ def test_resume_continues_the_identical_curve(text_bin, tmp_path):
 def test_resume_lora_with_dropout(hf_checkpoint, tmp_path):
     from glm4.layers.lora import LoRAConfig, apply_lora
     from glm4.train.data import TokenStreamDataset
-    from glm4.train.loop import LMTask, TrainArgs, train
+    from glm4.train.loop import LMTask, train
     from glm4.train.objectives import SpecialIds
+    from glm4.train.recipe import TrainArgs
     from glm4.weights import load_model
 
     folder, _ = hf_checkpoint("glm4")
@@ -255,7 +256,8 @@ def test_lr_scale_groups_by_name_prefix():
     schedule scales every group alike; a bad mapping is a RecipeError."""
     from torch import nn
 
-    from glm4.train.loop import RecipeError, TrainArgs, make_optimizer
+    from glm4.train.loop import make_optimizer
+    from glm4.train.recipe import RecipeError, TrainArgs
 
     m = nn.ModuleDict({"lm": nn.ModuleDict({"a": nn.Linear(4, 4), "head": nn.Linear(4, 2)}), "tower": nn.Linear(4, 4)})
     a = TrainArgs(lr=1e-3, lr_scale={"lm.": 0.1, "lm.head.": 0.5}, weight_decay=0.05, warmup_steps=0, max_steps=10)

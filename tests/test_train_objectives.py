@@ -168,8 +168,8 @@ def test_example_recipes_parse():
 
     from glm4.train.dpo import DPOArgs
     from glm4.train.finetune import FinetuneArgs
-    from glm4.train.loop import parse_recipe
     from glm4.train.pretrain import PretrainArgs
+    from glm4.train.recipe import parse_recipe
 
     root = Path(__file__).resolve().parents[1] / "recipes" / "examples"
     kinds = {"pretrain": PretrainArgs, "sft": FinetuneArgs, "dpo": DPOArgs}

@@ -6,6 +6,7 @@
 Chat formats (rendering messages, parsing replies) live in glm4.chat.
 """
 
+from .loading import load_tokenizer
 from .tokenizer import (
     CHAT_EOS_TOKENS,
     GLM4_PAT_STR,
@@ -16,7 +17,6 @@ from .tokenizer import (
     Tokenizer,
     TokenizerError,
     TokenTexts,
-    load_tokenizer,
 )
 
 __all__ = [

@@ -20,7 +20,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from glm4.config import ConfigError
     from glm4.layers.lora import AdapterError
     from glm4.train.data import DataError
-    from glm4.train.loop import RecipeError
+    from glm4.train.recipe import RecipeError
 
     errs: list[type[BaseException]] = [ConfigError, DataError, AdapterError, RecipeError, FileNotFoundError]
     try:
@@ -74,7 +74,7 @@ def load_chat_format(folder: str | Path | None, family: str = ""):
 
 def load_chat_data_tools(tok_dir: str | Path, family: str = ""):
     """(tokenizer, chat format) for SFT / DPO data; a missing tokenizer is a RecipeError."""
-    from glm4.train.loop import RecipeError
+    from glm4.train.recipe import RecipeError
 
     tok = load_tok(tok_dir)
     if tok is None:

@@ -20,17 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from glm4.train.loop import (
-    RecipeError,
-    TrainArgs,
-    count_parameters,
-    model_kwargs,
-    parse_recipe,
-    setup_distributed,
-    train,
-)
+from glm4.train.loop import count_parameters, model_kwargs, train
 from glm4.train.losses import dpo_loss, sequence_logprobs
 from glm4.train.objectives import collate
+from glm4.train.parallel import setup_distributed
+from glm4.train.recipe import RecipeError, TrainArgs, parse_recipe
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The training loop shared by pretrain / finetune / dpo.
+"""The training loop shared by pretrain / finetune / dpo (recipes: recipe.py; processes: parallel.py; checkpoints:
+checkpoints.py; logs and curves: logs.py).
 
 One optimizer step = one *global batch* of `batch_size` samples, a pure function of the step
 (`dataset.global_batch(step, batch_size)`). Every process builds the same global batch and takes its
@@ -9,219 +10,36 @@ scheduler, per-rank RNG and the step (= the data position); resuming reproduces 
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import csv
-import dataclasses
-import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
-import types
-import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from glm4.layers.attention import Causal
+from glm4.train.checkpoints import (
+    latest_checkpoint,
+    load_training_checkpoint,
+    prune_checkpoints,
+    save_training_checkpoint,
+)
+from glm4.train.logs import Logger, plot_curves
 from glm4.train.losses import IGNORE, cross_entropy, moe_aux
 from glm4.train.objectives import collate
-
-
-class RecipeError(ValueError):
-    """A recipe / flag combination that cannot run."""
-
-
-@dataclass
-class TrainArgs:
-    """Loop settings; every field is a YAML key and a --flag."""
-
-    output: str = "out"  # folder: final export, logs.csv, curves.png, checkpoints/
-    max_steps: int = 100
-    batch_size: int = 8  # global sequences (or pairs) per optimizer step, over all processes
-    micro_batch_size: int = 0  # per process per forward; 0 = batch_size / world (no accumulation)
-    lr: float = 3e-4
-    lr_scale: typing.Any = None  # {parameter-name prefix: lr multiplier}, e.g. {"model.language_model.": 0.1}
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
-    warmup_steps: int = 0
-    weight_decay: float = 0.0  # AdamW, on >= 2-D parameters only
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
-    precision: str = "auto"  # auto (bf16 autocast on GPUs that have it, else fp32) | bf16 | fp32
-    activation_checkpointing: bool = False
-    eval_every: int = 0  # steps; 0 = only at the end when eval data exists
-    eval_batches: int = 4
-    save_every: int = 0  # steps; 0 = no intermediate checkpoints
-    keep_checkpoints: int = 2
-    seed: int = 0
-    resume: str = ""  # "" = fresh, "auto" = latest checkpoint under output/, or a checkpoint folder
-    parallel: str = "ddp"  # with several processes: ddp | fsdp (FSDP2 fully_shard)
-    device: str = "auto"
-    progress: bool = True
-    tensorboard: bool = True  # when the tensorboard package is installed
-    plot: bool = True
-    moe_aux_coef: float = 0.01  # Switch load-balancing loss weight (softmax-router MoE models)
-    moe_z_coef: float = 0.001  # router z-loss weight
-
-
-# ---------------------------------------------------------------- recipes: YAML + flags -> dataclass
-
-def _flag_type(tp):
-    origin = typing.get_origin(tp)
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
-    if origin in (typing.Union, types.UnionType) and args:
-        return _flag_type(args[0]) if len(args) == 1 else _json_or_str
-    if tp is bool:
-        return bool
-    if tp in (int, float, str):
-        return tp
-    if origin is list:
-        return _json_or_list
-    return _json_or_str
-
-
-def _json_or_str(s: str):
-    try:
-        return json.loads(s)
-    except json.JSONDecodeError:
-        return s
-
-
-def _json_or_list(s: str):
-    v = _json_or_str(s)
-    return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else v
-
-
-def _coerce(name: str, tp, v):
-    """YAML/flag value -> the field's type (typed error on mismatch)."""
-    if v is None:
-        return v
-    t = _flag_type(tp)
-    try:
-        if t is bool:
-            if isinstance(v, str):
-                if v.lower() not in ("1", "0", "true", "false", "yes", "no"):
-                    raise ValueError(v)
-                return v.lower() in ("1", "true", "yes")
-            return bool(v)
-        if t is int:
-            if isinstance(v, float) and not v.is_integer():
-                raise ValueError(v)
-            return int(float(v)) if isinstance(v, str) else int(v)
-        if t is float:
-            return float(v)
-        if t is str:
-            return str(v)
-    except (TypeError, ValueError) as e:
-        raise RecipeError(f"{name}: expected {t.__name__}, got {v!r}") from e
-    return v
-
-
-def _field_comments(cls) -> dict[str, str]:
-    """`name: type = default  # comment` lines of the dataclass and its bases -> {name: comment} for --help."""
-    import inspect
-    import re
-
-    out: dict[str, str] = {}
-    for c in reversed(cls.__mro__[:-1]):
-        try:
-            src = inspect.getsource(c)
-        except (OSError, TypeError):
-            continue
-        for m in re.finditer(r"^\s+(\w+): [^#\n]*#\s*(.+)$", src, re.M):
-            out[m.group(1)] = m.group(2).strip()
-    return out
-
-
-def parse_recipe(cls, argv: list[str] | None, prog: str, description: str = ""):
-    """defaults < YAML recipe (--config) < flags. Every dataclass field is `--field-name`."""
-    hints = typing.get_type_hints(cls)
-    notes = _field_comments(cls)
-    ap = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                 epilog="Every flag is also a key of the YAML recipe (with underscores).")
-    ap.add_argument("--config", help="YAML recipe; flags override its keys")
-    for f in dataclasses.fields(cls):
-        t = _flag_type(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        note = notes.get(f.name, "").replace("%", "%%")
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{note} (default: {default!r})".strip())
-        if t is bool:
-            ap.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            ap.add_argument("--" + f.name.replace("_", "-"), type=t, **kw)
-    ns = vars(ap.parse_args(argv))
-    d: dict = {}
-    cfg = ns.pop("config", None)
-    if cfg:
-        import yaml
-
-        p = Path(cfg)
-        if not p.exists():
-            raise RecipeError(f"no such recipe: {p}")
-        try:
-            y = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise RecipeError(f"{p}: invalid YAML ({e})") from e
-        if not isinstance(y, dict):
-            raise RecipeError(f"{p}: a recipe is a mapping of field: value")
-        names = {f.name for f in dataclasses.fields(cls)}
-        y = {k.replace("-", "_"): v for k, v in y.items()}
-        bad = sorted(set(y) - names)
-        if bad:
-            raise RecipeError(f"{p}: unknown recipe key(s) {bad}; see --help")
-        d.update(y)
-    d.update(ns)
-    return cls(**{k: _coerce(k, hints[k], v) for k, v in d.items()})
-
-
-# ---------------------------------------------------------------- distributed
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """torchrun sets RANK/WORLD_SIZE: join the process group (NCCL on GPUs, gloo on CPU)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        dev = torch.device("cuda", local if world > 1 else (dev.index or 0))
-        torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
-    if dist.is_initialized():
-        rank, world = dist.get_rank(), dist.get_world_size()
-    return Dist(rank, world, local, dev)
-
-
-def _all_reduce(t: torch.Tensor, d: Dist) -> torch.Tensor:
-    """Sum over processes (on the process device: NCCL reduces only CUDA tensors); returns a CPU tensor."""
-    if d.world > 1:
-        t = t.to(d.device)
-        dist.all_reduce(t)
-    return t.cpu()
-
+from glm4.train.parallel import (
+    Dist,
+    all_reduce,
+    decoder_layers,
+    gather_plain,
+    no_sync,
+    setup_distributed,
+    wrap_parallel,
+)
+from glm4.train.recipe import RecipeError, TrainArgs
 
 # ---------------------------------------------------------------- tasks: how a batch becomes a loss
 
@@ -285,13 +103,6 @@ class LMTask:
 
 
 # ---------------------------------------------------------------- model preparation
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and name.split(".")[-1] == "layers":
-            return m
-    return None
-
 
 def enable_activation_checkpointing(model: nn.Module) -> int:
     """Recompute each decoder layer in backward (non-reentrant; keeps parameter names unchanged)."""
@@ -358,203 +169,6 @@ def make_optimizer(model: nn.Module, a: TrainArgs):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def wrap_parallel(model: nn.Module, a: TrainArgs, d: Dist) -> nn.Module:
-    if d.world == 1:
-        return model
-    if a.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        return DDP(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    if a.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for layer in decoder_layers(model) or []:
-            fully_shard(layer)
-        fully_shard(model)
-        return model
-    raise RecipeError(f"parallel must be ddp or fsdp, got {a.parallel!r}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-@contextlib.contextmanager
-def _no_sync(model: nn.Module, sync: bool):
-    if sync:
-        yield
-    elif isinstance(model, nn.parallel.DistributedDataParallel):
-        with model.no_sync():
-            yield
-    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2
-        model.set_requires_gradient_sync(False)
-        try:
-            yield
-        finally:
-            model.set_requires_gradient_sync(True)
-    else:
-        yield
-
-
-# ---------------------------------------------------------------- checkpoints
-
-def _rng_state() -> dict:
-    s = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def _set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _state_options(trainable_only: bool):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-    # LoRA / P-tuning checkpoints hold only the trained tensors; the frozen base comes from the model path
-    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
-
-
-def save_training_checkpoint(path: Path, model, opt, sched, step: int, history: list[dict], a: TrainArgs,
-                             d: Dist, trainable_only: bool) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    path.mkdir(parents=True, exist_ok=True)
-    msd, osd = get_state_dict(model, opt, options=_state_options(trainable_only))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(path / "state"))
-    torch.save(_rng_state(), path / f"rng_rank{d.rank}.pt")
-    if d.main:
-        torch.save({"step": step, "scheduler": sched.state_dict(), "history": history, "world": d.world,
-                    "args": dataclasses.asdict(a), "samples_seen": step * a.batch_size}, path / "trainer_state.pt")
-        (path / "DONE").write_text(str(step))  # written last: a checkpoint without it is incomplete
-    if d.world > 1:
-        dist.barrier()
-
-
-def load_training_checkpoint(path: Path, model, opt, sched, d: Dist, trainable_only: bool) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    if not (path / "DONE").exists():
-        raise RecipeError(f"{path} is not a complete checkpoint")
-    ts = torch.load(path / "trainer_state.pt", weights_only=False)
-    if ts.get("world", 1) != d.world:
-        raise RecipeError(f"{path} was written by {ts['world']} process(es); resume with the same number")
-    msd, osd = get_state_dict(model, opt, options=_state_options(trainable_only))
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path / "state"))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                   options=_state_options(trainable_only))
-    sched.load_state_dict(ts["scheduler"])
-    _set_rng_state(torch.load(path / f"rng_rank{d.rank}.pt", weights_only=False))
-    return ts
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    root = output / "checkpoints"
-    done = sorted(p for p in root.glob("step_*") if (p / "DONE").exists()) if root.exists() else []
-    return done[-1] if done else None
-
-
-def _prune(output: Path, keep: int) -> None:
-    done = sorted(p for p in (output / "checkpoints").glob("step_*") if (p / "DONE").exists())
-    for p in done[:-keep] if keep > 0 else []:
-        shutil.rmtree(p, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- logging
-
-CSV_FIELDS = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s", "eval_loss", "eval_ppl",
-              "balance_loss", "z_loss"]
-
-
-class Logger:
-    def __init__(self, output: Path, a: TrainArgs, enabled: bool):
-        self.enabled, self.output = enabled, output
-        self.tb = None
-        if enabled and a.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(output / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self.tb = None
-
-    def start(self, history: list[dict]) -> None:
-        """(Re)write the CSVs with the rows so far (a resume drops rows past its checkpoint)."""
-        if not self.enabled:
-            return
-        with open(self.output / "logs.csv", "w", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writeheader()
-        (self.output / "experts.csv").unlink(missing_ok=True)
-        for row in history:
-            self.append(row)
-
-    def append(self, row: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.output / "logs.csv", "a", newline="") as f:
-            csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(row)
-        if "expert_counts" in row:
-            path = self.output / "experts.csv"
-            new = not path.exists()
-            with open(path, "a", newline="") as f:
-                w = csv.writer(f)
-                if new:
-                    w.writerow(["step", "layer"] + [f"e{i}" for i in range(len(row["expert_counts"][0]))])
-                for li, counts in enumerate(row["expert_counts"]):
-                    w.writerow([row["step"], li] + list(counts))
-
-    def scalars(self, row: dict) -> None:
-        if self.tb is None:
-            return
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "eval_loss", "eval_ppl", "balance_loss", "z_loss"):
-            if row.get(k) is not None:
-                self.tb.add_scalar(k, row[k], row["step"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def plot_curves(history: list[dict], path: Path) -> None:
-    """PNG of train/eval loss and learning rate (and expert load when MoE)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    experts = [r for r in history if "expert_counts" in r]
-    fig, axes = plt.subplots(1, 3 if experts else 2, figsize=(15 if experts else 10, 4))
-    steps = [r["step"] for r in history]
-    axes[0].plot(steps, [r["loss"] for r in history], label="train")
-    ev = [r for r in history if r.get("eval_loss") is not None]
-    if ev:
-        axes[0].plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="eval")
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss")
-    axes[0].legend()
-    axes[1].plot(steps, [r["lr"] for r in history])
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("learning rate")
-    if experts:
-        c = np.array([np.sum(r["expert_counts"], axis=0) for r in experts], dtype=float)
-        c /= c.sum(1, keepdims=True)
-        for e in range(c.shape[1]):
-            axes[2].plot([r["step"] for r in experts], c[:, e])
-        axes[2].set_xlabel("step")
-        axes[2].set_ylabel("share of routed tokens per expert")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 # ---------------------------------------------------------------- the loop
 
 def evaluate(model, task, data, a: TrainArgs, d: Dist, autocast) -> dict:
@@ -569,7 +183,7 @@ def evaluate(model, task, data, a: TrainArgs, d: Dist, autocast) -> dict:
                 _, st = task.loss(model, mine, 1.0, d.device, 1)
             loss_sum += st["loss_sum"]
             n += task.normalizer(mine)
-    t = _all_reduce(torch.tensor([loss_sum, n], dtype=torch.float64), d)
+    t = all_reduce(torch.tensor([loss_sum, n], dtype=torch.float64), d)
     model.train()
     loss = float(t[0] / max(t[1], 1.0))
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
@@ -629,7 +243,7 @@ def train(model: nn.Module, task, train_data, a: TrainArgs, eval_data=None, expo
             loss_sum = bal = z = 0.0
             counts = None
             for i, m in enumerate(micro):
-                with _no_sync(model, i == len(micro) - 1):
+                with no_sync(model, i == len(micro) - 1):
                     with autocast():
                         loss, st = task.loss(model, m, norm, d.device, d.world)
                     loss.backward()
@@ -643,9 +257,9 @@ def train(model: nn.Module, task, train_data, a: TrainArgs, eval_data=None, expo
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            red = _all_reduce(torch.tensor([loss_sum, bal, z], dtype=torch.float64), d)
+            red = all_reduce(torch.tensor([loss_sum, bal, z], dtype=torch.float64), d)
             if counts is not None:
-                counts = _all_reduce(counts, d)
+                counts = all_reduce(counts, d)
             ntok = task.n_tokens(samples)
             dt = time.perf_counter() - ts0
             row = {"step": step + 1, "loss": float(red[0]) / norm, "lr": lr, "grad_norm": gn,
@@ -667,7 +281,7 @@ def train(model: nn.Module, task, train_data, a: TrainArgs, eval_data=None, expo
                 save_training_checkpoint(out / "checkpoints" / f"step_{step + 1:07d}", model, opt, sched, step + 1,
                                          history, a, d, not full_model)
                 if d.main:
-                    _prune(out, a.keep_checkpoints)
+                    prune_checkpoints(out, a.keep_checkpoints)
             if on_step is not None:
                 on_step(step + 1, row)
     finally:
@@ -677,7 +291,7 @@ def train(model: nn.Module, task, train_data, a: TrainArgs, eval_data=None, expo
     if d.main and a.plot and history:
         plot_curves(history, out / "curves.png")
     if export is not None:
-        plain = _gather_plain(model, base, d)
+        plain = gather_plain(model, base, d)
         if d.main:
             export(plain, out)
         if d.world > 1:
@@ -693,30 +307,6 @@ def _clip(model: nn.Module, max_norm: float) -> float:
     if hasattr(gn, "full_tensor"):  # DTensor under FSDP2
         gn = gn.full_tensor()
     return float(gn)
-
-
-def _gather_plain(model: nn.Module, base: nn.Module, d: Dist) -> nn.Module:
-    """The unsharded module for export (FSDP2: a full state dict loaded into a fresh copy on rank 0)."""
-    if not (d.world > 1 and hasattr(model, "reshard")):
-        return unwrap(model)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not d.main:
-        return None
-    plain = base_template(base)
-    plain.load_state_dict(sd)
-    return plain
-
-
-def base_template(base: nn.Module) -> nn.Module:
-    """A fresh unsharded model of the same class and config, LoRA-wrapped like `base` (FSDP2 export)."""
-    m = type(base).from_config(base.config)
-    if getattr(base, "_lora_config", None) is not None:
-        from glm4.layers.lora import apply_lora
-
-        apply_lora(m, base._lora_config)
-    return m
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from glm4.train.loop import LMTask, RecipeError, TrainArgs, count_parameters, parse_recipe, setup_distributed, train
+from glm4.train.loop import LMTask, count_parameters, train
+from glm4.train.parallel import setup_distributed
+from glm4.train.recipe import RecipeError, TrainArgs, parse_recipe
 
 
 @dataclass
