@@ -92,17 +92,19 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 16), (8, 96)])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("r0,rows", [(0, 70), (16, 37), (69, 1)])
-def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r0, rows):
-    """The large-M path widens row chunks with glm4's op into one buffer: the same fp32 values as dequantize()."""
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r0, rows, out_dtype):
+    """The large-M path widens row chunks with glm4's op into one buffer: the same fp32 values as dequantize(),
+    and for bf16 activations those values rounded as .to(bfloat16) rounds them."""
     g = torch.Generator().manual_seed(bits * 10 + group + r0)
     N, K = 70, 384
     q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
     scales = torch.rand(N, K // group, generator=g).half()
     mins = torch.randn(N, K // group, generator=g).half() if with_mins else None
     lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=8 if bits == 4 else 128)
-    out = torch.full((rows, K), float("nan"))
+    out = torch.full((rows, K), float("nan"), dtype=out_dtype)
     torch.ops.glm4.dequantize_rows(lin.qweight, lin.scales, lin.mins, bits, group, lin.zero_point, r0, out)
-    assert torch.equal(out, lin.dequantize(torch.float32, slice(r0, r0 + rows)))
+    assert torch.equal(out, lin.dequantize(torch.float32, slice(r0, r0 + rows)).to(out_dtype))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -139,16 +139,19 @@ class QuantLinear(nn.Module):
         return y.to(in_dtype).reshape(*shape[:-1], self.out_features)
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: dequantize ~_GEMM_ELEMS weights at a time (fp32, then
-        rounded to x's dtype), one GEMM per chunk."""
+        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: dequantize ~_GEMM_ELEMS weights at a time (fp32, rounded to
+        x's dtype), one GEMM per chunk."""
         rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
         y = x.new_empty(x.shape[0], self.out_features)
-        fp32 = x.new_empty(rows, self.in_features, dtype=torch.float32) if kernels.has_streaming_kernels() else None
-        cast = x.new_empty(rows, self.in_features) if fp32 is not None and x.dtype != torch.float32 else None
+        buf = cast = None
+        if kernels.has_streaming_kernels():  # glm4's op: the values of dequantize(), into one reused buffer
+            # (bf16 written by the op, rounded as .to(bf16) rounds; fp16 activations: fp32, then a cast)
+            buf = x.new_empty(rows, self.in_features, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
+            cast = x.new_empty(rows, self.in_features) if x.dtype not in (torch.float32, torch.bfloat16) else None
         for i in range(0, self.out_features, rows):
             j = min(i + rows, self.out_features)
-            if fp32 is not None:  # glm4's op: same values as dequantize(), into reused buffers
-                w = fp32[: j - i]
+            if buf is not None:
+                w = buf[: j - i]
                 torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
                                                self.zero_point, i, w)
                 w = w if cast is None else cast[: j - i].copy_(w)

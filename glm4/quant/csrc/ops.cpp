@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "gemv.h"
@@ -201,16 +202,21 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
   TORCH_CHECK(bits == 4 || bits == 8, "dequantize_rows: bits must be 4 or 8");
   const int64_t N = q.size(0), K = bits == 4 ? q.size(1) * 2 : q.size(1), G = K / group, r1 = r0 + out.size(0);
   TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && scales.size(1) == G, "dequantize_rows: shapes");
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.size(1) == K, "dequantize_rows: out");
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.is_contiguous() &&
+                  out.size(1) == K,
+              "dequantize_rows: out [rows, K] float32 or bfloat16");
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16;  // rounded once from the fp32 value, as .to(bf16)
   at::Tensor sf = scales.to(at::kFloat).contiguous();
   at::Tensor mf = mins ? mins->to(at::kFloat).contiguous() : at::Tensor();
   const float* sp = sf.data_ptr<float>();
   const float* mp = mins ? mf.data_ptr<float>() : nullptr;
-  float* wp = out.data_ptr<float>();
+  float* wp = to_bf16 ? nullptr : out.data_ptr<float>();
+  uint16_t* bp = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
   const float zp = float(zero_point);
   at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    std::vector<float> row_buf(to_bf16 ? size_t(K) : 0);
     for (int64_t n = a; n < b; ++n) {
-      float* o = wp + (n - r0) * K;
+      float* o = to_bf16 ? row_buf.data() : wp + (n - r0) * K;
       if (bits == 4) {
         const uint8_t* row = q.data_ptr<uint8_t>() + n * (K / 2);
         for (int64_t blk = 0; blk < K / 32; ++blk)
@@ -230,6 +236,14 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
         if (mp) {
           const float m = mp[n * G + g];
           for (int64_t k = 0; k < group; ++k) og[k] += m;
+        }
+      }
+      if (to_bf16) {  // round to nearest even (c10::BFloat16's rounding; dequantized values are never NaN)
+        uint16_t* ob = bp + (n - r0) * K;
+        for (int64_t k = 0; k < K; ++k) {
+          uint32_t u;
+          std::memcpy(&u, &o[k], 4);
+          ob[k] = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
         }
       }
     }
