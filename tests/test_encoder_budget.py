@@ -108,13 +108,13 @@ def test_batches_fill_the_budget_in_order():
 # ---- the engine ---------------------------------------------------------------------------------------------------
 
 def _engine_pieces():
-    from test_engine_vision import PROMPT, TWO, picture, reference, request, run, tiny_vl
+    from test_engine_vision import PROMPT, TWO, count_tower_calls, picture, reference, request, run, tiny_vl
 
-    return PROMPT, TWO, picture, reference, request, run, tiny_vl
+    return PROMPT, TWO, count_tower_calls, picture, reference, request, run, tiny_vl
 
 
 def test_image_over_the_budget_is_refused_before_the_tower_runs():
-    PROMPT, _, picture, _, request, _, tiny_vl = _engine_pieces()
+    PROMPT, _, _, picture, _, request, _, tiny_vl = _engine_pieces()
     model = tiny_vl("glm4v")
     ids, mm = request(PROMPT, [picture(64, 64, 1)])
     need = model.encoder_bytes(tuple(mm["image_grid_thw"][0]))
@@ -129,19 +129,12 @@ def test_image_over_the_budget_is_refused_before_the_tower_runs():
 
 
 def test_tower_calls_split_to_fit_the_budget_with_equal_outputs():
-    PROMPT, TWO, picture, reference, request, run, tiny_vl = _engine_pieces()
+    PROMPT, TWO, count_tower_calls, picture, reference, request, run, tiny_vl = _engine_pieces()
     model = tiny_vl("glm4v")
     reqs = [request(PROMPT, [picture(64, 64, 1)]), request(TWO, [picture(100, 60, 2), picture(60, 90, 3)])]
     refs = [reference(model, ids, mm) for ids, mm in reqs]
     needs = [model.encoder_bytes(tuple(g)) for _, mm in reqs for g in mm["image_grid_thw"]]
-    calls = []
-    tower = model.image_features
-
-    def counting(pixels, grids):
-        calls.append(len(grids))
-        return tower(pixels, grids)
-
-    model.image_features = counting
+    calls = count_tower_calls(model)
     small = sorted(needs)
     budget = small[0] + small[1] - 1  # every image fits alone, no two together
     assert budget >= max(needs)

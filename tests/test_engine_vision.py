@@ -125,18 +125,23 @@ def test_bad_multimodal_request_is_a_value_error():
         llm.engine.add_request("y", ids, SamplingParams(max_tokens=2), multi_modal_data={"pixel_values_videos": None})
 
 
-def test_encoder_runs_once_per_step_for_all_requests():
-    model = tiny_vl("glm4v")
-    reqs = [request(PROMPT, [picture(64, 64, 1)]), request(TWO, [picture(100, 60, 2), picture(60, 90, 3)])]
-    refs = [reference(model, ids, mm) for ids, mm in reqs]
-    calls = []
-    tower = model.image_features
+def count_tower_calls(model) -> list[int]:
+    """Wrap the model's image tower; the returned list gets the number of images of every tower call."""
+    calls, tower = [], model.image_features
 
     def counting(pixels, grids):
         calls.append(len(grids))
         return tower(pixels, grids)
 
     model.image_features = counting
+    return calls
+
+
+def test_encoder_runs_once_per_step_for_all_requests():
+    model = tiny_vl("glm4v")
+    reqs = [request(PROMPT, [picture(64, 64, 1)]), request(TWO, [picture(100, 60, 2), picture(60, 90, 3)])]
+    refs = [reference(model, ids, mm) for ids, mm in reqs]
+    calls = count_tower_calls(model)
     outs = run(LLM.from_model(model, linear="torch", block_size=4), reqs)
     assert calls == [3]  # both prompts fit the first step: their three images in one tower call
     assert [o.outputs[0].token_ids for o in outs] == refs

@@ -86,7 +86,28 @@ def load_events(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-class Agent:
+class EventRun:
+    """`run(task)` / `stream(task)` over a subclass's `_steps(task)` events and its `messages`: the shared face of
+    the tool agent and the GUI agent."""
+
+    messages: list[dict]
+
+    def _steps(self, task: str) -> Iterator[AgentEvent]:
+        raise NotImplementedError
+
+    def run(self, task: str) -> AgentResult:
+        events = list(self.stream(task))
+        answer = next((e.data["text"] for e in reversed(events) if e.kind == "answer"), None)
+        return AgentResult(answer, events, self.messages, sum(e.kind == "reply" for e in events))
+
+    def stream(self, task: str) -> Iterator[AgentEvent]:
+        try:
+            yield from self._steps(task)
+        except ModelCallFailed as e:  # a model/endpoint failure ends the run with its reason
+            yield AgentEvent("error", {"text": str(e)}, e.step)
+
+
+class Agent(EventRun):
     def __init__(self, model: ChatModel, tools: Iterable[Callable | Tool] | ToolRegistry = (), *,
                  planner: bool = True, reflection: bool = True, memory: bool = True, max_rounds: int = 10,
                  max_reflections: int = 2, observation_chars: int = 4000, context_chars: int = 24000,
@@ -129,17 +150,6 @@ class Agent:
         return reg.call_tool_call(call)
 
     # ---- running
-
-    def run(self, task: str) -> AgentResult:
-        events = list(self.stream(task))
-        answer = next((e.data["text"] for e in reversed(events) if e.kind == "answer"), None)
-        return AgentResult(answer, events, self.messages, sum(e.kind == "reply" for e in events))
-
-    def stream(self, task: str) -> Iterator[AgentEvent]:
-        try:
-            yield from self._steps(task)
-        except ModelCallFailed as e:  # a model/endpoint failure ends the run with its reason
-            yield AgentEvent("error", {"text": str(e)}, e.step)
 
     def _ask(self, messages: list[dict], tools: list[dict] | None, choice: Any, step: int) -> Reply:
         try:

@@ -22,7 +22,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 
-from ..loop import AgentEvent, AgentResult, ModelCallFailed
+from ..loop import AgentEvent, EventRun, ModelCallFailed
 from ..models import ChatModel, Reply
 from .actions import Action, ActionError, parse_action, split_reply
 from .device import Device, to_pixels
@@ -51,7 +51,7 @@ def png_data_url(image) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-class GUIAgent:
+class GUIAgent(EventRun):
     def __init__(self, model: ChatModel, device: Device, *, confirm: Callable[[str], bool] | None = None,
                  take_over: Callable[[str], None] | None = None, max_steps: int = 30, keep_images: int = 1,
                  max_errors: int = 3, system: str = SYSTEM):
@@ -60,17 +60,6 @@ class GUIAgent:
         self.max_steps, self.keep_images, self.max_errors, self.system = max_steps, max(1, keep_images), max_errors, system
         self.messages: list[dict] = []
         self.notes: list[str] = []
-
-    def run(self, task: str) -> AgentResult:
-        events = list(self.stream(task))
-        answer = next((e.data["text"] for e in reversed(events) if e.kind == "answer"), None)
-        return AgentResult(answer, events, self.messages, sum(e.kind == "reply" for e in events))
-
-    def stream(self, task: str) -> Iterator[AgentEvent]:
-        try:
-            yield from self._steps(task)
-        except ModelCallFailed as e:
-            yield AgentEvent("error", {"text": str(e)}, e.step)
 
     def _ask(self, step: int) -> Reply:
         try:
