@@ -14,7 +14,15 @@ import jsonschema
 import openai
 import pytest
 import torch
-from test_serve_util import MAX_POS, ServerThread, engine_idle, make_checkpoint, openai_error, wait_healthy
+from test_serve_util import (
+    MAX_POS,
+    ServerThread,
+    engine_idle,
+    fuzz_openapi,
+    make_checkpoint,
+    openai_error,
+    wait_healthy,
+)
 
 torch.set_num_threads(1)
 
@@ -484,37 +492,11 @@ def small_server(ckpt):
 
 
 def test_schemathesis_finds_no_5xx(small_server):
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
+    def served_model(body, n):
+        if "model" in body and n % 4:  # mostly the served model, so that generation runs too
+            body["model"] = MODEL
 
-    schema = schemathesis.openapi.from_dict(httpx.get(small_server.url + "/openapi.json").json())
-    failures, calls, ok = [], {}, [0, 0]
-
-    def fuzz(op, mode):
-        positive = mode == schemathesis.GenerationMode.POSITIVE
-
-        @settings(max_examples=25, deadline=None, database=None, derandomize=True,
-                  suppress_health_check=list(HealthCheck))
-        @given(case=op.as_strategy(generation_mode=mode))
-        def run(case):
-            if positive and isinstance(case.body, dict) and "model" in case.body:
-                if sum(calls.values()) % 4:  # mostly the served model, so that generation runs too
-                    case.body["model"] = MODEL
-            r = case.call(base_url=small_server.url, timeout=30)
-            calls[(case.method, case.path)] = calls.get((case.method, case.path), 0) + 1
-            ok[r.status_code == 200] += 1
-            if r.status_code >= 500:
-                failures.append((case.method, case.path, case.body, r.status_code, r.text[:300]))
-
-        try:
-            run()
-        except Unsatisfiable:  # no invalid input exists for an operation without parameters
-            assert not positive
-
-    for result in schema.get_all_operations():
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-            fuzz(result.ok(), mode)
+    failures, calls, ok = fuzz_openapi(small_server.url, prepare=served_model)
     assert not failures, failures[:3]
     assert calls[("POST", "/v1/chat/completions")] >= 25 and calls[("POST", "/v1/completions")] >= 25
     for route in ("/api/chat", "/api/generate", "/api/show", "/tokenize", "/detokenize"):  # the Ollama and vLLM routes

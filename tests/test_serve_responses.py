@@ -17,7 +17,7 @@ import pytest
 import torch
 from openai.types.responses import ResponseStreamEvent
 from pydantic import BaseModel, Field, TypeAdapter
-from test_serve_util import MAX_POS, ServerThread, make_checkpoint, openai_error
+from test_serve_util import MAX_POS, ServerThread, engine_idle, fuzz_openapi, make_checkpoint, openai_error
 
 from glm4.serve import responses_protocol as RP
 
@@ -456,54 +456,23 @@ def test_malformed_bodies_are_4xx_in_openais_shape(server):
 def test_schemathesis_finds_no_5xx_on_the_responses_routes(ckpt):
     """Fuzz POST /v1/responses and GET / DELETE /v1/responses/{id} from the OpenAPI schema (valid and invalid
     bodies) on a 64-token server: never a 5xx, and nothing left in the engine afterwards."""
-    import time
-
-    import schemathesis
-    from hypothesis import HealthCheck, given, settings
-    from hypothesis.errors import Unsatisfiable
-
     from glm4.serve.app import build_state, create_app
+
+    def served_model(body, n):
+        if n % 4:  # mostly the served model, and some input, so that generation runs
+            body["model"] = MODEL
+            if "previous_response_id" not in body:
+                body.setdefault("input", "Hi")
 
     st = build_state(str(ckpt), model_name=MODEL, max_pending=16, kv_cache_tokens=2048, max_model_len=64)
     srv = ServerThread(create_app(st, drain_timeout=10)).start()
     try:
-        schema = schemathesis.openapi.from_dict(httpx.get(srv.url + "/openapi.json").json())
-        failures, calls, ok = [], {}, [0, 0]
-
-        def fuzz(op, mode):
-            positive = mode == schemathesis.GenerationMode.POSITIVE
-
-            @settings(max_examples=30, deadline=None, database=None, derandomize=True,
-                      suppress_health_check=list(HealthCheck))
-            @given(case=op.as_strategy(generation_mode=mode))
-            def run(case):
-                if positive and isinstance(case.body, dict) and sum(calls.values()) % 4:
-                    case.body["model"] = MODEL  # mostly the served model, and some input, so that generation runs
-                    if "previous_response_id" not in case.body:
-                        case.body.setdefault("input", "Hi")
-                r = case.call(base_url=srv.url, timeout=30)
-                calls[(case.method, case.path)] = calls.get((case.method, case.path), 0) + 1
-                ok[r.status_code == 200] += 1
-                if r.status_code >= 500:
-                    failures.append((case.method, case.path, case.body, r.status_code, r.text[:300]))
-
-            try:
-                run()
-            except Unsatisfiable:  # no invalid input exists for an operation with only a string path parameter
-                assert not positive
-
-        for result in schema.get_all_operations():
-            if result.ok().path.startswith("/v1/responses"):
-                for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
-                    fuzz(result.ok(), mode)
+        failures, calls, ok = fuzz_openapi(srv.url, keep=lambda path: path.startswith("/v1/responses"),
+                                           prepare=served_model)
         assert not failures, failures[:3]
         assert calls[("POST", "/v1/responses")] >= 50 and ok[True] >= 5
         assert {("GET", "/v1/responses/{response_id}"), ("DELETE", "/v1/responses/{response_id}")} <= set(calls)
-        deadline = time.monotonic() + 10
-        bm = st.engine.engine.block_manager
-        while (st.engine.num_pending or bm.num_free_blocks != bm.num_blocks) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert st.engine.num_pending == 0 and bm.num_free_blocks == bm.num_blocks  # no KV block leaked
+        assert engine_idle(st)  # nothing pending, no KV block leaked
     finally:
         srv.stop()
 

@@ -125,3 +125,44 @@ def wait_healthy(url: str, proc, timeout: float = 60.0) -> None:
             pass
         assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
         time.sleep(0.2)
+
+
+def fuzz_openapi(url: str, *, keep=lambda path: True, max_examples: int = 25, prepare=None, check=None):
+    """Fuzz every operation of the server's OpenAPI schema whose path `keep` accepts, with valid and invalid inputs
+    (schemathesis + hypothesis, derandomized). `prepare(body, n)` may edit a valid dict body before the call (n =
+    calls so far); `check(response)` names what is wrong with a reply below 500 (or returns None). A 5xx is always a
+    failure. Returns (failures, calls per (method, path), [count not 200, count 200])."""
+    import httpx
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+
+    schema = schemathesis.openapi.from_dict(httpx.get(url + "/openapi.json").json())
+    failures, calls, ok = [], {}, [0, 0]
+
+    def fuzz(op, mode):
+        positive = mode == schemathesis.GenerationMode.POSITIVE
+
+        @settings(max_examples=max_examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(case=op.as_strategy(generation_mode=mode))
+        def run(case):
+            if positive and prepare is not None and isinstance(case.body, dict):
+                prepare(case.body, sum(calls.values()))
+            r = case.call(base_url=url, timeout=30)
+            calls[(case.method, case.path)] = calls.get((case.method, case.path), 0) + 1
+            ok[r.status_code == 200] += 1
+            problem = f"status {r.status_code}" if r.status_code >= 500 else check(r) if check is not None else None
+            if problem:
+                failures.append((case.method, case.path, case.body, problem, r.text[:300]))
+
+        try:
+            run()
+        except Unsatisfiable:  # no invalid input exists for an operation without parameters
+            assert not positive
+
+    for result in schema.get_all_operations():
+        if keep(result.ok().path):
+            for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+                fuzz(result.ok(), mode)
+    return failures, calls, ok
