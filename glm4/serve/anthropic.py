@@ -311,14 +311,7 @@ def stop_reason(parser, engine_output, stop_sequences: list[str] | None) -> tupl
 async def create_message(st: ServerState, req: A.MessagesRequest, request: Request):
     st = serving.route(st, req.model, serving.carries_media(req.messages))
     serving.check_model(st, req.model)
-    st.engine.reserve(1)
-    try:
-        plan, params = await serving.offload(_plan_and_params, st, req)
-    except BaseException:
-        st.engine.unreserve(1)
-        raise
-    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True,
-                                    multi_modal_data=plan.multi_modal_data)
+    plan, engine_request = await serving.plan_and_submit(st, _plan_and_params, req)
     serving.count_request(st, "messages", len(plan.prompt_ids))
     mid = random_id("msg_")
     show = getattr(req.thinking, "display", None) != "omitted"

@@ -226,13 +226,7 @@ async def _run(st: ServerState, req, request: Request, kind: str, planner):
     st = serving.route(st, req.model, serving.carries_media(req))
     _check_model(st, req.model)
     t0 = time.monotonic()
-    st.engine.reserve(1)
-    try:
-        plan, params = await serving.offload(planner, st, req)
-    except BaseException:
-        st.engine.unreserve(1)
-        raise
-    engine_req = st.engine.submit(plan.prompt_ids, params, reserved=True, multi_modal_data=plan.multi_modal_data)
+    plan, engine_req = await serving.plan_and_submit(st, planner, req)
     reply = _Reply(st, plan, req, "ollama_" + kind, t0)
     if req.stream:
         return StreamingResponse(_lines(st, kind, reply, engine_req), media_type=NDJSON,

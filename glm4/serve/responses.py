@@ -315,14 +315,7 @@ async def create_response(st: ServerState, store: ResponseStore, req: RP.Respons
     serving.check_model(st, req.model)
     conversation = _conversation(store, req)
     messages = ([{"role": "system", "content": req.instructions}] if req.instructions else []) + conversation
-    st.engine.reserve(1)  # before the work below: a full server sheds load cheaply
-    try:  # tokenizing, grammar checks and matcher construction run off the event loop
-        plan, params = await serving.offload(_plan, st, req, messages)
-    except BaseException:
-        st.engine.unreserve(1)
-        raise
-    engine_request = st.engine.submit(plan.prompt_ids, params, reserved=True,
-                                    multi_modal_data=plan.multi_modal_data)
+    plan, engine_request = await serving.plan_and_submit(st, _plan, req, messages)
     serving.count_request(st, "responses", len(plan.prompt_ids))
     run = _Run(st, req, plan, conversation)
     if req.stream:

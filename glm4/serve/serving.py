@@ -76,6 +76,19 @@ async def offload(fn: Callable, *args):
     return await anyio.to_thread.run_sync(lambda: fn(*args), limiter=_cpu_limiter)
 
 
+async def plan_and_submit(st: ServerState, planner: Callable, *args):
+    """One request of one completion: reserve its place first (a full server sheds load before any work), run
+    `planner(st, *args) -> (plan, params)` off the event loop (tokenizing, grammar checks, matcher construction),
+    then submit. The place is given back when planning fails. Returns (plan, engine request)."""
+    st.engine.reserve(1)
+    try:
+        plan, params = await offload(planner, st, *args)
+    except BaseException:
+        st.engine.unreserve(1)
+        raise
+    return plan, st.engine.submit(plan.prompt_ids, params, reserved=True, multi_modal_data=plan.multi_modal_data)
+
+
 def max_token_bytes(st: ServerState) -> int:
     """The most bytes one token stands for (special-token strings included): a text of B bytes is at least
     ceil(B / this) tokens. Computed once per server."""
