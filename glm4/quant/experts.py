@@ -15,7 +15,7 @@ from glm4.layers.moe import StackedExperts, dispatch_experts
 
 from . import kernels
 from .fast_linear import QuantizationError
-from .qlinear import QuantLinear
+from .qlinear import _GEMM_ELEMS, QuantLinear
 
 __all__ = ["ExpertPack", "StreamExperts"]
 
@@ -71,12 +71,40 @@ class ExpertPack(nn.Module):
             y = torch.ops.glm4.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
                                          self.group_size, self.zero_point)
             return y.to(xs.dtype)
+        if self.bits and kernels.has_streaming_kernels() and xs.device.type == "cpu":
+            return self._dequant_experts_mm(xs, c)
         out, start = [], 0  # many tokens per expert (prefill): each busy expert as its own linear
         for e, n in enumerate(c):
             if n:
                 out.append(self._expert_mm(e, xs[start:start + n]))
                 start += n
         return torch.cat(out) if out else xs.new_zeros(0, self.out_features)
+
+    def _dequant_experts_mm(self, xs: torch.Tensor, c: list[int]) -> torch.Tensor:
+        """Many tokens per expert (prefill), quantized: QuantLinear's arithmetic without a module per expert. The
+        activations are cast to the GEMM's dtype once, each busy expert's weight is dequantized into one reused
+        buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes."""
+        x = xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(self.gemm_dtype)
+        y = xs.new_empty(xs.shape[0], self.out_features)
+        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
+        buf = x.new_empty(rows, self.in_features)  # fp32 or bf16: the op rounds as .to(bf16) rounds
+        start = 0
+        for e, n in enumerate(c):
+            if not n:
+                continue
+            q, s, m = self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e]
+            xe, ye = x[start:start + n], y[start:start + n]
+            if n <= kernels.max_m(self):
+                ye.copy_(torch.ops.glm4.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
+                                                 self.zero_point))
+            else:
+                for i in range(0, self.out_features, rows):
+                    j = min(i + rows, self.out_features)
+                    torch.ops.glm4.dequantize_rows(q, s, m, self.bits, self.group_size, self.zero_point, i,
+                                                   buf[: j - i])
+                    ye[:, i:j] = kernels.gemm(xe, buf[: j - i])
+            start += n
+        return y
 
     def _expert_mm(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] through expert e: a QuantLinear view of its codes (streaming kernel for few tokens, else

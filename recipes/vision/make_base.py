@@ -34,7 +34,7 @@ def vision_config(text_cfg: dict, vision: dict) -> dict:
             "video_end_token_id": 8191, "tie_word_embeddings": False, "eos_token_id": text_cfg["eos_token_id"]}
 
 
-def tokenizer_files(text: Path, out: Path) -> None:
+def tokenizer_files(text: Path, out: Path, preprocessor: Path) -> None:
     shutil.copy2(text / "tokenizer.model", out / "tokenizer.model")
     cfg = json.loads((text / "tokenizer_config.json").read_text(encoding="utf-8"))
     for tid, tok in ((IMAGE_ID, "<|image|>"), (VIDEO_ID, "<|video|>")):
@@ -47,7 +47,7 @@ def tokenizer_files(text: Path, out: Path) -> None:
     gen = json.loads((text / "generation_config.json").read_text())
     gen["max_new_tokens"] = 64
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-    shutil.copy2(HERE / "preprocessor_config.json", out / "preprocessor_config.json")
+    shutil.copy2(preprocessor, out / "preprocessor_config.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--text", default="glm4/assets/default")
     ap.add_argument("--out", default="runs/vision/base")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vision-config", default=str(HERE / "vision_config.json"))
+    ap.add_argument("--preprocessor", default=str(HERE / "preprocessor_config.json"))
     a = ap.parse_args(argv)
     from glm4.config import config_from_dict
     from glm4.models import build_model
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     text, out = Path(a.text), Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     text_cfg = json.loads((text / "config.json").read_text())
-    vision = json.loads((HERE / "vision_config.json").read_text())
+    vision = json.loads(Path(a.vision_config).read_text())
     model = build_model(config_from_dict(vision_config(text_cfg, vision)))
     init_weights(model, 0.02, a.seed)
     src = load_model(text, dtype=torch.float32, progress=False)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         model.lm_head.weight[:head.shape[0]] = head
         model.lm_head.weight[head.shape[0]:] = head.mean(0)
     save_checkpoint(model, out)
-    tokenizer_files(text, out)
+    tokenizer_files(text, out, Path(a.preprocessor))
     n_vis = sum(p.numel() for p in model.model.visual.parameters())
     print(f"{out}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({n_vis / 1e6:.2f}M in the tower)")
     return 0
