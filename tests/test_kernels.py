@@ -222,6 +222,34 @@ def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, i
     assert torch.equal(back.gate_up_proj.double(), gu) and torch.equal(back.down_proj.double(), dn)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+def test_expert_glu_op_is_the_python_dispatch_in_one_call(scheme, isa):
+    """Decode (a few tokens) runs the whole MoE dispatch as torch.ops.glm4.expert_glu: the same sums as
+    layers.moe.dispatch_experts over the same packs (up to the exp of SiLU), and an expert index out of range is
+    an error, not a read outside the weights."""
+    from glm4.layers.moe import StackedExperts, dispatch_experts
+    from glm4.quant.experts import StreamExperts
+
+    if not kernels.has_streaming_kernels():
+        pytest.skip("glm4's CPU kernels are not built here")
+    torch.manual_seed(4)
+    stacked = StackedExperts(8, 64, 96).to(torch.bfloat16 if scheme is None else torch.float32)
+    s = StreamExperts.from_stacked(stacked, scheme, group_size=32)
+    for tokens in (1, 5, kernels.dense_max_m()):
+        x, w = torch.randn(tokens, 64), torch.rand(tokens, 3)
+        idx = torch.stack([torch.randperm(8)[:3] for _ in range(tokens)])
+        ref = dispatch_experts(x, idx, w, s._mm, 8, 64)
+        with torch.profiler.profile() as prof:
+            y = s(x, idx, w)
+        assert [e.key for e in prof.key_averages()].count("glm4::expert_glu") == 1
+        assert rel_err(y, ref) < 1e-6
+    gu, dn = s.gate_up, s.down
+    with pytest.raises(RuntimeError, match="out of range"):
+        torch.ops.glm4.expert_glu(x, idx + 8, w, gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
+                                  gu.group_size, gu.zero_point, dn.qweight if dn.bits else dn.weight, dn.scales,
+                                  dn.mins, dn.bits, dn.group_size, dn.zero_point)
+
+
 def test_quantized_moe_engine_equals_reference_on_the_same_model():
     """quantization="int4" also quantizes the stacked experts; the engine's greedy tokens equal the reference
     generator run on that same quantized model."""

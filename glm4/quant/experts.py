@@ -2,7 +2,8 @@
 quantized (QuantLinear's formula, stacked over experts). Swapped in for layers.moe.StackedExperts.
 
 Decode sends a handful of tokens to each busy expert, so each expert's weights are streamed once by one op
-(torch.ops.glm4.expert_mm: every busy expert x block of rows is a task); prefill (many tokens per expert) runs
+(torch.ops.glm4.expert_mm: every busy expert x block of rows is a task), and the whole dispatch around it (grouping
+the pairs by expert, SwiGLU, the weighted sum) is one op too (torch.ops.glm4.expert_glu); prefill (many tokens per expert) runs
 one fp32 GEMM per busy expert on its widened / dequantized weight.
 """
 
@@ -180,4 +181,12 @@ class StreamExperts(nn.Module):
         return (self.gate_up if which == "gate_up" else self.down)(xs, counts)
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] <= kernels.dense_max_m() and x.device.type == "cpu":  # decode: the whole dispatch in one op
+            gu, dn = self.gate_up, self.down
+            y = torch.ops.glm4.expert_glu(x.float(), indices, weights.float(),
+                                          gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
+                                          gu.group_size, gu.zero_point,
+                                          dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,
+                                          dn.group_size, dn.zero_point)
+            return y.to(x.dtype)
         return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size)

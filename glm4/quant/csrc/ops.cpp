@@ -317,6 +317,60 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   return y;
 }
 
+// MoE for a few tokens (decode): out [T, H] = sum_j weights[t, j] * down[e](silu(gate[e] x_t) * up[e] x_t), e =
+// indices[t, j], as layers.moe.dispatch_experts computes it (pairs grouped by expert in slot order, the weighted
+// terms added in slot order in fp32) in one call instead of ~15 torch ops. gate_up [E, 2I, H] gate rows first.
+at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& gu,
+                      const std::optional<at::Tensor>& gu_scales, const std::optional<at::Tensor>& gu_mins,
+                      int64_t gu_bits, int64_t gu_group, int64_t gu_zero_point, const at::Tensor& dn,
+                      const std::optional<at::Tensor>& dn_scales, const std::optional<at::Tensor>& dn_mins,
+                      int64_t dn_bits, int64_t dn_group, int64_t dn_zero_point) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "expert_glu: x must be float32 [T, H]");
+  TORCH_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0) && weights.sizes() == indices.sizes() &&
+                  weights.scalar_type() == at::kFloat,
+              "expert_glu: indices [T, k] and float32 weights [T, k]");
+  const int64_t T = x.size(0), H = x.size(1), k = indices.size(1), S = T * k, E = gu.size(0);
+  auto idx = indices.to(at::kLong).contiguous();
+  auto wts = weights.contiguous();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  auto counts = at::zeros({E}, idx.options());
+  int64_t* cp = counts.data_ptr<int64_t>();
+  for (int64_t p = 0; p < S; ++p) {
+    TORCH_CHECK(0 <= ip[p] && ip[p] < E, "expert_glu: expert index ", ip[p], " out of range [0, ", E, ")");
+    ++cp[ip[p]];
+  }
+  std::vector<int64_t> next(E, 0), slot(S);  // slot[p]: row of pair p in the expert-sorted order (stable)
+  for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + cp[e - 1];
+  for (int64_t p = 0; p < S; ++p) slot[p] = next[ip[p]]++;
+  auto xc = x.contiguous();
+  auto xs = at::empty({S, H}, x.options());
+  for (int64_t p = 0; p < S; ++p)
+    std::memcpy(xs.data_ptr<float>() + slot[p] * H, xc.data_ptr<float>() + (p / k) * H, H * sizeof(float));
+  at::Tensor h = expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point);  // [S, 2I]
+  const int64_t I = h.size(1) / 2;
+  auto act = at::empty({S, I}, x.options());
+  const float* hp = h.data_ptr<float>();
+  float* ap = act.data_ptr<float>();
+  for (int64_t r = 0; r < S; ++r)
+    for (int64_t i = 0; i < I; ++i) {
+      const float g = hp[r * 2 * I + i];
+      ap[r * I + i] = g / (1.f + std::exp(-g)) * hp[r * 2 * I + I + i];
+    }
+  at::Tensor y = expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point);  // [S, H]
+  TORCH_CHECK(y.size(1) == H, "expert_glu: down must map back to the hidden size");
+  auto out = at::zeros({T, H}, x.options());
+  const float* yp = y.data_ptr<float>();
+  const float* wp = wts.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      const float w = wp[t * k + j];
+      const float* yr = yp + slot[t * k + j] * H;
+      for (int64_t c = 0; c < H; ++c) op[t * H + c] += yr[c] * w;
+    }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(glm4, m) {
@@ -332,6 +386,10 @@ TORCH_LIBRARY(glm4, m) {
   m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
         "int zero_point) -> Tensor",
         &expert_mm);
+  m.def("expert_glu(Tensor x, Tensor indices, Tensor weights, Tensor gu, Tensor? gu_scales, Tensor? gu_mins, "
+        "int gu_bits, int gu_group, int gu_zero_point, Tensor dn, Tensor? dn_scales, Tensor? dn_mins, int dn_bits, "
+        "int dn_group, int dn_zero_point) -> Tensor",
+        &expert_glu);
 }
 
 // a Python module only so that `import glm4.quant._C` loads the library (ops register on load)
