@@ -42,6 +42,20 @@ inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 
 // yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
 inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c % 4; }
 
+// Rows [r0, r1) of W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g] into out (fp32 or bf16, one of the
+// two set) at row n - r0: the large-M path's weight, equal to QuantLinear.dequantize bit for bit.
+struct DequantArgs {
+  const void* q;       // int8 [N, K] or uint8 [N, K/2] (q4_0 nibble order)
+  const float* scales;  // [N, K/g] (fp32 here: fp16 scales widen exactly)
+  const float* mins;    // same, or nullptr
+  float* out_f32;
+  uint16_t* out_bf16;  // rounded to nearest even from the fp32 value, as .to(torch.bfloat16)
+  int64_t K, group, r0;
+  int bits, zero_point;
+};
+
+void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1);
+
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);

@@ -255,6 +255,43 @@ struct Q4Int16Tile {
 
 }  // namespace
 
+// (q - zp) * s, then + m, each rounded as in QuantLinear.dequantize: no FMA contraction in this function
+__attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, g = a.group, G = K / g;
+  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
+  const __m256i nibble = _mm256_set1_epi32(15), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* of = a.out_f32 ? a.out_f32 + (n - a.r0) * K : nullptr;
+    uint16_t* ob = a.out_bf16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const __m256 s = _mm256_set1_ps(a.scales[n * G + gi]);
+      const __m256 m = _mm256_set1_ps(a.mins ? a.mins[n * G + gi] : 0.f);
+      for (int64_t k = gi * g; k < (gi + 1) * g; k += 8) {
+        __m256i c;  // 8 codes as int32
+        if (a.bits == 4) {  // column k of its 32-column block: byte k % 16, low nibble below 16, high above
+          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 32 * 16;
+          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + k % 16)));
+          c = k % 32 < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
+        } else {
+          c = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(a.q) + n * K + k)));
+        }
+        __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zp), s);
+        if (a.mins) w = _mm256_add_ps(w, m);
+        if (of) {
+          _mm256_storeu_ps(of + k, w);
+        } else {  // bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, then the 8 low halves in order
+          const __m256i u = _mm256_castps_si256(w);
+          const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, round), odd), 16);
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k), _mm256_castsi256_si128(packed));
+        }
+      }
+    }
+  }
+}
+
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
     case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;

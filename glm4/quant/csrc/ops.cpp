@@ -194,60 +194,27 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   return y;
 }
 
-// W rows [r0, r0 + out.size(0)) into `out` fp32 [rows, K], equal to QuantLinear.dequantize: the large-M path widens
-// chunks into one reused buffer for an fp32 GEMM. Plain loops the compiler vectorizes; threads over rows.
+// W rows [r0, r0 + out.size(0)) into `out` (fp32 or bf16 [rows, K]), equal to QuantLinear.dequantize (bf16: rounded
+// once from that fp32 value, as .to(bf16)): the large-M path dequantizes chunks into one reused buffer for a GEMM.
 void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::optional<at::Tensor>& mins,
                      int64_t bits, int64_t group, int64_t zero_point, int64_t r0, at::Tensor& out) {
+  TORCH_CHECK(has_avx2(), "glm4.dequantize_rows needs AVX2 + FMA");
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scales.is_contiguous(), "dequantize_rows: contiguous q [N, K']");
   TORCH_CHECK(bits == 4 || bits == 8, "dequantize_rows: bits must be 4 or 8");
   const int64_t N = q.size(0), K = bits == 4 ? q.size(1) * 2 : q.size(1), G = K / group, r1 = r0 + out.size(0);
-  TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && scales.size(1) == G, "dequantize_rows: shapes");
+  TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && group % (bits == 4 ? 32 : 8) == 0 && scales.size(1) == G,
+              "dequantize_rows: shapes");
   TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.is_contiguous() &&
                   out.size(1) == K,
               "dequantize_rows: out [rows, K] float32 or bfloat16");
-  const bool to_bf16 = out.scalar_type() == at::kBFloat16;  // rounded once from the fp32 value, as .to(bf16)
+  const bool to_bf16 = out.scalar_type() == at::kBFloat16;
   at::Tensor sf = scales.to(at::kFloat).contiguous();
   at::Tensor mf = mins ? mins->to(at::kFloat).contiguous() : at::Tensor();
-  const float* sp = sf.data_ptr<float>();
-  const float* mp = mins ? mf.data_ptr<float>() : nullptr;
-  float* wp = to_bf16 ? nullptr : out.data_ptr<float>();
-  uint16_t* bp = to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr;
-  const float zp = float(zero_point);
-  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
-    std::vector<float> row_buf(to_bf16 ? size_t(K) : 0);
-    for (int64_t n = a; n < b; ++n) {
-      float* o = to_bf16 ? row_buf.data() : wp + (n - r0) * K;
-      if (bits == 4) {
-        const uint8_t* row = q.data_ptr<uint8_t>() + n * (K / 2);
-        for (int64_t blk = 0; blk < K / 32; ++blk)
-          for (int j = 0; j < 16; ++j) {
-            o[blk * 32 + j] = float(row[blk * 16 + j] & 15);
-            o[blk * 32 + j + 16] = float(row[blk * 16 + j] >> 4);
-          }
-      } else {
-        const int8_t* row = q.data_ptr<int8_t>() + n * K;
-        for (int64_t k = 0; k < K; ++k) o[k] = float(row[k]);
-      }
-      // (q - zp) * s + m, rounded step by step as QuantLinear.dequantize computes it (this file has no FMA)
-      for (int64_t g = 0; g < G; ++g) {
-        const float s = sp[n * G + g];
-        float* og = o + g * group;
-        for (int64_t k = 0; k < group; ++k) og[k] = (og[k] - zp) * s;
-        if (mp) {
-          const float m = mp[n * G + g];
-          for (int64_t k = 0; k < group; ++k) og[k] += m;
-        }
-      }
-      if (to_bf16) {  // round to nearest even (c10::BFloat16's rounding; dequantized values are never NaN)
-        uint16_t* ob = bp + (n - r0) * K;
-        for (int64_t k = 0; k < K; ++k) {
-          uint32_t u;
-          std::memcpy(&u, &o[k], 4);
-          ob[k] = uint16_t((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-        }
-      }
-    }
-  });
+  glm4k::DequantArgs d{q.data_ptr(), sf.data_ptr<float>(), mins ? mf.data_ptr<float>() : nullptr,
+                       to_bf16 ? nullptr : out.data_ptr<float>(),
+                       to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr,
+                       K, group, r0, int(bits), int(zero_point)};
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) { glm4k::dequant_rows_avx2(d, a, b); });
 }
 
 // MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0) or codes [E, N, K'] with scales / mins
