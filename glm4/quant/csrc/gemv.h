@@ -56,6 +56,10 @@ struct DequantArgs {
 
 void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1);
 
+// x [total] in blocks of B (a multiple of 32) -> x = scale[b] * (hi + lo / 65534) per block, scale = amax / 32767,
+// hi / lo rounded to nearest even in double precision; perm: positions in the perm128 order (see QuantArgs)
+void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale);
+
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);

@@ -292,6 +292,35 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const Dequan
   }
 }
 
+void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale) {
+  const __m256d lim = _mm256_set1_pd(32767.0), nlim = _mm256_set1_pd(-32767.0), lo_mul = _mm256_set1_pd(65534.0);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b0 = 0; b0 < total; b0 += B) {
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256d inv = _mm256_set1_pd(amax > 0.f ? 32767.0 / amax : 0.0);
+    scale[b0 / B] = float(amax / 32767.0);
+    for (int64_t k = 0; k < B; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + b0 + k);
+      __m128i h32[2], l32[2];
+      for (int half = 0; half < 2; ++half) {
+        const __m256d v = _mm256_mul_pd(_mm256_cvtps_pd(half ? _mm256_extractf128_ps(xv, 1) : _mm256_castps256_ps128(xv)), inv);
+        const __m256d h = _mm256_min_pd(_mm256_max_pd(_mm256_round_pd(v, kRound), nlim), lim);
+        const __m256d l = _mm256_min_pd(_mm256_max_pd(_mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(v, h), lo_mul), kRound), nlim), lim);
+        h32[half] = _mm256_cvtpd_epi32(h), l32[half] = _mm256_cvtpd_epi32(l);
+      }
+      const int64_t c = b0 + k;  // 8 columns move together in the perm128 order
+      const int64_t at = perm ? c / 128 * 128 + perm128(c % 128) : c;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm_packs_epi32(h32[0], h32[1]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm_packs_epi32(l32[0], l32[1]));
+    }
+  }
+}
+
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
     case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
