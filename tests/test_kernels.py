@@ -250,6 +250,29 @@ def test_expert_glu_op_is_the_python_dispatch_in_one_call(scheme, isa):
                                   dn.mins, dn.bits, dn.group_size, dn.zero_point)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_prefill_combine_equals_the_python_dispatch_bit_for_bit(scheme, dtype):
+    """Many tokens: StreamExperts puts the expert-sorted rows back, weighted and summed, with one op
+    (torch.ops.glm4.moe_combine): the same values as layers.moe.dispatch_experts over the same packs, to the bit."""
+    from glm4.layers.moe import StackedExperts, dispatch_experts
+    from glm4.quant.experts import StreamExperts
+
+    if not kernels.has_streaming_kernels():
+        pytest.skip("glm4's CPU kernels are not built here")
+    torch.manual_seed(5)
+    stacked = StackedExperts(8, 64, 96).to(torch.bfloat16 if scheme is None else torch.float32)
+    s = StreamExperts.from_stacked(stacked, scheme, group_size=32)
+    x, w = torch.randn(300, 64).to(dtype), torch.rand(300, 3)
+    idx = torch.stack([torch.randperm(8)[:3] for _ in range(300)])
+    with torch.profiler.profile() as prof:
+        y = s(x, idx, w)
+    assert [e.key for e in prof.key_averages()].count("glm4::moe_combine") == 1
+    assert y.dtype == dtype and torch.equal(y, dispatch_experts(x, idx, w, s._mm, 8, 64))
+    with pytest.raises(RuntimeError, match="permutation"):
+        torch.ops.glm4.moe_combine(torch.zeros(4, 64), torch.tensor([0, 1, 1, 2]), torch.ones(2, 2))
+
+
 def test_quantized_moe_engine_equals_reference_on_the_same_model():
     """quantization="int4" also quantizes the stacked experts; the engine's greedy tokens equal the reference
     generator run on that same quantized model."""

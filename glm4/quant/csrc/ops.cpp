@@ -288,6 +288,45 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   return y;
 }
 
+// out [T, H] = sum_j weights[t, j] * y[slot[t * k + j]]: the expert-sorted rows back in token order, each weighted,
+// added in slot order in fp32 (as layers.moe.dispatch_experts adds them)
+void combine_rows(const float* y, const int64_t* slot, const float* weights, int64_t T, int64_t k, int64_t H,
+                  float* out) {
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / (k * H)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = out + t * H;
+      std::fill(o, o + H, 0.f);
+      for (int64_t j = 0; j < k; ++j) {
+        const float w = weights[t * k + j];
+        const float* yr = y + slot[t * k + j] * H;
+        for (int64_t c = 0; c < H; ++c) o[c] += yr[c] * w;
+      }
+    }
+  });
+}
+
+// MoE for many tokens: y [S, H] fp32 in the order `order` [S] put the (token, slot) pairs (pair p = t * k + j at row
+// r where order[r] = p), weights [T, k] fp32 -> out [T, H] (combine_rows)
+at::Tensor moe_combine(const at::Tensor& y, const at::Tensor& order, const at::Tensor& weights) {
+  TORCH_CHECK(y.dim() == 2 && y.scalar_type() == at::kFloat, "moe_combine: y must be float32 [S, H]");
+  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat && order.dim() == 1 &&
+                  order.size(0) == y.size(0) && weights.numel() == y.size(0),
+              "moe_combine: order [S] and float32 weights [T, k] with T * k = S");
+  const int64_t S = y.size(0), H = y.size(1);
+  auto ord = order.to(at::kLong).contiguous();
+  const int64_t* op = ord.data_ptr<int64_t>();
+  std::vector<int64_t> slot(S, -1);
+  for (int64_t r = 0; r < S; ++r) {
+    TORCH_CHECK(0 <= op[r] && op[r] < S && slot[op[r]] < 0, "moe_combine: order must be a permutation of 0..S-1");
+    slot[op[r]] = r;
+  }
+  auto yc = y.contiguous(), wc = weights.contiguous();
+  auto out = at::empty({weights.size(0), H}, y.options());
+  combine_rows(yc.data_ptr<float>(), slot.data(), wc.data_ptr<float>(), weights.size(0), weights.size(1), H,
+               out.data_ptr<float>());
+  return out;
+}
+
 // MoE for a few tokens (decode): out [T, H] = sum_j weights[t, j] * down[e](silu(gate[e] x_t) * up[e] x_t), e =
 // indices[t, j], as layers.moe.dispatch_experts computes it (pairs grouped by expert in slot order, the weighted
 // terms added in slot order in fp32) in one call instead of ~15 torch ops. gate_up [E, 2I, H] gate rows first.
@@ -329,16 +368,8 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
     }
   at::Tensor y = expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point);  // [S, H]
   TORCH_CHECK(y.size(1) == H, "expert_glu: down must map back to the hidden size");
-  auto out = at::zeros({T, H}, x.options());
-  const float* yp = y.data_ptr<float>();
-  const float* wp = wts.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t j = 0; j < k; ++j) {
-      const float w = wp[t * k + j];
-      const float* yr = yp + slot[t * k + j] * H;
-      for (int64_t c = 0; c < H; ++c) op[t * H + c] += yr[c] * w;
-    }
+  auto out = at::empty({T, H}, x.options());
+  combine_rows(y.data_ptr<float>(), slot.data(), wts.data_ptr<float>(), T, k, H, out.data_ptr<float>());
   return out;
 }
 
@@ -357,6 +388,7 @@ TORCH_LIBRARY(glm4, m) {
   m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
         "int zero_point) -> Tensor",
         &expert_mm);
+  m.def("moe_combine(Tensor y, Tensor order, Tensor weights) -> Tensor", &moe_combine);
   m.def("expert_glu(Tensor x, Tensor indices, Tensor weights, Tensor gu, Tensor? gu_scales, Tensor? gu_mins, "
         "int gu_bits, int gu_group, int gu_zero_point, Tensor dn, Tensor? dn_scales, Tensor? dn_mins, int dn_bits, "
         "int dn_group, int dn_zero_point) -> Tensor",
