@@ -248,9 +248,10 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
         if isinstance(m, StreamExperts):
             gu = m.gate_up
             isa = kernels.quant_isa(gu.bits, gu.group_size) if gu.bits else kernels.dense_isa()
-            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} stream per busy expert "
-                              f"(<= {kernels.dense_max_m()} tokens each); a "
-                              f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per expert above")
+            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} expert_glu, the dispatch "
+                              f"in one op (<= {kernels.dense_max_m()} tokens a call); a "
+                              f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per busy expert "
+                              "above")
         elif isinstance(m, StackedExperts):
             key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")
         elif isinstance(m, (nn.Linear, *_SWAPPED)):
