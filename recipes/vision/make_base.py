@@ -7,8 +7,9 @@
   `<|begin_of_image|>` ... `<|end_of_video|>` but no placeholders. M-RoPE sections [4, 4, 4] cover the 12 rotary
   frequencies (head_dim 48, partial rotary 0.5); text tokens have equal positions on the three axes, so text runs
   exactly as in the default.
-- tower: random (N(0, 0.02)), `vision_config.json` of this folder; the processor upscales a 64 x 64 easy-vqa
-  picture to 112 x 112 (min_pixels = 2 x 112 x 112): an 8 x 8 patch grid, 16 image tokens.
+- tower: random (N(0, 0.02)), `vision_config.json` of this folder (or --vision-config); the processor
+  (`preprocessor_config.json` or --preprocessor) upscales a 64 x 64 easy-vqa picture to 168 x 168 (min_pixels =
+  2 x 168 x 168): a 12 x 12 patch grid, 36 image tokens.
 - the GLM-4.1V chat template (glm4v), which renders `<|begin_of_image|><|image|><|end_of_image|>` per picture.
 """
 

@@ -5,6 +5,8 @@
 Writes (image paths point into the installed `easy-vqa` package, `pip install easy-vqa`):
     train.jsonl   GLM-4V fine-tuning conversations: per training image and language, its questions shuffled and
                   cut into conversations of 1-4 turns; `"image"` on the first user turn
+    train_shapes.jsonl  stage 3's mix: train.jsonl plus, per training image and language, its shape asked directly
+                  and as yes / no for each of the three shapes (easy-vqa's templates on its labels), shuffled
     valid.jsonl   the same for the 200 training images held out of train.jsonl (eval loss during training)
     test.jsonl    one line per easy-vqa test question and language: {"image", "question", "answer", "lang"}
     manifest.json counts and the majority answer
@@ -83,6 +85,44 @@ def conversations(qas: list[tuple[str, str]], image: str, rng: random.Random) ->
     return out
 
 
+# stage 3's extra questions: each training picture's shape asked directly, and as yes / no for all three shapes
+DIRECT = ("what shape is in the image?", "what shape does the image contain?", "what shape is present?")
+SHAPE_YES = ("is there a {s}?", "is a {s} present?", "does the image contain a {s}?", "is there a {s} in the image?")
+SHAPE_NO = ("is no {s} present?", "is there not a {s}?", "does the image not contain a {s}?",
+            "is there not a {s} in the image?")
+
+
+def picture_shapes(questions) -> dict[int, str]:
+    """image id -> its shape, from the easy-vqa questions that name it (an answer, or "what color is the circle?")."""
+    shape = {}
+    for q, ans, i in questions:
+        if ans in SHAPES:
+            shape[i] = ans
+        for m in _WORD.finditer(q):
+            if m.group(1) in SHAPES and q.startswith(("what color is the", "what is the color of the")):
+                shape[i] = m.group(1)
+    return shape
+
+
+def shape_conversations(shape: dict[int, str], paths: list[str], skip: set[int], rng: random.Random) -> list[dict]:
+    """Per picture and language, its shape asked directly and as yes / no for all three shapes, easy-vqa's own
+    templates on easy-vqa's labels: the shapes were the models' errors (see README.md)."""
+    out = []
+    for i, s in shape.items():
+        if i in skip:
+            continue
+        qa = [(rng.choice(DIRECT), s)]
+        for t in SHAPES:
+            if rng.random() < 0.5:
+                qa.append((rng.choice(SHAPE_YES).format(s=t), "yes" if t == s else "no"))
+            else:
+                qa.append((rng.choice(SHAPE_NO).format(s=t), "no" if t == s else "yes"))
+        img = str(Path(paths[i]).resolve())
+        out += conversations(qa, img, rng)
+        out += conversations([to_chinese(q, ans) for q, ans in qa], img, rng)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data-dir", default="data/vision")
@@ -114,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             for r in rows:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
         counts[name] = len(rows)
+        if name == "train":  # stage 3's mix: these conversations and the shape questions, shuffled together
+            rng3 = random.Random(7)
+            extra = shape_conversations(picture_shapes(zip(*easy_vqa.get_train_questions())), train_paths,
+                                        valid_ids, rng3)
+            mixed = [json.dumps(r, ensure_ascii=False) + "\n" for r in rows + extra]
+            rng3.shuffle(mixed)
+            (out / "train_shapes.jsonl").write_text("".join(mixed), encoding="utf-8")
+            counts["train_shapes"] = len(mixed)
     answers = collections.Counter()
     with open(out / "test.jsonl", "w", encoding="utf-8") as f:
         for q, ans, i in zip(*easy_vqa.get_test_questions()):
@@ -123,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
             f.write(json.dumps({"image": img, "question": zq, "answer": za, "lang": "zh"}, ensure_ascii=False) + "\n")
             answers[ans] += 1
     majority, n_major = answers.most_common(1)[0]
-    manifest = {"train_conversations": counts["train"], "valid_conversations": counts["valid"],
+    manifest = {"train_conversations": counts["train"], "train_shapes_conversations": counts["train_shapes"],
+                "valid_conversations": counts["valid"],
                 "train_images": len(ids) - VALID_IMAGES, "valid_images": VALID_IMAGES, "test_images": len(test_paths),
                 "test_questions_per_language": sum(answers.values()), "majority_answer": majority,
                 "majority_baseline": n_major / sum(answers.values())}

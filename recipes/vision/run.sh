@@ -28,7 +28,6 @@ stage make_base python recipes/vision/make_base.py --out "$RUNS/base"
 stage sft1 glm4 finetune --config recipes/vision/sft.yaml --no-progress
 stage sft2 glm4 finetune --config recipes/vision/sft2.yaml --no-progress
 stage sft3 glm4 finetune --config recipes/vision/sft3.yaml --no-progress
-stage sft4 glm4 finetune --config recipes/vision/sft4.yaml --no-progress
-stage ship python recipes/vision/ship.py weights --checkpoint "$RUNS/sft4"
+stage ship python recipes/vision/ship.py weights --checkpoint "$RUNS/sft3"
 stage eval python recipes/vision/evaluate.py --model glm4/assets/vision --data-dir "$DATA" --out "$RUNS/eval.json"
 python recipes/vision/ship.py card --runs "$RUNS"

@@ -1,11 +1,11 @@
 """Copy the trained vision checkpoint into the package (bf16) and write its card.
 
-    python recipes/vision/ship.py weights --checkpoint runs/vision/sft4     # -> glm4/assets/vision/
+    python recipes/vision/ship.py weights --checkpoint runs/vision/sft3     # -> glm4/assets/vision/
     python recipes/vision/ship.py card --runs runs/vision                   # -> training_curves.png
 
 `weights`: tensors in bf16 except the MoE routers (fp32, as the model keeps them), config.json with
 torch_dtype bfloat16, the tokenizer (with <|image|> / <|video|>), the GLM-4.1V chat template, the processor config
-(64 x 64 pictures -> 112 x 112 -> 16 image tokens) and generation_config.json (greedy).
+(64 x 64 pictures -> 168 x 168 -> 36 image tokens) and generation_config.json (greedy).
 `card`: training_curves.png from the SFT stages' logs.csv (MODEL_CARD.md is written by hand from eval.json and
 timings.json).
 """
@@ -58,7 +58,7 @@ def curves(runs: Path, out_png: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(10, 4))
     offset = 0
     for stage, label in (("sft1", "stage 1: tower frozen (random)"), ("sft2", "stage 2: everything"),
-                         ("sft3", "stage 3: everything, more"), ("sft4", "stage 4: everything, more")):
+                         ("sft3", "stage 3: everything, shapes asked")):
         if not (runs / stage / "model.safetensors").is_file():
             continue
         rows = list(csv.DictReader(open(runs / stage / "logs.csv")))
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     w = sub.add_parser("weights")
-    w.add_argument("--checkpoint", default="runs/vision/sft4", type=Path)
+    w.add_argument("--checkpoint", default="runs/vision/sft3", type=Path)
     w.add_argument("--out", default=ASSET, type=Path)
     c = sub.add_parser("card")
     c.add_argument("--runs", default="runs/vision", type=Path)
