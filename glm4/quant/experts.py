@@ -3,8 +3,9 @@ quantized (QuantLinear's formula, stacked over experts). Swapped in for layers.m
 
 Decode sends a handful of tokens to each busy expert, so each expert's weights are streamed once by one op
 (torch.ops.glm4.expert_mm: every busy expert x block of rows is a task), and the whole dispatch around it (grouping
-the pairs by expert, SwiGLU, the weighted sum) is one op too (torch.ops.glm4.expert_glu); prefill (many tokens per expert) runs
-one fp32 GEMM per busy expert on its widened / dequantized weight.
+the pairs by expert, SwiGLU, the weighted sum) is one op too (torch.ops.glm4.expert_glu). Prefill (many tokens per
+expert) runs one GEMM per busy expert on its widened / dequantized weight, and torch.ops.glm4.moe_combine puts the
+rows back in token order, weighted and summed.
 """
 
 from __future__ import annotations

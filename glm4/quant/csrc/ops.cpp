@@ -129,24 +129,9 @@ struct ActPrep {
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
     perm = bits == 4 && use_avx512() && (B % 128 == 0 || (B == 32 && K % 128 == 0));
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
-    if (has_avx2()) {  // the same arithmetic, 8 columns at a time
-      glm4k::act_hilo_avx2(x, M * K, B, perm, hi.data(), lo.data(), scale.data());
-      return;
-    }
-    for (int64_t i = 0; i < M * K / B; ++i) {
-      float amax = 0.f;
-      for (int64_t k = 0; k < B; ++k) amax = std::max(amax, std::fabs(x[i * B + k]));
-      const double inv = amax > 0.f ? 32767.0 / amax : 0.0;
-      scale[i] = float(amax / 32767.0);
-      for (int64_t k = 0; k < B; ++k) {
-        const double v = x[i * B + k] * inv;
-        const double h = std::clamp(std::nearbyint(v), -32767.0, 32767.0);
-        // column c of each 128 goes to position glm4k::perm128(c) (identity unless perm)
-        const int64_t at = perm ? (i * B + k) / 128 * 128 + glm4k::perm128((i * B + k) % 128) : i * B + k;
-        hi[at] = int16_t(h);
-        lo[at] = int16_t(std::clamp(std::nearbyint((v - h) * 65534.0), -32767.0, 32767.0));
-      }
-    }
+    // per block: amax, scale = amax / 32767, hi / lo rounded to nearest even in double (gemv_avx2.cpp); every caller
+    // checked the CPU has AVX2
+    glm4k::act_hilo_avx2(x, M * K, B, perm, hi.data(), lo.data(), scale.data());
   }
 
   // the kernel arguments for activation rows [row0, row0 + M)
