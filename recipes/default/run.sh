@@ -4,21 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 DATA=${DATA:-data/default}
 RUNS=${RUNS:-runs/default}
-mkdir -p "$RUNS"
 TIMINGS="$RUNS/timings.json"
-[ -f "$TIMINGS" ] || echo '{}' > "$TIMINGS"
-
-stage() {  # stage NAME CMD...: run, time, record
-  local name=$1; shift
-  local t0=$(date +%s)
-  echo "== $name: $*"
-  "$@"
-  python - "$TIMINGS" "$name" "$(( $(date +%s) - t0 ))" <<'EOF'
-import json, sys
-path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-t = json.load(open(path)); t[name] = secs; json.dump(t, open(path, "w"), indent=1)
-EOF
-}
+. recipes/stages.sh
 
 stage prepare_data python recipes/default/prepare_data.py --data-dir "$DATA"
 stage build_sft python recipes/default/build_sft.py --data-dir "$DATA"

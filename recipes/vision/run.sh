@@ -7,21 +7,8 @@ cd "$(dirname "$0")/../.."
 DATA=${DATA:-data/vision}
 RUNS=${RUNS:-runs/vision}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-mkdir -p "$RUNS"
 TIMINGS="$RUNS/timings.json"
-[ -f "$TIMINGS" ] || echo '{}' > "$TIMINGS"
-
-stage() {  # stage NAME CMD...: run, time, record
-  local name=$1; shift
-  local t0=$(date +%s)
-  echo "== $name: $*"
-  "$@"
-  python - "$TIMINGS" "$name" "$(( $(date +%s) - t0 ))" <<'PY'
-import json, sys
-path, name, secs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-t = json.load(open(path)); t[name] = secs; json.dump(t, open(path, "w"), indent=1)
-PY
-}
+. recipes/stages.sh
 
 stage prepare_data python recipes/vision/prepare_data.py --data-dir "$DATA"
 stage make_base python recipes/vision/make_base.py --out "$RUNS/base"
