@@ -35,7 +35,6 @@ from .sandbox import (
     WORKSPACE_MOUNT,
     Limits,
     Sandbox,
-    SandboxUnavailable,
     python_mounts,
 )
 
@@ -105,13 +104,10 @@ class NsjailSandbox(Sandbox):
     """Builds the nsjail command for one sandboxed process tree over a workspace folder."""
 
     name = "nsjail"
+    probe = staticmethod(nsjail_works)
 
     def __init__(self, workspace: str | Path, limits: Limits | None = None, uid: int | None = None):
-        ok, why = nsjail_works()
-        if not ok:
-            raise SandboxUnavailable(why)
         super().__init__(workspace, limits, uid)
-        self.nsjail = why
         self.seccomp_note = "seccomp policy (IP sockets, ptrace, mounts/namespaces, modules, bpf, keyrings: EPERM)"
 
     def command(self, argv: list[str], binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
@@ -123,7 +119,7 @@ class NsjailSandbox(Sandbox):
                    ro_binds: dict[str, str] | None = None, binds: dict[str, str] | None = None) -> list[str]:
         lim = self.limits
         py_binds, python, home, _ = python_mounts()
-        a = [self.nsjail, "-Mo", "--quiet", "--time_limit", "0", "--nice_level", "0", "--hostname", "sandbox",
+        a = [self.exe, "-Mo", "--quiet", "--time_limit", "0", "--nice_level", "0", "--hostname", "sandbox",
              "--rlimit_cpu", str(lim.cpu_seconds), "--rlimit_as", str(max(1, lim.memory_bytes >> 20)),
              "--rlimit_fsize", str(max(1, lim.file_bytes >> 20)), "--rlimit_nofile", str(lim.open_files),
              "--rlimit_nproc", str(self.nproc()), "--rlimit_core", "0",

@@ -194,8 +194,14 @@ class Sandbox:
     `spawn_argv(argv, ...)` for spawners that take only an argv (the MCP client)."""
 
     name = "sandbox"
+    probe = None  # subclasses: () -> (works, the tool's path or why not); SandboxUnavailable when it does not work
 
     def __init__(self, workspace: str | Path, limits: Limits | None = None, uid: int | None = None):
+        if self.probe is not None:
+            ok, why = self.probe()
+            if not ok:
+                raise SandboxUnavailable(why)
+            self.exe = why  # the isolation tool's executable
         self.workspace = Path(workspace).resolve()
         self.limits = limits or Limits()
         self.as_root = os.geteuid() == 0
@@ -235,13 +241,10 @@ class BwrapSandbox(Sandbox):
     """Builds the bubblewrap command for one sandboxed process tree over a workspace folder."""
 
     name = "bubblewrap"
+    probe = staticmethod(bwrap_works)
 
     def __init__(self, workspace: str | Path, limits: Limits | None = None, uid: int | None = None):
-        ok, why = bwrap_works()
-        if not ok:
-            raise SandboxUnavailable(why)
         super().__init__(workspace, limits, uid)
-        self.bwrap = why
         self.seccomp, self.seccomp_note = seccomp_filter_file()
 
     def command(self, argv: list[str], binds: dict[str, str] | None = None, env: dict[str, str] | None = None,
@@ -250,7 +253,7 @@ class BwrapSandbox(Sandbox):
         `binds` / `ro_binds` are extra read-write / read-only folders {host: inside}; `env` is the whole
         environment inside."""
         py_binds = python_mounts()[0]
-        a = [self.bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
+        a = [self.exe, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts",
              "--unshare-cgroup-try", "--die-with-parent", "--new-session", "--hostname", "sandbox",
              "--ro-bind", "/usr", "/usr", "--symlink", "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64",
              "--symlink", "usr/bin", "/bin", "--symlink", "usr/sbin", "/sbin",
