@@ -9,12 +9,11 @@ import os
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-from test_serve_util import free_port
+from test_serve_util import free_port, wait_healthy
 
 from glm4.agent.suite import TASKS, format_report, run_suite
 
@@ -62,17 +61,11 @@ def served(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "glm4.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
                              "--log-level", "warning"], env=ENV, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            pytest.fail(f"glm4 serve did not start: {log.read()[-2000:]}")
-        time.sleep(0.3)
+    try:
+        wait_healthy(url, proc, timeout=120)
+    except AssertionError:
+        log.seek(0)
+        pytest.fail(f"glm4 serve did not start: {log.read()[-2000:]}")
     yield url
     proc.terminate()
     proc.wait(timeout=30)

@@ -123,7 +123,8 @@ def wait_healthy(url: str, proc, timeout: float = 60.0) -> None:
                 return
         except httpx.TransportError:
             pass
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else ""
+        assert proc.poll() is None and time.monotonic() < deadline, \
+            proc.stdout.read() if proc.poll() and proc.stdout else "glm4 serve did not answer /health"
         time.sleep(0.2)
 
 
