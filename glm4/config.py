@@ -166,7 +166,7 @@ class EVA2CLIPVisionConfig(_BaseConfig):
     scaling_factor: float = 8.0
 
     def __post_init__(self):
-        side = self.image_size // self.patch_size
+        side = self.grid_side
         if self.image_size % self.patch_size or side % 2:
             raise ConfigError(f"vision_config: image_size {self.image_size} must be an even number of "
                               f"{self.patch_size}-pixel patches per side (the 2x2 conv halves the grid)")

@@ -18,7 +18,7 @@ from glm4.layers.moe import StackedExperts, dispatch_experts
 
 from . import kernels
 from .fast_linear import QuantizationError
-from .qlinear import _GEMM_ELEMS, QuantLinear
+from .qlinear import _GEMM_ELEMS, QuantLinear, dequant_gemm
 
 __all__ = ["ExpertPack", "StreamExperts"]
 
@@ -101,11 +101,7 @@ class ExpertPack(nn.Module):
                 ye.copy_(torch.ops.glm4.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
                                                  self.zero_point))
             else:
-                for i in range(0, self.out_features, rows):
-                    j = min(i + rows, self.out_features)
-                    torch.ops.glm4.dequantize_rows(q, s, m, self.bits, self.group_size, self.zero_point, i,
-                                                   buf[: j - i])
-                    ye[:, i:j] = kernels.gemm(xe, buf[: j - i])
+                dequant_gemm(xe, ye, q, s, m, self.bits, self.group_size, self.zero_point, buf)
             start += n
         return y
 

@@ -21,7 +21,7 @@ from torch import nn
 from . import kernels
 from .fast_linear import QuantizationError, plain_linear
 
-__all__ = ["QuantLinear", "pack_int4", "unpack_int4"]
+__all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "unpack_int4"]
 
 _GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
 
@@ -40,6 +40,18 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     n, k2 = packed.shape
     b = packed.reshape(n, k2 // 16, 1, 16)
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, k2 * 2)
+
+
+def dequant_gemm(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+                 mins: torch.Tensor | None, bits: int, group_size: int, zero_point: int, buf: torch.Tensor) -> None:
+    """y [M, N] = x [M, K] @ W^T, W as QuantLinear.dequantize gives it: glm4's dequantize_rows writes buf's rows of W
+    at a time into `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each."""
+    n_out, rows = y.shape[1], buf.shape[0]
+    for i in range(0, n_out, rows):
+        j = min(i + rows, n_out)
+        w = buf[: j - i]
+        torch.ops.glm4.dequantize_rows(qweight, scales, mins, bits, group_size, zero_point, i, w)
+        y[:, i:j] = kernels.gemm(x, w)
 
 
 class QuantLinear(nn.Module):
@@ -143,21 +155,13 @@ class QuantLinear(nn.Module):
         x's dtype), one GEMM per chunk."""
         rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
         y = x.new_empty(x.shape[0], self.out_features)
-        buf = cast = None
         if kernels.has_streaming_kernels():  # glm4's op: the values of dequantize(), into one reused buffer
-            # (bf16 written by the op, rounded as .to(bf16) rounds; fp16 activations: fp32, then a cast)
-            buf = x.new_empty(rows, self.in_features, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
-            cast = x.new_empty(rows, self.in_features) if x.dtype not in (torch.float32, torch.bfloat16) else None
+            buf = x.new_empty(rows, self.in_features)  # forward hands fp32 or bf16 activations only
+            dequant_gemm(x, y, self.qweight, self.scales, self.mins, self.bits, self.group_size, self.zero_point, buf)
+            return y
         for i in range(0, self.out_features, rows):
             j = min(i + rows, self.out_features)
-            if buf is not None:
-                w = buf[: j - i]
-                torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
-                                               self.zero_point, i, w)
-                w = w if cast is None else cast[: j - i].copy_(w)
-            else:
-                w = self.dequantize(torch.float32, slice(i, j)).to(x.dtype)
-            y[:, i:j] = kernels.gemm(x, w)
+            y[:, i:j] = kernels.gemm(x, self.dequantize(torch.float32, slice(i, j)).to(x.dtype))
         return y
 
     def extra_repr(self) -> str:
