@@ -94,12 +94,13 @@ def _segment_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Te
 
 def dispatch_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
                      experts_mm: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor], num_experts: int,
-                     hidden: int) -> torch.Tensor:
+                     hidden: int, combine: Callable | None = None) -> torch.Tensor:
     """Σ_j weights[n, j] · down[e] (silu(gate[e] x_n) * up[e] x_n) with e = indices[n, j], for any expert storage.
 
     x [N, H], indices/weights [N, k] -> [N, hidden]. The (token, slot) pairs are sorted by expert and handed to
     `experts_mm(xs [S, in], counts [E], "gate_up" | "down") -> [S, out]`, which multiplies each expert's rows by its
-    own weight (one call per projection, no loop over experts here)."""
+    own weight (one call per projection, no loop over experts here). `combine(y [S, hidden], order [S], weights
+    [N, k]) -> [N, hidden]`, if given, replaces the weighted sum below (the same sums, e.g. as one kernel)."""
     N, k = indices.shape
     flat = indices.reshape(-1)  # [N*k]
     order = flat.argsort(stable=True)  # pairs grouped by expert
@@ -107,6 +108,8 @@ def dispatch_experts(x: torch.Tensor, indices: torch.Tensor, weights: torch.Tens
     counts = torch.bincount(flat, minlength=num_experts)  # [E]
     g, u = experts_mm(xs, counts, "gate_up").chunk(2, dim=-1)
     y = experts_mm((F.silu(g) * u).contiguous(), counts, "down")  # [N*k, H]
+    if combine is not None:
+        return combine(y, order, weights).to(x.dtype)
     y = y * weights.reshape(-1)[order, None]  # fp32 weights: the weighted sum is accumulated in fp32
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order

@@ -11,7 +11,6 @@ rows back in token order, weighted and summed.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from glm4.layers.moe import StackedExperts, dispatch_experts
@@ -120,6 +119,11 @@ class ExpertPack(nn.Module):
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, {kind}"
 
 
+def _moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """dispatch_experts' weighted sum back in token order as one op (prefill): the same sums, in slot order."""
+    return torch.ops.glm4.moe_combine(y.float(), order, weights.float())
+
+
 class StreamExperts(nn.Module):
     """E SwiGLU experts: gate_up [E, 2I, H] (gate rows first) and down [E, H, I] as ExpertPacks."""
 
@@ -187,12 +191,5 @@ class StreamExperts(nn.Module):
                                           dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,
                                           dn.group_size, dn.zero_point)
             return y.to(x.dtype)
-        if kernels.has_streaming_kernels() and x.device.type == "cpu":  # prefill: the weighted sum back in one op
-            N, k = indices.shape
-            flat = indices.reshape(-1)
-            order = flat.argsort(stable=True)  # pairs grouped by expert, as dispatch_experts groups them
-            counts = torch.bincount(flat, minlength=self.num_experts)
-            g, u = self.gate_up(x[order // k], counts).chunk(2, dim=-1)
-            y = self.down((F.silu(g) * u).contiguous(), counts)
-            return torch.ops.glm4.moe_combine(y.float(), order, weights.float()).to(x.dtype)
-        return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size)
+        combine = _moe_combine if kernels.has_streaming_kernels() and x.device.type == "cpu" else None
+        return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size, combine)
