@@ -182,6 +182,35 @@ def test_quantize_swaps_in_quant_linear_when_kernels_exist(scheme, group, M):
         assert ((m.dequantize() - w).abs() <= step * 0.5 + 1e-6).all()
 
 
+_PEAK_SCRIPT = """
+import resource, sys, torch
+torch.set_num_threads(1)
+from torch import nn
+from glm4.quant import quantize
+model = nn.Sequential(nn.Linear(1024, 65536, bias=False))  # 256 MiB of fp32, like a small LM head
+model[0].weight.data.normal_()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+quantize(model, sys.argv[1], group_size=128, head=None)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024 / (1024 * 65536))
+"""
+
+
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantizing_a_big_linear_adds_less_than_its_fp32_size(scheme):
+    """Quantizing works a row chunk at a time and allocates the codes once: the peak above the fp32 weight stays
+    under its size (a whole-matrix pass, with an int32 copy of the codes, adds 2-4x)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # big blocks mmapped and unmapped when freed: RSS is
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, scheme],  # what is live, not what malloc kept
+                         capture_output=True, text=True, check=True, env=env)
+    extra_per_weight = float(out.stdout.strip().splitlines()[-1])  # bytes of peak RSS added per weight
+    assert extra_per_weight < 4.0, extra_per_weight
+
+
 def test_cast_for_compute_keeps_storage_and_widens_the_rest():
     torch.manual_seed(2)
     emb = nn.Embedding(10, 32)

@@ -34,6 +34,7 @@ __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinea
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
 SCHEMES = ("int8", "int4", "float", "packed")
+_QUANT_ROWS = 1024  # rows quantized at a time: the temporaries of a 151552-row LM head stay small
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -43,15 +44,24 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
-    """Our round-to-nearest int8 (per channel, symmetric) or int4 (per group, asymmetric) as a QuantLinear."""
+    """Our round-to-nearest int8 (per channel, symmetric) or int4 (per group, asymmetric) as a QuantLinear,
+    quantized a row chunk at a time (no full-size temporaries of a 151552-row LM head)."""
     w = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
+    q = torch.empty(w.shape, dtype=torch.int8 if bits == 8 else torch.uint8)
+    scales, zeros = [], []
+    for i in range(0, w.shape[0], _QUANT_ROWS):
+        rows = w[i:i + _QUANT_ROWS]
+        qi, *sz = quantize_int8(rows) if bits == 8 else quantize_int4(rows, group_size)  # int4: W = (q - 8) s + z
+        q[i:i + _QUANT_ROWS] = qi
+        scales.append(sz[0]), zeros.append(sz[-1])
     if bits == 8:
-        q, scales = quantize_int8(w)
-        return QuantLinear.from_codes(q, _compact(scales[:, None]), bits=8, group_size=w.shape[1], bias=bias)
-    q, scales, zeros = quantize_int4(w, group_size)  # W = (q - 8) * s + z
-    return QuantLinear.from_codes(q, _compact(scales), _compact(zeros), bits=4, group_size=group_size,
-                                  zero_point=8, bias=bias)
+        return QuantLinear.from_codes(q, _compact(torch.cat(scales)[:, None]), bits=8, group_size=w.shape[1],
+                                      bias=bias)
+    return QuantLinear.from_codes(q, _compact(torch.cat(scales)), _compact(torch.cat(zeros)), bits=4,
+                                  group_size=group_size, zero_point=8, bias=bias)
+
+
 HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transformer.output_layer)
 
 
@@ -105,7 +115,9 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
     if scheme == "int4" and group_size not in (32, 64, 128, 256):
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    for name, linear in targets:
+    targets.reverse()
+    while targets:  # popped as we go: each replaced weight is freed at once, not when the whole model is done
+        name, linear = targets.pop()
         if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or linear.weight.numel() < min_params:
             continue
         is_head = name.rsplit(".", 1)[-1] in HEAD_NAMES
@@ -119,7 +131,10 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         setattr(parent, attr, _swap(linear, s, group_size, name, dtype))
     if scheme in ("int8", "int4", "float") and kernels.has_streaming_kernels():
         # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
-        for name, m in [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]:
+        packs = [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]
+        packs.reverse()
+        while packs:
+            name, m = packs.pop()
             if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or m.gate_up_proj.device.type != "cpu":
                 continue
             if scheme == "float" and dtype is not None:

@@ -24,6 +24,7 @@ from .fast_linear import QuantizationError, plain_linear
 __all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "unpack_int4"]
 
 _GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
+_CODE_ROWS = 1024  # rows of codes converted and packed at a time (from_codes)
 
 
 def pack_int4(q: torch.Tensor) -> torch.Tensor:
@@ -75,10 +76,12 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.zero_point = bits, group_size, int(zero_point)
         groups = in_features // group_size
+        # allocated, not written: every maker fills it (from_codes, the loaders, load_state_dict), and untouched
+        # pages cost no memory while a big head's codes are being made
         if bits == 8:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
+            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         else:
-            self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype))
         self.register_buffer("mins", torch.zeros(out_features, groups, dtype=scale_dtype) if has_mins else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -99,18 +102,19 @@ class QuantLinear(nn.Module):
             else torch.float32
         m = cls(k, n, bits=bits, group_size=group_size, zero_point=zero_point, has_mins=mins is not None,
                 scale_dtype=sdtype, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float32)
-        q = q.to(torch.int32)
         lo, hi = int(q.min()), int(q.max())
-        if bits == 4:
-            if lo < 0 or hi > 15:
-                raise QuantizationError(f"QuantLinear: 4-bit codes must be in 0..15, got {lo}..{hi}")
-            m.qweight = pack_int4(q)
+        shift = 128 if bits == 8 and hi > 127 else 0
+        if bits == 4 and (lo < 0 or hi > 15):
+            raise QuantizationError(f"QuantLinear: 4-bit codes must be in 0..15, got {lo}..{hi}")
+        if bits == 8 and (lo - shift < -128 or hi - shift > 127):
+            raise QuantizationError(f"QuantLinear: 8-bit codes span {lo}..{hi}, more than 256 values")
+        m.zero_point -= shift
+        if bits == 8 and q.dtype == torch.int8:
+            m.qweight = q.contiguous()  # already the stored form: no copy
         else:
-            shift = 128 if hi > 127 else 0
-            if lo - shift < -128 or hi - shift > 127:
-                raise QuantizationError(f"QuantLinear: 8-bit codes span {lo}..{hi}, more than 256 values")
-            m.qweight = (q - shift).to(torch.int8)
-            m.zero_point -= shift
+            for i in range(0, n, _CODE_ROWS):  # a row chunk at a time: no int32 copy of a whole LM head
+                c = q[i:i + _CODE_ROWS].to(torch.int32)
+                m.qweight[i:i + _CODE_ROWS] = pack_int4(c) if bits == 4 else (c - shift).to(torch.int8)
         m.scales = scales.to(sdtype).contiguous()
         if mins is not None:
             m.mins = mins.to(sdtype).contiguous()
