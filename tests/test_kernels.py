@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from glm4.quant import FloatLinear, QuantLinear, cast_for_compute, describe_linears, kernels, quantize
-from glm4.quant.qlinear import pack_int4, unpack_int4
+from glm4.quant.fast_linear import QuantizationError
+from glm4.quant.qlinear import pack_int4, pack_int6, unpack_int4, unpack_int6
 
 needs_kernels = pytest.mark.skipif(not kernels.has_streaming_kernels(),
                                    reason="glm4.quant._C not built or the CPU lacks AVX2+FMA")
@@ -63,16 +64,19 @@ def test_dense_mm_matches_float64(dtype, M, N, K, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (8, 8), (8, 16), (8, 32), (8, 64), (8, 96),
-                                        (8, 192)])  # the kernels split by group: see ops.cpp
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (6, 128), (6, 384), (8, 8), (8, 16), (8, 32),
+                                        (8, 64), (8, 96), (8, 192)])  # the kernels split by group: see ops.cpp
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 4, 7])
 @pytest.mark.parametrize("K", [192, 384])  # 4-bit on AVX-512: activations in column order, or perm128 (K = 128k)
 def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M, K, isa):
+    if bits == 6:  # K = 128k. AVX-512: g128 perm128 order, g384 column order (blocks of 192), K 896 with g896 the
+        K = 384 if K == 384 else 896  # AVX2 kernel (blocks of 224)
+        group = group if K % group == 0 else K
     g = torch.Generator().manual_seed(bits * 100 + group + M)
     N = 70
-    q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
+    q = torch.randint(0, 1 << min(bits, 8), (N, K), generator=g)
     scales = torch.rand(N, K // group, generator=g).to(scale_dtype)
     mins = torch.randn(N, K // group, generator=g).to(scale_dtype) if with_mins else None
     lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=3)
@@ -83,13 +87,13 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
     x = torch.randn(M, K, generator=g)
     ref = x.double() @ w.view(N, K).T
     assert rel_err(kernels.quant_mm(x, lin), ref) < 1e-5
-    if bits == 4:  # both 4-bit kernels: int16 activations in two terms (default) and fp32 activations
-        fp32_act = torch.ops.glm4.quant_mm(x, lin.qweight, lin.scales, lin.mins, 4, group, 3, False)
+    if bits < 8:  # both 4- / 6-bit kernels: int16 activations in two terms (default) and fp32 activations
+        fp32_act = torch.ops.glm4.quant_mm(x, lin.qweight, lin.scales, lin.mins, bits, group, 3, False)
         assert rel_err(fp32_act, ref) < 1e-5
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (8, 16), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 128), (6, 384), (8, 16), (8, 96)])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("r0,rows", [(0, 70), (16, 37), (69, 1)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -98,10 +102,10 @@ def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r
     and for bf16 activations those values rounded as .to(bfloat16) rounds them."""
     g = torch.Generator().manual_seed(bits * 10 + group + r0)
     N, K = 70, 384
-    q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
+    q = torch.randint(0, 1 << bits, (N, K), generator=g)
     scales = torch.rand(N, K // group, generator=g).half()
     mins = torch.randn(N, K // group, generator=g).half() if with_mins else None
-    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=8 if bits == 4 else 128)
+    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=1 << (bits - 1))
     out = torch.full((rows, K), float("nan"), dtype=out_dtype)
     torch.ops.glm4.dequantize_rows(lin.qweight, lin.scales, lin.mins, bits, group, lin.zero_point, r0, out)
     assert torch.equal(out, lin.dequantize(torch.float32, slice(r0, r0 + rows)).to(out_dtype))
@@ -118,16 +122,16 @@ def test_gemm_matches_float64(dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (6, 128), (8, 96)])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_quant_linear_large_m_equals_its_dequantized_weight(bits, group, act):
     """Above max_m the weight is widened a chunk at a time into one GEMM; bf16 activations stay bf16 where the CPU
     computes in bf16 (the chunk rounded to bf16), else the GEMM is fp32."""
     g = torch.Generator().manual_seed(bits + group)
-    N, K, M = 300, 192, kernels.max_m(None) + 9
-    q = torch.randint(0, 16 if bits == 4 else 256, (N, K), generator=g)
+    N, K, M = 300, 384, kernels.max_m(None) + 9
+    q = torch.randint(0, 1 << bits, (N, K), generator=g)
     lin = QuantLinear.from_codes(q, torch.rand(N, K // group, generator=g).half(), None, bits=bits, group_size=group,
-                                 zero_point=8 if bits == 4 else 128)
+                                 zero_point=1 << (bits - 1))
     x = torch.randn(M, K, generator=g).to(act)
     y = lin(x)
     assert y.dtype == act
@@ -144,6 +148,40 @@ def test_int4_packing_is_the_q4_0_nibble_order():
     assert packed[0, 0].item() == (q[0, 0] | q[0, 16] << 4).item()  # byte j: column j low, column j+16 high
     assert packed[0, 16].item() == (q[0, 32] | q[0, 48] << 4).item()
     assert torch.equal(unpack_int4(packed), q.to(torch.uint8))
+
+
+def test_int6_packing_keeps_the_int4_nibbles_and_one_word_of_pairs_per_block():
+    q = torch.randint(0, 64, (3, 256), generator=torch.Generator().manual_seed(6))
+    packed = pack_int6(q)
+    assert packed.shape == (3, 192) and packed.dtype == torch.uint8
+    blocks = packed.reshape(3, 2, 96)
+    assert torch.equal(blocks[:, :, :64].reshape(3, 128), pack_int4(q & 15))  # the nibbles: the q4_0 order
+    j, u = 2, 5  # block j's byte u: the high pairs of columns 32 j + u, + 8, + 16, + 24 of its 128 columns
+    byte = blocks[0, 1, 64 + 8 * j + u].item()
+    assert [(byte >> s) & 3 for s in (0, 2, 4, 6)] == [q[0, 128 + 32 * j + u + d].item() >> 4 for d in (0, 8, 16, 24)]
+    assert torch.equal(unpack_int6(packed), q.to(torch.uint8))
+    with pytest.raises(QuantizationError, match="multiple of 128"):
+        pack_int6(q[:, :192])
+
+
+@needs_kernels
+@pytest.mark.parametrize("group", [128, 256])
+def test_int6_quantizer_is_symmetric_and_half_a_step_close(group):
+    torch.manual_seed(6)
+    base = nn.Linear(512, 40, bias=True)
+    base.weight.data[3, :group] = 0  # an all-zero group: scale 0, code 32 (scale 1 would leave 32 * sum(x) to cancel)
+    model = nn.Sequential(base)
+    quantize(model, "int6", group_size=group, head=None)
+    m = model[0]
+    assert isinstance(m, QuantLinear) and (m.bits, m.group_size, m.zero_point, m.mins) == (6, group, 32, None)
+    assert m.scales.dtype == torch.float16 and m.qweight.shape == (40, 384)
+    codes = unpack_int6(m.qweight)
+    assert codes.min() >= 1 and codes.max() <= 63  # |q - 32| <= 31: no code clamped
+    assert m.scales[3, 0] == 0 and (codes[3, :group] == 32).all()
+    step = m.scales.float().repeat_interleave(group, 1)
+    assert ((m.dequantize() - base.weight.detach()).abs() <= step * 0.5 + 1e-7).all()
+    x = torch.randn(2, 512)
+    assert rel_err(m(x), x.double() @ m.dequantize(torch.float64).T + base.bias.detach().double()) < 1e-5
 
 
 @pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the widened-GEMM path
@@ -229,22 +267,23 @@ def test_cast_for_compute_keeps_storage_and_widens_the_rest():
     assert kinds == {"2"}
 
 
-@pytest.mark.parametrize("scheme", [None, "int8", "int4"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int6", "int4"])
 @pytest.mark.parametrize("tokens", [3, 200])  # 200: more tokens per expert than the streaming kernel takes
 def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, isa):
     from glm4.layers.moe import StackedExperts, expert_glu
     from glm4.quant.experts import StreamExperts
 
     torch.manual_seed(3)
-    stacked = StackedExperts(8, 64, 96).to(torch.bfloat16 if scheme is None else torch.float32)
-    s = StreamExperts.from_stacked(stacked, scheme, group_size=32)
+    hidden, inter, group = (128, 128, 128) if scheme == "int6" else (64, 96, 32)  # int6: groups of 128k
+    stacked = StackedExperts(8, hidden, inter).to(torch.bfloat16 if scheme is None else torch.float32)
+    s = StreamExperts.from_stacked(stacked, scheme, group_size=group)
     if scheme is None:
         assert s.gate_up.weight.data_ptr() == stacked.gate_up_proj.data_ptr()  # streamed as stored, no copy
     else:
-        assert s.gate_up.bits == (4 if scheme == "int4" else 8) and s.gate_up.weight is None
+        assert s.gate_up.bits == int(scheme[3:]) and s.down.bits == int(scheme[3:]) and s.gate_up.weight is None
     gu = torch.stack([s.gate_up.weight_of(e, torch.float64) for e in range(8)])
     dn = torch.stack([s.down.weight_of(e, torch.float64) for e in range(8)])
-    x, idx, w = torch.randn(tokens, 64), torch.randint(0, 8, (tokens, 2)), torch.rand(tokens, 2)
+    x, idx, w = torch.randn(tokens, hidden), torch.randint(0, 8, (tokens, 2)), torch.rand(tokens, 2)
     ref = expert_glu(x.double(), idx, w.double(), gu, dn, impl="segments")
     assert rel_err(s(x, idx, w), ref) < 1e-5
     back = s.to_stacked()

@@ -75,7 +75,7 @@ def test_engine_quant_gemm_choice(choice, scheme):
 
 def test_set_gemm_dtype_by_width():
     model = tiny_model("glm4")
-    quantize(model, "int4", group_size=32)  # int4 linears and an int8 LM head
+    quantize(model, "int4", group_size=32, head="int8")  # int4 linears and an int8 LM head
     width = lambda b: [m for m in model.modules() if isinstance(m, QuantLinear) and m.bits == b]  # noqa: E731
     assert len(width(8)) == 1 and width(4)
     assert set_gemm_dtype(model, torch.bfloat16, bits=(4,)) == len(width(4))

@@ -1,7 +1,7 @@
 """Weight-only quantization and fast CPU linears, swapped into a built model (module swap, STYLE rule 7).
 
-    model = quantize(model, "int8")      # or "int4" (group_size=32/64/128), "float" (fp32/bf16/fp16 storage),
-                                         # "packed" (oneDNN fp32/bf16), None
+    model = quantize(model, "int8")      # or "int6" / "int4" (group_size=32/64/128), "float" (fp32/bf16/fp16
+                                         # storage), "packed" (oneDNN fp32/bf16), None
     model = dequantize(model)            # back to nn.Linear (export)
 
 Every nn.Linear is replaced by `X.from_base(linear)`; embeddings, norms and MoE routers are left alone.
@@ -24,6 +24,8 @@ from .experts import ExpertPack, StreamExperts
 from .fast_linear import PackedLinear, QuantizationError, has_op
 from .float_linear import CastEmbedding, FloatLinear
 from .int4 import WeightOnlyInt4Linear, quantize_int4
+from .int6 import GROUP_SIZES as INT6_GROUPS
+from .int6 import quantize_int6
 from .int8 import WeightOnlyInt8Linear, quantize_int8
 from .qlinear import QuantLinear
 
@@ -33,7 +35,8 @@ __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinea
 
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
-SCHEMES = ("int8", "int4", "float", "packed")
+SCHEMES = ("int8", "int6", "int4", "float", "packed")
+BITS = {"int8": 8, "int6": 6, "int4": 4}
 _QUANT_ROWS = 1024  # rows quantized at a time: the temporaries of a 151552-row LM head stay small
 
 
@@ -44,25 +47,29 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
-    """Our round-to-nearest int8 (per channel, symmetric) or int4 (per group, asymmetric) as a QuantLinear,
-    quantized a row chunk at a time (no full-size temporaries of a 151552-row LM head)."""
+    """Our round-to-nearest int8 (per channel, symmetric), int6 (per group, symmetric) or int4 (per group,
+    asymmetric) as a QuantLinear, quantized a row chunk at a time (no full-size temporaries of a 151552-row head)."""
     w = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     q = torch.empty(w.shape, dtype=torch.int8 if bits == 8 else torch.uint8)
     scales, zeros = [], []
     for i in range(0, w.shape[0], _QUANT_ROWS):
         rows = w[i:i + _QUANT_ROWS]
-        qi, *sz = quantize_int8(rows) if bits == 8 else quantize_int4(rows, group_size)  # int4: W = (q - 8) s + z
+        qi, *sz = (quantize_int8(rows) if bits == 8 else quantize_int6(rows, group_size) if bits == 6
+                   else quantize_int4(rows, group_size))  # int4: W = (q - 8) s + z
         q[i:i + _QUANT_ROWS] = qi
         scales.append(sz[0]), zeros.append(sz[-1])
     if bits == 8:
         return QuantLinear.from_codes(q, _compact(torch.cat(scales)[:, None]), bits=8, group_size=w.shape[1],
                                       bias=bias)
+    if bits == 6:
+        return QuantLinear.from_codes(q, torch.cat(scales), bits=6, group_size=group_size, zero_point=32, bias=bias)
     return QuantLinear.from_codes(q, _compact(torch.cat(scales)), _compact(torch.cat(zeros)), bits=4,
                                   group_size=group_size, zero_point=8, bias=bias)
 
 
 HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transformer.output_layer)
+HEAD_INT6_GROUP = 128  # the int4 scheme's 6-bit head: 6.125 bits a weight (q6_K: 6.56)
 
 
 def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None) -> nn.Module:
@@ -71,13 +78,15 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
     if scheme == "packed":
         return PackedLinear.from_base(linear, dtype)
     if kernels.has_streaming_kernels():
-        if scheme == "int4" and linear.in_features % group_size:
-            smaller = [g for g in (128, 64, 32) if g < group_size and linear.in_features % g == 0]
+        bits = BITS[scheme]
+        if bits < 8 and linear.in_features % group_size:
+            groups = INT6_GROUPS if bits == 6 else (32, 64, 128)
+            smaller = [g for g in reversed(groups) if g < group_size and linear.in_features % g == 0]
             warnings.warn(f"{name}: in_features {linear.in_features} not a multiple of group_size {group_size}; "
                           + (f"group_size {smaller[0]} for it" if smaller else "int8 for it"), stacklevel=3)
-            return quant_linear(linear, 4, smaller[0]) if smaller else quant_linear(linear, 8, 0)
-        return quant_linear(linear, 8 if scheme == "int8" else 4, group_size)
-    if scheme == "int8":
+            return quant_linear(linear, bits, smaller[0]) if smaller else quant_linear(linear, 8, 0)
+        return quant_linear(linear, bits, group_size)
+    if scheme in ("int8", "int6"):  # torch's kernels have no 6-bit format: int8 keeps the accuracy
         return WeightOnlyInt8Linear.from_base(linear)
     if linear.in_features % group_size or not has_op("int4"):
         why = (f"in_features {linear.in_features} not a multiple of group_size {group_size}" if has_op("int4")
@@ -96,8 +105,9 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         (FloatLinear: weight stored in `dtype`, fp32 arithmetic), "packed" (prepacked oneDNN weight in the
         linear's own dtype, exact), or None (no-op).
     skip: fnmatch patterns on qualified module names left as nn.Linear (e.g. ("*.mlp.gate_up_proj",)).
-    head: scheme for the output projection (lm_head / output_layer): "auto" = int8 when scheme is int4
-        (4-bit logits cost most accuracy for least size), else the same scheme; None keeps it nn.Linear.
+    head: scheme for the output projection (lm_head / output_layer): "auto" = int6 in groups of 128 when scheme is
+        int4 (4-bit logits cost most accuracy for least size; GGUF's q4 files keep theirs in q6_K), else the same
+        scheme; None keeps it nn.Linear.
     dtype: weight dtype for "float" / "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
         model at ~0.3 % error per matmul).
     min_params: linears with fewer weights stay nn.Linear (where the swapped kernel's per-call cost outweighs
@@ -108,12 +118,15 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         return model
     if scheme not in SCHEMES:
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES} or None")
-    if head == "auto":
-        head = "int8" if scheme == "int4" else scheme
+    auto_head, head_group = head == "auto", group_size
+    if auto_head:
+        head, head_group = ("int6", HEAD_INT6_GROUP) if scheme == "int4" else (scheme, group_size)
     if head is not None and head not in SCHEMES:
         raise QuantizationError(f"unknown head scheme {head!r}; choose from {SCHEMES}, 'auto' or None")
     if scheme == "int4" and group_size not in (32, 64, 128, 256):
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
+    if scheme == "int6" and group_size not in INT6_GROUPS:
+        raise QuantizationError(f"int6 group_size must be one of {INT6_GROUPS}, got {group_size}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     targets.reverse()
     while targets:  # popped as we go: each replaced weight is freed at once, not when the whole model is done
@@ -124,12 +137,14 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         s = head if is_head else scheme
         if s is None:
             continue
+        if is_head and auto_head and s == "int6" and linear.in_features % head_group:
+            s = "int8"  # no 6-bit groups fit this width: the next finer format, not a warning
         if linear.weight.device.type != "cpu":
             raise QuantizationError(f"{name}: CPU kernels only, weight is on {linear.weight.device}")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _swap(linear, s, group_size, name, dtype))
-    if scheme in ("int8", "int4", "float") and kernels.has_streaming_kernels():
+        setattr(parent, attr, _swap(linear, s, head_group if is_head else group_size, name, dtype))
+    if scheme in ("int8", "int6", "int4", "float") and kernels.has_streaming_kernels():
         # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
         packs = [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]
         packs.reverse()
@@ -214,8 +229,8 @@ def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] = (4, 8)) -> int:
-    """The dtype of the large-M (prefill) GEMM of the int8 / int4 linears and expert packs of `model` whose width is
+def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] = (4, 6, 8)) -> int:
+    """The dtype of the large-M (prefill) GEMM of the quantized linears and expert packs of `model` whose width is
     in `bits`, under fp32 activations: bfloat16 rounds the activations and the dequantized weights to bf16 for that
     GEMM (fp32 accumulation, the output widened back), ~1.5x the fp32 GEMM's prefill where the CPU has native bf16.
     Measured on the shipped model (docs/benchmarks.md): with 4-bit weights it changes nothing their own error does

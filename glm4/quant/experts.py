@@ -23,7 +23,7 @@ __all__ = ["ExpertPack", "StreamExperts"]
 
 
 class ExpertPack(nn.Module):
-    """One projection of E experts: `weight` [E, N, K] in its storage dtype, or (bits 4 / 8) `qweight` [E, N, K']
+    """One projection of E experts: `weight` [E, N, K] in its storage dtype, or (bits 4 / 6 / 8) `qweight` [E, N, K']
     with `scales` / `mins` [E, N, K/g] read as in QuantLinear."""
 
     gemm_dtype = torch.float32  # quantized packs: the prefill GEMM's dtype for fp32 activations (QuantLinear's)
@@ -39,7 +39,7 @@ class ExpertPack(nn.Module):
         self.register_buffer("mins", mins)
         ref = weight if weight is not None else qweight
         self.num_experts, self.out_features = ref.shape[0], ref.shape[1]
-        self.in_features = ref.shape[2] * (2 if bits == 4 else 1)
+        self.in_features = ref.shape[2] if bits == 0 else scales.shape[2] * group_size
 
     @classmethod
     def stack(cls, linears: list[QuantLinear]) -> ExpertPack:
@@ -135,7 +135,7 @@ class StreamExperts(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_stacked(cls, experts: StackedExperts, scheme: str | None = None, group_size: int = 128) -> StreamExperts:
-        """scheme None: the stacked weights as they are (no copy); "int8" / "int4": quantized by glm4's quantizers."""
+        """scheme None: the stacked weights as they are (no copy); "int8" / "int6" / "int4": quantized by glm4's quantizers."""
         packs = []
         for w in (experts.gate_up_proj.detach(), experts.down_proj.detach()):
             if scheme is None:
@@ -146,8 +146,9 @@ class StreamExperts(nn.Module):
             E, N, K = w.shape
             flat = nn.Linear(K, E * N, bias=False, device="meta")
             flat.weight = nn.Parameter(w.reshape(E * N, K), requires_grad=False)  # row-wise schemes: one call
-            g = group_size if K % group_size == 0 else next((s for s in (64, 32) if K % s == 0), 0)
-            q = quant_linear(flat, 4 if scheme == "int4" and g else 8, g)
+            small = (64, 32) if scheme == "int4" else ()
+            g = group_size if K % group_size == 0 else next((s for s in small if K % s == 0), 0)
+            q = quant_linear(flat, {"int4": 4, "int6": 6}.get(scheme, 8) if g else 8, g)
             packs.append(ExpertPack(bits=q.bits, group_size=q.group_size, zero_point=q.zero_point,
                                     qweight=q.qweight.view(E, N, -1), scales=q.scales.view(E, N, -1),
                                     mins=None if q.mins is None else q.mins.view(E, N, -1)))

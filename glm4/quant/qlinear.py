@@ -8,6 +8,9 @@ run it without ever expanding the weight to fp32 in memory.
 
 Storage:
     bits 8: qweight int8 [N, K] (codes shifted into int8 range; zero_point adjusted to match)
+    bits 6: qweight uint8 [N, K/128*96]; each 128 columns of a row are 96 bytes: their low nibbles as bits 4 packs
+            them (64 bytes), then per 32-column block j 8 bytes, byte u = h[u] | h[u + 8] << 2 | h[u + 16] << 4 |
+            h[u + 24] << 6 with h = q[32 j:] >> 4 (one 64-bit word per block: the AVX-512 kernel's lane layout)
     bits 4: qweight uint8 [N, K/2]; each 32-column block of a row is 16 bytes, byte j = q[j] | q[j + 16] << 4
             (GGUF q4_0's nibble order, so q4_0 repacks by copy)
     scales, mins: [N, K/g] float16 or float32 (float32 where the source's scale products are not fp16-exact)
@@ -21,7 +24,10 @@ from torch import nn
 from . import kernels
 from .fast_linear import QuantizationError, plain_linear
 
-__all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "unpack_int4"]
+__all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "pack_int6", "unpack_int4", "unpack_int6"]
+
+BITS = (4, 6, 8)
+MIN_GROUP = {4: 32, 6: 128, 8: 8}  # group sizes are multiples of this (the kernels' column steps)
 
 _GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
 _CODE_ROWS = 1024  # rows of codes converted and packed at a time (from_codes)
@@ -41,6 +47,33 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     n, k2 = packed.shape
     b = packed.reshape(n, k2 // 16, 1, 16)
     return torch.cat([b & 15, b >> 4], dim=2).reshape(n, k2 * 2)
+
+
+def pack_int6(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] codes 0..63 (K a multiple of 128) -> uint8 [N, K/128*96] (module docstring)."""
+    n, k = q.shape
+    if k % 128:
+        raise QuantizationError(f"int6: in_features {k} must be a multiple of 128")
+    b = q.to(torch.uint8).reshape(n, k // 128, 128)
+    nibbles = pack_int4((b & 15).reshape(n, k)).reshape(n, k // 128, 64)
+    h = (b >> 4).reshape(n, k // 128, 4, 4, 8)  # [.., j, i, u]: column 32 j + 8 i + u
+    pairs = h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)  # [.., j, u]
+    return torch.cat([nibbles, pairs.reshape(n, k // 128, 32)], dim=2).reshape(n, k // 128 * 96)
+
+
+def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_int6: uint8 [N, K/128*96] -> uint8 codes [N, K]."""
+    n, blocks = packed.shape[0], packed.shape[1] // 96
+    b = packed.reshape(n, blocks, 96)
+    low = unpack_int4(b[:, :, :64].reshape(n, blocks * 64)).reshape(n, blocks, 128)
+    pairs = b[:, :, 64:].reshape(n, blocks, 4, 1, 8)  # [.., j, 1, u]
+    high = torch.cat([(pairs >> s) & 3 for s in (0, 2, 4, 6)], dim=3).reshape(n, blocks, 128)
+    return (low | (high << 4)).reshape(n, blocks * 128)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The stored codes [N, K] (uint8 for 4 / 6 bits, int8 for 8)."""
+    return unpack_int4(qweight) if bits == 4 else unpack_int6(qweight) if bits == 6 else qweight
 
 
 def dequant_gemm(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
@@ -66,11 +99,11 @@ class QuantLinear(nn.Module):
                  has_mins: bool = False, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if bits not in (4, 8):
-            raise QuantizationError(f"QuantLinear: bits must be 4 or 8, got {bits}")
-        if group_size <= 0 or in_features % group_size or group_size % (32 if bits == 4 else 8):
+        if bits not in BITS:
+            raise QuantizationError(f"QuantLinear: bits must be one of {BITS}, got {bits}")
+        if group_size <= 0 or in_features % group_size or group_size % MIN_GROUP[bits]:
             raise QuantizationError(f"QuantLinear: group_size {group_size} must divide in_features {in_features} "
-                                    f"and be a multiple of {32 if bits == 4 else 8}")
+                                    f"and be a multiple of {MIN_GROUP[bits]}")
         if scale_dtype not in (torch.float16, torch.float32):
             raise QuantizationError(f"QuantLinear: scales must be float16 or float32, got {scale_dtype}")
         self.in_features, self.out_features = in_features, out_features
@@ -78,10 +111,9 @@ class QuantLinear(nn.Module):
         groups = in_features // group_size
         # allocated, not written: every maker fills it (from_codes, the loaders, load_state_dict), and untouched
         # pages cost no memory while a big head's codes are being made
-        if bits == 8:
-            self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
-        else:
-            self.register_buffer("qweight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        row_bytes = {4: in_features // 2, 6: in_features // 128 * 96, 8: in_features}[bits]
+        self.register_buffer("qweight", torch.empty(out_features, row_bytes,
+                                                    dtype=torch.int8 if bits == 8 else torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype))
         self.register_buffer("mins", torch.zeros(out_features, groups, dtype=scale_dtype) if has_mins else None)
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -104,8 +136,8 @@ class QuantLinear(nn.Module):
                 scale_dtype=sdtype, bias=bias is not None, dtype=bias.dtype if bias is not None else torch.float32)
         lo, hi = int(q.min()), int(q.max())
         shift = 128 if bits == 8 and hi > 127 else 0
-        if bits == 4 and (lo < 0 or hi > 15):
-            raise QuantizationError(f"QuantLinear: 4-bit codes must be in 0..15, got {lo}..{hi}")
+        if bits < 8 and (lo < 0 or hi >= 1 << bits):
+            raise QuantizationError(f"QuantLinear: {bits}-bit codes must be in 0..{(1 << bits) - 1}, got {lo}..{hi}")
         if bits == 8 and (lo - shift < -128 or hi - shift > 127):
             raise QuantizationError(f"QuantLinear: 8-bit codes span {lo}..{hi}, more than 256 values")
         m.zero_point -= shift
@@ -114,7 +146,8 @@ class QuantLinear(nn.Module):
         else:
             for i in range(0, n, _CODE_ROWS):  # a row chunk at a time: no int32 copy of a whole LM head
                 c = q[i:i + _CODE_ROWS].to(torch.int32)
-                m.qweight[i:i + _CODE_ROWS] = pack_int4(c) if bits == 4 else (c - shift).to(torch.int8)
+                m.qweight[i:i + _CODE_ROWS] = (pack_int4(c) if bits == 4 else pack_int6(c) if bits == 6
+                                               else (c - shift).to(torch.int8))
         m.scales = scales.to(sdtype).contiguous()
         if mins is not None:
             m.mins = mins.to(sdtype).contiguous()
@@ -124,14 +157,12 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> torch.Tensor:
         """int32 [N, K]: q - zero_point."""
-        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-        return q.to(torch.int32) - self.zero_point
+        return unpack_codes(self.qweight, self.bits).to(torch.int32) - self.zero_point
 
     @torch.no_grad()
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The effective weight [N, K] (or a slice of rows), computed in fp32 (fp64 if asked) then cast."""
-        q = self.qweight[rows]
-        q = unpack_int4(q) if self.bits == 4 else q
+        q = unpack_codes(self.qweight[rows], self.bits)
         n, g = q.shape[0], self.group_size
         acc = torch.promote_types(dtype, torch.float32)
         w = q.to(acc).sub_(self.zero_point).view(n, -1, g).mul_(self.scales[rows].to(acc)[..., None])

@@ -25,7 +25,7 @@ struct QuantArgs {
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
   int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (perm128 below)
-  const void* q;      // int8 [N, K] or uint8 [N, K/2] (4-bit, q4_0 nibble order)
+  const void* q;      // int8 [N, K], uint8 [N, K/2] (4-bit, q4_0 nibble order) or [N, K/64*48] (6-bit, codes6.h)
   const void* scales;  // [N, K/g] fp16 or fp32
   const void* mins;    // same, or nullptr
   float* y;
@@ -45,7 +45,7 @@ inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c 
 // Rows [r0, r1) of W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g] into out (fp32 or bf16, one of the
 // two set) at row n - r0: the large-M path's weight, equal to QuantLinear.dequantize bit for bit.
 struct DequantArgs {
-  const void* q;       // int8 [N, K] or uint8 [N, K/2] (q4_0 nibble order)
+  const void* q;       // as QuantArgs.q
   const float* scales;  // [N, K/g] (fp32 here: fp16 scales widen exactly)
   const float* mins;    // same, or nullptr
   float* out_f32;

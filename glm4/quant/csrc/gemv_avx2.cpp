@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "codes6.h"
 #include "gemv.h"
 #include "tiles.h"
 
@@ -159,7 +160,21 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int r = 0; r < RB; ++r)
       for (int m = 0; m < MT; ++m) p[r][m] = _mm256_setzero_ps();
     const int64_t k0 = gi * g, k1 = k0 + g;
-    if (wide) {
+    if constexpr (BITS == 6) {  // groups of 128k columns: 32 columns a step, one block of codes6.h
+      for (int64_t k = k0; k < k1; k += 32) {
+        for (int r = 0; r < RB; ++r) {
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
+          if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+          __m128i lo, hi;
+          codes6_block32(q, int(k % 128 / 32), lo, hi);
+          for (int j = 0; j < 4; ++j) {
+            const __m128i part = j < 2 ? lo : hi;
+            const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(j % 2 ? _mm_srli_si128(part, 8) : part));
+            for (int m = 0; m < MT; ++m) p[r][m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + 8 * j), p[r][m]);
+          }
+        }
+      }
+    } else if (wide) {
       for (int64_t k = k0; k < k1; k += 32) {
         for (int r = 0; r < RB; ++r) {
           if (BITS == 8 || k % 128 == 0) prefetch(static_cast<const char*>(a.q) + (n + r) * K * BITS / 8 + k * BITS / 8,
@@ -193,8 +208,9 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
 // Each block of xblock columns is x = xscale * (hi + lo / 65534) with |hi|, |lo| <= 32767: two int16 terms
 // carry ~31 bits, so the result matches fp32 arithmetic (one term alone would carry 16: ~3e-5 relative).
 // Blocks of <= 256 columns keep the int32 sums below 15 * 32767 * 256 < 2^31.
-template <int RB, int MT>
-inline void q4_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
+// 6-bit codes (codes6.h) the same way: 32 columns a step, < 64 * 32767 * 256 < 2^31.
+template <int BITS, int RB, int MT>
+inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   __m256 acc[RB][MT];
   for (int r = 0; r < RB; ++r)
@@ -214,11 +230,20 @@ inline void q4_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
         for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm256_setzero_si256();
       for (int64_t k = b0; k < b0 + B; k += 32) {
         for (int r = 0; r < RB; ++r) {
-          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
-          if (k % 128 == 0) prefetch(q, RB * K / 2);
-          __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-          __m256i wlo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));                       // columns k..k+15
-          __m256i whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));  // k+16..k+31
+          __m256i wlo, whi;  // columns k..k+15, k+16..k+31
+          if constexpr (BITS == 6) {
+            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
+            if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+            __m128i lo, hi;
+            codes6_block32(q, int(k % 128 / 32), lo, hi);
+            wlo = _mm256_cvtepu8_epi16(lo), whi = _mm256_cvtepu8_epi16(hi);
+          } else {
+            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
+            if (k % 128 == 0) prefetch(q, RB * K / 2);
+            __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
+            wlo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
+            whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
+          }
           for (int m = 0; m < MT; ++m) {
             const __m256i* h = reinterpret_cast<const __m256i*>(xh + m * K + k);
             const __m256i* l = reinterpret_cast<const __m256i*>(xl + m * K + k);
@@ -248,9 +273,10 @@ struct QuantTile {
   static void run(const QuantArgs& a, int64_t n, int64_t m0) { quant_tile<BITS, RB, MT>(a, n, m0); }
 };
 
-struct Q4Int16Tile {
+template <int BITS>
+struct Int16Tile {
   template <int RB, int MT>
-  static void run(const QuantArgs& a, int64_t n, int64_t m0) { q4_tile_i16<RB, MT>(a, n, m0); }
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { q_tile_i16<BITS, RB, MT>(a, n, m0); }
 };
 
 }  // namespace
@@ -272,6 +298,14 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const Dequan
           const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 32 * 16;
           c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + k % 16)));
           c = k % 32 < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
+        } else if (a.bits == 6) {  // codes6.h: the nibble as 4-bit, the pair of column t of block j at 64 + 8 j + t % 8
+          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 128 * 96;
+          const int j = int(k % 128 / 32), t = int(k % 32);
+          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 16 * j + t % 16)));
+          c = t < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
+          __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 + 8 * j)));
+          h = _mm256_and_si256(_mm256_srli_epi32(h, 2 * (t / 8)), _mm256_set1_epi32(3));
+          c = _mm256_or_si256(c, _mm256_slli_epi32(h, 4));
         } else {
           c = _mm256_cvtepi8_epi32(
               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(a.q) + n * K + k)));
@@ -334,8 +368,10 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 }
 
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xq) tile_rows<Q4Int16Tile>(a, n0, n1);
+  if (a.bits == 4 && a.xq) tile_rows<Int16Tile<4>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq) tile_rows<Int16Tile<6>>(a, n0, n1);
+  else if (a.bits == 6) tile_rows<QuantTile<6>>(a, n0, n1);
   else tile_rows<QuantTile<8>>(a, n0, n1);
 }
 

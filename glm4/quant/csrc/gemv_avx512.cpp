@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "codes6.h"
 #include "gemv.h"
 #include "tiles.h"
 
@@ -129,6 +130,13 @@ inline void load_codes64(const QuantArgs& a, int64_t n, int64_t k, __m512i w[2])
     const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.K + k;
     w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
     w[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
+  } else if constexpr (BITS == 6) {  // two blocks of codes6.h
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 128 * 96;
+    for (int i = 0; i < 2; ++i) {
+      __m128i lo, hi;
+      codes6_block32(q, int(k % 128 / 32) + i, lo, hi);
+      w[i] = _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
+    }
   } else {
     const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 2;
     const __m256i mask = _mm256_set1_epi8(0x0F);
@@ -150,6 +158,24 @@ inline void load_codes128_perm(const QuantArgs& a, int64_t n, int64_t k, __m512i
   w[1] = _mm512_unpackhi_epi8(lo, zero);  // 32 j + 8..15
   w[2] = _mm512_unpacklo_epi8(hi, zero);  // 32 j + 16..23
   w[3] = _mm512_unpackhi_epi8(hi, zero);  // 32 j + 24..31
+}
+
+// The same for 6-bit codes (codes6.h): the nibbles as above, each lane's high bit pairs (one 64-bit word per block,
+// duplicated across the lane's two halves) shifted into bits 4-5 of the bytes they belong to.
+inline void load_codes128_perm6(const QuantArgs& a, int64_t n, int64_t k, __m512i w[4]) {
+  const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 128 * 96;
+  const __m512i mask = _mm512_set1_epi8(0x0F), pair = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
+  const __m512i bytes = _mm512_loadu_si512(q);
+  const __m512i pairs = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3),
+                                                 _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
+  const __m512i lo = _mm512_or_si512(_mm512_and_si512(bytes, mask),
+                                     _mm512_and_si512(_mm512_sllv_epi64(pairs, _mm512_setr_epi64(4, 2, 4, 2, 4, 2, 4, 2)), pair));
+  const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask),
+                                     _mm512_and_si512(_mm512_srlv_epi64(pairs, _mm512_setr_epi64(0, 2, 0, 2, 0, 2, 0, 2)), pair));
+  w[0] = _mm512_unpacklo_epi8(lo, zero);
+  w[1] = _mm512_unpackhi_epi8(lo, zero);
+  w[2] = _mm512_unpacklo_epi8(hi, zero);
+  w[3] = _mm512_unpackhi_epi8(hi, zero);
 }
 
 // y[m, n] = sum_blocks s[n, g] * xscale[m, b] * sum_{k in b} q[n, k] (hi[m, k] + lo[m, k] / 65534) + corrections.
@@ -240,12 +266,13 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       __m512i ph[RB][MT], pl[RB][MT];
       for (int r = 0; r < RB; ++r)
         for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm512_setzero_si512();
-      if constexpr (MODE == kPerm) {  // 4-bit, activations in the perm128 order
+      if constexpr (MODE == kPerm) {  // 4- or 6-bit, activations in the perm128 order
         for (int64_t k = b0; k < b0 + B; k += 128) {
           for (int r = 0; r < RB; ++r) {
-            prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, RB * K / 2);
+            prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8, RB * K * BITS / 8);
             __m512i w[4];
-            load_codes128_perm(a, n + r, k, w);
+            if constexpr (BITS == 6) load_codes128_perm6(a, n + r, k, w);
+            else load_codes128_perm(a, n + r, k, w);
             for (int m = 0; m < MT; ++m) {
               const int16_t* h = xh + m * K + k;
               const int16_t* l = xl + m * K + k;
@@ -258,7 +285,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
         }
       } else for (int64_t k = b0; k < b0 + B; k += 64) {
         for (int r = 0; r < RB; ++r) {
-          if (BITS == 8 || k % 128 == 0)  // one cache line ahead per line read
+          if (BITS != 4 || k % 128 == 0)  // one cache line ahead per line read
             prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8, RB * K * BITS / 8);
           __m512i w[2];
           load_codes64<BITS>(a, n + r, k, w);
@@ -314,6 +341,17 @@ inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
           if (k % 64 == 0) prefetch(q, RB * K);
           const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
           for (int m = 0; m < MT; ++m) p[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), p[r][m]);
+        } else if constexpr (BITS == 6) {
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
+          if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+          __m128i lo, hi;
+          codes6_block32(q, int(k % 128 / 32), lo, hi);
+          const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
+          const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
+          for (int m = 0; m < MT; ++m) {
+            p[r][m] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + m * K + k), p[r][m]);
+            p[r][m] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + m * K + k + 16), p[r][m]);
+          }
         } else {
           const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
           if (k % 128 == 0) prefetch(q, RB * K / 2);
@@ -361,6 +399,9 @@ void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
   else if (a.bits == 4 && a.xperm) tile_rows<Int16Tile<4, kLanes>>(a, n0, n1);
   else if (a.bits == 4 && a.xq) tile_rows<Int16Tile<4, kPlain>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<FmaTile<4>>(a, n0, n1);
+  else if (a.bits == 6 && a.xperm) tile_rows<Int16Tile<6, kPerm>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq) tile_rows<Int16Tile<6, kPlain>>(a, n0, n1);
+  else if (a.bits == 6) tile_rows<FmaTile<6>>(a, n0, n1);
   else if (a.xq) tile_rows<Int16Tile<8, kPlain>>(a, n0, n1);
   else tile_rows<FmaTile<8>>(a, n0, n1);
 }

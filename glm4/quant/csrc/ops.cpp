@@ -108,7 +108,7 @@ struct ActPrep {
   std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
-  bool perm = false;  // hi / lo in the 4-bit AVX-512 kernel's column order (glm4k::kPerm128)
+  bool perm = false;  // hi / lo in the 4- / 6-bit AVX-512 kernels' column order (glm4k::perm128)
 
   // max_m: the most activation rows one kernel call gets (M, or the busiest expert's tokens)
   ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act, int64_t max_m)
@@ -127,7 +127,8 @@ struct ActPrep {
     if (!B) return;
     // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
-    perm = bits == 4 && use_avx512() && (B % 128 == 0 || (B == 32 && K % 128 == 0));
+    // 6-bit: the perm128 kernel for blocks of 128k columns, the plain one otherwise
+    perm = use_avx512() && (bits == 6 ? B % 128 == 0 : bits == 4 && (B % 128 == 0 || (B == 32 && K % 128 == 0)));
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     // per block: amax, scale = amax / 32767, hi / lo rounded to nearest even in double (gemv_avx2.cpp); every caller
     // checked the CPU has AVX2
@@ -145,13 +146,17 @@ struct ActPrep {
   }
 };
 
+// group sizes must be multiples of this; bytes per weight row of K columns
+int64_t min_group(int64_t bits) { return bits == 4 ? 32 : bits == 6 ? 128 : 8; }
+int64_t row_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 6 ? K / 128 * 96 : K; }
+
 void check_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                  const std::optional<at::Tensor>& mins, int64_t bits, int64_t group) {
   const int64_t K = x.size(1), N = q.size(-2);
-  TORCH_CHECK(bits == 4 || bits == 8, "quant_mm: bits must be 4 or 8");
-  TORCH_CHECK(group > 0 && K % group == 0 && group % (bits == 4 ? 32 : 8) == 0, "quant_mm: bad group size");
-  TORCH_CHECK(q.size(-1) == (bits == 4 ? K / 2 : K), "quant_mm: q shape does not match K");
-  TORCH_CHECK(q.scalar_type() == (bits == 4 ? at::kByte : at::kChar), "quant_mm: q dtype");
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "quant_mm: bits must be 4, 6 or 8");
+  TORCH_CHECK(group > 0 && K % group == 0 && group % min_group(bits) == 0, "quant_mm: bad group size");
+  TORCH_CHECK(q.size(-1) == row_bytes(bits, K), "quant_mm: q shape does not match K");
+  TORCH_CHECK(q.scalar_type() == (bits == 8 ? at::kChar : at::kByte), "quant_mm: q dtype");
   TORCH_CHECK(scales.dim() == q.dim() && scales.size(-2) == N && scales.size(-1) == K / group, "quant_mm: scales shape");
   TORCH_CHECK(scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat, "quant_mm: scales dtype");
   if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
@@ -189,12 +194,12 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
                      int64_t bits, int64_t group, int64_t zero_point, int64_t r0, at::Tensor& out) {
   TORCH_CHECK(has_avx2(), "glm4.dequantize_rows needs AVX2 + FMA");
   TORCH_CHECK(q.dim() == 2 && q.is_contiguous() && scales.is_contiguous(), "dequantize_rows: contiguous q [N, K']");
-  TORCH_CHECK(bits == 4 || bits == 8, "dequantize_rows: bits must be 4 or 8");
-  const int64_t N = q.size(0), K = bits == 4 ? q.size(1) * 2 : q.size(1), G = K / group, r1 = r0 + out.size(0);
-  TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && group % (bits == 4 ? 32 : 8) == 0 && scales.size(1) == G,
+  TORCH_CHECK(bits == 4 || bits == 6 || bits == 8, "dequantize_rows: bits must be 4, 6 or 8");
+  const int64_t N = q.size(0), K = out.size(1), G = K / group, r1 = r0 + out.size(0);
+  TORCH_CHECK(0 <= r0 && r1 <= N && K % group == 0 && group % min_group(bits) == 0 && scales.size(1) == G &&
+                  q.size(1) == row_bytes(bits, K),
               "dequantize_rows: shapes");
-  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.is_contiguous() &&
-                  out.size(1) == K,
+  TORCH_CHECK((out.scalar_type() == at::kFloat || out.scalar_type() == at::kBFloat16) && out.is_contiguous(),
               "dequantize_rows: out [rows, K] float32 or bfloat16");
   const bool to_bf16 = out.scalar_type() == at::kBFloat16;
   at::Tensor sf = scales.to(at::kFloat).contiguous();
