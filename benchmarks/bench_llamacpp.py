@@ -41,6 +41,7 @@ FORMATS = {
     "f32": dict(convert="f32", glm4="fp32"),
     "f16": dict(convert="f16", glm4="bf16"),
     "q8_0": dict(convert="q8_0", glm4="int8"),
+    "q6_K": dict(quantize=18, glm4="int6"),  # LLAMA_FTYPE_MOSTLY_Q6_K
     "q4_0": dict(quantize=2, glm4="int4"),  # LLAMA_FTYPE_MOSTLY_Q4_0, from the f32 file
     "q4_K_M": dict(quantize=15, glm4="int4"),  # LLAMA_FTYPE_MOSTLY_Q4_K_M
 }
@@ -49,6 +50,7 @@ GLM4_CLASSES = {
     "fp32": dict(dtype="float32"),
     "bf16": dict(dtype="bfloat16"),
     "int8": dict(dtype="float32", quantization="int8"),
+    "int6": dict(dtype="float32", quantization="int6"),
     "int4": dict(dtype="float32", quantization="int4"),
 }
 CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -180,7 +182,7 @@ def gguf_path(out: Path, fmt: str) -> Path:
 
 
 def make_gguf(fmt: str, checkpoint: Path, out: Path, llama_python: str, converter: Path | None, threads: int) -> Path:
-    """The cached GGUF of `fmt`, converted (f32, f16, q8_0) or quantized from the f32 file (q4_0, q4_K_M)."""
+    """The cached GGUF of `fmt`, converted (f32, f16, q8_0) or quantized from the f32 file (q6_K, q4_0, q4_K_M)."""
     dst = gguf_path(out, fmt)
     if dst.exists():
         return dst
@@ -563,7 +565,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="/tmp/glm-400m-peer", help="work folder: checkpoint (hf/) and GGUF files")
     ap.add_argument("--model", default=None, help="checkpoint folder (default OUT/hf; built when missing)")
     ap.add_argument("--moe", action="store_true", help="bench_engine's MoE checkpoint instead of the dense one")
-    ap.add_argument("--formats", default="f32,f16,q8_0,q4_0,q4_K_M", help=f"of {', '.join(FORMATS)}")
+    ap.add_argument("--formats", default="f32,f16,q8_0,q6_K,q4_0,q4_K_M", help=f"of {', '.join(FORMATS)}")
     ap.add_argument("--llama-python", default=None,
                     help="interpreter that imports llama_cpp (default: $LLAMA_CPP_PYTHON, else this one)")
     ap.add_argument("--converter", default=None,

@@ -64,15 +64,15 @@ def test_dense_mm_matches_float64(dtype, M, N, K, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (6, 128), (6, 384), (8, 8), (8, 16), (8, 32),
-                                        (8, 64), (8, 96), (8, 192)])  # the kernels split by group: see ops.cpp
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (6, 64), (6, 128), (6, 384), (6, 896), (8, 8),
+                                        (8, 16), (8, 32), (8, 64), (8, 96), (8, 192)])  # kernels split by group: ops.cpp
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 4, 7])
 @pytest.mark.parametrize("K", [192, 384])  # 4-bit on AVX-512: activations in column order, or perm128 (K = 128k)
 def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M, K, isa):
-    if bits == 6:  # K = 128k. AVX-512: g128 perm128 order, g384 column order (blocks of 192), K 896 with g896 the
-        K = 384 if K == 384 else 896  # AVX2 kernel (blocks of 224)
+    if bits == 6:  # AVX-512: g128 in the perm128 order, g64 / g192 / g384 in column order, g896 (blocks of 224)
+        K = 896 if group == 896 else K  # the AVX2 kernel
         group = group if K % group == 0 else K
     g = torch.Generator().manual_seed(bits * 100 + group + M)
     N = 70
@@ -93,7 +93,7 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 128), (6, 384), (8, 16), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 64), (6, 384), (8, 16), (8, 96)])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("r0,rows", [(0, 70), (16, 37), (69, 1)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
@@ -122,7 +122,7 @@ def test_gemm_matches_float64(dtype):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (6, 128), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (6, 64), (8, 96)])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 def test_quant_linear_large_m_equals_its_dequantized_weight(bits, group, act):
     """Above max_m the weight is widened a chunk at a time into one GEMM; bf16 activations stay bf16 where the CPU
@@ -154,18 +154,18 @@ def test_int6_packing_keeps_the_int4_nibbles_and_one_word_of_pairs_per_block():
     q = torch.randint(0, 64, (3, 256), generator=torch.Generator().manual_seed(6))
     packed = pack_int6(q)
     assert packed.shape == (3, 192) and packed.dtype == torch.uint8
-    blocks = packed.reshape(3, 2, 96)
-    assert torch.equal(blocks[:, :, :64].reshape(3, 128), pack_int4(q & 15))  # the nibbles: the q4_0 order
-    j, u = 2, 5  # block j's byte u: the high pairs of columns 32 j + u, + 8, + 16, + 24 of its 128 columns
-    byte = blocks[0, 1, 64 + 8 * j + u].item()
+    units = packed.reshape(3, 4, 48)  # 48 bytes per 64 columns
+    assert torch.equal(units[:, :, :32].reshape(3, 128), pack_int4(q & 15))  # the nibbles: the q4_0 order
+    j, u = 1, 5  # block j's byte u: the high pairs of columns 32 j + u, + 8, + 16, + 24 of its 64 columns
+    byte = units[0, 2, 32 + 8 * j + u].item()
     assert [(byte >> s) & 3 for s in (0, 2, 4, 6)] == [q[0, 128 + 32 * j + u + d].item() >> 4 for d in (0, 8, 16, 24)]
     assert torch.equal(unpack_int6(packed), q.to(torch.uint8))
-    with pytest.raises(QuantizationError, match="multiple of 128"):
-        pack_int6(q[:, :192])
+    with pytest.raises(QuantizationError, match="multiple of 64"):
+        pack_int6(q[:, :96])
 
 
 @needs_kernels
-@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("group", [64, 128, 256])
 def test_int6_quantizer_is_symmetric_and_half_a_step_close(group):
     torch.manual_seed(6)
     base = nn.Linear(512, 40, bias=True)

@@ -253,14 +253,14 @@ def bits_of(m: nn.Module) -> int | None:
     return {WeightOnlyInt8Linear: 8, WeightOnlyInt4Linear: 4}.get(type(m))
 
 
-@pytest.mark.parametrize("hidden", [64, 128])
+@pytest.mark.parametrize("hidden", [64, 128, 192])
 def test_int4_head_auto_is_int6_and_odd_group_falls_back(hidden):
     with pytest.warns(UserWarning, match="down_proj: in_features 96") as caught:  # K = 96: not a multiple of 64
         q = quantize(tiny_model(hidden_size=hidden), "int4", group_size=64)
     assert not [w for w in caught if "lm_head" in str(w.message)]
-    if kernels.has_streaming_kernels() and hidden % 128 == 0:  # glm4's kernels run 6-bit codes in groups of 128:
-        assert bits_of(q.lm_head) == 6 and q.lm_head.group_size == 128  # the head as GGUF's q4 files keep it
-    else:  # no 6-bit group fits a 64-wide head (silently: auto's next finer format); torch's kernels have no int6
+    if kernels.has_streaming_kernels():  # glm4's kernels run 6-bit codes in groups of 128, else 64 (silently):
+        assert bits_of(q.lm_head) == 6 and q.lm_head.group_size == (128 if hidden % 128 == 0 else 64)
+    else:  # torch's kernels have no 6-bit format
         assert bits_of(q.lm_head) == 8
     assert bits_of(q.model.layers[0].mlp.gate_up_proj) == 4
     down = q.model.layers[0].mlp.down_proj

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                     help="engine weights (auto: as stored); transformers runs this dtype (auto: the checkpoint's)")
     ap.add_argument("--linear", default="auto", choices=["auto", "packed", "torch"], help="CPU linear kernel")
-    ap.add_argument("--quantization", default=None, choices=["int8", "int4"],
+    ap.add_argument("--quantization", default=None, choices=["int8", "int6", "int4"],
                     help="weight-only quantization of the engine's model (transformers runs --dtype)")
     ap.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls")
     ap.add_argument("--threads", type=int, default=None)

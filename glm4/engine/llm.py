@@ -214,7 +214,7 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
         scheme = "float" if args.linear == "auto" and kernels.has_streaming_kernels() else "packed"
         if scheme == "packed" and args.linear == "auto" and p.dtype == torch.float32:
             min_params = PACK_MIN_PARAMS_FP32
-    if compute != p.dtype and scheme not in ("float", "int8", "int4"):
+    if compute != p.dtype and scheme not in ("float", "int8", "int6", "int4"):
         compute = p.dtype  # F.linear / oneDNN need weights in the activation dtype
     if scheme is not None:
         from glm4.quant import quantize

@@ -49,7 +49,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int | None = 0
     linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
-    quantization: str | None = None  # weight-only "int8" | "int4" (glm4.quant), CPU
+    quantization: str | None = None  # weight-only "int8" | "int6" | "int4" (glm4.quant), CPU
     quant_group_size: int = 128
     # prefill GEMM of int8 / int4 weights under fp32 activations: "auto" = bfloat16 for int4 where the CPU computes in
     # bf16 (AVX512_BF16 / AMX: ~1.5x prefill), else float32 (exact to the stored weights); "bfloat16" for both widths
@@ -78,9 +78,9 @@ class EngineArgs:
         if args.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {args.kv_cache_dtype!r}")
-        if args.quantization not in (None, "int8", "int4"):
+        if args.quantization not in (None, "int8", "int6", "int4"):
             hint = " (prepacked oneDNN linears are linear='packed')" if args.quantization == "packed" else ""
-            raise ValueError(f"quantization must be None, 'int8' or 'int4', got {args.quantization!r}{hint}")
+            raise ValueError(f"quantization must be None, 'int8', 'int6' or 'int4', got {args.quantization!r}{hint}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             if name == "max_num_batched_tokens" and args.max_num_batched_tokens is None:
                 continue

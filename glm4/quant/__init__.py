@@ -69,7 +69,7 @@ def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
 
 
 HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transformer.output_layer)
-HEAD_INT6_GROUP = 128  # the int4 scheme's 6-bit head: 6.125 bits a weight (q6_K: 6.56)
+HEAD_INT6_GROUP = 128  # the int4 scheme's 6-bit head: 6.125 bits a weight (q6_K: 6.56); 64 where 128 does not fit
 
 
 def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None) -> nn.Module:
@@ -137,13 +137,15 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         s = head if is_head else scheme
         if s is None:
             continue
-        if is_head and auto_head and s == "int6" and linear.in_features % head_group:
-            s = "int8"  # no 6-bit groups fit this width: the next finer format, not a warning
+        g = head_group if is_head else group_size
+        if is_head and auto_head and s == "int6" and linear.in_features % g:  # smaller groups, else the next finer
+            g = next((x for x in reversed(INT6_GROUPS) if x < g and linear.in_features % x == 0), 0)  # format:
+            s = "int6" if g else "int8"  # not a warning
         if linear.weight.device.type != "cpu":
             raise QuantizationError(f"{name}: CPU kernels only, weight is on {linear.weight.device}")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _swap(linear, s, head_group if is_head else group_size, name, dtype))
+        setattr(parent, attr, _swap(linear, s, g, name, dtype))
     if scheme in ("int8", "int6", "int4", "float") and kernels.has_streaming_kernels():
         # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
         packs = [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]

@@ -10,7 +10,7 @@ from .fast_linear import QuantizationError
 
 __all__ = ["quantize_int6"]
 
-GROUP_SIZES = (128, 256)
+GROUP_SIZES = (64, 128, 256)
 
 
 def quantize_int6(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:

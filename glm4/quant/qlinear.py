@@ -8,9 +8,9 @@ run it without ever expanding the weight to fp32 in memory.
 
 Storage:
     bits 8: qweight int8 [N, K] (codes shifted into int8 range; zero_point adjusted to match)
-    bits 6: qweight uint8 [N, K/128*96]; each 128 columns of a row are 96 bytes: their low nibbles as bits 4 packs
-            them (64 bytes), then per 32-column block j 8 bytes, byte u = h[u] | h[u + 8] << 2 | h[u + 16] << 4 |
-            h[u + 24] << 6 with h = q[32 j:] >> 4 (one 64-bit word per block: the AVX-512 kernel's lane layout)
+    bits 6: qweight uint8 [N, K/64*48]; each 64 columns of a row are 48 bytes: their low nibbles as bits 4 packs
+            them (32 bytes), then per 32-column block j 8 bytes, byte u = h[u] | h[u + 8] << 2 | h[u + 16] << 4 |
+            h[u + 24] << 6 with h = q[32 j:] >> 4 (one 64-bit word per block: an AVX-512 kernel lane's layout)
     bits 4: qweight uint8 [N, K/2]; each 32-column block of a row is 16 bytes, byte j = q[j] | q[j + 16] << 4
             (GGUF q4_0's nibble order, so q4_0 repacks by copy)
     scales, mins: [N, K/g] float16 or float32 (float32 where the source's scale products are not fp16-exact)
@@ -27,7 +27,7 @@ from .fast_linear import QuantizationError, plain_linear
 __all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "pack_int6", "unpack_int4", "unpack_int6"]
 
 BITS = (4, 6, 8)
-MIN_GROUP = {4: 32, 6: 128, 8: 8}  # group sizes are multiples of this (the kernels' column steps)
+MIN_GROUP = {4: 32, 6: 64, 8: 8}  # group sizes are multiples of this (the kernels' column steps)
 
 _GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
 _CODE_ROWS = 1024  # rows of codes converted and packed at a time (from_codes)
@@ -50,25 +50,25 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_int6(q: torch.Tensor) -> torch.Tensor:
-    """q [N, K] codes 0..63 (K a multiple of 128) -> uint8 [N, K/128*96] (module docstring)."""
+    """q [N, K] codes 0..63 (K a multiple of 64) -> uint8 [N, K/64*48] (module docstring)."""
     n, k = q.shape
-    if k % 128:
-        raise QuantizationError(f"int6: in_features {k} must be a multiple of 128")
-    b = q.to(torch.uint8).reshape(n, k // 128, 128)
-    nibbles = pack_int4((b & 15).reshape(n, k)).reshape(n, k // 128, 64)
-    h = (b >> 4).reshape(n, k // 128, 4, 4, 8)  # [.., j, i, u]: column 32 j + 8 i + u
+    if k % 64:
+        raise QuantizationError(f"int6: in_features {k} must be a multiple of 64")
+    b = q.to(torch.uint8).reshape(n, k // 64, 64)
+    nibbles = pack_int4((b & 15).reshape(n, k)).reshape(n, k // 64, 32)
+    h = (b >> 4).reshape(n, k // 64, 2, 4, 8)  # [.., j, i, u]: column 32 j + 8 i + u
     pairs = h[..., 0, :] | (h[..., 1, :] << 2) | (h[..., 2, :] << 4) | (h[..., 3, :] << 6)  # [.., j, u]
-    return torch.cat([nibbles, pairs.reshape(n, k // 128, 32)], dim=2).reshape(n, k // 128 * 96)
+    return torch.cat([nibbles, pairs.reshape(n, k // 64, 16)], dim=2).reshape(n, k // 64 * 48)
 
 
 def unpack_int6(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of pack_int6: uint8 [N, K/128*96] -> uint8 codes [N, K]."""
-    n, blocks = packed.shape[0], packed.shape[1] // 96
-    b = packed.reshape(n, blocks, 96)
-    low = unpack_int4(b[:, :, :64].reshape(n, blocks * 64)).reshape(n, blocks, 128)
-    pairs = b[:, :, 64:].reshape(n, blocks, 4, 1, 8)  # [.., j, 1, u]
-    high = torch.cat([(pairs >> s) & 3 for s in (0, 2, 4, 6)], dim=3).reshape(n, blocks, 128)
-    return (low | (high << 4)).reshape(n, blocks * 128)
+    """Inverse of pack_int6: uint8 [N, K/64*48] -> uint8 codes [N, K]."""
+    n, units = packed.shape[0], packed.shape[1] // 48
+    b = packed.reshape(n, units, 48)
+    low = unpack_int4(b[:, :, :32].reshape(n, units * 32)).reshape(n, units, 64)
+    pairs = b[:, :, 32:].reshape(n, units, 2, 1, 8)  # [.., j, 1, u]
+    high = torch.cat([(pairs >> s) & 3 for s in (0, 2, 4, 6)], dim=3).reshape(n, units, 64)
+    return (low | (high << 4)).reshape(n, units * 64)
 
 
 def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
@@ -111,7 +111,7 @@ class QuantLinear(nn.Module):
         groups = in_features // group_size
         # allocated, not written: every maker fills it (from_codes, the loaders, load_state_dict), and untouched
         # pages cost no memory while a big head's codes are being made
-        row_bytes = {4: in_features // 2, 6: in_features // 128 * 96, 8: in_features}[bits]
+        row_bytes = {4: in_features // 2, 6: in_features // 64 * 48, 8: in_features}[bits]
         self.register_buffer("qweight", torch.empty(out_features, row_bytes,
                                                     dtype=torch.int8 if bits == 8 else torch.uint8))
         self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype))

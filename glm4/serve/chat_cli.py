@@ -339,7 +339,7 @@ def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
-    ap.add_argument("--quantization", default=None, choices=["int8", "int4"], help="weight-only quantization at load")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int6", "int4"], help="weight-only quantization at load")
     ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="prefill GEMM of int8/int4 weights: auto = bf16 for int4 on CPUs with native bf16 (~1.5x), "
                          "float32 = exact to the stored weights")

@@ -1,6 +1,6 @@
-// 6-bit codes (QuantLinear bits 6): each 128 columns of a row are 96 bytes. Bytes 0..63: the low nibbles of four
+// 6-bit codes (QuantLinear bits 6): each 64 columns of a row are 48 bytes. Bytes 0..31: the low nibbles of two
 // 32-column blocks in the q4_0 order (block j's byte t: column 32 j + t low, 32 j + 16 + t high), as the 4-bit
-// kernels read them. Bytes 64..95: the high bit pairs, 8 bytes per block (block j's byte u at 64 + 8 j: columns
+// kernels read them. Bytes 32..47: the high bit pairs, 8 bytes per block (block j's byte u at 32 + 8 j: columns
 // 32 j + u, + 8, + 16, + 24 at bits 0-1, 2-3, 4-5, 6-7), so one 64-bit lane serves one block. Included by the
 // kernel files after their target pragma: each compiles this for its own instruction set (AVX2 at least).
 #pragma once
@@ -11,11 +11,11 @@
 namespace glm4k {
 namespace {
 
-// block j (0..3) of the 96 bytes at p as bytes: lo = columns 32 j + 0..15, hi = columns 32 j + 16..31
+// block j (0, 1) of the 48 bytes at p as bytes: lo = columns 32 j + 0..15, hi = columns 32 j + 16..31
 inline void codes6_block32(const uint8_t* p, int j, __m128i& lo, __m128i& hi) {
   const __m128i mask = _mm_set1_epi8(0x0F), pair = _mm_set1_epi8(0x30);
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * j));
-  const __m128i pairs = _mm_castpd_si128(_mm_loaddup_pd(reinterpret_cast<const double*>(p + 64 + 8 * j)));
+  const __m128i pairs = _mm_castpd_si128(_mm_loaddup_pd(reinterpret_cast<const double*>(p + 32 + 8 * j)));
   // each pair moved to bits 4-5: columns t < 8 from bits 0-1 (lo) / 4-5 (hi), t >= 8 from 2-3 / 6-7
   lo = _mm_or_si128(_mm_and_si128(bytes, mask),
                     _mm_and_si128(_mm_sllv_epi64(pairs, _mm_set_epi64x(2, 4)), pair));

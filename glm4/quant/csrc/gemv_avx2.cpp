@@ -160,13 +160,13 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int r = 0; r < RB; ++r)
       for (int m = 0; m < MT; ++m) p[r][m] = _mm256_setzero_ps();
     const int64_t k0 = gi * g, k1 = k0 + g;
-    if constexpr (BITS == 6) {  // groups of 128k columns: 32 columns a step, one block of codes6.h
+    if constexpr (BITS == 6) {  // groups of 64k columns: 32 columns a step, one block of codes6.h
       for (int64_t k = k0; k < k1; k += 32) {
         for (int r = 0; r < RB; ++r) {
-          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
-          if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
+          if (k % 64 == 0) prefetch(q, RB * K / 64 * 48);
           __m128i lo, hi;
-          codes6_block32(q, int(k % 128 / 32), lo, hi);
+          codes6_block32(q, int(k % 64 / 32), lo, hi);
           for (int j = 0; j < 4; ++j) {
             const __m128i part = j < 2 ? lo : hi;
             const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(j % 2 ? _mm_srli_si128(part, 8) : part));
@@ -232,10 +232,10 @@ inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
         for (int r = 0; r < RB; ++r) {
           __m256i wlo, whi;  // columns k..k+15, k+16..k+31
           if constexpr (BITS == 6) {
-            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
-            if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
+            if (k % 64 == 0) prefetch(q, RB * K / 64 * 48);
             __m128i lo, hi;
-            codes6_block32(q, int(k % 128 / 32), lo, hi);
+            codes6_block32(q, int(k % 64 / 32), lo, hi);
             wlo = _mm256_cvtepu8_epi16(lo), whi = _mm256_cvtepu8_epi16(hi);
           } else {
             const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
@@ -298,12 +298,12 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const Dequan
           const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 32 * 16;
           c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + k % 16)));
           c = k % 32 < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
-        } else if (a.bits == 6) {  // codes6.h: the nibble as 4-bit, the pair of column t of block j at 64 + 8 j + t % 8
-          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 128 * 96;
-          const int j = int(k % 128 / 32), t = int(k % 32);
+        } else if (a.bits == 6) {  // codes6.h: the nibble as 4-bit, the pair of column t of block j at 32 + 8 j + t % 8
+          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48;
+          const int j = int(k % 64 / 32), t = int(k % 32);
           c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 16 * j + t % 16)));
           c = t < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
-          __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 64 + 8 * j)));
+          __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 32 + 8 * j)));
           h = _mm256_and_si256(_mm256_srli_epi32(h, 2 * (t / 8)), _mm256_set1_epi32(3));
           c = _mm256_or_si256(c, _mm256_slli_epi32(h, 4));
         } else {

@@ -130,11 +130,11 @@ inline void load_codes64(const QuantArgs& a, int64_t n, int64_t k, __m512i w[2])
     const int8_t* q = static_cast<const int8_t*>(a.q) + n * a.K + k;
     w[0] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
     w[1] = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32)));
-  } else if constexpr (BITS == 6) {  // two blocks of codes6.h
-    const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 128 * 96;
+  } else if constexpr (BITS == 6) {  // the two blocks of one 48-byte unit (codes6.h)
+    const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 64 * 48;
     for (int i = 0; i < 2; ++i) {
       __m128i lo, hi;
-      codes6_block32(q, int(k % 128 / 32) + i, lo, hi);
+      codes6_block32(q, i, lo, hi);
       w[i] = _mm512_cvtepu8_epi16(_mm256_set_m128i(hi, lo));
     }
   } else {
@@ -160,14 +160,17 @@ inline void load_codes128_perm(const QuantArgs& a, int64_t n, int64_t k, __m512i
   w[3] = _mm512_unpackhi_epi8(hi, zero);  // 32 j + 24..31
 }
 
-// The same for 6-bit codes (codes6.h): the nibbles as above, each lane's high bit pairs (one 64-bit word per block,
-// duplicated across the lane's two halves) shifted into bits 4-5 of the bytes they belong to.
+// The same for 6-bit codes (codes6.h, two 48-byte units): the nibbles as above, each lane's high bit pairs (one
+// 64-bit word per block, duplicated across the lane's two halves) shifted into bits 4-5 of the bytes they belong to.
 inline void load_codes128_perm6(const QuantArgs& a, int64_t n, int64_t k, __m512i w[4]) {
-  const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 128 * 96;
+  const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 64 * 48;
   const __m512i mask = _mm512_set1_epi8(0x0F), pair = _mm512_set1_epi8(0x30), zero = _mm512_setzero_si512();
-  const __m512i bytes = _mm512_loadu_si512(q);
-  const __m512i pairs = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3),
-                                                 _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 64))));
+  const __m512i bytes = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q))),
+                                           _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 48)), 1);
+  const __m256i words = _mm256_inserti128_si256(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32))),
+      _mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 80)), 1);  // one per block
+  const __m512i pairs = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 0, 1, 1, 2, 2, 3, 3), _mm512_castsi256_si512(words));
   const __m512i lo = _mm512_or_si512(_mm512_and_si512(bytes, mask),
                                      _mm512_and_si512(_mm512_sllv_epi64(pairs, _mm512_setr_epi64(4, 2, 4, 2, 4, 2, 4, 2)), pair));
   const __m512i hi = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask),
@@ -342,10 +345,10 @@ inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
           const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
           for (int m = 0; m < MT; ++m) p[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), p[r][m]);
         } else if constexpr (BITS == 6) {
-          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 128 * 96;
-          if (k % 128 == 0) prefetch(q, RB * K / 128 * 96);
+          const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
+          if (k % 64 == 0) prefetch(q, RB * K / 64 * 48);
           __m128i lo, hi;
-          codes6_block32(q, int(k % 128 / 32), lo, hi);
+          codes6_block32(q, int(k % 64 / 32), lo, hi);
           const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
           const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
           for (int m = 0; m < MT; ++m) {
