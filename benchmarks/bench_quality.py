@@ -9,9 +9,10 @@
 Formats:
 - through glm4 (`glm4.LLM()` keyword arguments): fp32 (`dtype="float32"`, the reference: the bf16 weights widened),
   bf16 storage with the activation dtype this CPU picks (`dtype="auto"`: fp32 without AVX512_BF16 / AMX), bf16
-  activations (`dtype="bfloat16", linear="torch"`: torch's own bf16 arithmetic), weight-only `quantization="int8"` and
-  `"int4"` at group 128 and 32 (fp32 activations; int4's LM head is int8; linears whose in_features the group does not
-  divide take a smaller group: listed per row). The int8 KV cache is measured by benchmarks/bench_kv_int8.py.
+  activations (`dtype="bfloat16", linear="torch"`: torch's own bf16 arithmetic), weight-only `quantization="int8"`,
+  `"int6"` at group 128 and `"int4"` at group 128 and 32 (fp32 activations; int4's LM head is int6 in groups of 128,
+  or 64 where 128 does not divide the width; linears whose in_features the group does not divide take a smaller
+  group: listed per row). The int8 KV cache is measured by benchmarks/bench_kv_int8.py.
 - GGUF files of the same checkpoint, loaded by `glm4.LLM(path.gguf)`: llama.cpp's converter (glm4moe architecture)
   writes f32, bf16, f16 and q8_0; `llama_model_quantize` (llama.cpp's defaults) makes q4_0, q4_1, q5_0, q5_1, q4_K_M,
   q5_K_M, q6_K from the bf16 file (exact: the weights are bf16). The tensor types each file really holds are read
@@ -65,6 +66,7 @@ GLM4_FORMATS = {
     "bf16": dict(dtype="auto"),
     "bf16-torch": dict(dtype="bfloat16", linear="torch"),
     "int8": dict(dtype="float32", quantization="int8"),
+    "int6-g128": dict(dtype="float32", quantization="int6", quant_group_size=128),
     "int4-g128": dict(dtype="float32", quantization="int4", quant_group_size=128),
     "int4-g32": dict(dtype="float32", quantization="int4", quant_group_size=32),
     # the prefill GEMM of quantized weights in the other dtype than quant_gemm="auto" picks on a CPU with native bf16

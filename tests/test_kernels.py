@@ -166,7 +166,7 @@ def test_int6_packing_keeps_the_int4_nibbles_and_one_word_of_pairs_per_block():
 
 @needs_kernels
 @pytest.mark.parametrize("group", [64, 128, 256])
-def test_int6_quantizer_is_symmetric_and_half_a_step_close(group):
+def test_int6_quantizer_is_symmetric_and_no_worse_than_round_to_nearest(group):
     torch.manual_seed(6)
     base = nn.Linear(512, 40, bias=True)
     base.weight.data[3, :group] = 0  # an all-zero group: scale 0, code 32 (scale 1 would leave 32 * sum(x) to cancel)
@@ -176,10 +176,12 @@ def test_int6_quantizer_is_symmetric_and_half_a_step_close(group):
     assert isinstance(m, QuantLinear) and (m.bits, m.group_size, m.zero_point, m.mins) == (6, group, 32, None)
     assert m.scales.dtype == torch.float16 and m.qweight.shape == (40, 384)
     codes = unpack_int6(m.qweight)
-    assert codes.min() >= 1 and codes.max() <= 63  # |q - 32| <= 31: no code clamped
     assert m.scales[3, 0] == 0 and (codes[3, :group] == 32).all()
-    step = m.scales.float().repeat_interleave(group, 1)
-    assert ((m.dequantize() - base.weight.detach()).abs() <= step * 0.5 + 1e-7).all()
+    w = base.weight.detach().view(40, -1, group)
+    err = (m.dequantize().view(40, -1, group) - w).square().sum(-1)
+    s = (w.abs().amax(-1) / 31).half().float()  # round to nearest at amax / 31, the first of the scales tried
+    rtn = (torch.round(w / torch.where(s > 0, s, 1)[..., None]).clamp(-31, 31) * s[..., None] - w).square().sum(-1)
+    assert (err <= rtn + 1e-12).all() and err.sum() < rtn.sum()
     x = torch.randn(2, 512)
     assert rel_err(m(x), x.double() @ m.dequantize(torch.float64).T + base.bias.detach().double()) < 1e-5
 
@@ -343,13 +345,16 @@ def test_moe_prefill_combine_equals_the_python_dispatch_bit_for_bit(scheme, dtyp
 
 def test_quantized_moe_engine_equals_reference_on_the_same_model():
     """quantization="int4" also quantizes the stacked experts; the engine's greedy tokens equal the reference
-    generator run on that same quantized model."""
+    generator run on that same quantized model. The prefill GEMM stays fp32 (quant_gemm): "auto" takes bf16 for 4-bit
+    weights on CPUs with native bf16, and the engine's batched prefill crosses into that GEMM where the reference's
+    one-prompt-at-a-time prefill does not (logprobs ~4e-3 apart: enough to flip a near tie on a random model)."""
     from test_engine import GREEDY, make_prompts, reference, tiny_model
 
     from glm4.engine.llm import LLM
     from glm4.quant.experts import StreamExperts
 
-    llm = LLM.from_model(tiny_model("glm4_moe", seed=2), quantization="int4", quant_group_size=32)
+    llm = LLM.from_model(tiny_model("glm4_moe", seed=2), quantization="int4", quant_group_size=32,
+                         quant_gemm="float32")
     experts = [m for m in llm.model.modules() if isinstance(m, StreamExperts)]
     assert experts if kernels.has_streaming_kernels() else not experts
     prompts = make_prompts([3, 9, 17], seed=4)

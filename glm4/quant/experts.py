@@ -146,7 +146,7 @@ class StreamExperts(nn.Module):
             E, N, K = w.shape
             flat = nn.Linear(K, E * N, bias=False, device="meta")
             flat.weight = nn.Parameter(w.reshape(E * N, K), requires_grad=False)  # row-wise schemes: one call
-            small = (64, 32) if scheme == "int4" else ()
+            small = (64, 32) if scheme == "int4" else (64,)
             g = group_size if K % group_size == 0 else next((s for s in small if K % s == 0), 0)
             q = quant_linear(flat, {"int4": 4, "int6": 6}.get(scheme, 8) if g else 8, g)
             packs.append(ExpertPack(bits=q.bits, group_size=q.group_size, zero_point=q.zero_point,
