@@ -47,8 +47,9 @@ def _compact(t: torch.Tensor) -> torch.Tensor:
 
 
 def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
-    """Our round-to-nearest int8 (per channel, symmetric), int6 (per group, symmetric) or int4 (per group,
-    asymmetric) as a QuantLinear, quantized a row chunk at a time (no full-size temporaries of a 151552-row head)."""
+    """Our int8 (per channel, symmetric, round-to-nearest), int6 (per group, symmetric, least-squares scale) or int4
+    (per group, asymmetric, round-to-nearest) as a QuantLinear, quantized a row chunk at a time (no full-size
+    temporaries of a 151552-row head)."""
     w = linear.weight.detach()
     bias = None if linear.bias is None else linear.bias.detach()
     q = torch.empty(w.shape, dtype=torch.int8 if bits == 8 else torch.uint8)
@@ -138,9 +139,10 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         if s is None:
             continue
         g = head_group if is_head else group_size
-        if is_head and auto_head and s == "int6" and linear.in_features % g:  # smaller groups, else the next finer
-            g = next((x for x in reversed(INT6_GROUPS) if x < g and linear.in_features % x == 0), 0)  # format:
-            s = "int6" if g else "int8"  # not a warning
+        if is_head and auto_head and s == "int6" and linear.in_features % g:
+            # auto's choice, not the user's: a smaller group that fits, else int8, without a warning
+            g = next((x for x in reversed(INT6_GROUPS) if x < g and linear.in_features % x == 0), 0)
+            s = "int6" if g else "int8"
         if linear.weight.device.type != "cpu":
             raise QuantizationError(f"{name}: CPU kernels only, weight is on {linear.weight.device}")
         parent_name, _, attr = name.rpartition(".")

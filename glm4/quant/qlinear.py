@@ -124,7 +124,8 @@ class QuantLinear(nn.Module):
                    group_size: int, zero_point: int = 0, bias: torch.Tensor | None = None) -> QuantLinear:
         """Build from integer codes q [N, K] (any int dtype), scales [N, K/g] (and mins) as the formula reads.
 
-        8-bit codes outside int8 (e.g. 0..255) are shifted by 128 with zero_point following, so W is unchanged."""
+        8-bit codes outside int8 (e.g. 0..255) are shifted by 128 with zero_point following, so W is unchanged;
+        int8 codes are kept as given (no copy)."""
         n, k = q.shape
         if scales.shape != (n, k // group_size) or (mins is not None and mins.shape != scales.shape):
             raise QuantizationError(f"QuantLinear: scales {tuple(scales.shape)} / mins "
