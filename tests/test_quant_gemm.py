@@ -64,10 +64,10 @@ def test_set_gemm_dtype_reaches_expert_packs_and_refuses_other_dtypes():
 
 
 @pytest.mark.parametrize("choice", ["auto", "float32", "bfloat16"])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int6", "int4"])
 def test_engine_quant_gemm_choice(choice, scheme):
     llm = LLM.from_model(tiny_model("glm4"), quantization=scheme, quant_gemm=choice)
-    bf16 = choice == "bfloat16" or (choice == "auto" and scheme == "int4" and kernels.native_bf16())
+    bf16 = choice == "bfloat16" or (choice == "auto" and scheme != "int8" and kernels.native_bf16())
     dtypes = {m.gemm_dtype for m in llm.model.modules() if isinstance(m, QuantLinear) and m.bits == int(scheme[3:])}
     assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
     assert ("dequantize + bf16 " in llm.describe()) == bf16 or not kernels.has_streaming_kernels()

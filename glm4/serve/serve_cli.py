@@ -74,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
     ap.add_argument("--quantization", default=None, choices=["int8", "int6", "int4"], help="weight-only quantization at load")
     ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
-                    help="prefill GEMM of int8/int4 weights: auto = bf16 for int4 on CPUs with native bf16 (~1.5x), "
-                         "float32 = exact to the stored weights")
+                    help="prefill GEMM of quantized weights: auto = bf16 for int4 / int6 on CPUs with native bf16 "
+                         "(~1.5x), float32 = exact to the stored weights")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
