@@ -221,9 +221,16 @@ inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
   const float* xs = a.xsum + m0 * G;
   const __m128i mask = _mm_set1_epi8(0x0F);
   const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
+  const bool shifted = a.mins || a.zero_point;
+  float corr[RB][MT] = {};  // sum_g (mins - zero_point * s) * xsum, the group terms, here rather than a pass per row
   for (int64_t gi = 0; gi < G; ++gi) {
     float s[RB];
     for (int r = 0; r < RB; ++r) s[r] = load_scale(a.scales, a.scale_f16, (n + r) * G + gi);
+    if (shifted)
+      for (int r = 0; r < RB; ++r) {
+        const float c = (a.mins ? load_scale(a.mins, a.scale_f16, (n + r) * G + gi) : 0.f) - float(a.zero_point) * s[r];
+        for (int m = 0; m < MT; ++m) corr[r][m] += c * xs[m * G + gi];
+      }
     for (int64_t b0 = gi * g; b0 < (gi + 1) * g; b0 += B) {
       __m256i ph[RB][MT], pl[RB][MT];
       for (int r = 0; r < RB; ++r)
@@ -262,9 +269,14 @@ inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
         }
     }
   }
+  if constexpr (RB == 4 && MT == 1) {  // one token: the 4 rows' sums land side by side, reduced together
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][0], acc[1][0]), _mm256_hadd_ps(acc[2][0], acc[3][0]));
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+    _mm_storeu_ps(a.y + m0 * a.N + n, _mm_add_ps(sums, _mm_setr_ps(corr[0][0], corr[1][0], corr[2][0], corr[3][0])));
+    return;
+  }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m)
-      a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + group_correction(a, n + r, xs + m * G);
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + corr[r][m];
 }
 
 template <int BITS>

@@ -118,6 +118,13 @@ struct Bf16PermTile {
   static void run(const DenseArgs& a, int64_t n, int64_t m0) { bf16_perm_tile<RB, MT>(a, n, m0); }
 };
 
+// (sum v0, sum v1, sum v2, sum v3): four horizontal sums in ~9 instructions instead of ~24
+inline __m128 reduce4(__m512 v0, __m512 v1, __m512 v2, __m512 v3) {
+  auto half = [](__m512 v) { return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1)); };
+  const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(half(v0), half(v1)), _mm256_hadd_ps(half(v2), half(v3)));
+  return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
 inline float load_scale(const void* s, int f16, int64_t i) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
 }
@@ -261,10 +268,18 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int16_t* xh = a.xq + m0 * K;
   const int16_t* xl = a.xq_lo + m0 * K;
   const float* xsc = a.xscale + m0 * NB;
+  const float* xs = a.xsum + m0 * G;
   const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
+  const bool shifted = a.mins || a.zero_point;
+  float corr[RB][MT] = {};  // sum_g (mins - zero_point * s) * xsum, the group terms, here rather than a pass per row
   for (int64_t gi = 0; gi < G; ++gi) {
     float s[RB];
     for (int r = 0; r < RB; ++r) s[r] = load_scale(a.scales, a.scale_f16, (n + r) * G + gi);
+    if (shifted)
+      for (int r = 0; r < RB; ++r) {
+        const float c = (a.mins ? load_scale(a.mins, a.scale_f16, (n + r) * G + gi) : 0.f) - float(a.zero_point) * s[r];
+        for (int m = 0; m < MT; ++m) corr[r][m] += c * xs[m * G + gi];
+      }
     for (int64_t b0 = gi * g; b0 < (gi + 1) * g; b0 += B) {
       __m512i ph[RB][MT], pl[RB][MT];
       for (int r = 0; r < RB; ++r)
@@ -310,9 +325,13 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
         }
     }
   }
+  if constexpr (RB == 4 && MT == 1) {  // one token: the 4 rows' sums land side by side, reduced together
+    const __m128 c = _mm_setr_ps(corr[0][0], corr[1][0], corr[2][0], corr[3][0]);
+    _mm_storeu_ps(a.y + m0 * a.N + n, _mm_add_ps(reduce4(acc[0][0], acc[1][0], acc[2][0], acc[3][0]), c));
+    return;
+  }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m)
-      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + corr[r][m];
 }
 
 template <int BITS, int MODE>
