@@ -28,7 +28,7 @@ SHAPES = {  # name: (out_features N, in_features K)
     "lm_head": (151552, 1024),
 }
 KERNELS = ("F.linear fp32", "F.linear bf16", "packed fp32", "packed bf16", "int8", "int8 gemm", "int4 g32",
-           "int4 g128", "int4 g128 gemm", "glm4 fp32", "glm4 bf16", "glm4 int8", "glm4 int4 g32", "glm4 int4 g128")
+           "int4 g128", "int4 g128 gemm", "glm4 fp32", "glm4 bf16", "glm4 int8", "glm4 int6 g128", "glm4 int4 g32", "glm4 int4 g128")
 
 
 @dataclass
@@ -60,7 +60,7 @@ def build(kernel: str, lin: nn.Linear) -> tuple[nn.Module, torch.dtype, int]:
         if kind in ("fp32", "bf16", "fp16"):
             dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[kind]
             return FloatLinear.from_base(lin, dt), torch.float32, dt.itemsize * n * k
-        m = quant_linear(lin, 8, 0) if kind == "int8" else quant_linear(lin, 4, int(kernel.split()[2][1:]))
+        m = quant_linear(lin, 8, 0) if kind == "int8" else quant_linear(lin, int(kind[3:]), int(kernel.split()[2][1:]))
         nbytes = sum(t.numel() * t.element_size() for t in (m.qweight, m.scales, m.mins) if t is not None)
         return m, torch.float32, nbytes
     if kernel.startswith("int8"):
