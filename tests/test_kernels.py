@@ -186,6 +186,22 @@ def test_int6_quantizer_is_symmetric_and_no_worse_than_round_to_nearest(group):
     assert rel_err(m(x), x.double() @ m.dequantize(torch.float64).T + base.bias.detach().double()) < 1e-5
 
 
+@needs_kernels
+@pytest.mark.parametrize("scheme", ["int4", "int6"])
+def test_an_all_zero_row_gives_exactly_zero(scheme, isa):
+    """An all-zero group gets scale 0 (its codes the zero point): the zero-point term of the kernels' sums is then 0,
+    not a large product cancelling the codes' sum to ~1e-6."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(256, 24, bias=False))
+    model[0].weight.data[5] = 0
+    quantize(model, scheme, group_size=128, head=None)
+    m = model[0]
+    assert (m.scales[5] == 0).all()
+    for M in (1, 3, 40):
+        y = m(torch.randn(M, 256) * 10)
+        assert (y[:, 5] == 0).all() and (y[:, 4] != 0).all()
+
+
 @pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the widened-GEMM path
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
 def test_float_linear_equals_its_stored_weight(M, storage):

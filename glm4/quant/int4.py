@@ -52,8 +52,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     zeros = (lo + (hi - lo) * (8 / 15)).to(torch.bfloat16)
     z = zeros.float()
     s = torch.maximum((z - lo) / 8, (hi - z) / 7)
-    scales = round_up_bf16(torch.where(s > 0, s, torch.ones_like(s)))  # constant group: any s, q = 8
-    q = torch.round((g - z[..., None]) / scales.float()[..., None]) + 8
+    # a group of one bf16-exact value (all zeros, say): scale 0 and q = 8, so W = z exactly and the zero-point term
+    # of the kernels' sums is 0 (a scale of 1 left 8 * sum(x) to cancel against the codes' sum: ~1e-6 off, not 0)
+    scales = round_up_bf16(s)
+    safe = torch.where(scales > 0, scales.float(), torch.ones_like(s))
+    q = torch.where(scales[..., None] > 0, torch.round((g - z[..., None]) / safe[..., None]), 0) + 8
     return q.clamp_(0, 15).to(torch.int32).reshape(n, k), scales, zeros
 
 
