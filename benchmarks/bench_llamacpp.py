@@ -18,7 +18,8 @@ sdist's vendor/llama.cpp/convert_hf_to_gguf.py.
 Every step runs in a fresh process (peak RSS is per engine and format): llama.cpp's under --llama-python; the
 checkpoint build, glm4 and the bandwidth probe under this interpreter (the repo's venv). Decode tok/s counts the steps after the first
 (which prefills the 32-token prompts), as `glm4 bench` does; prefill tok/s is one 512-token prompt to its first token.
-Each figure is the median of --reps repeats, then the median over --rounds.
+Each figure is the median of --reps repeats, then the median over --rounds; with several rounds a "by round" line
+gives the range of glm4 ÷ llama.cpp taken round by round (each round's two runs are minutes apart).
 """
 
 from __future__ import annotations
@@ -557,6 +558,11 @@ def report(res: dict) -> str:
         if "glm4" in row:
             lines.append(f"{'':8} {'glm4/llama':10} " + " ".join(_cell(row["ratio"].get(k), ".2f", 10)
                                                                  for _, k in cols))
+            per_round = row.get("round_ratios", {})
+            if a["rounds"] > 1 and per_round:
+                span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"  # noqa: E731
+                lines.append(f"{'':8} {'by round':10} " + " ".join(f"{span(per_round.get(k, [])):>10}"
+                                                                   for _, k in cols))
     return "\n".join(lines)
 
 
@@ -657,6 +663,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                            ("describe", "engine_args")}
             g, ll = row["glm4"], row["llama.cpp"]
             row["ratio"] = {k: g[k] / ll[k] for k in g if k.endswith("_tok_s") and g[k] and ll.get(k)}
+            # the same ratio round by round (each round's glm4 run against that round's llama.cpp run, minutes
+            # apart): the machine's bandwidth drifts between rounds, and the spread of these shows by how much
+            row["round_ratios"] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
+                                   for k in row["ratio"]}
         rows[f] = row
     res = {"cpu": cpu_info(), "roofline_gb_s": roof, "roofline_rounds": roofs, "checkpoint": str(checkpoint),
            "args": dict(common, rounds=a.rounds, formats=fmts, glm4=a.glm4, glm4_args=glm4_args),
