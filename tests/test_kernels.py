@@ -292,7 +292,7 @@ def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, i
     from glm4.quant.experts import StreamExperts
 
     torch.manual_seed(3)
-    hidden, inter, group = (128, 128, 128) if scheme == "int6" else (64, 96, 32)  # int6: groups of 128k
+    hidden, inter, group = (128, 128, 128) if scheme == "int6" else (64, 96, 32)  # int6: groups of 64k columns
     stacked = StackedExperts(8, hidden, inter).to(torch.bfloat16 if scheme is None else torch.float32)
     s = StreamExperts.from_stacked(stacked, scheme, group_size=group)
     if scheme is None:
