@@ -73,7 +73,10 @@ HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transfor
 HEAD_INT6_GROUP = 128  # the int4 scheme's 6-bit head: 6.125 bits a weight (q6_K: 6.56); 64 where 128 does not fit
 
 
-def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None) -> nn.Module:
+def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None,
+          fallbacks: list[str]) -> nn.Module:
+    """The swapped module for one linear; where the scheme does not fit it as asked, what it got instead is appended
+    to `fallbacks` (quantize warns once for all of them)."""
     if scheme == "float":
         return FloatLinear.from_base(linear, dtype)
     if scheme == "packed":
@@ -83,8 +86,8 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
         if bits < 8 and linear.in_features % group_size:
             groups = INT6_GROUPS if bits == 6 else (32, 64, 128)
             smaller = [g for g in reversed(groups) if g < group_size and linear.in_features % g == 0]
-            warnings.warn(f"{name}: in_features {linear.in_features} not a multiple of group_size {group_size}; "
-                          + (f"group_size {smaller[0]} for it" if smaller else "int8 for it"), stacklevel=3)
+            fallbacks.append(f"{name}: in_features {linear.in_features} not a multiple of group_size {group_size}; "
+                             + (f"group_size {smaller[0]}" if smaller else "int8"))
             return quant_linear(linear, bits, smaller[0]) if smaller else quant_linear(linear, 8, 0)
         return quant_linear(linear, bits, group_size)
     if scheme in ("int8", "int6"):  # torch's kernels have no 6-bit format: int8 keeps the accuracy
@@ -92,7 +95,7 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
     if linear.in_features % group_size or not has_op("int4"):
         why = (f"in_features {linear.in_features} not a multiple of group_size {group_size}" if has_op("int4")
                else "this torch build lacks the CPU int4 kernel")
-        warnings.warn(f"{name}: {why}; using int8 for it", stacklevel=3)
+        fallbacks.append(f"{name}: {why}; int8")
         return WeightOnlyInt8Linear.from_base(linear)
     return WeightOnlyInt4Linear.from_base(linear, group_size)
 
@@ -130,6 +133,7 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         raise QuantizationError(f"int6 group_size must be one of {INT6_GROUPS}, got {group_size}")
     targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
     targets.reverse()
+    fallbacks: list[str] = []
     while targets:  # popped as we go: each replaced weight is freed at once, not when the whole model is done
         name, linear = targets.pop()
         if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or linear.weight.numel() < min_params:
@@ -147,7 +151,10 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
             raise QuantizationError(f"{name}: CPU kernels only, weight is on {linear.weight.device}")
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, _swap(linear, s, g, name, dtype))
+        setattr(parent, attr, _swap(linear, s, g, name, dtype, fallbacks))
+    if fallbacks:  # one warning, not one per layer (a 92-layer model would print hundreds)
+        shown = "; ".join(fallbacks[:4]) + (f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else "")
+        warnings.warn(f"{scheme}: {len(fallbacks)} linear(s) quantized otherwise than asked: {shown}", stacklevel=3)
     if scheme in ("int8", "int6", "int4", "float") and kernels.has_streaming_kernels():
         # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
         packs = [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]
