@@ -36,7 +36,7 @@ __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinea
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
 SCHEMES = ("int8", "int6", "int4", "float", "packed")
-BITS = {"int8": 8, "int6": 6, "int4": 4}
+SCHEME_BITS = {"int8": 8, "int6": 6, "int4": 4}
 _QUANT_ROWS = 1024  # rows quantized at a time: the temporaries of a 151552-row LM head stay small
 
 
@@ -56,10 +56,10 @@ def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
     scales, zeros = [], []
     for i in range(0, w.shape[0], _QUANT_ROWS):
         rows = w[i:i + _QUANT_ROWS]
-        qi, *sz = (quantize_int8(rows) if bits == 8 else quantize_int6(rows, group_size) if bits == 6
-                   else quantize_int4(rows, group_size))  # int4: W = (q - 8) s + z
+        qi, si, *zi = (quantize_int8(rows) if bits == 8 else quantize_int6(rows, group_size) if bits == 6
+                       else quantize_int4(rows, group_size))  # int4 also gives zeros: W = (q - 8) s + z
         q[i:i + _QUANT_ROWS] = qi
-        scales.append(sz[0]), zeros.append(sz[-1])
+        scales.append(si), zeros.extend(zi)
     if bits == 8:
         return QuantLinear.from_codes(q, _compact(torch.cat(scales)[:, None]), bits=8, group_size=w.shape[1],
                                       bias=bias)
@@ -82,7 +82,7 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
     if scheme == "packed":
         return PackedLinear.from_base(linear, dtype)
     if kernels.has_streaming_kernels():
-        bits = BITS[scheme]
+        bits = SCHEME_BITS[scheme]
         if bits < 8 and linear.in_features % group_size:
             groups = INT6_GROUPS if bits == 6 else (32, 64, 128)
             smaller = [g for g in reversed(groups) if g < group_size and linear.in_features % g == 0]
