@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from test_engine import GREEDY, make_prompts, reference, tiny_model
 
-from glm4.engine import LLM
+from glm4.engine import LLM, SamplingParams
 from glm4.layers.norm import RMSNorm
 from glm4.layers.paged_attention import FUSED_DECODE_MAX_KEYS
 from glm4.layers.rope import CosSin, apply_rope_torch
@@ -99,10 +99,55 @@ def test_decode_attention_refuses_bad_tables_and_lengths():
         fused.decode_attention(q, k, v, torch.tensor([[0, 1]]), torch.tensor([9]), 4)
 
 
-def _recording(kernel, longest: list[int]):
-    def run(q, k, v, tables, lens, block_size):
-        longest.append(int(lens.max()))
-        return kernel(q, k, v, tables, lens, block_size)
+def _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g):
+    """A decode step of 3 sequences: the fused projection's output, RoPE tables, a paged cache and its metadata."""
+    blocks, lens = 120 // block_size, torch.tensor([1, 9, 100])
+    N = len(lens)
+    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    tables = torch.stack([torch.randperm(blocks, generator=g)[:(100 + block_size - 1) // block_size] for _ in range(N)])
+    pos = lens - 1  # the new token's position: its slot is where the cache stores it
+    slots = tables[torch.arange(N), pos // block_size] * block_size + pos % block_size
+    qkv = torch.randn(1, N, (Hq + 2 * Hkv) * D, generator=g).to(dtype)
+    cs = _tables(1, N, R, interleaved, dtype, g)
+    return qkv, cs, k, v, slots, tables, lens
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("Hq,Hkv,D,R", [(16, 2, 64, 32), (12, 1, 128, 128), (4, 2, 48, 6), (2, 2, 8, 8)])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_decode_qkv_attention_equals_the_separate_ops(dtype, interleaved, Hq, Hkv, D, R, block_size):
+    """One op = split, RoPE of q and k, the cache write (index_copy_) and decode_attention: the same output and
+    the same cache, to the bit."""
+    g = torch.Generator().manual_seed(Hq * D + R + block_size)
+    qkv, cs, k, v, slots, tables, lens = _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g)
+    N = qkv.shape[1]
+    q, kn, vn = qkv[0].split([Hq * D, Hkv * D, Hkv * D], dim=-1)
+    q = fused.rope(q.reshape(1, N, Hq, D), cs)[0]
+    kn = fused.rope(kn.reshape(1, N, Hkv, D), cs)[0]
+    k_want, v_want = k.clone(), v.clone()
+    k_want.index_copy_(0, slots, kn)
+    v_want.index_copy_(0, slots, vn.reshape(N, Hkv, D))
+    want = fused.decode_attention(q, k_want, v_want, tables, lens, block_size).reshape(1, N, Hq * D)
+    got = fused.decode_qkv_attention(qkv, cs, k, v, slots, tables, lens, block_size, Hq)
+    assert torch.equal(k, k_want) and torch.equal(v, v_want)
+    assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_decode_qkv_attention_declines_what_it_does_not_take_and_refuses_bad_slots():
+    g = torch.Generator().manual_seed(3)
+    qkv, cs, k, v, slots, tables, lens = _qkv_case(torch.float32, 4, 2, 16, 8, False, 4, g)
+    no_rope = CosSin(cs.cos[..., :0], cs.sin[..., :0], 0, False)
+    assert fused.decode_qkv_attention(qkv, no_rope, k, v, slots, tables, lens, 4, 4) is None
+    assert fused.decode_qkv_attention(qkv.double(), cs, k, v, slots, tables, lens, 4, 4) is None
+    with pytest.raises(RuntimeError, match="slot"):
+        fused.decode_qkv_attention(qkv, cs, k, v, slots + k.shape[0], tables, lens, 4, 4)
+
+
+def _recording(kernel, longest: list[int], lens_at: int):
+    def run(*args):
+        longest.append(int(args[lens_at].max()))
+        return kernel(*args)
     return run
 
 
@@ -116,10 +161,44 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         llm = LLM.from_model(tiny_model(model_type, max_position_embeddings=1024), linear="torch", fused_ops=on)
         assert any(isinstance(m, fused.FusedRMSNorm) for m in llm.model.modules()) == on
         assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
-        longest = []
-        if on:
-            llm.engine.runner.decode_kernel = _recording(llm.engine.runner.decode_kernel, longest)
+        longest, qkv_longest = [], []
+        if on:  # decode-only steps take the one-op qkv path (model_type glm: no q/k norm), mixed steps the other
+            runner = llm.engine.runner
+            runner.decode_kernel = _recording(runner.decode_kernel, longest, 4)  # (q, k, v, tables, lens, block_size)
+            runner.qkv_kernel = _recording(runner.qkv_kernel, qkv_longest, 6)  # (qkv, cs, k, v, slots, tables, lens, ...)
         outs = llm.generate(prompts, GREEDY)
         assert [o.outputs[0].token_ids for o in outs] == refs
         if on:
             assert longest and max(longest) <= FUSED_DECODE_MAX_KEYS
+            assert max(qkv_longest, default=0) <= FUSED_DECODE_MAX_KEYS  # (the long prompt is in every decode step)
+
+
+@pytest.mark.parametrize("kind", ["glm", "glm4", "chatglm"])
+def test_engine_decode_steps_take_the_one_op_attention(kind, hf_checkpoint, tmp_path):
+    """Decode-only steps run RoPE, the cache write and attention from the fused q/k/v projection as one op
+    (decode_qkv_attention): the engine's tokens and log-probabilities equal, to the bit, those of the same engine
+    running the separate ops, which equal the reference generator's tokens."""
+    if kind == "chatglm":
+        from conftest import to_chatglm
+
+        import glm4
+
+        folder, _ = hf_checkpoint("glm")
+        model = lambda: glm4.load_model(to_chatglm(folder, tmp_path / "chatglm"))  # noqa: E731
+    else:
+        model = lambda: tiny_model(kind)  # noqa: E731
+    prompts = make_prompts([1, 5, 33, 70])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    runs = []
+    for one_op in (True, False):
+        llm = LLM.from_model(model(), fused_ops=True)
+        calls = []
+        if one_op:
+            llm.engine.runner.qkv_kernel = _recording(llm.engine.runner.qkv_kernel, calls, 6)
+        else:
+            llm.engine.runner.qkv_kernel = None
+        outs = llm.generate(prompts, params)
+        runs.append([(o.outputs[0].token_ids, [e["logprob"] for e in o.outputs[0].logprobs]) for o in outs])
+        assert bool(calls) == one_op
+    assert runs[0] == runs[1]
+    assert [ids for ids, _ in runs[0]] == reference(model(), prompts, new=12)

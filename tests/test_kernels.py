@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -49,6 +52,19 @@ def test_cpu_features_and_summary():
     assert feats <= set(kernels.FEATURES)
     assert {"avx512_bf16", "amx_bf16"} & feats or not kernels.native_bf16()
     assert "(" in kernels.cpu_summary()
+
+
+@needs_kernels
+def test_glm4_isa_avx2_runs_as_an_avx2_only_cpu():
+    """GLM4_ISA=avx2 narrows every choice to what an AVX2-only CPU gets: the AVX2 kernels, no bf16 compute, the
+    features reported as such (and said to be narrowed)."""
+    code = ("from glm4.quant import kernels as k; import torch; "
+            "print(sorted(k.cpu_features()), k.native_bf16(), torch.ops.glm4.isa(), k.cpu_summary())")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GLM4_ISA": "avx2"}, capture_output=True,
+                         text=True, check=True).stdout
+    have = kernels._cpu_flags()  # the CPU's own
+    assert out.startswith(str(sorted(kernels.AVX2_ONLY & have)) + " False avx2 ")
+    assert ("narrowed by GLM4_ISA=avx2" in out) == (have != kernels.AVX2_ONLY & have)
 
 
 @needs_kernels

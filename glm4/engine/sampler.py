@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from glm4.engine.sequence import Sequence
+from glm4.quant.kernels import argmax
 
 
 class Sampler:
@@ -46,13 +47,13 @@ class Sampler:
 
         greedy = [s.params.greedy for s in seqs]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = argmax(logits)
         else:
             tokens = torch.empty(len(seqs), dtype=torch.long)
             g_rows = [i for i, gr in enumerate(greedy) if gr]
             s_rows = [i for i, gr in enumerate(greedy) if not gr]
             if g_rows:
-                tokens[g_rows] = logits[g_rows].argmax(dim=-1)
+                tokens[g_rows] = argmax(logits[g_rows])
             tokens[s_rows] = self._sample(logits[s_rows], [seqs[i] for i in s_rows])
 
         ids = tokens.tolist()
@@ -139,7 +140,7 @@ class Sampler:
         for j, s in enumerate(seqs):
             if s.params.seed is not None:
                 noise[j].exponential_(generator=self._generator(s))
-        return (probs / noise).argmax(dim=-1)
+        return argmax(probs / noise)
 
 
 def apply_penalties(row: torch.Tensor, prompt_ids: list[int], output_ids: list[int], repetition: float,

@@ -151,14 +151,16 @@ class PagedAttention:
         self.decode_kernel = None  # fused decode attention over the paged cache (glm4.quant.fused), or None
         self.decode_tables: torch.Tensor | None = None  # [Bd, blocks] int64 block tables of the decodes (kernel)
         self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (kernel)
+        self.qkv_kernel = None  # decode-only steps: RoPE, cache write and attention in one op (see attend_qkv)
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: list[list[int]], ctx_lens: list[int], q_lens: list[int],
-              device: torch.device | str = "cpu", decode_kernel=None) -> PagedAttention:
+              device: torch.device | str = "cpu", decode_kernel=None, qkv_kernel=None) -> PagedAttention:
         """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
         `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
         -> [Bd, Hq, D]` attends decodes of up to FUSED_DECODE_MAX_KEYS keys straight from the cache, instead of
-        gather + SDPA; the caller passes one only for a float cache of the activations' dtype."""
+        gather + SDPA; the caller passes one only for a float cache of the activations' dtype. `qkv_kernel`
+        (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`."""
         bs = cache.block_size
         B = len(block_tables)
         maxb = max(len(t) for t in block_tables)
@@ -171,6 +173,7 @@ class PagedAttention:
             out.num_decodes, out.positions = B, torch.tensor(ctx_lens)
             out.decode_kernel, out.decode_tables = decode_kernel, torch.tensor(padded, device=device)
             out.decode_lens = torch.tensor([c + 1 for c in ctx_lens], device=device)
+            out.qkv_kernel = qkv_kernel
             return out
         bt = torch.tensor(padded, dtype=torch.long)  # [B, maxb]
         all_slots = (bt[:, :, None] * bs + torch.arange(bs)).view(B, maxb * bs)  # slot of every position
@@ -207,6 +210,14 @@ class PagedAttention:
             out.decode_kernel, out.decode_tables = decode_kernel, bt[torch.tensor(dec_rows)].to(device)
             out.decode_lens = torch.tensor(dec_lens, device=device)
         return out
+
+    def attend_qkv(self, layer_idx: int, qkv: torch.Tensor, cs, n_heads: int) -> torch.Tensor | None:
+        """qkv [1, N, (Hq + 2 Hkv) D] (a fused projection's output, before RoPE) -> attention output [1, N, Hq D] by
+        one op on decode-only steps with the fused kernels; None otherwise (the caller splits, rotates, `attend`s)."""
+        if self.qkv_kernel is None:
+            return None
+        return self.qkv_kernel(qkv, cs, self.cache.k[layer_idx], self.cache.v[layer_idx], self.slot_mapping,
+                               self.decode_tables, self.decode_lens, self.cache.block_size, n_heads)
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q [1, N, Hq, D], k/v [1, N, Hkv, D] -> [1, N, Hq, D]

@@ -28,7 +28,12 @@ class ChatGLMSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
         B, T, _ = x.shape
-        q, k, v = self.query_key_value(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        qkv = self.query_key_value(x)
+        attend_qkv = getattr(ctx, "attend_qkv", None)
+        out = attend_qkv(self.layer_idx, qkv, cs, self.n_heads) if attend_qkv else None
+        if out is not None:  # the engine's decode steps: RoPE, cache write and attention in one op
+            return self.dense(out)
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cs)
         k = apply_rope(k.view(B, T, self.n_kv, self.head_dim), cs)
         out = ctx.attend(self.layer_idx, q, k, v.view(B, T, self.n_kv, self.head_dim))

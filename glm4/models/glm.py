@@ -69,8 +69,13 @@ class GlmAttention(nn.Module):
     def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
         B, T, _ = x.shape
         if self.qkv_proj is not None:
-            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                                              self.n_kv * self.head_dim], dim=-1)
+            qkv = self.qkv_proj(x)
+            attend_qkv = None if self.use_qk_norm else getattr(ctx, "attend_qkv", None)
+            out = attend_qkv(self.layer_idx, qkv, cs, self.n_heads) if attend_qkv else None
+            if out is not None:  # the engine's decode steps: RoPE, cache write and attention in one op
+                return self.o_proj(out)
+            q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim],
+                                dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.reshape(B, T, self.n_heads, self.head_dim)

@@ -70,7 +70,7 @@ class ExpertPack(nn.Module):
         c = counts.tolist()
         if kernels.has_streaming_kernels() and xs.device.type == "cpu" and max(c, default=0) <= kernels.dense_max_m():
             w = self.weight if self.bits == 0 else self.qweight
-            y = torch.ops.glm4.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
+            y = kernels.ops.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
                                          self.group_size, self.zero_point)
             return y.to(xs.dtype)
         if self.bits and kernels.has_streaming_kernels() and xs.device.type == "cpu":
@@ -97,7 +97,7 @@ class ExpertPack(nn.Module):
             q, s, m = self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e]
             xe, ye = x[start:start + n], y[start:start + n]
             if n <= kernels.max_m(self):
-                ye.copy_(torch.ops.glm4.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
+                ye.copy_(kernels.ops.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
                                                  self.zero_point))
             else:
                 dequant_gemm(xe, ye, q, s, m, self.bits, self.group_size, self.zero_point, buf)
@@ -121,7 +121,7 @@ class ExpertPack(nn.Module):
 
 def _moe_combine(y: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """dispatch_experts' weighted sum back in token order as one op (prefill): the same sums, in slot order."""
-    return torch.ops.glm4.moe_combine(y.float(), order, weights.float())
+    return kernels.ops.moe_combine(y.float(), order, weights.float())
 
 
 class StreamExperts(nn.Module):
@@ -186,7 +186,7 @@ class StreamExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= kernels.dense_max_m() and x.device.type == "cpu":  # decode: the whole dispatch in one op
             gu, dn = self.gate_up, self.down
-            y = torch.ops.glm4.expert_glu(x.float(), indices, weights.float(),
+            y = kernels.ops.expert_glu(x.float(), indices, weights.float(),
                                           gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
                                           gu.group_size, gu.zero_point,
                                           dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,

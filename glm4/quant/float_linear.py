@@ -52,17 +52,17 @@ class FloatLinear(nn.Module):
         return plain_linear(self.weight, self.bias, self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, in_dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        if x.shape[0] <= kernels.dense_max_m() and x.device.type == "cpu":
-            y = kernels.dense_mm(x.float(), self.weight)
-        elif self.weight.dtype == in_dtype:
-            y = kernels.gemm(x, self.weight)
+        in_dtype = x.dtype
+        if x.numel() <= kernels.dense_max_m() * self.in_features and x.device.type == "cpu":  # [..., K] -> [..., N]
+            y = kernels.dense_mm(x if in_dtype == torch.float32 else x.float(), self.weight)
         else:
-            y = self._widened_mm(x)
+            shape = x.shape
+            x = x.reshape(-1, self.in_features)
+            y = kernels.gemm(x, self.weight) if self.weight.dtype == in_dtype else self._widened_mm(x)
+            y = y.reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
-        return y.to(in_dtype).reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _widened_mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] -> [M, N] in x's dtype, the weight widened ~_GEMM_ELEMS at a time (bf16 storage, fp32 x)."""

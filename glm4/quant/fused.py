@@ -8,7 +8,9 @@ by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.qua
 - every RMSNorm -> FusedRMSNorm (torch.ops.glm4.rms_norm; fp32 / bf16, the reference's rounding order);
 - the model's Rope -> tables that carry `rope` (torch.ops.glm4.rope: equal to apply_rope to the bit);
 - and `decode_attention` for glm4.layers.paged_attention (the engine's runner passes it to PagedAttention.build):
-  decodes attend straight from the paged cache, no gather, no mask, no SDPA.
+  decodes attend straight from the paged cache, no gather, no mask, no SDPA; `decode_qkv_attention` does a
+  decode-only step's RoPE, cache write and attention from the fused q/k/v projection in one call (~20 torch calls
+  and their Python a layer otherwise: ~3 us apiece, which a small model's batch-1 step feels).
 
 Anything the ops do not take (autograd, other dtypes or devices, 2-D positions, an int8 KV cache) runs the
 torch code as before.
@@ -24,7 +26,7 @@ from glm4.layers.rope import CosSin, apply_rope_torch
 
 from . import kernels
 
-__all__ = ["FusedRMSNorm", "decode_attention", "describe_fused", "have_fused_ops", "rope", "use_fused_ops"]
+__all__ = ["FusedRMSNorm", "decode_attention", "decode_qkv_attention", "describe_fused", "have_fused_ops", "rope", "use_fused_ops"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -38,7 +40,13 @@ def _takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """The ops take CPU fp32 / bf16 tensors of one dtype, and have no backward."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
         return False
-    return x.device.type == "cpu" and x.dtype in _DTYPES and all(o.dtype == x.dtype for o in others)
+    dtype = x.dtype
+    if dtype not in _DTYPES or x.device.type != "cpu":
+        return False
+    for o in others:
+        if o.dtype != dtype:
+            return False
+    return True
 
 
 class FusedRMSNorm(RMSNorm):
@@ -52,8 +60,9 @@ class FusedRMSNorm(RMSNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _takes(x, self.weight):
-            return torch.ops.glm4.rms_norm(x, self.weight, self.eps)
+        weight = self.weight
+        if _takes(x, weight):
+            return kernels.ops.rms_norm(x, weight, self.eps)
         return super().forward(x)
 
 
@@ -61,14 +70,26 @@ def rope(x: torch.Tensor, cs: CosSin) -> torch.Tensor:
     """apply_rope by one op (x [B, T, H, D], tables [B, T, 1, R] of x's dtype)."""
     if cs.two_d or cs.rotary_dim == 0 or x.dim() != 4 or not _takes(x, cs.cos, cs.sin):
         return apply_rope_torch(x, cs)
-    return torch.ops.glm4.rope(x, cs.cos, cs.sin, cs.interleaved)
+    return kernels.ops.rope(x, cs.cos, cs.sin, cs.interleaved)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_table: torch.Tensor,
                      lens: torch.Tensor, block_size: int) -> torch.Tensor:
     """q [Bd, Hq, D] over k/v [S, Hkv, D] (one layer of the paged cache): row b attends its first lens[b]
     positions, position l at slot block_table[b, l // block_size] * block_size + l % block_size -> [Bd, Hq, D]."""
-    return torch.ops.glm4.decode_attention(q, k, v, block_table, lens, block_size)
+    return kernels.ops.decode_attention(q, k, v, block_table, lens, block_size)
+
+
+def decode_qkv_attention(qkv: torch.Tensor, cs: CosSin, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor,
+                         block_table: torch.Tensor, lens: torch.Tensor, block_size: int, n_heads: int
+                         ) -> torch.Tensor | None:
+    """A decode step's attention from the fused q/k/v projection in one op: qkv [B, T, (Hq + 2 Hkv) D] -> [B, T, Hq D]
+    (RoPE of q and k, k / v stored at `slots` of the layer's cache k / v [S, Hkv, D], then `decode_attention`); the
+    values of the separate ops. None where the op does not take the inputs (the caller runs the separate ops)."""
+    if cs.two_d or cs.rotary_dim == 0 or not _takes(qkv, cs.cos, cs.sin, k, v):
+        return None
+    return kernels.ops.decode_qkv_attention(qkv, cs.cos, cs.sin, cs.interleaved, k, v, slots, block_table, lens,
+                                            block_size, n_heads)
 
 
 def use_fused_ops(model: nn.Module) -> int:
@@ -80,6 +101,7 @@ def use_fused_ops(model: nn.Module) -> int:
     head_dim = getattr(getattr(model, "config", None), "head_dim", None)
     if isinstance(head_dim, int) and head_dim % 8 == 0:
         model.decode_attention_kernel = decode_attention
+        model.decode_qkv_kernel = decode_qkv_attention
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

@@ -29,8 +29,23 @@ if HAVE_EXT and os.environ.get("GLM4_ISA"):  # e.g. GLM4_ISA=avx2 on an AVX-512 
     else:
         warnings.warn(f"GLM4_ISA={os.environ['GLM4_ISA']!r} ignored: avx2 or avx512_vnni", stacklevel=1)
 
-__all__ = ["HAVE_EXT", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
-           "has_streaming_kernels", "max_m", "native_bf16", "quant_isa", "quant_mm"]
+
+
+class _Ops:
+    """torch.ops.glm4's ops by their one overload (`ops.quant_mm` is torch.ops.glm4.quant_mm.default): a call
+    through the overload packet matches the arguments against every schema first, ~4 us of an 8 us call on a
+    [1, K] input (Zen 5), and a decode step makes ~70 such calls."""
+
+    def __getattr__(self, name: str):
+        op = getattr(torch.ops.glm4, name).default
+        setattr(self, name, op)  # found once; later reads are plain attribute reads
+        return op
+
+
+ops = _Ops()
+
+__all__ = ["HAVE_EXT", "argmax", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
+           "has_streaming_kernels", "max_m", "native_bf16", "ops", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -43,9 +58,20 @@ _DENSE_MAX_M = 16
 _QUANT_MAX_M = 16
 
 
+AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})  # what an AVX2-only CPU (Zen 3, Haswell..Comet Lake) has of FEATURES
+
+
 @functools.cache
 def cpu_features() -> frozenset[str]:
-    """The FEATURES this CPU has (Linux /proc/cpuinfo; elsewhere what torch's dispatcher reports)."""
+    """The FEATURES this CPU has (Linux /proc/cpuinfo; elsewhere what torch's dispatcher reports). GLM4_ISA=avx2
+    narrows them to AVX2_ONLY, so that every choice made from them (kernels, bf16 compute, the GEMM library) is
+    the one an AVX2-only CPU gets: with ATEN_CPU_CAPABILITY=avx2 and ONEDNN_MAX_CPU_ISA=AVX2 (read when torch
+    loads) an AVX-512 machine runs glm4 as such a CPU would (docs/benchmarks.md)."""
+    have = _cpu_flags()
+    return have & AVX2_ONLY if os.environ.get("GLM4_ISA") == "avx2" else have
+
+
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
@@ -67,7 +93,8 @@ def cpu_summary() -> str:
             model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
     except OSError:
         pass
-    return f"{model} ({' '.join(x for x in FEATURES if x in cpu_features()) or 'no AVX2'})"
+    flags = " ".join(x for x in FEATURES if x in cpu_features()) or "no AVX2"
+    return f"{model} ({flags}{'; narrowed by GLM4_ISA=avx2' if cpu_features() != _cpu_flags() else ''})"
 
 
 @functools.cache
@@ -109,13 +136,21 @@ def max_m(module) -> int:
 
 
 def quant_mm(x: torch.Tensor, m) -> torch.Tensor:
-    """x [M, K] fp32 -> [M, N] fp32 through the streaming kernel for a QuantLinear `m`."""
-    return torch.ops.glm4.quant_mm(x, m.qweight, m.scales, m.mins, m.bits, m.group_size, m.zero_point)
+    """x [..., K] fp32 -> [..., N] fp32 through the streaming kernel for a QuantLinear `m`."""
+    return ops.quant_mm(x, m.qweight, m.scales, m.mins, m.bits, m.group_size, m.zero_point)
+
+
+def argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits [R, V] -> int64 [R], as logits.argmax(dim=-1) (the first maximum; a NaN counts as the maximum)."""
+    if (logits.dtype == torch.float32 and logits.dim() == 2 and logits.shape[1] and logits.device.type == "cpu"
+            and has_streaming_kernels()):
+        return ops.argmax(logits)
+    return logits.argmax(dim=-1)
 
 
 def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 @ w [N, K] (fp32 / bf16 / fp16) -> [M, N] fp32, streaming w once."""
-    return torch.ops.glm4.dense_mm(x, w)
+    """x [..., K] fp32 @ w [N, K] (fp32 / bf16 / fp16) -> [..., N] fp32, streaming w once."""
+    return ops.dense_mm(x, w)
 
 
 @functools.cache

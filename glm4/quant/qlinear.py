@@ -176,15 +176,18 @@ class QuantLinear(nn.Module):
         return plain_linear(self.dequantize(dtype), self.bias, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape, in_dtype = x.shape, x.dtype
-        x = x.reshape(-1, self.in_features)
-        if x.shape[0] <= kernels.max_m(self):
-            y = kernels.quant_mm(x.float(), self)
+        # a decode step makes ~30 of these calls: no torch call that is not needed (each costs ~0.5-1 us)
+        in_dtype = x.dtype
+        if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
+            y = kernels.quant_mm(x if in_dtype == torch.float32 else x.float(), self)
         else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
-            y = self._dequant_mm(x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype))
+            shape = x.shape
+            x = x.reshape(-1, self.in_features)
+            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
+            y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.float()
-        return y.to(in_dtype).reshape(*shape[:-1], self.out_features)
+        return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: dequantize ~_GEMM_ELEMS weights at a time (fp32, rounded to

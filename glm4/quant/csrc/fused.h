@@ -48,4 +48,7 @@ struct DecodeArgs {
 };
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
 
+// the index of the first maximum of x[0, n) (n >= 1), as torch.argmax: a NaN counts as the maximum (the first NaN)
+int64_t argmax_avx2(const float* x, int64_t n);
+
 }  // namespace glm4k

@@ -1,10 +1,12 @@
-// torch ops over the fused per-layer kernels (fused.h): torch.ops.glm4.rms_norm / rope / decode_attention.
+// torch ops over the fused per-layer kernels (fused.h): torch.ops.glm4.rms_norm / rope / decode_attention, and
+// the sampler's argmax.
 // Compiled for baseline x86-64; glm4.quant.fused calls them only where torch.ops.glm4.isa() is not "none".
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "fused.h"
 
@@ -95,6 +97,76 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// A decode step's attention from the fused q/k/v projection, in one call: qkv [..., (Hq + 2 Hkv) D] (N tokens, one
+// per sequence), cos/sin [B, T, 1, R] (B T = N) -> [..., Hq D]. q and k rotated as `rope` rotates them, k and v stored
+// at slots[t] of the layer's cache k/v [S, Hkv, D] (as index_copy_), then `decode_attention` over block_table / lens
+// (which count the new token): the same kernels in the same order as the separate ops, so the same values.
+at::Tensor decode_qkv_attention(const at::Tensor& qkv_in, const at::Tensor& cos, const at::Tensor& sin,
+                                bool interleaved, const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                                const at::Tensor& block_table, const at::Tensor& lens, int64_t block_size,
+                                int64_t n_heads) {
+  TORCH_CHECK(has_avx2(), "glm4.decode_qkv_attention needs AVX2 + FMA");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.is_contiguous() && v.is_contiguous(),
+              "decode_qkv_attention: k/v [S, Hkv, D] contiguous");
+  const int64_t S = k.size(0), Hkv = k.size(1), D = k.size(2), Hq = n_heads;
+  TORCH_CHECK(qkv_in.dim() >= 1 && qkv_in.size(-1) == (Hq + 2 * Hkv) * D,
+              "decode_qkv_attention: qkv [..., (n_heads + 2 Hkv) D]");
+  const at::Tensor qkv = qkv_in.reshape({-1, qkv_in.size(-1)});
+  const int64_t N = qkv.size(0);
+  TORCH_CHECK(qkv.stride(1) == 1, "decode_qkv_attention: qkv rows contiguous");
+  TORCH_CHECK(cos.dim() == 4 && cos.sizes() == sin.sizes() && cos.size(0) * cos.size(1) == N && cos.size(2) == 1,
+              "decode_qkv_attention: cos/sin [B, T, 1, R], B T = tokens");
+  const int64_t R = cos.size(3);
+  TORCH_CHECK(R <= D && R % 2 == 0, "decode_qkv_attention: rotary dims");
+  TORCH_CHECK(slots.dim() == 1 && slots.size(0) == N && slots.scalar_type() == at::kLong,
+              "decode_qkv_attention: slots [N] int64");
+  check_same(qkv, cos, "decode_qkv_attention");
+  check_same(qkv, sin, "decode_qkv_attention");
+  check_same(qkv, k, "decode_qkv_attention");
+  check_same(qkv, v, "decode_qkv_attention");
+  auto sc = slots.contiguous();
+  const int64_t* sp = sc.data_ptr<int64_t>();
+  for (int64_t t = 0; t < N; ++t)
+    TORCH_CHECK(sp[t] >= 0 && sp[t] < S, "decode_qkv_attention: slot ", sp[t], " outside the cache [0, ", S, ")");
+  auto c = cos.contiguous(), s = sin.contiguous();
+  const int dtype = act_type(qkv, "decode_qkv_attention");
+  const int64_t esize = qkv.element_size(), row = qkv.stride(0);
+  const char* base = static_cast<const char*>(qkv.data_ptr());
+  auto q = at::empty({N, Hq, D}, qkv.options());
+  auto kr = at::empty({N, Hkv, D}, qkv.options());
+  glm4k::RopeArgs qa{base, c.data_ptr(), s.data_ptr(), q.data_ptr(), Hq, D, R, row, D, R, int(interleaved), dtype};
+  glm4k::RopeArgs ka{base + Hq * D * esize, c.data_ptr(), s.data_ptr(), kr.data_ptr(), Hkv, D, R, row, D, R,
+                     int(interleaved), dtype};
+  glm4k::rope_rows_avx2(qa, 0, N);
+  glm4k::rope_rows_avx2(ka, 0, N);
+  const int64_t kv_bytes = Hkv * D * esize;
+  char* kc = static_cast<char*>(k.data_ptr());
+  char* vc = static_cast<char*>(v.data_ptr());
+  for (int64_t t = 0; t < N; ++t) {
+    std::memcpy(kc + sp[t] * kv_bytes, static_cast<const char*>(kr.data_ptr()) + t * kv_bytes, kv_bytes);
+    std::memcpy(vc + sp[t] * kv_bytes, base + (t * row + (Hq + Hkv) * D) * esize, kv_bytes);
+  }
+  auto out = decode_attention(q, k, v, block_table, lens, block_size);
+  auto sizes = qkv_in.sizes().vec();
+  sizes.back() = Hq * D;
+  return out.view(sizes);
+}
+
+// x [R, V] float32 (rows of V contiguous values, any row stride) -> int64 [R]: torch.argmax(x, dim=-1)
+at::Tensor argmax(const at::Tensor& x) {
+  TORCH_CHECK(has_avx2(), "glm4.argmax needs AVX2 + FMA");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, "argmax: x float32 [R, V], V > 0");
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const float* p = xc.data_ptr<float>();
+  const int64_t rows = xc.size(0), V = xc.size(1), stride = xc.stride(0);
+  auto out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) o[r] = glm4k::argmax_avx2(p + r * stride, V);
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glm4, m) {
@@ -102,4 +174,8 @@ TORCH_LIBRARY_FRAGMENT(glm4, m) {
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool interleaved) -> Tensor", &rope);
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, Tensor block_table, Tensor lens, int block_size) -> Tensor",
         &decode_attention);
+  m.def("decode_qkv_attention(Tensor qkv, Tensor cos, Tensor sin, bool interleaved, Tensor(a!) k, Tensor(b!) v, "
+        "Tensor slots, Tensor block_table, Tensor lens, int block_size, int n_heads) -> Tensor",
+        &decode_qkv_attention);
+  m.def("argmax(Tensor x) -> Tensor", &argmax);
 }

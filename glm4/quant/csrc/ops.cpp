@@ -63,10 +63,18 @@ void parallel_rows(int64_t N, const F& f) {
   });
 }
 
-at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w) {
+// x [..., K] -> y [..., N]: the leading dimensions are the M rows (flattened here, not in Python: ~1 us a call)
+std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
+  auto sizes = x.sizes().vec();
+  sizes.back() = N;
+  return sizes;
+}
+
+at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(has_avx2(), "glm4.dense_mm needs AVX2 + FMA");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "dense_mm: x [M, K], w [N, K]");
-  TORCH_CHECK(x.scalar_type() == at::kFloat, "dense_mm: x must be float32");
+  TORCH_CHECK(x_in.dim() >= 1 && w.dim() == 2 && x_in.size(-1) == w.size(1), "dense_mm: x [..., K], w [N, K]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "dense_mm: x must be float32");
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
   glm4k::DenseArgs a{};
   switch (w.scalar_type()) {
     case at::kFloat: a.wtype = glm4k::kF32; break;
@@ -91,7 +99,7 @@ at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w) {
   a.y = y.data_ptr<float>();
   a.M = x.size(0), a.N = w.size(0), a.K = x.size(1);
   parallel_rows(a.N, [&](int64_t n0, int64_t n1) { dense_rows(a, n0, n1); });
-  return y;
+  return y.view(out_sizes(x_in, a.N));
 }
 
 // columns per activation scale on the int16 path: the largest multiple of 32 <= 256 dividing the group
@@ -163,11 +171,12 @@ void check_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
                         "quant_mm: mins must match scales");
 }
 
-at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
+at::Tensor quant_mm(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t zero_point,
                     bool int16_act) {
   TORCH_CHECK(has_avx2(), "glm4.quant_mm needs AVX2 + FMA");
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "quant_mm: x must be float32 [M, K]");
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "quant_mm: x must be float32 [..., K]");
+  const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
   TORCH_CHECK(q.dim() == 2, "quant_mm: q [N, K']");
   check_quant(x, q, scales, mins, bits, group);
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -185,7 +194,7 @@ at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& 
   a.M = M, a.N = N, a.K = K, a.group = group;
   a.bits = int(bits), a.scale_f16 = scales.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
   parallel_rows(N, [&](int64_t n0, int64_t n1) { quant_rows(a, n0, n1); });
-  return y;
+  return y.view(out_sizes(x_in, N));
 }
 
 // W rows [r0, r0 + out.size(0)) into `out` (fp32 or bf16 [rows, K]), equal to QuantLinear.dequantize (bf16: rounded
