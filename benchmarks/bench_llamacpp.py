@@ -78,7 +78,9 @@ def cpu_info() -> dict:
 def cpu_summary(info: dict) -> str:
     have = [f for f, v in info["flags"].items() if v]
     lack = [f for f, v in info["flags"].items() if not v]
-    return f"{info['model']} ({info['cores']} cores); has {' '.join(have) or '-'}; lacks {' '.join(lack) or '-'}"
+    narrowed = [f"{k}={os.environ[k]}" for k in ("GLM4_ISA", "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    return (f"{info['model']} ({info['cores']} cores); has {' '.join(have) or '-'}; lacks {' '.join(lack) or '-'}"
+            + (f"; run narrowed by {' '.join(narrowed)}" if narrowed else ""))
 
 
 def measure_roofline(threads: int = 2, gib: float = 1.0, seconds: float = 3.0) -> dict:

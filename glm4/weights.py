@@ -25,12 +25,16 @@ found in the files is missing; both, and a shape mismatch, a corrupt or truncate
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import functools
 import inspect
 import json
 import math
 import os
+import platform
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -248,9 +252,27 @@ def materialize_(model: nn.Module, device: str | torch.device = "cpu") -> nn.Mod
     return model
 
 
+def layer_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's repeated blocks (the children of its outermost nn.ModuleLists: decoder layers,
+    vision blocks) and of its output projection: the units `load_weights` reports as each is complete."""
+    names: list[str] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and not any(name.startswith(u + ".") for u in names):
+            names += [f"{name}.{child}" for child, _ in m.named_children()]
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    names += [name for name, m in model.named_modules() if head is not None and m is head][:1]
+    return names
+
+
 def load_weights(model: nn.Module, files: list[Path], weight_map: dict[str, str] | None = None,
-                 progress: bool = True) -> None:
-    """Fill `model` from safetensors `files` through its `checkpoint_state_dict()` / `skip_checkpoint_key` hooks."""
+                 progress: bool = True, on_layer_loaded: Callable[[nn.Module, str], None] | None = None) -> None:
+    """Fill `model` from safetensors `files` through its `checkpoint_state_dict()` / `skip_checkpoint_key` hooks.
+
+    `on_layer_loaded(model, name)` is called as soon as every checkpoint tensor of a layer or of the output
+    projection (`layer_names`; a tied one has none of its own) has been read, in the order they complete; it may
+    replace that unit's modules (quantizing at load: the float weights of one layer at a time are ever in memory,
+    not the whole model's). No reference to a read tensor is kept here once it is read."""
     headers = {path: SafetensorsFile(path) for path in files}  # validates every header before any read
     with torch.no_grad():
         if "checkpoint_keys" in inspect.signature(model.checkpoint_state_dict).parameters:
@@ -259,6 +281,16 @@ def load_weights(model: nn.Module, files: list[Path], weight_map: dict[str, str]
         else:
             sd = model.checkpoint_state_dict()
         targets = {k: v.detach() for k, v in sd.items()}
+        del sd
+    expected = list(targets)
+    layer_of: dict[str, str] = {}
+    left: dict[str, int] = {}  # tensors of each layer not read yet
+    if on_layer_loaded is not None:
+        for layer in sorted(layer_names(model), key=len, reverse=True):
+            for name in expected:
+                if name.startswith(layer + ".") and name not in layer_of:
+                    layer_of[name] = layer
+                    left[layer] = left.get(layer, 0) + 1
     skip = getattr(model, "skip_checkpoint_key", lambda name: False)
     seen: dict[str, Path] = {}
     for path in _progress(files, progress):
@@ -267,14 +299,19 @@ def load_weights(model: nn.Module, files: list[Path], weight_map: dict[str, str]
             for name in st.keys():
                 if skip(name):
                     continue
+                if name in seen:
+                    raise CheckpointError(f"tensor {name!r} appears in both {seen[name]} and {path}")
                 if name not in targets:
                     raise CheckpointError(f"{path}: unexpected tensor {name!r} (not a parameter of "
                                           f"{type(model).__name__})")
-                if name in seen:
-                    raise CheckpointError(f"tensor {name!r} appears in both {seen[name]} and {path}")
-                st.read_into(f, name, targets[name])
+                st.read_into(f, name, targets.pop(name))
                 seen[name] = path
-    missing = [k for k in targets if k not in seen]
+                layer = layer_of.get(name)
+                if layer is not None:
+                    left[layer] -= 1
+                    if not left[layer]:
+                        on_layer_loaded(model, layer)
+    missing = [k for k in expected if k not in seen]
     if missing:
         where = ""
         if weight_map is not None:
@@ -297,11 +334,49 @@ def _progress(files: list[Path], enabled: bool):
     return tqdm(files, desc=f"Loading {files[0].parent.name}", unit="shard", disable=None, leave=False)
 
 
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+@contextlib.contextmanager
+def memory_returned_when_freed() -> Iterator[None]:
+    """While loading (glibc only): every allocation of 1 MiB or more gets its own mapping, unmapped when freed.
+    glibc otherwise raises its mmap threshold to the largest block freed (up to 32 MiB), so once a layer's float
+    weights are freed the codes quantized from them come from the heap, between the holes those weights leave,
+    and the heap does not shrink: quantizing the 400M checkpoint at load peaked anywhere from 1.80 to 2.34 GB
+    run to run, 1.74-1.75 GB with the threshold fixed. Afterwards the threshold is 32 MiB (where glibc's own
+    settles, so later prefill buffers are reused from the heap as before)."""
+    libc = _glibc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+
+
+@functools.cache
+def _glibc():
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               adapter: str | os.PathLike | None = None, progress: bool = True) -> nn.Module:
+               adapter: str | os.PathLike | None = None, progress: bool = True,
+               on_layer_loaded: Callable[[nn.Module, str], None] | None = None) -> nn.Module:
     """Load a checkpoint folder (config.json + safetensors) into an eval-mode model of `dtype` on `device`.
 
-    `adapter`: a LoRA adapter folder (PEFT format) applied on top (glm4.layers.lora)."""
+    `adapter`: a LoRA adapter folder (PEFT format) applied on top (glm4.layers.lora). `on_layer_loaded`: see
+    `load_weights` (not with an adapter, which is applied to the float weights)."""
+    if adapter is not None and on_layer_loaded is not None:
+        raise ValueError("on_layer_loaded would change the layers an adapter is applied to; pass one or the other")
     folder = Path(path)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
@@ -310,7 +385,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
     config = load_config(folder)  # ConfigError names the bad field or model_type
     files, weight_map = checkpoint_files(folder)
     model = empty_model(config, dtype, device)
-    load_weights(model, files, weight_map, progress=progress)
+    load_weights(model, files, weight_map, progress=progress, on_layer_loaded=on_layer_loaded)
     if adapter is not None:
         from glm4.layers.lora import AdapterError, load_adapter
 
@@ -367,5 +442,6 @@ def save_checkpoint(model: nn.Module, folder: str | os.PathLike) -> Path:
     return folder
 
 
-__all__ = ["CheckpointError", "ConfigError", "SafetensorsFile", "checkpoint_files", "empty_model", "load_model",
+__all__ = ["CheckpointError", "ConfigError", "SafetensorsFile", "checkpoint_files", "empty_model", "layer_names", "load_model",
+           "memory_returned_when_freed",
            "load_safetensors", "load_weights", "resolve_device", "resolve_dtype", "save_checkpoint", "save_safetensors"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from conftest import randomize_, tiny_config
@@ -408,3 +410,80 @@ def test_quantizing_a_bf16_checkpoint_as_float32_loads_no_fp32_copy(tmp_path, mo
         assert torch.equal(qa[n].qweight, qb[n].qweight) and torch.equal(qa[n].scales, qb[n].scales), n
     prompts = [[1, 5, 9, 2], [7, 7, 3]]
     assert [o.token_ids for o in direct.generate(prompts, GREEDY)] == [o.token_ids for o in via_fp32.generate(prompts, GREEDY)]
+
+
+@pytest.mark.skipif(not __import__("glm4.quant.kernels", fromlist=["x"]).has_streaming_kernels(),
+                    reason="glm4's CPU kernels are not built here")
+@pytest.mark.parametrize("model_type,scheme,tied", [("glm", "int4", False), ("glm4", "int8", True),
+                                                    ("glm4_moe", "int4", False)])
+def test_quantizing_at_load_layer_by_layer_equals_quantizing_the_loaded_model(tmp_path, monkeypatch, model_type,
+                                                                             scheme, tied):
+    """glm4.LLM quantizes each layer (and the untied head) as soon as its weights are read: the same modules, codes
+    and tokens as quantizing the whole loaded model, with every layer handed over once."""
+    import glm4.weights as W
+    from glm4.quant import QuantLinear, StreamExperts
+    from glm4.weights import load_model, save_checkpoint
+
+    save_checkpoint(tiny_model(model_type, seed=5, tie_word_embeddings=tied), tmp_path)
+    units, real = [], W.load_weights
+
+    def recording(model, *args, on_layer_loaded=None, **kw):
+        hook = on_layer_loaded and (lambda m, name: units.append(name) or on_layer_loaded(m, name))
+        return real(model, *args, on_layer_loaded=hook, **kw)
+
+    monkeypatch.setattr(W, "load_weights", recording)
+    kw = dict(dtype="float32", quantization=scheme, quant_group_size=32, kv_cache_tokens=1024)
+    streamed = LLM(tmp_path, **kw)
+    layers = [f"model.layers.{i}" for i in range(streamed.model.config.num_hidden_layers)]
+    assert sorted(units) == sorted(layers + ([] if tied else ["lm_head"]))
+    whole = LLM.from_model(load_model(tmp_path, dtype=torch.float32), **{k: v for k, v in kw.items() if k != "dtype"})
+    swapped = (QuantLinear, StreamExperts)
+    a = {n: m for n, m in streamed.model.named_modules() if isinstance(m, swapped)}
+    b = {n: m for n, m in whole.model.named_modules() if isinstance(m, swapped)}
+    assert a.keys() == b.keys() and any(isinstance(m, StreamExperts) for m in a.values()) == (model_type == "glm4_moe")
+    for n in a:
+        for (k, x), (_, y) in zip(a[n].state_dict().items(), b[n].state_dict().items()):
+            assert torch.equal(x, y), (n, k)
+    prompts = [[1, 5, 9, 2], [7, 7, 3]]
+    assert [o.token_ids for o in streamed.generate(prompts, GREEDY)] == [o.token_ids for o in whole.generate(prompts, GREEDY)]
+
+
+_PEAK_SCRIPT = """
+import sys
+import torch
+from glm4.engine import LLM
+
+def rss(field):  # bytes, from /proc/self/status
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field)) * 1024
+
+torch.set_num_threads(1)
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak (VmHWM) reset to the current RSS
+before = rss("VmRSS:")
+llm = LLM(sys.argv[1], dtype="float32", quantization="int4", kv_cache_tokens=256, max_num_seqs=2)
+print(rss("VmHWM:") - before)
+"""
+
+
+@pytest.mark.skipif(not __import__("glm4.quant.kernels", fromlist=["x"]).has_streaming_kernels(),
+                    reason="glm4's CPU kernels are not built here")
+def test_quantizing_at_load_never_holds_the_float_model(tmp_path):
+    """The peak RSS that glm4.LLM adds loading a 180 MB fp32 checkpoint as int4 (a fresh process) stays under half
+    the checkpoint: the float weights of about one layer are in memory at a time (loading all of them first, then
+    quantizing, took 1.0-1.3x the checkpoint)."""
+    import subprocess
+    import sys
+
+    from glm4.weights import save_checkpoint
+
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("needs Linux /proc to reset the peak RSS")
+    model = tiny_model("glm", hidden_size=512, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=1,
+                       head_dim=64, num_hidden_layers=12, vocab_size=512)
+    fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+    assert fp32_bytes > 150e6
+    save_checkpoint(model, tmp_path)
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                         check=True)
+    added = int(out.stdout.split()[-1])
+    assert added < 0.5 * fp32_bytes, f"peak +{added / 1e6:.0f} MB for a {fp32_bytes / 1e6:.0f} MB checkpoint"

@@ -43,6 +43,7 @@ class LLM:
 
             path = default_model()
         from glm4.quant.load import find_gguf, load_model
+        from glm4.weights import memory_returned_when_freed
 
         gguf = find_gguf(path)  # a .gguf file, or a folder holding only one
         folder = gguf or Path(path)
@@ -52,8 +53,15 @@ class LLM:
         if args.num_threads:
             torch.set_num_threads(args.num_threads)
         load_dtype, compute = _quantized_load_dtype(folder, args)
-        model = load_model(folder, dtype=load_dtype, device=args.device, progress=False)
-        model = optimize_model(model, args, compute=compute)
+        fallbacks: list[str] = []
+        with memory_returned_when_freed():  # quantizing at load frees the float weights as it goes
+            model = load_model(folder, dtype=load_dtype, device=args.device, progress=False,
+                               on_layer_loaded=_layer_quantizer(args, fallbacks))
+            model = optimize_model(model, args, compute=compute, fallbacks=fallbacks)
+        if fallbacks:
+            from glm4.quant import warn_fallbacks
+
+            warn_fallbacks(args.quantization, fallbacks)
         self.path = folder
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer_if_present(folder)
         self.engine = LLMEngine(model, self.tokenizer, args)
@@ -193,12 +201,33 @@ def _quantized_load_dtype(folder: Path, args: EngineArgs) -> tuple[object, torch
     return args.dtype, None
 
 
-def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtype | None = None) -> torch.nn.Module:
+def _layer_quantizer(args: EngineArgs, fallbacks: list[str]):
+    """The loader's `on_layer_loaded` when quantizing at load (int8 / int6 / int4 on the CPU): each layer is fused
+    and quantized as soon as its weights are read, so the float weights of one layer at a time are in memory, not
+    the whole model's (peak RSS ~ the quantized model + the float embedding / head); optimize_model then does the
+    rest, as it would have done the whole. None otherwise."""
+    from glm4.weights import resolve_device
+
+    if args.quantization not in ("int8", "int6", "int4") or resolve_device(args.device).type != "cpu":
+        return None
+    from glm4.models.glm import fuse_projections
+    from glm4.quant import quantize
+
+    def on_layer_loaded(model: torch.nn.Module, name: str) -> None:
+        if args.fuse_projections:
+            fuse_projections(model.get_submodule(name))
+        quantize(model, args.quantization, group_size=args.quant_group_size, within=name, fallbacks=fallbacks)
+
+    return on_layer_loaded
+
+
+def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtype | None = None,
+                   fallbacks: list[str] | None = None) -> torch.nn.Module:
     """Inference-time module swaps, in place: q/k/v and gate/up fused into one linear each; then the CPU linears
     (glm4.quant): weight-only int8/int4 when asked, else ("auto") glm4's streaming kernels over the weights as
     stored (FloatLinear), or prepacked oneDNN linears ("packed"; "auto" without glm4's kernels); finally the rest
     of the model cast to the activation dtype (`model.compute_dtype`, read by the engine; `compute` overrides the
-    choice, see _quantized_load_dtype). Returns the model."""
+    choice, see _quantized_load_dtype). `fallbacks`: see glm4.quant.quantize. Returns the model."""
     model.eval()
     if args.fuse_projections:
         from glm4.models.glm import fuse_projections
@@ -219,7 +248,7 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
     if scheme is not None:
         from glm4.quant import quantize
 
-        quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params)
+        quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params, fallbacks=fallbacks)
     if on_cpu:
         _set_quant_gemm(model, args.quant_gemm)
     if compute != p.dtype:

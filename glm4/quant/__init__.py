@@ -31,7 +31,7 @@ from .qlinear import QuantLinear
 
 __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "QuantLinear", "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
-           "quantize_weights_report", "set_gemm_dtype"]
+           "quantize_weights_report", "set_gemm_dtype", "warn_fallbacks"]
 
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, FloatLinear, StreamExperts)
 
@@ -102,7 +102,8 @@ def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: tor
 
 @torch.no_grad()
 def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, skip: tuple[str, ...] = (),
-             head: str | None = "auto", dtype: torch.dtype | None = None, min_params: int = 0) -> nn.Module:
+             head: str | None = "auto", dtype: torch.dtype | None = None, min_params: int = 0,
+             within: str | None = None, fallbacks: list[str] | None = None) -> nn.Module:
     """Swap every nn.Linear of `model` in place and return it.
 
     scheme: "int8" (per-channel symmetric), "int4" (asymmetric, `group_size` columns per scale), "float"
@@ -116,6 +117,10 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         model at ~0.3 % error per matmul).
     min_params: linears with fewer weights stay nn.Linear (where the swapped kernel's per-call cost outweighs
         its streaming gain, see glm4.engine.llm.optimize_model).
+    within: only the modules under this qualified name (one layer as the loader reads it, see
+        glm4.weights.load_weights); choices are made on the full names, as for the whole model.
+    fallbacks: a list to collect "linear: what it got" for the linears quantized otherwise than asked (group sizes
+        that do not divide them) instead of one warning here (`warn_fallbacks` says them once).
     A tied output projection gets its own quantized copy; the embedding stays as it is.
     """
     if scheme is None:
@@ -131,9 +136,12 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
     if scheme == "int6" and group_size not in INT6_GROUPS:
         raise QuantizationError(f"int6 group_size must be one of {INT6_GROUPS}, got {group_size}")
-    targets = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    root = model.get_submodule(within) if within else model
+    prefix = f"{within}." if within else ""
+    targets = [(prefix + name if name else within, m) for name, m in root.named_modules() if type(m) is nn.Linear]
     targets.reverse()
-    fallbacks: list[str] = []
+    collect = fallbacks is not None
+    fallbacks = fallbacks if collect else []
     while targets:  # popped as we go: each replaced weight is freed at once, not when the whole model is done
         name, linear = targets.pop()
         if any(fnmatch.fnmatchcase(name, pat) for pat in skip) or linear.weight.numel() < min_params:
@@ -152,12 +160,11 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, attr, _swap(linear, s, g, name, dtype, fallbacks))
-    if fallbacks:  # one warning, not one per layer (a 92-layer model would print hundreds)
-        shown = "; ".join(fallbacks[:4]) + (f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else "")
-        warnings.warn(f"{scheme}: {len(fallbacks)} linear(s) quantized otherwise than asked: {shown}", stacklevel=3)
+    if not collect:
+        warn_fallbacks(scheme, fallbacks, stacklevel=4)
     if scheme in ("int8", "int6", "int4", "float") and kernels.has_streaming_kernels():
         # MoE experts: streamed as stored ("float") or quantized like the linears; else torch's grouped matmul
-        packs = [(n, m) for n, m in model.named_modules() if isinstance(m, StackedExperts)]
+        packs = [(prefix + n if n else within, m) for n, m in root.named_modules() if isinstance(m, StackedExperts)]
         packs.reverse()
         while packs:
             name, m = packs.pop()
@@ -169,6 +176,14 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
             setattr(model.get_submodule(parent_name) if parent_name else model, attr,
                     StreamExperts.from_stacked(m, None if scheme == "float" else scheme, group_size))
     return model
+
+
+def warn_fallbacks(scheme: str, fallbacks: list[str], stacklevel: int = 2) -> None:
+    """One warning for the linears quantized otherwise than asked (a 92-layer model would print hundreds)."""
+    if fallbacks:
+        shown = "; ".join(fallbacks[:4]) + (f"; and {len(fallbacks) - 4} more" if len(fallbacks) > 4 else "")
+        warnings.warn(f"{scheme}: {len(fallbacks)} linear(s) quantized otherwise than asked: {shown}",
+                      stacklevel=stacklevel)
 
 
 @torch.no_grad()

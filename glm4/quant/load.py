@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -66,9 +67,12 @@ def checkpoint_dtype(path: str | os.PathLike) -> torch.dtype:
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-               adapter: str | os.PathLike | None = None, progress: bool = True) -> nn.Module:
+               adapter: str | os.PathLike | None = None, progress: bool = True,
+               on_layer_loaded: Callable[[nn.Module, str], None] | None = None) -> nn.Module:
     """Load any supported checkpoint into an eval-mode model. `dtype`: of the unquantized weights, or "auto" for the
-    checkpoint's own (glm4.LLM then picks the activation dtype for the CPU, see glm4.engine.llm.compute_dtype)."""
+    checkpoint's own (glm4.LLM then picks the activation dtype for the CPU, see glm4.engine.llm.compute_dtype).
+    `on_layer_loaded(model, layer_name)`: called as each layer of a float safetensors checkpoint is read
+    (glm4.weights.load_weights; glm4.LLM quantizes there); GGUF and quantized checkpoints load quantized already."""
     if isinstance(dtype, str) and dtype.lower() == "auto":
         dtype = checkpoint_dtype(path)
     gguf = find_gguf(path)
@@ -87,4 +91,5 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32
 
         return load_quantized_model(folder, qcfg, dtype=resolve_dtype(dtype), device=resolve_device(device),
                                     progress=progress)
-    return load_safetensors_model(folder, dtype=dtype, device=device, adapter=adapter, progress=progress)
+    return load_safetensors_model(folder, dtype=dtype, device=device, adapter=adapter, progress=progress,
+                                  on_layer_loaded=on_layer_loaded)
