@@ -334,7 +334,7 @@ def _progress(files: list[Path], enabled: bool):
     return tqdm(files, desc=f"Loading {files[0].parent.name}", unit="shard", disable=None, leave=False)
 
 
-_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 @contextlib.contextmanager
@@ -343,8 +343,10 @@ def memory_returned_when_freed() -> Iterator[None]:
     glibc otherwise raises its mmap threshold to the largest block freed (up to 32 MiB), so once a layer's float
     weights are freed the codes quantized from them come from the heap, between the holes those weights leave,
     and the heap does not shrink: quantizing the 400M checkpoint at load peaked anywhere from 1.80 to 2.34 GB
-    run to run, 1.74-1.75 GB with the threshold fixed. Afterwards the threshold is 32 MiB (where glibc's own
-    settles, so later prefill buffers are reused from the heap as before)."""
+    run to run, 1.74-1.75 GB with the threshold fixed. Afterwards the thresholds are where glibc's own settle
+    (mmap 32 MiB, heap trim 64 MiB: a fixed mmap threshold stops the trim threshold from following it, and at
+    glibc's default 128 KiB every prefill's freed buffers were handed back and faulted in again, MoE int6 prefill
+    1,600 -> 1,150 tok/s), so later prefill buffers are reused from the heap as before."""
     libc = _glibc()
     if libc is None:
         yield
@@ -354,6 +356,7 @@ def memory_returned_when_freed() -> Iterator[None]:
         yield
     finally:
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 @functools.cache

@@ -44,7 +44,7 @@ class _Ops:
 
 ops = _Ops()
 
-__all__ = ["HAVE_EXT", "argmax", "cpu_features", "cpu_summary", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
+__all__ = ["HAVE_EXT", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
            "has_streaming_kernels", "max_m", "native_bf16", "ops", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
@@ -154,12 +154,24 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), "" where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
+    except OSError:
+        return ""
+
+
+@functools.cache
 def _onednn_gemm(dtype: torch.dtype) -> bool:
-    """oneDNN's GEMM for large M on AVX-512 CPUs: torch's fp32 matmul goes to MKL, which takes its AVX2 path on
-    AMD (195 vs 452 GFLOP/s measured on Zen 5, 2 threads, M=512); oneDNN reads the plain weight (no packed copy)."""
+    """oneDNN's GEMM for large M on AVX-512 CPUs and on AMD ones: torch's fp32 matmul goes to MKL, which takes a
+    generic AVX2 path on AMD (M = 512, K / N = 1024 / 4096, 2 threads, Zen 5: 195 vs oneDNN's 452 GFLOP/s; run as
+    an AVX2-only CPU, GLM4_ISA=avx2 and ONEDNN_MAX_CPU_ISA=AVX2: 189-195 vs 229-237); oneDNN reads the plain
+    weight (no packed copy). An AVX2-only Intel CPU keeps MKL, its own vendor's best there."""
     from .fast_linear import has_op
 
-    if "avx512f" not in cpu_features():
+    if "avx512f" not in cpu_features() and not (dtype == torch.float32 and cpu_vendor() == "AuthenticAMD"):
         return False
     return has_op("mkldnn") if dtype == torch.float32 else dtype == torch.bfloat16 and native_bf16()
 
