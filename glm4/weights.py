@@ -286,11 +286,13 @@ def load_weights(model: nn.Module, files: list[Path], weight_map: dict[str, str]
     layer_of: dict[str, str] = {}
     left: dict[str, int] = {}  # tensors of each layer not read yet
     if on_layer_loaded is not None:
-        for layer in sorted(layer_names(model), key=len, reverse=True):
-            for name in expected:
-                if name.startswith(layer + ".") and name not in layer_of:
-                    layer_of[name] = layer
-                    left[layer] = left.get(layer, 0) + 1
+        units = set(layer_names(model))
+        for name in expected:  # its unit: the first dotted prefix that names one (the outermost)
+            parts = name.split(".")
+            layer = next((p for p in (".".join(parts[:i]) for i in range(1, len(parts))) if p in units), None)
+            if layer is not None:
+                layer_of[name] = layer
+                left[layer] = left.get(layer, 0) + 1
     skip = getattr(model, "skip_checkpoint_key", lambda name: False)
     seen: dict[str, Path] = {}
     for path in _progress(files, progress):
