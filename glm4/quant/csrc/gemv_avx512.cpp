@@ -93,7 +93,7 @@ inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) xlo[m] = _mm512_loadu_ps(x + m * K + k), xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
     for (int r = 0; r < RB; ++r) {
       const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K + k;
-      prefetch(w, RB * K * 2);
+      prefetch(w, RB * K * 4);  // two tiles ahead: the bytes in flight of fp32's one tile (bf16 rows are half as long)
       const __m512i wv = _mm512_loadu_si512(w);
       const __m512 wlo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
       const __m512 whi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
