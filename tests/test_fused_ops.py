@@ -202,3 +202,20 @@ def test_engine_decode_steps_take_the_one_op_attention(kind, hf_checkpoint, tmp_
         assert bool(calls) == one_op
     assert runs[0] == runs[1]
     assert [ids for ids, _ in runs[0]] == reference(model(), prompts, new=12)
+
+
+@pytest.mark.parametrize("V", [1, 7, 8, 31, 32, 33, 100, 151552])  # tails past the last 32 / 8
+def test_argmax_equals_torch(V):
+    """The sampler's greedy pick (kernels.argmax, the op on fp32 CPU rows) against torch.argmax: ties (the first
+    maximum), all -inf rows, NaN (counted as the maximum, the first one), +inf, rows with a stride."""
+    from glm4.quant import kernels
+
+    g = torch.Generator().manual_seed(V)
+    cases = [torch.randn(3, V, generator=g), torch.randint(-3, 3, (3, V), generator=g).float(),
+             torch.full((3, V), float("-inf")), torch.randn(3, V + 5, generator=g)[:, :V]]
+    nan = torch.randn(3, V, generator=g)
+    nan[1, V // 2] = nan[2, V - 1] = float("nan")
+    nan[0, V // 3] = float("inf")
+    cases.append(nan)
+    for x in cases:
+        assert torch.equal(kernels.argmax(x), x.argmax(dim=-1)), x

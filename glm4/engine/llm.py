@@ -206,12 +206,12 @@ def _layer_quantizer(args: EngineArgs, fallbacks: list[str]):
     and quantized as soon as its weights are read, so the float weights of one layer at a time are in memory, not
     the whole model's (peak RSS ~ the quantized model + the float embedding / head); optimize_model then does the
     rest, as it would have done the whole. None otherwise."""
+    from glm4.models.glm import fuse_projections
+    from glm4.quant import SCHEME_BITS, quantize
     from glm4.weights import resolve_device
 
-    if args.quantization not in ("int8", "int6", "int4") or resolve_device(args.device).type != "cpu":
+    if args.quantization not in SCHEME_BITS or resolve_device(args.device).type != "cpu":
         return None
-    from glm4.models.glm import fuse_projections
-    from glm4.quant import quantize
 
     def on_layer_loaded(model: torch.nn.Module, name: str) -> None:
         if args.fuse_projections:

@@ -71,7 +71,7 @@ class ExpertPack(nn.Module):
         if kernels.has_streaming_kernels() and xs.device.type == "cpu" and max(c, default=0) <= kernels.dense_max_m():
             w = self.weight if self.bits == 0 else self.qweight
             y = kernels.ops.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
-                                         self.group_size, self.zero_point)
+                                      self.group_size, self.zero_point)
             return y.to(xs.dtype)
         if self.bits and kernels.has_streaming_kernels() and xs.device.type == "cpu":
             return self._dequant_experts_mm(xs, c)
@@ -98,7 +98,7 @@ class ExpertPack(nn.Module):
             xe, ye = x[start:start + n], y[start:start + n]
             if n <= kernels.max_m(self):
                 ye.copy_(kernels.ops.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
-                                                 self.zero_point))
+                                              self.zero_point))
             else:
                 dequant_gemm(xe, ye, q, s, m, self.bits, self.group_size, self.zero_point, buf)
             start += n
@@ -187,10 +187,10 @@ class StreamExperts(nn.Module):
         if x.shape[0] <= kernels.dense_max_m() and x.device.type == "cpu":  # decode: the whole dispatch in one op
             gu, dn = self.gate_up, self.down
             y = kernels.ops.expert_glu(x.float(), indices, weights.float(),
-                                          gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
-                                          gu.group_size, gu.zero_point,
-                                          dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,
-                                          dn.group_size, dn.zero_point)
+                                       gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
+                                       gu.group_size, gu.zero_point,
+                                       dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,
+                                       dn.group_size, dn.zero_point)
             return y.to(x.dtype)
         combine = _moe_combine if kernels.has_streaming_kernels() and x.device.type == "cpu" else None
         return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size, combine)

@@ -30,7 +30,6 @@ if HAVE_EXT and os.environ.get("GLM4_ISA"):  # e.g. GLM4_ISA=avx2 on an AVX-512 
         warnings.warn(f"GLM4_ISA={os.environ['GLM4_ISA']!r} ignored: avx2 or avx512_vnni", stacklevel=1)
 
 
-
 class _Ops:
     """torch.ops.glm4's ops by their one overload (`ops.quant_mm` is torch.ops.glm4.quant_mm.default): a call
     through the overload packet matches the arguments against every schema first, ~4 us of an 8 us call on a
@@ -44,8 +43,8 @@ class _Ops:
 
 ops = _Ops()
 
-__all__ = ["HAVE_EXT", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m", "gemm", "gemm_kernel", "gemm_rows",
-           "has_streaming_kernels", "max_m", "native_bf16", "ops", "quant_isa", "quant_mm"]
+__all__ = ["HAVE_EXT", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m", "gemm",
+           "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m", "native_bf16", "ops", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -71,15 +70,27 @@ def cpu_features() -> frozenset[str]:
     return have & AVX2_ONLY if os.environ.get("GLM4_ISA") == "avx2" else have
 
 
-def _cpu_flags() -> frozenset[str]:
+@functools.cache
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of Linux /proc/cpuinfo ("model name", "vendor_id", "flags"...); {} elsewhere."""
+    info: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return frozenset(x for x in FEATURES if x in have)
+                if not line.strip():
+                    break  # the end of the first processor's block
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def _cpu_flags() -> frozenset[str]:
+    """The CPU's own FEATURES, GLM4_ISA or not."""
+    if "flags" in _cpuinfo():
+        have = set(_cpuinfo()["flags"].split())
+        return frozenset(x for x in FEATURES if x in have)
     cap = torch.backends.cpu.get_cpu_capability()  # "DEFAULT" | "AVX2" | "AVX512" | ...
     return frozenset({"avx2", "fma", "f16c"} if cap in ("AVX2", "AVX512") else set()) | (
         {"avx512f", "avx512bw", "avx512vl", "avx512dq"} if cap == "AVX512" else set())
@@ -87,12 +98,7 @@ def _cpu_flags() -> frozenset[str]:
 
 def cpu_summary() -> str:
     """One line: the CPU model and the flags that matter, e.g. 'AMD EPYC (avx2 fma f16c)'."""
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
-    except OSError:
-        pass
+    model = _cpuinfo().get("model name") or platform.processor() or platform.machine()
     flags = " ".join(x for x in FEATURES if x in cpu_features()) or "no AVX2"
     return f"{model} ({flags}{'; narrowed by GLM4_ISA=avx2' if cpu_features() != _cpu_flags() else ''})"
 
@@ -153,14 +159,9 @@ def dense_mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return ops.dense_mm(x, w)
 
 
-@functools.cache
 def cpu_vendor() -> str:
     """/proc/cpuinfo's vendor_id ("AuthenticAMD", "GenuineIntel"), "" where there is none."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("vendor_id")), "")
-    except OSError:
-        return ""
+    return _cpuinfo().get("vendor_id", "")
 
 
 @functools.cache
