@@ -36,6 +36,9 @@ from glm4.tokenizer.gguf_meta import GGUFError, read_gguf_header  # noqa: E402
 from glm4.weights import CheckpointError, save_checkpoint  # noqa: E402
 from glm4.weights import load_model as load_safetensors  # noqa: E402
 
+# parity with the formats' own dequantization at fp32 tolerances: the kernels' exact activations
+pytestmark = pytest.mark.usefixtures("exact_activations")
+
 GGUF_ARCH = {"chatglm": "chatglm", "glm": "chatglm", "glm4": "glm4", "glm4_moe": "glm4moe"}
 KQUANTS = (T.Q4_K, T.Q5_K, T.Q6_K)
 

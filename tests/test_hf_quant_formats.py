@@ -43,6 +43,9 @@ from glm4.quant.qlinear import QuantLinear
 from glm4.weights import CheckpointError
 from glm4.weights import load_model as load_dense
 
+# parity with the formats' own dequantization at fp32 tolerances: the kernels' exact activations
+pytestmark = pytest.mark.usefixtures("exact_activations")
+
 
 def _lib(top: str, module: str):
     """Import `module` of package `top` without running top/__init__.py, which pulls in the library's GPU-era

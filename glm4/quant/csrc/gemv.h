@@ -21,7 +21,8 @@ struct QuantArgs {
   const float* x;
   const float* xsum;  // [M, K/g]: sum of x over each group (the zero-point / mins term)
   const int16_t* xq;     // 4-bit path: x [M, K] = xscale * (xq + xq_lo / 65534) per block of xblock columns
-  const int16_t* xq_lo;
+  const int16_t* xq_lo;  // nullptr: xq alone, the AVX2 4-bit kernel at int16 precision (x = xscale * xq)
+  const int8_t* xq8;     // AVX2 6-bit kernel at int16 precision: [M, K / 64, 2, 64]: xq = 256 a + b, a then b, perm64
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
   int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (perm128 below)
@@ -37,6 +38,14 @@ struct QuantArgs {
 // byte unpacks, which yield the columns as int16 in the order r * 32 + j * 8 + t <- column 32 j + 8 r + t
 // (r: which unpack, j: lane, t: 0..7); the activations are laid out the same way once per call instead.
 inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 8; }
+
+// The AVX2 6-bit kernel unpacks 64 codes (one 48-byte block) as two registers of 32 bytes: columns 0..15 and
+// 32..47, then 16..31 and 48..63, the order its int8 activations are laid out in.
+inline int64_t perm64(int64_t c) { return (c / 16 == 1 ? 32 : c / 16 == 2 ? 16 : c / 16 * 16) + c % 16; }
+
+// The largest activation magnitude of the int16-precision kernels: 127 * 257, so that 256 a + b splits it into
+// int8 a in [-127, 127] and b in [-128, 127]
+constexpr int kInt16Act = 32639;
 
 // The bf16 AVX-512 kernel widens 32 weights (one 64-byte load) with in-lane 16-bit unpacks under zero, which
 // yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
@@ -59,6 +68,10 @@ void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1);
 // x [total] in blocks of B (a multiple of 32) -> x = scale[b] * (hi + lo / 65534) per block, scale = amax / 32767,
 // hi / lo rounded to nearest even in double precision; perm: positions in the perm128 order (see QuantArgs)
 void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale);
+
+// x [total] in blocks of B -> x ~ scale[b] * v per block, scale = amax / kInt16Act, v rounded to nearest even (fp32):
+// into v (int16, column order) and / or bytes (the 6-bit kernel's a / b terms, QuantArgs.xq8); either may be null
+void act_int16_avx2(const float* x, int64_t total, int64_t B, int16_t* v, int8_t* bytes, float* scale);
 
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)

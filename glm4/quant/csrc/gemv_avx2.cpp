@@ -203,24 +203,110 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) + group_correction(a, n + r, xs + m * G);
 }
 
-// 4-bit weights against int16 activations: _mm256_madd_epi16 multiplies 16 codes by 16 activations and adds
-// pairs into int32 (exact), so 32 weights cost ~14 integer ops instead of ~18 for widening each code to fp32.
-// Each block of xblock columns is x = xscale * (hi + lo / 65534) with |hi|, |lo| <= 32767: two int16 terms
-// carry ~31 bits, so the result matches fp32 arithmetic (one term alone would carry 16: ~3e-5 relative).
-// Blocks of <= 256 columns keep the int32 sums below 15 * 32767 * 256 < 2^31.
-// 6-bit codes (codes6.h) the same way: 32 columns a step, < 64 * 32767 * 256 < 2^31.
-template <int BITS, int RB, int MT>
-inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
+// Integer activations, per block of xblock columns (ops.cpp ActPrep): _mm256_madd_epi16 / _mm256_maddubs_epi16
+// multiply codes by activations and add pairs exactly, fewer instructions than widening each code to fp32.
+//  - kHiLo (exact): x = xscale * (hi + lo / 65534), |hi|, |lo| <= 32767: two int16 terms carry ~31 bits, so the
+//    result matches fp32 arithmetic. 32 columns a step; int32 sums < 64 * 32767 * 256 < 2^31 (blocks <= 256).
+//  - kHi (4-bit, int16 precision): x = xscale * v, |v| <= 32639, one int16 term: half the multiplies; each
+//    activation off by at most xscale / 2, i.e. 1 / 65278 of its block's largest.
+//  - kInt8Pair (6-bit, int16 precision): the same v as two int8 terms, v = 256 a + b (|a| <= 127, -128 <= b <= 127),
+//    64 columns a step (one 48-byte block of codes6.h unpacked in 256-bit registers), in the perm64 column order
+//    (gemv.h); 63 * 32639 * 256 < 2^31. The same integer sums as kHi would give.
+enum ActKind { kHiLo, kHi, kInt8Pair };
+
+// sum over columns [b0, b0 + B) of codes * integer activations, as fp32, for RB rows x MT tokens (kHiLo, kHi)
+template <int BITS, int KIND, int RB, int MT>
+inline void block_dot_i16(const QuantArgs& a, int64_t n, int64_t b0, const int16_t* xh, const int16_t* xl,
+                          __m256 out[RB][MT]) {
+  const int64_t K = a.K;
+  const __m256i nibble16 = _mm256_set1_epi16(0x0F);
+  __m256i ph[RB][MT], pl[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm256_setzero_si256();
+  for (int64_t k = b0; k < b0 + a.xblock; k += 32) {
+    for (int r = 0; r < RB; ++r) {
+      __m256i wlo, whi;  // columns k..k+15, k+16..k+31
+      if constexpr (BITS == 6) {
+        const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
+        if (k % 64 == 0) prefetch(q, RB * K / 64 * 48);
+        __m128i lo, hi;
+        codes6_block32(q, int(k % 64 / 32), lo, hi);
+        wlo = _mm256_cvtepu8_epi16(lo), whi = _mm256_cvtepu8_epi16(hi);
+      } else {
+        const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
+        if (k % 128 == 0) prefetch(q, RB * K / 2);
+        // the 16 bytes widened once: each int16 holds one byte, its low nibble column k + j, its high k + 16 + j
+        const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        wlo = _mm256_and_si256(w16, nibble16), whi = _mm256_srli_epi16(w16, 4);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* h = reinterpret_cast<const __m256i*>(xh + m * K + k);
+        ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(h)));
+        ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(h + 1)));
+        if constexpr (KIND == kHiLo) {
+          const __m256i* l = reinterpret_cast<const __m256i*>(xl + m * K + k);
+          pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(l)));
+          pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(l + 1)));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) {
+      out[r][m] = _mm256_cvtepi32_ps(ph[r][m]);
+      if constexpr (KIND == kHiLo)
+        out[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl[r][m]), _mm256_set1_ps(1.f / 65534.f), out[r][m]);
+    }
+}
+
+// the same for 6-bit codes against two int8 terms (kInt8Pair): x8 holds, per 64 columns, a's 64 bytes then b's, each
+// in the perm64 order, which is the order the 256-bit unpack yields the codes in
+template <int RB, int MT>
+inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const int8_t* x8, __m256 out[RB][MT]) {
+  const int64_t K = a.K;
+  const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+  const __m256i ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
+  const __m256i lo_shift = _mm256_setr_epi64x(4, 2, 4, 2), hi_shift = _mm256_setr_epi64x(0, 2, 0, 2);
+  __m256i p[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) p[r][m] = _mm256_setzero_si256();
+  for (int64_t k = b0; k < b0 + a.xblock; k += 64) {
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
+      prefetch(q, RB * K / 64 * 48);
+      // lanes: block 0 | block 1 of the 64 columns; lo = their columns 0..15, hi = 16..31, codes6.h's pairs
+      // moved to bits 4-5 (each block's 8 pair bytes in both halves of its lane: t < 8 and t >= 8)
+      const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i pairs = _mm256_permute4x64_epi64(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32))), 0x50);
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(nib, nibble),
+                                         _mm256_and_si256(_mm256_sllv_epi64(pairs, lo_shift), pair));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), nibble),
+                                         _mm256_and_si256(_mm256_srlv_epi64(pairs, hi_shift), pair));
+      for (int m = 0; m < MT; ++m) {
+        const __m256i* xv = reinterpret_cast<const __m256i*>(x8 + m * 2 * K + k * 2);
+        // each int16 sum of two maddubs is at most 2 * 2 * 63 * 128 < 32767: exact
+        const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
+                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
+        const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
+                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
+        p[r][m] = _mm256_add_epi32(p[r][m], _mm256_add_epi32(_mm256_madd_epi16(sa, c256), _mm256_madd_epi16(sb, ones)));
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = _mm256_cvtepi32_ps(p[r][m]);
+}
+
+// y[m, n] = sum_blocks s[n, g] * xscale[m, block] * (block's integer sum)  +  sum_g (mins - zp * s) * xsum[m, g]
+template <int BITS, int KIND, int RB, int MT>
+inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   __m256 acc[RB][MT];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
-  const int16_t* xh = a.xq + m0 * K;
-  const int16_t* xl = a.xq_lo + m0 * K;
   const float* xsc = a.xscale + m0 * NB;
   const float* xs = a.xsum + m0 * G;
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
   const bool shifted = a.mins || a.zero_point;
   float corr[RB][MT] = {};  // sum_g (mins - zero_point * s) * xsum, the group terms, here rather than a pass per row
   for (int64_t gi = 0; gi < G; ++gi) {
@@ -232,41 +318,12 @@ inline void q_tile_i16(const QuantArgs& a, int64_t n, int64_t m0) {
         for (int m = 0; m < MT; ++m) corr[r][m] += c * xs[m * G + gi];
       }
     for (int64_t b0 = gi * g; b0 < (gi + 1) * g; b0 += B) {
-      __m256i ph[RB][MT], pl[RB][MT];
-      for (int r = 0; r < RB; ++r)
-        for (int m = 0; m < MT; ++m) ph[r][m] = pl[r][m] = _mm256_setzero_si256();
-      for (int64_t k = b0; k < b0 + B; k += 32) {
-        for (int r = 0; r < RB; ++r) {
-          __m256i wlo, whi;  // columns k..k+15, k+16..k+31
-          if constexpr (BITS == 6) {
-            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
-            if (k % 64 == 0) prefetch(q, RB * K / 64 * 48);
-            __m128i lo, hi;
-            codes6_block32(q, int(k % 64 / 32), lo, hi);
-            wlo = _mm256_cvtepu8_epi16(lo), whi = _mm256_cvtepu8_epi16(hi);
-          } else {
-            const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
-            if (k % 128 == 0) prefetch(q, RB * K / 2);
-            __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-            wlo = _mm256_cvtepu8_epi16(_mm_and_si128(bytes, mask));
-            whi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask));
-          }
-          for (int m = 0; m < MT; ++m) {
-            const __m256i* h = reinterpret_cast<const __m256i*>(xh + m * K + k);
-            const __m256i* l = reinterpret_cast<const __m256i*>(xl + m * K + k);
-            ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(h)));
-            ph[r][m] = _mm256_add_epi32(ph[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(h + 1)));
-            pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(wlo, _mm256_loadu_si256(l)));
-            pl[r][m] = _mm256_add_epi32(pl[r][m], _mm256_madd_epi16(whi, _mm256_loadu_si256(l + 1)));
-          }
-        }
-      }
+      __m256 p[RB][MT];
+      if constexpr (KIND == kInt8Pair) block_dot_bytes6<RB, MT>(a, n, b0, a.xq8 + m0 * 2 * K, p);
+      else block_dot_i16<BITS, KIND, RB, MT>(a, n, b0, a.xq + m0 * K, KIND == kHiLo ? a.xq_lo + m0 * K : nullptr, p);
       const int64_t bi = b0 / B;
       for (int r = 0; r < RB; ++r)
-        for (int m = 0; m < MT; ++m) {
-          __m256 p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl[r][m]), lo_weight, _mm256_cvtepi32_ps(ph[r][m]));
-          acc[r][m] = _mm256_fmadd_ps(p, _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
-        }
+        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(p[r][m], _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
     }
   }
   if constexpr (RB == 4 && MT == 1) {  // one token: the 4 rows' sums land side by side, reduced together
@@ -285,10 +342,10 @@ struct QuantTile {
   static void run(const QuantArgs& a, int64_t n, int64_t m0) { quant_tile<BITS, RB, MT>(a, n, m0); }
 };
 
-template <int BITS>
-struct Int16Tile {
+template <int BITS, int KIND>
+struct IntTile {
   template <int RB, int MT>
-  static void run(const QuantArgs& a, int64_t n, int64_t m0) { q_tile_i16<BITS, RB, MT>(a, n, m0); }
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { q_tile_int<BITS, KIND, RB, MT>(a, n, m0); }
 };
 
 }  // namespace
@@ -367,6 +424,36 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t*
   }
 }
 
+void act_int16_avx2(const float* x, int64_t total, int64_t B, int16_t* v, int8_t* bytes, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  alignas(32) int32_t q[8];
+  for (int64_t b0 = 0; b0 < total; b0 += B) {
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? float(kInt16Act) / amax : 0.f);
+    scale[b0 / B] = amax / float(kInt16Act);
+    for (int64_t k = 0; k < B; k += 8) {  // |round(x * inv)| <= kInt16Act (the product rounds to at most it)
+      const __m256i q32 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + k), inv), kRound));
+      if (v) {
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + b0 + k), _mm256_castsi256_si128(packed));
+      }
+      if (bytes) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), q32);
+        for (int t = 0; t < 8; ++t) {
+          const int64_t c = b0 + k + t, at = c / 64 * 128 + perm64(c % 64);
+          const int8_t lo = int8_t(q[t] & 0xFF);  // v = 256 a + b, b the low byte as signed
+          bytes[at] = int8_t((q[t] - lo) / 256), bytes[at + 64] = lo;
+        }
+      }
+    }
+  }
+}
+
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
     case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
@@ -380,9 +467,11 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 }
 
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xq) tile_rows<Int16Tile<4>>(a, n0, n1);
+  if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
+  else if (a.bits == 4 && a.xq) tile_rows<IntTile<4, kHi>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
-  else if (a.bits == 6 && a.xq) tile_rows<Int16Tile<6>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq) tile_rows<IntTile<6, kHiLo>>(a, n0, n1);
   else if (a.bits == 6) tile_rows<QuantTile<6>>(a, n0, n1);
   else tile_rows<QuantTile<8>>(a, n0, n1);
 }

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <cstdlib>
 #include <vector>
 
 #include "gemv.h"
@@ -38,6 +39,26 @@ std::string set_isa(const std::string& name) {
   TORCH_CHECK(name == "avx2" || name == "avx512_vnni", "set_isa: avx2 or avx512_vnni, not ", name);
   const std::string before = isa();
   avx512_allowed = name == "avx512_vnni";
+  return before;
+}
+
+// The AVX2 4- / 6-bit kernels take activations at int16 precision (one 16-bit integer per column and a scale per
+// block: 1.5x-1.7x the exact kernels' speed there); "exact" (or GLM4_ACTIVATIONS=exact) gives them the two int16
+// terms of the AVX-512 kernels, which are exact at no cost.
+std::atomic<bool> exact_act{[] {
+  const char* env = std::getenv("GLM4_ACTIVATIONS");
+  return env && std::string(env) == "exact";
+}()};
+
+bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
+
+std::string activations() { return use_avx512() || exact_activations() ? "exact" : "int16"; }
+
+// "exact" or "int16": the AVX2 kernels' activations from now on; returns what ran before
+std::string set_activations(const std::string& name) {
+  TORCH_CHECK(name == "exact" || name == "int16", "set_activations: exact or int16, not ", name);
+  const std::string before = exact_activations() ? "exact" : "int16";
+  exact_act = name == "exact";
   return before;
 }
 
@@ -102,9 +123,9 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   return y.view(out_sizes(x_in, a.N));
 }
 
-// columns per activation scale on the int16 path: the largest multiple of 32 <= 256 dividing the group
-int64_t act_block(int64_t group) {
-  for (int64_t b = 256; b >= 32; b -= 32)
+// columns per activation scale on the integer paths: the largest multiple of `step` <= 256 dividing the group
+int64_t act_block(int64_t group, int64_t step = 32) {
+  for (int64_t b = 256; b >= step; b -= step)
     if (group % b == 0) return b;
   return 0;
 }
@@ -113,7 +134,8 @@ int64_t act_block(int64_t group) {
 // 4-bit path, x as two int16 terms per block. Plain loops: torch ops on [1, K] cost more than the work.
 struct ActPrep {
   std::vector<float> xsum;  // [M, G]
-  std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534)
+  std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534); lo empty at int16 precision
+  std::vector<int8_t> bytes;    // [M, 2K]: the AVX2 6-bit kernel's int8 terms at int16 precision (QuantArgs.xq8)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
   bool perm = false;  // hi / lo in the 4- / 6-bit AVX-512 kernels' column order (glm4k::perm128)
@@ -137,6 +159,15 @@ struct ActPrep {
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
     // 6-bit: the perm128 kernel for blocks of 128k columns, the plain one otherwise
     perm = use_avx512() && (bits == 6 ? B % 128 == 0 : bits == 4 && (B % 128 == 0 || (B == 32 && K % 128 == 0)));
+    if (!use_avx512() && !exact_activations()) {  // AVX2 at int16 precision: one int16 term (4-bit), two int8 (6-bit)
+      if (bits == 6) B = act_block(group, 64);
+      scale.resize(M * K / B);
+      if (bits == 6) bytes.resize(2 * M * K);
+      else hi.resize(M * K);
+      glm4k::act_int16_avx2(x, M * K, B, hi.empty() ? nullptr : hi.data(), bytes.empty() ? nullptr : bytes.data(),
+                            scale.data());
+      return;
+    }
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     // per block: amax, scale = amax / 32767, hi / lo rounded to nearest even in double (gemv_avx2.cpp); every caller
     // checked the CPU has AVX2
@@ -146,8 +177,9 @@ struct ActPrep {
   // the kernel arguments for activation rows [row0, row0 + M)
   void fill(glm4k::QuantArgs& a, int64_t row0, int64_t K, int64_t group) const {
     a.xsum = xsum.data() + row0 * (K / group);
-    a.xq = B ? hi.data() + row0 * K : nullptr;
-    a.xq_lo = B ? lo.data() + row0 * K : nullptr;
+    a.xq = B && !hi.empty() ? hi.data() + row0 * K : nullptr;
+    a.xq_lo = B && !lo.empty() ? lo.data() + row0 * K : nullptr;
+    a.xq8 = B && !bytes.empty() ? bytes.data() + row0 * 2 * K : nullptr;
     a.xscale = B ? scale.data() + row0 * (K / B) : nullptr;
     a.xblock = B;
     a.xperm = perm;
@@ -377,6 +409,8 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
 TORCH_LIBRARY(glm4, m) {
   m.def("isa() -> str", &isa);
   m.def("set_isa(str name) -> str", &set_isa);
+  m.def("activations() -> str", &activations);
+  m.def("set_activations(str name) -> str", &set_activations);
   m.def("dense_mm(Tensor x, Tensor w) -> Tensor", &dense_mm);
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
         "bool int16_act=True) -> Tensor",
