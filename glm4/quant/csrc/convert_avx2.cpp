@@ -1,0 +1,117 @@
+// Conversions around the AVX2 kernels: quantized weight rows widened to fp32 / bf16 for the large-M GEMM (bit-equal
+// to QuantLinear.dequantize), and activations split into the integer kernels' terms. AVX2 + FMA + F16C; only called
+// after ops.cpp checked the CPU has these (the whole file is compiled for that target).
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemv.h"
+
+namespace glm4k {
+
+// (q - zp) * s, then + m, each rounded as in QuantLinear.dequantize: no FMA contraction in this function
+__attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+  const int64_t K = a.K, g = a.group, G = K / g;
+  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
+  const __m256i nibble = _mm256_set1_epi32(15), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  for (int64_t n = n0; n < n1; ++n) {
+    float* of = a.out_f32 ? a.out_f32 + (n - a.r0) * K : nullptr;
+    uint16_t* ob = a.out_bf16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
+    for (int64_t gi = 0; gi < G; ++gi) {
+      const __m256 s = _mm256_set1_ps(a.scales[n * G + gi]);
+      const __m256 m = _mm256_set1_ps(a.mins ? a.mins[n * G + gi] : 0.f);
+      for (int64_t k = gi * g; k < (gi + 1) * g; k += 8) {
+        __m256i c;  // 8 codes as int32
+        if (a.bits == 4) {  // column k of its 32-column block: byte k % 16, low nibble below 16, high above
+          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 32 * 16;
+          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + k % 16)));
+          c = k % 32 < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
+        } else if (a.bits == 6) {  // codes6.h: the nibble as 4-bit, the pair of column t of block j at 32 + 8 j + t % 8
+          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48;
+          const int j = int(k % 64 / 32), t = int(k % 32);
+          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 16 * j + t % 16)));
+          c = t < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
+          __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 32 + 8 * j)));
+          h = _mm256_and_si256(_mm256_srli_epi32(h, 2 * (t / 8)), _mm256_set1_epi32(3));
+          c = _mm256_or_si256(c, _mm256_slli_epi32(h, 4));
+        } else {
+          c = _mm256_cvtepi8_epi32(
+              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(a.q) + n * K + k)));
+        }
+        __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zp), s);
+        if (a.mins) w = _mm256_add_ps(w, m);
+        if (of) {
+          _mm256_storeu_ps(of + k, w);
+        } else {  // bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, then the 8 low halves in order
+          const __m256i u = _mm256_castps_si256(w);
+          const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, round), odd), 16);
+          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k), _mm256_castsi256_si128(packed));
+        }
+      }
+    }
+  }
+}
+
+void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale) {
+  const __m256d lim = _mm256_set1_pd(32767.0), nlim = _mm256_set1_pd(-32767.0), lo_mul = _mm256_set1_pd(65534.0);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  for (int64_t b0 = 0; b0 < total; b0 += B) {
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256d inv = _mm256_set1_pd(amax > 0.f ? 32767.0 / amax : 0.0);
+    scale[b0 / B] = float(amax / 32767.0);
+    for (int64_t k = 0; k < B; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + b0 + k);
+      __m128i h32[2], l32[2];
+      for (int half = 0; half < 2; ++half) {
+        const __m256d v = _mm256_mul_pd(_mm256_cvtps_pd(half ? _mm256_extractf128_ps(xv, 1) : _mm256_castps256_ps128(xv)), inv);
+        const __m256d h = _mm256_min_pd(_mm256_max_pd(_mm256_round_pd(v, kRound), nlim), lim);
+        const __m256d l = _mm256_min_pd(_mm256_max_pd(_mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(v, h), lo_mul), kRound), nlim), lim);
+        h32[half] = _mm256_cvtpd_epi32(h), l32[half] = _mm256_cvtpd_epi32(l);
+      }
+      const int64_t c = b0 + k;  // 8 columns move together in the perm128 order
+      const int64_t at = perm ? c / 128 * 128 + perm128(c % 128) : c;
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm_packs_epi32(h32[0], h32[1]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm_packs_epi32(l32[0], l32[1]));
+    }
+  }
+}
+
+void act_int16_avx2(const float* x, int64_t total, int64_t B, int16_t* v, int8_t* bytes, float* scale) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  alignas(32) int32_t q[8];
+  for (int64_t b0 = 0; b0 < total; b0 += B) {
+    __m256 mx = _mm256_setzero_ps();
+    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const __m256 inv = _mm256_set1_ps(amax > 0.f ? float(kInt16Act) / amax : 0.f);
+    scale[b0 / B] = amax / float(kInt16Act);
+    for (int64_t k = 0; k < B; k += 8) {  // |round(x * inv)| <= kInt16Act (the product rounds to at most it)
+      const __m256i q32 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + k), inv), kRound));
+      if (v) {
+        const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + b0 + k), _mm256_castsi256_si128(packed));
+      }
+      if (bytes) {
+        _mm256_store_si256(reinterpret_cast<__m256i*>(q), q32);
+        for (int t = 0; t < 8; ++t) {
+          const int64_t c = b0 + k + t, at = c / 64 * 128 + perm64(c % 64);
+          const int8_t lo = int8_t(q[t] & 0xFF);  // v = 256 a + b, b the low byte as signed
+          bytes[at] = int8_t((q[t] - lo) / 256), bytes[at + 64] = lo;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace glm4k
