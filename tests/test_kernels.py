@@ -129,11 +129,11 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 64), (6, 384), (8, 16), (8, 96)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 64), (6, 384), (8, 8), (8, 16), (8, 96)])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("r0,rows", [(0, 70), (16, 37), (69, 1)])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
-def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r0, rows, out_dtype):
+def test_dequantize_rows_equals_dequantize_bit_for_bit(bits, group, with_mins, r0, rows, out_dtype, isa):
     """The large-M path widens row chunks with glm4's op into one buffer: the same fp32 values as dequantize(),
     and for bf16 activations those values rounded as .to(bfloat16) rounds them."""
     g = torch.Generator().manual_seed(bits * 10 + group + r0)

@@ -6,53 +6,74 @@
 
 #include <cstdint>
 
+#include "codes6.h"
 #include "gemv.h"
 
 namespace glm4k {
 
-// (q - zp) * s, then + m, each rounded as in QuantLinear.dequantize: no FMA contraction in this function
-__attribute__((optimize("fp-contract=off"))) void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+namespace {
+
+// (q - zp) * s, then + m, each rounded as in QuantLinear.dequantize: no FMA contraction in this function (GCC's
+// intrinsics are vector arithmetic it would otherwise contract)
+template <int BITS, bool BF16, bool MINS>
+__attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, g = a.group, G = K / g;
   const __m256 zp = _mm256_set1_ps(float(a.zero_point));
-  const __m256i nibble = _mm256_set1_epi32(15), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const __m256i round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
-    float* of = a.out_f32 ? a.out_f32 + (n - a.r0) * K : nullptr;
-    uint16_t* ob = a.out_bf16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
+    float* of = BF16 ? nullptr : a.out_f32 + (n - a.r0) * K;
+    uint16_t* ob = BF16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
     for (int64_t gi = 0; gi < G; ++gi) {
       const __m256 s = _mm256_set1_ps(a.scales[n * G + gi]);
-      const __m256 m = _mm256_set1_ps(a.mins ? a.mins[n * G + gi] : 0.f);
-      for (int64_t k = gi * g; k < (gi + 1) * g; k += 8) {
-        __m256i c;  // 8 codes as int32
-        if (a.bits == 4) {  // column k of its 32-column block: byte k % 16, low nibble below 16, high above
-          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 32 * 16;
-          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + k % 16)));
-          c = k % 32 < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
-        } else if (a.bits == 6) {  // codes6.h: the nibble as 4-bit, the pair of column t of block j at 32 + 8 j + t % 8
-          const uint8_t* blk = static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48;
-          const int j = int(k % 64 / 32), t = int(k % 32);
-          c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 16 * j + t % 16)));
-          c = t < 16 ? _mm256_and_si256(c, nibble) : _mm256_srli_epi32(c, 4);
-          __m256i h = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 32 + 8 * j)));
-          h = _mm256_and_si256(_mm256_srli_epi32(h, 2 * (t / 8)), _mm256_set1_epi32(3));
-          c = _mm256_or_si256(c, _mm256_slli_epi32(h, 4));
-        } else {
-          c = _mm256_cvtepi8_epi32(
-              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const int8_t*>(a.q) + n * K + k)));
-        }
+      const __m256 m = _mm256_set1_ps(MINS ? a.mins[n * G + gi] : 0.f);
+      auto emit = [&](int64_t k, __m256i c) {  // 8 codes as int32 at column k
         __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zp), s);
-        if (a.mins) w = _mm256_add_ps(w, m);
-        if (of) {
-          _mm256_storeu_ps(of + k, w);
-        } else {  // bf16: (u + 0x7FFF + ((u >> 16) & 1)) >> 16, then the 8 low halves in order
+        if constexpr (MINS) w = _mm256_add_ps(w, m);
+        if constexpr (BF16) {  // (u + 0x7FFF + ((u >> 16) & 1)) >> 16, then the 8 low halves in order
           const __m256i u = _mm256_castps_si256(w);
           const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
           const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, round), odd), 16);
           const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k), _mm256_castsi256_si128(packed));
+        } else {
+          _mm256_storeu_ps(of + k, w);
+        }
+      };
+      for (int64_t k = gi * g; k < (gi + 1) * g; k += BITS == 8 ? 8 : 32) {
+        if constexpr (BITS == 8) {
+          const int8_t* q = static_cast<const int8_t*>(a.q) + n * K + k;
+          emit(k, _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q))));
+        } else {
+          __m128i lo, hi;  // columns k..k+15, k+16..k+31 as bytes
+          if constexpr (BITS == 6) {
+            codes6_block32(static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48, int(k % 64 / 32), lo, hi);
+          } else {  // one q4_0 block: byte t holds column t (low nibble) and t + 16 (high)
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.q) + (n * K + k) / 2));
+            lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
+          }
+          emit(k, _mm256_cvtepu8_epi32(lo));
+          emit(k + 8, _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+          emit(k + 16, _mm256_cvtepu8_epi32(hi));
+          emit(k + 24, _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
         }
       }
     }
   }
+}
+
+template <int BITS>
+void dequant_bits(const DequantArgs& a, int64_t n0, int64_t n1) {
+  if (a.out_bf16) a.mins ? dequant_rows<BITS, true, true>(a, n0, n1) : dequant_rows<BITS, true, false>(a, n0, n1);
+  else a.mins ? dequant_rows<BITS, false, true>(a, n0, n1) : dequant_rows<BITS, false, false>(a, n0, n1);
+}
+
+}  // namespace
+
+void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
+  if (a.bits == 4) dequant_bits<4>(a, n0, n1);
+  else if (a.bits == 6) dequant_bits<6>(a, n0, n1);
+  else dequant_bits<8>(a, n0, n1);
 }
 
 void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale) {

@@ -64,6 +64,8 @@ struct DequantArgs {
 };
 
 void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1);
+// the same 16 columns a step; 8-bit codes in groups of 16k columns
+void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1);
 
 // x [total] in blocks of B (a multiple of 32) -> x = scale[b] * (hi + lo / 65534) per block, scale = amax / 32767,
 // hi / lo rounded to nearest even in double precision; perm: positions in the perm128 order (see QuantArgs)

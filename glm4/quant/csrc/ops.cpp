@@ -249,7 +249,10 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
                        to_bf16 ? nullptr : out.data_ptr<float>(),
                        to_bf16 ? reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) : nullptr,
                        K, group, r0, int(bits), int(zero_point)};
-  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) { glm4k::dequant_rows_avx2(d, a, b); });
+  const bool wide = use_avx512() && (bits != 8 || group % 16 == 0);
+  at::parallel_for(r0, r1, 16, [&](int64_t a, int64_t b) {
+    wide ? glm4k::dequant_rows_avx512(d, a, b) : glm4k::dequant_rows_avx2(d, a, b);
+  });
 }
 
 // MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0) or codes [E, N, K'] with scales / mins
