@@ -90,6 +90,30 @@ def test_decode_attention_matches_float64(dtype, Hq, Hkv, D, block_size):
     torch.testing.assert_close(got.double(), want, **tol)
 
 
+@pytest.mark.parametrize("isa", ["avx2", "avx512_vnni"])
+@pytest.mark.parametrize("T", [1, 15, 33, 300])  # tails past a task's 16 queries and a score step's 32 keys
+@pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 64), (12, 1, 128), (4, 2, 48), (6, 6, 16)])  # G = 8, 12, 2, 1
+def test_prefill_attention_matches_float64(isa, T, Hq, Hkv, D):
+    """The prompts' causal attention against scaled_dot_product_attention in float64, with each kernel set the CPU
+    has (AVX-512 takes D % 64 == 0, AVX2 the rest); torch's own fp32 SDPA is as far from float64."""
+    from glm4.quant import kernels
+
+    if isa == "avx512_vnni" and not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= kernels.cpu_features():
+        pytest.skip("the CPU lacks AVX-512 VNNI")
+    g = torch.Generator().manual_seed(T + Hq + D)
+    q, k, v = torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, H, D] -> [1, H, T, D]
+    want = F.scaled_dot_product_attention(heads(q.double()), heads(k.double()), heads(v.double()), is_causal=True,
+                                          enable_gqa=True)[0].transpose(0, 1)
+    before = torch.ops.glm4.set_isa(isa)
+    try:
+        got = fused.prefill_attention(q, k, v)
+    finally:
+        torch.ops.glm4.set_isa(before)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6)
+    assert fused.prefill_attention(q.bfloat16(), k, v) is None  # fp32 only: the caller runs SDPA
+
+
 def test_decode_attention_refuses_bad_tables_and_lengths():
     k = v = torch.zeros(10, 1, 8)
     q = torch.zeros(1, 2, 8)
@@ -151,6 +175,13 @@ def _recording(kernel, longest: list[int], lens_at: int):
     return run
 
 
+def _recording_prompts(kernel, lens: list[int]):
+    def run(q, k, v):
+        lens.append(q.shape[0])
+        return kernel(q, k, v)
+    return run
+
+
 @pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe"])
 def test_engine_with_fused_ops_equals_reference(model_type):
     """Greedy tokens equal the reference generator's with the fused ops on (and off), with decode contexts on
@@ -161,16 +192,19 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         llm = LLM.from_model(tiny_model(model_type, max_position_embeddings=1024), linear="torch", fused_ops=on)
         assert any(isinstance(m, fused.FusedRMSNorm) for m in llm.model.modules()) == on
         assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
-        longest, qkv_longest = [], []
+        assert ("prefill_attention" in llm.describe()) == on
+        longest, qkv_longest, prompt_lens = [], [], []
         if on:  # decode-only steps take the one-op qkv path (model_type glm: no q/k norm), mixed steps the other
             runner = llm.engine.runner
             runner.decode_kernel = _recording(runner.decode_kernel, longest, 4)  # (q, k, v, tables, lens, block_size)
             runner.qkv_kernel = _recording(runner.qkv_kernel, qkv_longest, 6)  # (qkv, cs, k, v, slots, tables, lens, ...)
+            runner.prefill_kernel = _recording_prompts(runner.prefill_kernel, prompt_lens)
         outs = llm.generate(prompts, GREEDY)
         assert [o.outputs[0].token_ids for o in outs] == refs
         if on:
             assert longest and max(longest) <= FUSED_DECODE_MAX_KEYS
             assert max(qkv_longest, default=0) <= FUSED_DECODE_MAX_KEYS  # (the long prompt is in every decode step)
+            assert {5, 33} <= set(prompt_lens)  # prompts (or a long one's first chunk) without cached context
 
 
 @pytest.mark.parametrize("kind", ["glm", "glm4", "chatglm"])

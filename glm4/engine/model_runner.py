@@ -62,6 +62,7 @@ class ModelRunner:
         self.decode_kernel = (getattr(model, "decode_attention_kernel", None) if self.cache.dtype == self.dtype
                               else None)
         self.qkv_kernel = getattr(model, "decode_qkv_kernel", None) if self.decode_kernel is not None else None
+        self.prefill_kernel = getattr(model, "prefill_attention_kernel", None)  # fresh prompts' attention (fp32)
         self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)
 
     def commit_kv_cache(self) -> None:
@@ -108,7 +109,7 @@ class ModelRunner:
                 last.append(len(ids) - 1)
                 sampled.append(seq)
         ctx = PagedAttention.build(self.cache, tables, ctx_lens, q_lens, self.device, decode_kernel=self.decode_kernel,
-                                   qkv_kernel=self.qkv_kernel)
+                                   qkv_kernel=self.qkv_kernel, prefill_kernel=self.prefill_kernel)
         input_ids = torch.tensor(ids, dtype=torch.long).to(self.device)[None]  # [1, N]
         positions = ctx.positions.to(self.device)[None]  # [1, N]
         if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)

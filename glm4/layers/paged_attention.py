@@ -152,15 +152,19 @@ class PagedAttention:
         self.decode_tables: torch.Tensor | None = None  # [Bd, blocks] int64 block tables of the decodes (kernel)
         self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (kernel)
         self.qkv_kernel = None  # decode-only steps: RoPE, cache write and attention in one op (see attend_qkv)
+        self.prefill_kernel = None  # prompts without cached context: causal attention by one op, or None (SDPA)
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: list[list[int]], ctx_lens: list[int], q_lens: list[int],
-              device: torch.device | str = "cpu", decode_kernel=None, qkv_kernel=None) -> PagedAttention:
+              device: torch.device | str = "cpu", decode_kernel=None, qkv_kernel=None, prefill_kernel=None
+              ) -> PagedAttention:
         """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
         `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
         -> [Bd, Hq, D]` attends decodes of up to FUSED_DECODE_MAX_KEYS keys straight from the cache, instead of
         gather + SDPA; the caller passes one only for a float cache of the activations' dtype. `qkv_kernel`
-        (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`."""
+        (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`.
+        `prefill_kernel(q [T, Hq, D], k, v [T, Hkv, D]) -> [T, Hq, D] or None` attends prompts without cached
+        context (glm4.quant.fused.prefill_attention; None from it: SDPA)."""
         bs = cache.block_size
         B = len(block_tables)
         maxb = max(len(t) for t in block_tables)
@@ -205,6 +209,7 @@ class PagedAttention:
             if dec_rows != list(range(len(dec_rows))):  # decodes are not the first Bd packed tokens
                 decode_idx = starts[rows_t].to(device)
         out = cls(cache, slot_mapping.to(device), decode_idx, decode_slots, decode_mask, prefills, N)
+        out.prefill_kernel = prefill_kernel
         out.positions = cols  # [N] position of each packed token (CPU)
         if dec_rows and fused and lmax <= FUSED_DECODE_MAX_KEYS:
             out.decode_kernel, out.decode_tables = decode_kernel, bt[torch.tensor(dec_rows)].to(device)
@@ -234,6 +239,11 @@ class PagedAttention:
         # 4-D [1, H, T, D] operands: with 3-D ones SDPA on CPU leaves its flash kernel for the ~3x slower math path
         for p in self.prefills:
             qi = q[p.start:p.end].transpose(0, 1)[None]  # [1, Hq, T, D]
+            if p.ctx == 0 and self.prefill_kernel is not None:
+                o = self.prefill_kernel(q[p.start:p.end], k[p.start:p.end], v[p.start:p.end])
+                if o is not None:
+                    out[p.start:p.end] = o
+                    continue
             if p.ctx == 0:
                 ki, vi = k[p.start:p.end].transpose(0, 1)[None], v[p.start:p.end].transpose(0, 1)[None]
                 o = F.scaled_dot_product_attention(qi, ki.to(q.dtype), vi.to(q.dtype), is_causal=True,

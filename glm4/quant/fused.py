@@ -10,7 +10,10 @@ by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.qua
 - and `decode_attention` for glm4.layers.paged_attention (the engine's runner passes it to PagedAttention.build):
   decodes attend straight from the paged cache, no gather, no mask, no SDPA; `decode_qkv_attention` does a
   decode-only step's RoPE, cache write and attention from the fused q/k/v projection in one call (~20 torch calls
-  and their Python a layer otherwise: ~3 us apiece, which a small model's batch-1 step feels).
+  and their Python a layer otherwise: ~3 us apiece, which a small model's batch-1 step feels);
+- and `prefill_attention` for prompts without cached context (fp32): causal attention by one op, the keys
+  transposed once, 4 query rows x 2 vectors of keys a step (torch's CPU flash kernel calls MKL's sgemm, which
+  takes a generic path on AMD: 1.45x / 1.75x its speed with the AVX2 / AVX-512 set, 512 tokens, one thread, Zen 5).
 
 Anything the ops do not take (autograd, other dtypes or devices, 2-D positions, an int8 KV cache) runs the
 torch code as before.
@@ -26,7 +29,8 @@ from glm4.layers.rope import CosSin, apply_rope_torch
 
 from . import kernels
 
-__all__ = ["FusedRMSNorm", "decode_attention", "decode_qkv_attention", "describe_fused", "have_fused_ops", "rope", "use_fused_ops"]
+__all__ = ["FusedRMSNorm", "decode_attention", "decode_qkv_attention", "describe_fused", "have_fused_ops",
+           "prefill_attention", "rope", "use_fused_ops"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -92,6 +96,16 @@ def decode_qkv_attention(qkv: torch.Tensor, cs: CosSin, k: torch.Tensor, v: torc
                                             block_size, n_heads)
 
 
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """Causal attention over a fresh prompt: q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D] (scale 1/sqrt(D)), as
+    scaled_dot_product_attention(is_causal=True) gives it (fp32 sums in another order; 1.45x / 1.75x its speed
+    with the AVX2 / AVX-512 set at T = 512, D = 64, one thread). None where the op does not take the inputs
+    (fp32 only): the caller runs SDPA."""
+    if q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[-1] % 16:
+        return None
+    return kernels.ops.prefill_attention(q, k.float(), v.float())
+
+
 def use_fused_ops(model: nn.Module) -> int:
     """Swap the fused ops into `model` in place (see the module doc) and set `model.decode_attention_kernel`
     (read by the engine's runner) where its head_dim allows; returns how many norms were swapped. Does nothing
@@ -102,6 +116,8 @@ def use_fused_ops(model: nn.Module) -> int:
     if isinstance(head_dim, int) and head_dim % 8 == 0:
         model.decode_attention_kernel = decode_attention
         model.decode_qkv_kernel = decode_qkv_attention
+    if isinstance(head_dim, int) and head_dim % 16 == 0:
+        model.prefill_attention_kernel = prefill_attention
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -126,4 +142,6 @@ def describe_fused(model: nn.Module) -> str:
         ops.append("rope")
     if getattr(model, "decode_attention_kernel", None) is not None:
         ops.append(f"decode_attention (contexts <= {FUSED_DECODE_MAX_KEYS} keys)")
+    if getattr(model, "prefill_attention_kernel", None) is not None:
+        ops.append("prefill_attention (fp32 prompts without cached context)")
     return ", ".join(ops)

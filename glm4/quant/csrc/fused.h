@@ -48,6 +48,23 @@ struct DecodeArgs {
 };
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
 
+// tasks [t0, t1) (t: one query head x 16 query positions, prefill_attn.h) of out [T, Hq, D] = causal
+// softmax(q k^T * scale) v over a fresh prompt, fp32; q / k / v / out contiguous [T, H, D]; kt: k transposed to
+// [Hkv, D, Tp] with zero columns from T to Tp (a multiple of 32). AVX-512 needs D % 64 == 0, AVX2 D % 16 == 0.
+struct PrefillAttnArgs {
+  const float* q;
+  const float* k;
+  const float* v;
+  float* out;
+  int64_t T, Hq, Hkv, D, Tp;
+  float scale;
+};
+// whether the AVX-512 kernels run now (the CPU has them and set_isa allows them; ops.cpp)
+bool avx512_kernels();
+
+void prefill_attention_avx2(const PrefillAttnArgs& a, const float* kt, int64_t t0, int64_t t1);
+void prefill_attention_avx512(const PrefillAttnArgs& a, const float* kt, int64_t t0, int64_t t1);
+
 // the index of the first maximum of x[0, n) (n >= 1), as torch.argmax: a NaN counts as the maximum (the first NaN)
 int64_t argmax_avx2(const float* x, int64_t n);
 

@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <vector>
 
+#include "fused.h"
 #include "gemv.h"
 
 namespace {
@@ -41,6 +42,14 @@ std::string set_isa(const std::string& name) {
   avx512_allowed = name == "avx512_vnni";
   return before;
 }
+
+}  // namespace
+
+namespace glm4k {
+bool avx512_kernels() { return use_avx512(); }
+}  // namespace glm4k
+
+namespace {
 
 // The AVX2 4- / 6-bit kernels take activations at int16 precision (one 16-bit integer per column and a scale per
 // block: 1.5x-1.7x the exact kernels' speed there); "exact" (or GLM4_ACTIVATIONS=exact) gives them the two int16

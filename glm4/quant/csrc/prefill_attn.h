@@ -1,0 +1,90 @@
+// Causal attention over a fresh prompt (no cached context), fp32, for the prefill: out [T, Hq, D] =
+// softmax(q k^T / sqrt(D) + causal mask) v, the G = Hq / Hkv query heads of a KV head sharing its keys. Included by
+// prefill_attn_avx2.cpp / prefill_attn_avx512.cpp after their target pragma, each with its own vector type (Vec below:
+// W lanes; load, store, set1, fmadd, max, exp, reductions), so each instantiation is compiled for its own set.
+// One task = one query head x kQB query positions: scores row by row against the keys transposed once per call
+// ([Hkv, D, Tp]: 4 queries x W keys per step, one key load feeding 4 FMAs), a softmax per row over its visible
+// keys (Cephes' expf), then the value rows weighed into 4 query rows at a time, kCH vectors of dims in registers.
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "fused.h"
+
+namespace glm4k {
+namespace {
+
+constexpr int64_t kQB = 16;  // query positions per task
+
+template <class Vec>
+void prefill_attention_tasks(const PrefillAttnArgs& a, const float* kt, int64_t t0, int64_t t1) {
+  using V = typename Vec::T;
+  constexpr int W = Vec::W, CH = Vec::CH;
+  const int64_t T = a.T, Hq = a.Hq, D = a.D, G = a.Hq / a.Hkv, Tp = a.Tp, nb = (T + kQB - 1) / kQB;
+  std::vector<float> s(size_t(kQB * Tp)), qs(size_t(kQB * D));
+  for (int64_t t = t0; t < t1; ++t) {
+    // tasks ordered cheap / dear in turn (block 0, last, 1, second last...), so that contiguous ranges balance
+    const int64_t h = t % Hq, k = t / Hq, blk = k % 2 == 0 ? k / 2 : nb - 1 - k / 2;
+    const int64_t i0 = blk * kQB, i1 = std::min(T, i0 + kQB), R = i1 - i0, L = i1;  // keys [0, L) cover the block
+    const int64_t kvh = h / G, Lp = (L + W - 1) / W * W;
+    const float* ktk = kt + kvh * D * Tp;
+    for (int64_t r = 0; r < R; ++r)
+      for (int64_t d = 0; d < D; ++d) qs[r * D + d] = a.q[((i0 + r) * Hq + h) * D + d] * a.scale;
+    for (int64_t r = R; r < kQB; ++r) std::memset(&qs[r * D], 0, size_t(D) * sizeof(float));
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {  // scores: 4 rows x 2W keys a step (Tp is a multiple of 2W)
+      for (int64_t j = 0; j < Lp; j += 2 * W) {
+        V acc[4][2];
+        for (int r = 0; r < 4; ++r) acc[r][0] = acc[r][1] = Vec::zero();
+        for (int64_t d = 0; d < D; ++d) {
+          const V k0 = Vec::load(ktk + d * Tp + j), k1 = Vec::load(ktk + d * Tp + j + W);
+          for (int r = 0; r < 4; ++r) {
+            const V qv = Vec::set1(qs[(r0 + r) * D + d]);
+            acc[r][0] = Vec::fmadd(qv, k0, acc[r][0]), acc[r][1] = Vec::fmadd(qv, k1, acc[r][1]);
+          }
+        }
+        for (int r = 0; r < 4; ++r) Vec::store(&s[(r0 + r) * Tp + j], acc[r][0]), Vec::store(&s[(r0 + r) * Tp + j + W], acc[r][1]);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {  // softmax over keys [0, i0 + r], zero beyond (to Lp)
+      float* row = &s[r * Tp];
+      const int64_t n = i0 + r + 1;
+      V mv = Vec::set1(-INFINITY);
+      int64_t j = 0;
+      for (; j + W <= n; j += W) mv = Vec::max(mv, Vec::load(row + j));
+      float m = Vec::reduce_max(mv);
+      for (int64_t jj = j; jj < n; ++jj) m = std::max(m, row[jj]);
+      const V vm = Vec::set1(m);
+      for (j = 0; j < Lp; j += W) Vec::store(row + j, Vec::exp(Vec::sub(Vec::load(row + j), vm)));
+      for (int64_t jj = n; jj < Lp; ++jj) row[jj] = 0.0f;  // the keys this query must not see
+      V sum = Vec::zero();
+      for (j = 0; j < Lp; j += W) sum = Vec::add(sum, Vec::load(row + j));
+      const V inv = Vec::set1(1.0f / Vec::reduce_add(sum));
+      for (j = 0; j < Lp; j += W) Vec::store(row + j, Vec::mul(Vec::load(row + j), inv));
+    }
+    for (int64_t r0 = 0; r0 < R; r0 += 4) {  // out rows: sum_j p[r, j] v[j], kCH vectors of dims at a time
+      const int rows = int(std::min<int64_t>(4, R - r0));
+      const int64_t n = i0 + r0 + rows;  // keys any of these rows sees
+      for (int64_t d0 = 0; d0 < D; d0 += CH * W) {
+        V acc[4][CH];
+        for (int r = 0; r < 4; ++r)
+          for (int c = 0; c < CH; ++c) acc[r][c] = Vec::zero();
+        for (int64_t j = 0; j < n; ++j) {
+          const float* vr = a.v + (j * a.Hkv + kvh) * D + d0;
+          V vv[CH];
+          for (int c = 0; c < CH; ++c) vv[c] = Vec::load(vr + c * W);
+          for (int r = 0; r < 4; ++r) {
+            const V p = Vec::set1(s[(r0 + r) * Tp + j]);  // 0 past a row's own position (and for rows >= R)
+            for (int c = 0; c < CH; ++c) acc[r][c] = Vec::fmadd(p, vv[c], acc[r][c]);
+          }
+        }
+        for (int r = 0; r < rows; ++r)
+          for (int c = 0; c < CH; ++c) Vec::store(a.out + ((i0 + r0 + r) * Hq + h) * D + d0 + c * W, acc[r][c]);
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace glm4k
