@@ -49,7 +49,8 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
           if constexpr (BITS == 6) {
             codes6_block32(static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48, int(k % 64 / 32), lo, hi);
           } else {  // one q4_0 block: byte t holds column t (low nibble) and t + 16 (high)
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(a.q) + (n * K + k) / 2));
+            const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * K + k) / 2;
+            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
             lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
           }
           emit(k, _mm512_cvtepu8_epi32(lo));

@@ -175,7 +175,8 @@ at::Tensor argmax(const at::Tensor& x) {
 // order). AVX-512 where the kernels run it (D % 64 == 0), else AVX2 (D % 16 == 0).
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(has_avx2(), "glm4.prefill_attention needs AVX2 + FMA");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) == k.size(0) && q.size(2) == k.size(2),
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
+                  q.size(2) == k.size(2),
               "prefill_attention: q [T, Hq, D], k / v [T, Hkv, D]");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "prefill_attention: float32 q, k, v");

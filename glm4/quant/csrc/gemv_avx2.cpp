@@ -323,7 +323,8 @@ inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
       else block_dot_i16<BITS, KIND, RB, MT>(a, n, b0, a.xq + m0 * K, KIND == kHiLo ? a.xq_lo + m0 * K : nullptr, p);
       const int64_t bi = b0 / B;
       for (int r = 0; r < RB; ++r)
-        for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_fmadd_ps(p[r][m], _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
+        for (int m = 0; m < MT; ++m)
+          acc[r][m] = _mm256_fmadd_ps(p[r][m], _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
     }
   }
   if constexpr (RB == 4 && MT == 1) {  // one token: the 4 rows' sums land side by side, reduced together
