@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
@@ -18,24 +19,29 @@ import torch
 
 torch.set_num_threads(1)
 
+@contextlib.contextmanager
+def kernel_activations(mode: str):
+    """glm4's integer kernels with activations "exact" or "int16" inside the block (set_activations; no-op without
+    the extension)."""
+    from glm4.quant import kernels
+
+    if not kernels.HAVE_EXT:
+        yield
+        return
+    before = torch.ops.glm4.set_activations(mode)
+    try:
+        yield
+    finally:
+        torch.ops.glm4.set_activations(before)
+
+
 @pytest.fixture
 def exact_activations():
     """glm4's integer kernels with exact activations for the test: on AVX2-only CPUs the 4- / 6-bit kernels take
     them at int16 precision by default (tested against their own bound in test_kernels.py); parity with a
     dequantized reference at fp32 tolerances is a property of the exact ones."""
-    try:
-        from glm4.quant import kernels
-    except ImportError:
+    with kernel_activations("exact"):
         yield
-        return
-    if not kernels.HAVE_EXT:
-        yield
-        return
-    before = torch.ops.glm4.set_activations("exact")
-    try:
-        yield
-    finally:
-        torch.ops.glm4.set_activations(before)
 
 
 # model_type -> (transformers config class, model class)

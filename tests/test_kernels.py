@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import kernel_activations
 from torch import nn
 
 from glm4.quant import FloatLinear, QuantLinear, cast_for_compute, describe_linears, kernels, quantize
@@ -103,19 +104,16 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
     assert torch.equal(lin.dequantize(torch.float64), w.view(N, K))
     x = torch.randn(M, K, generator=g)
     ref = x.double() @ w.view(N, K).T
-    before = torch.ops.glm4.set_activations("exact")
-    try:
+    with kernel_activations("exact"):
         assert torch.ops.glm4.activations() == "exact"
         assert rel_err(kernels.quant_mm(x, lin), ref) < 1e-5
         if bits < 8:  # both 4- / 6-bit kernels: two int16 terms (exact) and fp32 activations
             fp32_act = torch.ops.glm4.quant_mm(x, lin.qweight, lin.scales, lin.mins, bits, group, 3, False)
             assert rel_err(fp32_act, ref) < 1e-5
-        torch.ops.glm4.set_activations("int16")
+    with kernel_activations("int16"):
         int16 = bits < 8 and isa == "avx2"  # the AVX2 4- / 6-bit kernels; AVX-512's and 8-bit ones stay exact
         assert torch.ops.glm4.activations() == ("int16" if isa == "avx2" else "exact")
         y = kernels.quant_mm(x, lin)
-    finally:
-        torch.ops.glm4.set_activations(before)
     if not int16:
         assert rel_err(y, ref) < 1e-5
         return
@@ -442,11 +440,8 @@ def test_int16_activations_move_the_default_model_far_less_than_its_quantized_we
             with torch.no_grad():
                 lp["fp32"] = fp32(ids).log_softmax(-1)
                 for mode in ("exact", "int16"):
-                    before = torch.ops.glm4.set_activations(mode)
-                    try:
+                    with kernel_activations(mode):
                         lp[mode] = model(ids).log_softmax(-1)
-                    finally:
-                        torch.ops.glm4.set_activations(before)
             p = lp["fp32"].exp()
             kl = {mode: (p * (lp["fp32"] - lp[mode])).sum(-1).mean().item() for mode in ("exact", "int16")}
             moved = (lp["int16"] - lp["exact"]).abs().max().item()

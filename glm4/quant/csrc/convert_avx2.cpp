@@ -8,6 +8,7 @@
 
 #include "codes6.h"
 #include "gemv.h"
+#include "vec_avx2.h"
 
 namespace glm4k {
 
@@ -63,6 +64,14 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
   }
 }
 
+// max |x[k]| over k < B (a multiple of 8)
+inline float block_amax(const float* x, int64_t B) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 mx = _mm256_setzero_ps();
+  for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + k)));
+  return hmax(mx);
+}
+
 template <int BITS>
 void dequant_bits(const DequantArgs& a, int64_t n0, int64_t n1) {
   if (a.out_bf16) a.mins ? dequant_rows<BITS, true, true>(a, n0, n1) : dequant_rows<BITS, true, false>(a, n0, n1);
@@ -79,14 +88,9 @@ void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
 
 void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale) {
   const __m256d lim = _mm256_set1_pd(32767.0), nlim = _mm256_set1_pd(-32767.0), lo_mul = _mm256_set1_pd(65534.0);
-  const __m256 sign = _mm256_set1_ps(-0.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t b0 = 0; b0 < total; b0 += B) {
-    __m256 mx = _mm256_setzero_ps();
-    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float amax = block_amax(x + b0, B);
     const __m256d inv = _mm256_set1_pd(amax > 0.f ? 32767.0 / amax : 0.0);
     scale[b0 / B] = float(amax / 32767.0);
     for (int64_t k = 0; k < B; k += 8) {
@@ -107,15 +111,10 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t*
 }
 
 void act_int16_avx2(const float* x, int64_t total, int64_t B, int16_t* v, int8_t* bytes, float* scale) {
-  const __m256 sign = _mm256_set1_ps(-0.f);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   alignas(32) int32_t q[8];
   for (int64_t b0 = 0; b0 < total; b0 += B) {
-    __m256 mx = _mm256_setzero_ps();
-    for (int64_t k = 0; k < B; k += 8) mx = _mm256_max_ps(mx, _mm256_andnot_ps(sign, _mm256_loadu_ps(x + b0 + k)));
-    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(mx), _mm256_extractf128_ps(mx, 1));
-    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
-    const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    const float amax = block_amax(x + b0, B);
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? float(kInt16Act) / amax : 0.f);
     scale[b0 / B] = amax / float(kInt16Act);
     for (int64_t k = 0; k < B; k += 8) {  // |round(x * inv)| <= kInt16Act (the product rounds to at most it)

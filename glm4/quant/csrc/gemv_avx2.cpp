@@ -9,16 +9,10 @@
 #include "codes6.h"
 #include "gemv.h"
 #include "tiles.h"
+#include "vec_avx2.h"
 
 namespace glm4k {
 namespace {
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
 
 // Rows are short (a K = 1024 int8 row is 16 cache lines), so the hardware prefetcher, which ramps up per stream,
 // falls behind at every new block of rows: each kernel prefetches the block after the current one, at the column

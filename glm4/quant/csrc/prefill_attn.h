@@ -6,6 +6,7 @@
 // ([Hkv, D, Tp]: 4 queries x W keys per step, one key load feeding 4 FMAs), a softmax per row over its visible
 // keys (Cephes' expf), then the value rows weighed into 4 query rows at a time, kCH vectors of dims in registers.
 #pragma once
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>

@@ -23,7 +23,7 @@ struct Vec16 {
   static T max(T a, T b) { return _mm512_max_ps(a, b); }
   static float reduce_max(T v) { return _mm512_reduce_max_ps(v); }
   static float reduce_add(T v) { return _mm512_reduce_add_ps(v); }
-  // x <= 0: the AVX2 set's polynomial, 2^n by scalef
+  // x <= 0: exp8's polynomial (vec_avx2.h) on 16 lanes, 2^n by scalef
   static T exp(T x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
     const T n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
