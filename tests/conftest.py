@@ -37,9 +37,9 @@ def kernel_activations(mode: str):
 
 @pytest.fixture
 def exact_activations():
-    """glm4's integer kernels with exact activations for the test: on AVX2-only CPUs the 4- / 6-bit kernels take
-    them at int16 precision by default (tested against their own bound in test_kernels.py); parity with a
-    dequantized reference at fp32 tolerances is a property of the exact ones."""
+    """glm4's integer kernels with exact activations for the test: by default they take them at int16 precision
+    (the AVX2 4- / 6-bit kernels, the AVX-512 ones for one token; tested against their own bound in test_kernels.py);
+    parity with a dequantized reference at fp32 tolerances is a property of the exact ones."""
     with kernel_activations("exact"):
         yield
 

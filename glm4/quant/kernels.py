@@ -118,19 +118,21 @@ def dense_isa() -> str:
 
 def quant_isa(bits: int, group_size: int) -> str:
     """Same for int8 / int4 / int6 weights: the AVX-512 VNNI kernels take activation blocks of 64 columns or more
-    (the largest multiple of 32 <= 256 dividing the group), as ops.cpp decides; the AVX2 4- / 6-bit kernels take
-    activations at int16 precision unless activations() is "exact"."""
+    (the largest multiple of 32 <= 256 dividing the group), as ops.cpp decides; unless activations() is "exact",
+    the AVX2 4- / 6-bit kernels take activations at int16 precision, and the AVX-512 ones for one token."""
     isa = dense_isa()
     block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
+    int16 = activations() == "int16"
     if isa == "AVX-512" and block % 64 == 0 and block:
-        return "AVX-512 VNNI"
-    return "" if not isa else "AVX2, int16 activations" if bits in (4, 6) and activations() == "int16" else "AVX2"
+        return "AVX-512 VNNI, int16 activations for one token" if int16 else "AVX-512 VNNI"
+    return "" if not isa else "AVX2, int16 activations" if bits in (4, 6) and int16 else "AVX2"
 
 
 def activations() -> str:
     """How the integer kernels here carry activations: "exact" (two int16 terms a column, ~31 bits: fp32's result;
-    the AVX-512 kernels, or GLM4_ACTIVATIONS=exact) or "int16" (the AVX2 4- / 6-bit kernels: one 16-bit integer a
-    column and an fp32 scale per block, each within 1 / 65278 of its block's largest; 1.4-1.6x faster there)."""
+    GLM4_ACTIVATIONS=exact) or "int16" (the default: one 16-bit integer a column and an fp32 scale per block, each
+    within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, the AVX-512 ones for one
+    token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32 activations, exact either way)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 

@@ -72,8 +72,9 @@ void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1);
 void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale);
 
 // x [total] in blocks of B -> x ~ scale[b] * v per block, scale = amax / kInt16Act, v rounded to nearest even (fp32):
-// into v (int16, column order) and / or bytes (the 6-bit kernel's a / b terms, QuantArgs.xq8); either may be null
-void act_int16_avx2(const float* x, int64_t total, int64_t B, int16_t* v, int8_t* bytes, float* scale);
+// into v (int16; perm: in the perm128 order) and / or bytes (the AVX2 6-bit kernel's a / b terms, QuantArgs.xq8);
+// either may be null
+void act_int16_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* v, int8_t* bytes, float* scale);
 
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)

@@ -193,14 +193,14 @@ inline void load_codes128_perm6(const QuantArgs& a, int64_t n, int64_t k, __m512
 // 4-bit codes against activation blocks of 32 or 64 columns (GGUF q4_0 and other g32 / g64 formats): in the
 // perm128 layout each 128-bit lane is one 32-column block, so the int32 sums of a 128-column step keep every block
 // in its own lanes and one vector of per-lane scales (weight scale x activation scale) weighs them.
-template <int RB, int MT>
+template <bool LO, int RB, int MT>
 inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   __m512 acc[RB][MT];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
   const int16_t* xh = a.xq + m0 * K;
-  const int16_t* xl = a.xq_lo + m0 * K;
+  const int16_t* xl = LO ? a.xq_lo + m0 * K : nullptr;
   const float* xsc = a.xscale + m0 * NB;
   const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
   const __m512i lane_of = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -214,10 +214,10 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
         const int16_t* h = xh + m * K + k;
         const int16_t* l = xl + m * K + k;
         ph[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(h));
-        pl[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(l));
+        if constexpr (LO) pl[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(l));
         for (int j = 1; j < 4; ++j) {
           ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[j], _mm512_loadu_si512(h + 32 * j));
-          pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
+          if constexpr (LO) pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
         }
       }
     }
@@ -241,7 +241,8 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
           xs4 = _mm_loadu_ps(v);
         }
         const __m512 sv = _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(_mm_mul_ps(ws, xs4)));
-        const __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl[r][m]), lo_weight, _mm512_cvtepi32_ps(ph[r][m]));
+        __m512 p = _mm512_cvtepi32_ps(ph[r][m]);
+        if constexpr (LO) p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl[r][m]), lo_weight, p);
         acc[r][m] = _mm512_fmadd_ps(p, sv, acc[r][m]);
       }
     }
@@ -255,10 +256,10 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
 // (4-bit, perm128 order, blocks of 32 or 64: q4_lanes_tile)
 enum { kPlain, kPerm, kLanes };
 
-template <int BITS, int MODE, int RB, int MT>
+template <int BITS, int MODE, bool LO, int RB, int MT>
 inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   if constexpr (MODE == kLanes) {
-    q4_lanes_tile<RB, MT>(a, n, m0);
+    q4_lanes_tile<LO, RB, MT>(a, n, m0);
     return;
   }
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
@@ -266,7 +267,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
   const int16_t* xh = a.xq + m0 * K;
-  const int16_t* xl = a.xq_lo + m0 * K;
+  const int16_t* xl = LO ? a.xq_lo + m0 * K : nullptr;
   const float* xsc = a.xscale + m0 * NB;
   const float* xs = a.xsum + m0 * G;
   const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
@@ -296,7 +297,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
               const int16_t* l = xl + m * K + k;
               for (int j = 0; j < 4; ++j) {
                 ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[j], _mm512_loadu_si512(h + 32 * j));
-                pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
+                if constexpr (LO) pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
               }
             }
           }
@@ -312,15 +313,18 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
             const int16_t* l = xl + m * K + k;
             ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[0], _mm512_loadu_si512(h));
             ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[1], _mm512_loadu_si512(h + 32));
-            pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[0], _mm512_loadu_si512(l));
-            pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[1], _mm512_loadu_si512(l + 32));
+            if constexpr (LO) {
+              pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[0], _mm512_loadu_si512(l));
+              pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[1], _mm512_loadu_si512(l + 32));
+            }
           }
         }
       }
       const int64_t bi = b0 / B;
       for (int r = 0; r < RB; ++r)
         for (int m = 0; m < MT; ++m) {
-          __m512 p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl[r][m]), lo_weight, _mm512_cvtepi32_ps(ph[r][m]));
+          __m512 p = _mm512_cvtepi32_ps(ph[r][m]);
+          if constexpr (LO) p = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl[r][m]), lo_weight, p);
           acc[r][m] = _mm512_fmadd_ps(p, _mm512_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
         }
     }
@@ -334,11 +338,18 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + corr[r][m];
 }
 
-template <int BITS, int MODE>
+template <int BITS, int MODE, bool LO>
 struct Int16Tile {
   template <int RB, int MT>
-  static void run(const QuantArgs& a, int64_t n, int64_t m0) { int16_tile<BITS, MODE, RB, MT>(a, n, m0); }
+  static void run(const QuantArgs& a, int64_t n, int64_t m0) { int16_tile<BITS, MODE, LO, RB, MT>(a, n, m0); }
 };
+
+// int16 activations as two terms (exact: xq_lo set) or one (int16 precision)
+template <int BITS, int MODE>
+void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Int16Tile<BITS, MODE, true>>(a, n0, n1);
+  else tile_rows<Int16Tile<BITS, MODE, false>>(a, n0, n1);
+}
 
 // Integer codes against fp32 activations, for M >= 2 (one widened weight feeds several tokens): per group, codes
 // widened to fp32 16 at a time accumulate against x in p, then acc += s * p. 8-bit: groups of 16k columns; 4-bit:
@@ -417,14 +428,14 @@ void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) tile_rows<Int16Tile<4, kPerm>>(a, n0, n1);
-  else if (a.bits == 4 && a.xperm) tile_rows<Int16Tile<4, kLanes>>(a, n0, n1);
-  else if (a.bits == 4 && a.xq) tile_rows<Int16Tile<4, kPlain>>(a, n0, n1);
+  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
+  else if (a.bits == 4 && a.xperm) int16_rows<4, kLanes>(a, n0, n1);
+  else if (a.bits == 4 && a.xq) int16_rows<4, kPlain>(a, n0, n1);
   else if (a.bits == 4) tile_rows<FmaTile<4>>(a, n0, n1);
-  else if (a.bits == 6 && a.xperm) tile_rows<Int16Tile<6, kPerm>>(a, n0, n1);
-  else if (a.bits == 6 && a.xq) tile_rows<Int16Tile<6, kPlain>>(a, n0, n1);
+  else if (a.bits == 6 && a.xperm) int16_rows<6, kPerm>(a, n0, n1);
+  else if (a.bits == 6 && a.xq) int16_rows<6, kPlain>(a, n0, n1);
   else if (a.bits == 6) tile_rows<FmaTile<6>>(a, n0, n1);
-  else if (a.xq) tile_rows<Int16Tile<8, kPlain>>(a, n0, n1);
+  else if (a.xq) int16_rows<8, kPlain>(a, n0, n1);
   else tile_rows<FmaTile<8>>(a, n0, n1);
 }
 

@@ -51,9 +51,10 @@ bool avx512_kernels() { return use_avx512(); }
 
 namespace {
 
-// The AVX2 4- / 6-bit kernels take activations at int16 precision (one 16-bit integer per column and a scale per
-// block: 1.4x (4-bit) / 1.5x (6-bit) the exact kernels' speed there); "exact" (or GLM4_ACTIVATIONS=exact) gives
-// them the two int16 terms of the AVX-512 kernels, which are exact at no cost.
+// The integer kernels take activations at int16 precision (one 16-bit integer per column and a scale per block):
+// the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
+// (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
+// them two int16 terms, ~31 bits: fp32's result.
 std::atomic<bool> exact_act{[] {
   const char* env = std::getenv("GLM4_ACTIVATIONS");
   return env && std::string(env) == "exact";
@@ -61,7 +62,7 @@ std::atomic<bool> exact_act{[] {
 
 bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
 
-std::string activations() { return use_avx512() || exact_activations() ? "exact" : "int16"; }
+std::string activations() { return exact_activations() ? "exact" : "int16"; }
 
 // "exact" or "int16": the AVX2 kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
@@ -77,8 +78,9 @@ void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows(const glm4k::QuantArgs& a, int64_t n0, int64_t n1) {
-  // AVX-512: int16 activations in blocks of 64k columns, or 8-bit codes in groups of 16k against fp32 ones
-  if (a.xperm || (use_avx512() && (a.xq ? a.xblock % 64 == 0 : a.bits == 4 || a.group % 16 == 0)))
+  // AVX-512: int16 activations in blocks of 64k columns, or 8-bit codes in groups of 16k against fp32 ones;
+  // int8 terms (xq8) are the AVX2 6-bit kernel's
+  if (!a.xq8 && (a.xperm || (use_avx512() && (a.xq ? a.xblock % 64 == 0 : a.bits == 4 || a.group % 16 == 0))))
     glm4k::quant_rows_avx512(a, n0, n1);
   else glm4k::quant_rows_avx2(a, n0, n1);
 }
@@ -168,12 +170,13 @@ struct ActPrep {
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
     // 6-bit: the perm128 kernel for blocks of 128k columns, the plain one otherwise
     perm = use_avx512() && (bits == 6 ? B % 128 == 0 : bits == 4 && (B % 128 == 0 || (B == 32 && K % 128 == 0)));
-    if (!use_avx512() && !exact_activations()) {  // AVX2 at int16 precision: one int16 term (4-bit), two int8 (6-bit)
-      if (bits == 6) B = act_block(group, 64);
+    if (!exact_activations()) {  // int16 precision: one int16 term; AVX2 6-bit: two int8 terms (QuantArgs.xq8)
+      const bool bytes6 = bits == 6 && !(use_avx512() && (perm || B % 64 == 0));  // the AVX2 kernel's blocks
+      if (bytes6) B = act_block(group, 64);
       scale.resize(M * K / B);
-      if (bits == 6) bytes.resize(2 * M * K);
+      if (bytes6) bytes.resize(2 * M * K);
       else hi.resize(M * K);
-      glm4k::act_int16_avx2(x, M * K, B, hi.empty() ? nullptr : hi.data(), bytes.empty() ? nullptr : bytes.data(),
+      glm4k::act_int16_avx2(x, M * K, B, perm, hi.empty() ? nullptr : hi.data(), bytes.empty() ? nullptr : bytes.data(),
                             scale.data());
       return;
     }
