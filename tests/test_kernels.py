@@ -82,8 +82,8 @@ def test_dense_mm_matches_float64(dtype, M, N, K, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 192), (6, 64), (6, 128), (6, 384), (6, 896), (8, 8),
-                                        (8, 16), (8, 32), (8, 64), (8, 96), (8, 192)])  # kernels split by group: ops.cpp
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, 192), (6, 64), (6, 128), (6, 384), (6, 896),
+                                        (8, 8), (8, 16), (8, 32), (8, 64), (8, 96), (8, 192)])  # kernels split by group: ops.cpp
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("with_mins", [False, True])
 @pytest.mark.parametrize("M", [1, 3, 4, 7])
@@ -91,6 +91,7 @@ def test_dense_mm_matches_float64(dtype, M, N, K, isa):
 def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_mins, M, K, isa):
     if bits == 6:  # AVX-512: g128 in the perm128 order, g64 / g192 / g384 in column order, g896 (blocks of 224)
         K = 896 if group == 896 else K  # the AVX2 kernel
+    if bits < 8:  # 4- / 6-bit g128 on AVX-512 with K = 384: the perm128 kernels (one token at int16 precision: bytes)
         group = group if K % group == 0 else K
     g = torch.Generator().manual_seed(bits * 100 + group + M)
     N = 70
