@@ -124,8 +124,8 @@ def quant_isa(bits: int, group_size: int) -> str:
     block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
     int16 = activations() == "int16"
     if isa == "AVX-512" and block % 64 == 0 and block:
-        return "AVX-512 VNNI, int16 activations for one token" if int16 else "AVX-512 VNNI"
-    return "" if not isa else "AVX2, int16 activations" if bits in (4, 6) and int16 else "AVX2"
+        return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
+    return "" if not isa else "AVX2 (int16 activations)" if bits in (4, 6) and int16 else "AVX2"
 
 
 def activations() -> str:
