@@ -212,7 +212,7 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       load_codes128_perm(a, n + r, k, w);
       for (int m = 0; m < MT; ++m) {
         const int16_t* h = xh + m * K + k;
-        const int16_t* l = xl + m * K + k;
+        const int16_t* l = LO ? xl + m * K + k : nullptr;
         ph[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(h));
         if constexpr (LO) pl[r][m] = _mm512_madd_epi16(w[0], _mm512_loadu_si512(l));
         for (int j = 1; j < 4; ++j) {
@@ -294,7 +294,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
             else load_codes128_perm(a, n + r, k, w);
             for (int m = 0; m < MT; ++m) {
               const int16_t* h = xh + m * K + k;
-              const int16_t* l = xl + m * K + k;
+              const int16_t* l = LO ? xl + m * K + k : nullptr;
               for (int j = 0; j < 4; ++j) {
                 ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[j], _mm512_loadu_si512(h + 32 * j));
                 if constexpr (LO) pl[r][m] = _mm512_dpwssd_epi32(pl[r][m], w[j], _mm512_loadu_si512(l + 32 * j));
@@ -310,7 +310,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
           load_codes64<BITS>(a, n + r, k, w);
           for (int m = 0; m < MT; ++m) {
             const int16_t* h = xh + m * K + k;
-            const int16_t* l = xl + m * K + k;
+            const int16_t* l = LO ? xl + m * K + k : nullptr;
             ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[0], _mm512_loadu_si512(h));
             ph[r][m] = _mm512_dpwssd_epi32(ph[r][m], w[1], _mm512_loadu_si512(h + 32));
             if constexpr (LO) {
