@@ -182,6 +182,22 @@ def _recording_prompts(kernel, lens: list[int]):
     return run
 
 
+@pytest.mark.parametrize("wdtype", DTYPES)
+@pytest.mark.parametrize("N", [1, 3, 16, 17])  # 17: past dense_max_m, F.linear
+def test_router_logits_match_float64(wdtype, N):
+    """A MoE router's logits by glm4's dense kernel for few tokens (the weight read as stored: bf16 widened exactly)
+    are fp32 sums of the products F.linear sums; with autograd on they fall back to F.linear."""
+    g = torch.Generator().manual_seed(N)
+    x, w = torch.randn(N, 1024, generator=g), torch.randn(64, 1024, generator=g).to(wdtype)
+    ref = x.double() @ w.double().T
+    with torch.no_grad():
+        y = fused.router_logits(x, w)
+    assert y.dtype == torch.float32 and y.shape == (N, 64)
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    wg = w.float().requires_grad_()
+    assert fused.router_logits(x, wg).grad_fn is not None  # F.linear, differentiable
+
+
 @pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe"])
 def test_engine_with_fused_ops_equals_reference(model_type):
     """Greedy tokens equal the reference generator's with the fused ops on (and off), with decode contexts on
@@ -193,6 +209,7 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         assert any(isinstance(m, fused.FusedRMSNorm) for m in llm.model.modules()) == on
         assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
         assert ("prefill_attention" in llm.describe()) == on
+        assert ("router_logits" in llm.describe()) == (on and model_type == "glm4_moe")  # few tokens: glm4's dense_mm
         longest, qkv_longest, prompt_lens = [], [], []
         if on:  # decode-only steps take the one-op qkv path (model_type glm: no q/k norm), mixed steps the other
             runner = llm.engine.runner
