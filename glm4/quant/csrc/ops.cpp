@@ -64,7 +64,7 @@ bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
 
 std::string activations() { return exact_activations() ? "exact" : "int16"; }
 
-// "exact" or "int16": the AVX2 kernels' activations from now on; returns what ran before
+// "exact" or "int16": the integer kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
   TORCH_CHECK(name == "exact" || name == "int16", "set_activations: exact or int16, not ", name);
   const std::string before = exact_activations() ? "exact" : "int16";
