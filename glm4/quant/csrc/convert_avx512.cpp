@@ -21,7 +21,6 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
   const int64_t K = a.K, g = a.group, G = K / g;
   const __m512 zp = _mm512_set1_ps(float(a.zero_point));
   const __m512i round = _mm512_set1_epi32(0x7FFF), one = _mm512_set1_epi32(1);
-  const __m128i nibble = _mm_set1_epi8(0x0F);
   for (int64_t n = n0; n < n1; ++n) {
     float* of = BF16 ? nullptr : a.out_f32 + (n - a.r0) * K;
     uint16_t* ob = BF16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
@@ -46,13 +45,7 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
           emit(k, _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
         } else {
           __m128i lo, hi;  // columns k..k+15, k+16..k+31 as bytes
-          if constexpr (BITS == 6) {
-            codes6_block32(static_cast<const uint8_t*>(a.q) + (n * K + k) / 64 * 48, int(k % 64 / 32), lo, hi);
-          } else {  // one q4_0 block: byte t holds column t (low nibble) and t + 16 (high)
-            const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * K + k) / 2;
-            const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-            lo = _mm_and_si128(b, nibble), hi = _mm_and_si128(_mm_srli_epi16(b, 4), nibble);
-          }
+          codes_block32<BITS>(a.q, n, K, k, lo, hi);
           emit(k, _mm512_cvtepu8_epi32(lo));
           emit(k + 16, _mm512_cvtepu8_epi32(hi));
         }

@@ -120,10 +120,8 @@ inline void load_codes32(const QuantArgs& a, int64_t n, int64_t k, __m256 out[4]
     for (int j = 0; j < 4; ++j)
       out[j] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j))));
   } else {
-    const uint8_t* q = static_cast<const uint8_t*>(a.q) + (n * a.K + k) / 2;
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
-    __m128i lo = _mm_and_si128(b, mask), hi = _mm_and_si128(_mm_srli_epi16(b, 4), mask);
+    __m128i lo, hi;
+    codes_block32<4>(a.q, n, a.K, k, lo, hi);
     out[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
     out[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
     out[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
