@@ -476,6 +476,34 @@ def test_quantized_gguf_keeps_quantlinears(tmp_path, qtype, variant):
     assert qbytes < fp32 * (0.25 if qtype in (T.Q4_0, T.Q4_1) else 0.4)  # 5-bit codes are stored in 8 bits
 
 
+@pytest.mark.parametrize("attn_q", [T.Q8_0, T.Q5_0, T.Q4_0], ids=lambda t: t.name)
+def test_gguf_q_k_v_fuse_into_one_quantlinear(tmp_path, attn_q):
+    # the engine fuses q / k / v of a GGUF-loaded model into one QuantLinear when the three share a format: q8_0
+    # everywhere, or q4_K_M's mix (attn_q q5_0, codes 0..31 about 16; attn_k / attn_v q8_0) with the 8-bit codes
+    # moved to zero point 0; q4_0 against q8_0 k / v stays three linears. Logits are unchanged (to the bit where no
+    # zero point moved; else within fp32 rounding: the zero-point term is summed apart from the codes).
+    from glm4.models.glm import fuse_projections
+
+    model = tiny_model("glm4")
+    types = {f"blk.{i}.attn_q.weight": attn_q for i in range(model.config.num_hidden_layers)}
+    held = write_gguf(tmp_path / "m.gguf", model, T.Q8_0, types=types)
+    got = load_model(tmp_path / "m.gguf", progress=False)
+    before = logits(got)
+    fuse_projections(got)
+    attn = got.model.layers[0].self_attn
+    fused = attn_q != T.Q4_0
+    assert (attn.qkv_proj is not None) == fused and isinstance(attn.qkv_proj if fused else attn.q_proj, QuantLinear)
+    if fused:
+        assert attn.qkv_proj.zero_point == 0 and attn.qkv_proj.qweight.dtype == torch.int8
+        ref = reference(model, held, tmp_path / "ref")
+        wq, wk, wv = (dict(ref.named_modules())[f"model.layers.0.self_attn.{n}"].weight for n in ("q_proj", "k_proj", "v_proj"))
+        assert torch.equal(attn.qkv_proj.dequantize(), torch.cat([wq, wk, wv]))
+    if attn_q == T.Q5_0:
+        assert_close(logits(got), before)
+    else:
+        assert torch.equal(logits(got), before)
+
+
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
 def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     # K-quants need rows of 256: hidden 256, every weight K-quantized, the embedding too; a tied output head

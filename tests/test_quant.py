@@ -381,3 +381,40 @@ def test_engine_serves_quantized_model(scheme):
     # continuous batching (M = 2 at decode) gives the reference generator's tokens: rows are independent
     for p, o in zip(prompts, outs):
         assert list(o.outputs[0].token_ids) == generate(q, torch.tensor([p]), max_new_tokens=6)[0, len(p):].tolist()
+
+
+@pytest.mark.parametrize("bits,group,zps,mins", [(4, 32, (8, 8, 8), False), (4, 32, (0, 0, 0), True),
+                                                 (6, 64, (32, 32, 32), False), (8, 16, (0, 16, 32), False)])
+def test_quantlinear_concat_stacks_rows_exactly(bits, group, zps, mins):
+    # q / k / v of one format as one QuantLinear (glm4.models.glm.fuse_linears calls it): the same weights row for
+    # row, 8-bit zero points moved to 0 where the codes allow; outputs equal to the separate linears' to the bit
+    # when the zero points agree, else within fp32 rounding (the zero-point term is summed apart from the codes)
+    torch.manual_seed(0)
+    span = {4: 16, 6: 64, 8: 32}[bits]
+    parts = []
+    for n, zp in zip((64, 16, 16), zps):
+        q = torch.randint(0, span, (n, 128))
+        s = torch.rand(n, 128 // group).half()
+        parts.append(QuantLinear.from_codes(q, s, torch.rand_like(s) if mins else None, bits=bits, group_size=group,
+                                            zero_point=zp, bias=torch.randn(n)))
+    fused = QuantLinear.concat(parts)
+    assert fused.out_features == 96 and fused.zero_point == (zps[0] if len(set(zps)) == 1 else 0)
+    assert torch.equal(fused.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        got, separate = fused(x), torch.cat([p(x) for p in parts], dim=-1)
+    exact = x.double() @ fused.dequantize(torch.float64).T + fused.bias.double()
+    if len(set(zps)) == 1:
+        assert torch.equal(got, separate)
+    assert (got - exact).abs().max() <= 1e-5 * exact.abs().max() and (separate - exact).abs().max() <= 1e-5 * exact.abs().max()
+
+
+def test_quantlinear_concat_refuses_mixed_formats():
+    q = torch.randint(0, 16, (16, 128))
+    a = QuantLinear.from_codes(q, torch.rand(16, 4).half(), bits=4, group_size=32, zero_point=8)
+    b = QuantLinear.from_codes(q, torch.rand(16, 1).half(), bits=4, group_size=128, zero_point=8)
+    c = QuantLinear.from_codes(q, torch.rand(16, 4).half(), bits=4, group_size=32, zero_point=7)
+    d = QuantLinear.from_codes(q * 16, torch.rand(16, 4).half(), bits=8, group_size=32, zero_point=0)  # codes 0..240
+    e = QuantLinear.from_codes(q, torch.rand(16, 4).half(), bits=8, group_size=32, zero_point=-120)
+    assert QuantLinear.concat([a, b]) is None and QuantLinear.concat([a, c]) is None  # group; 4-bit zero points
+    assert QuantLinear.concat([d, e]) is None  # codes - zero point leave int8 (-128 .. 135)

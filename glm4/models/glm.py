@@ -17,9 +17,14 @@ from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin, Rope, apply_rope
 
 
-def fuse_linears(*linears: nn.Module) -> nn.Linear | None:
-    """One nn.Linear whose output is the linears' outputs concatenated (same input); None unless all are plain
-    nn.Linear (already quantized or LoRA-wrapped modules stay as they are)."""
+def fuse_linears(*linears: nn.Module) -> nn.Module | None:
+    """One linear whose output is the linears' outputs concatenated (same input): an nn.Linear for plain ones, or
+    what their common type's `concat(linears)` makes (quantized linears of one format, e.g. a GGUF file's q / k / v);
+    None otherwise (LoRA-wrapped or mixed modules stay as they are)."""
+    kind = type(linears[0])
+    if kind is not nn.Linear:
+        concat = getattr(kind, "concat", None)
+        return concat(linears) if concat is not None and all(type(m) is kind for m in linears) else None
     if not all(type(m) is nn.Linear for m in linears):
         return None
     first = linears[0]

@@ -156,6 +156,40 @@ class QuantLinear(nn.Module):
             m.bias = bias.detach().clone()
         return m
 
+    @classmethod
+    @torch.no_grad()
+    def concat(cls, linears) -> QuantLinear | None:
+        """One QuantLinear computing the linears' outputs side by side (rows stacked, same input): None unless they
+        share the input width, bits, group size, scale dtype and whether they have mins and bias. 8-bit zero points
+        may differ (GGUF q4_K_M files hold attn_q as q5_0, codes 0..31 about 16, and attn_k / attn_v as q8_0):
+        codes are shifted to zero point 0 where they stay within int8, W unchanged."""
+        first = linears[0]
+        key = lambda m: (m.in_features, m.bits, m.group_size, m.scales.dtype, m.mins is None, m.bias is None)
+        if any(key(m) != key(first) for m in linears):
+            return None
+        zero_point = first.zero_point
+        if any(m.zero_point != zero_point for m in linears):
+            if first.bits != 8:
+                return None
+            lo = min(int(m.qweight.min()) - m.zero_point for m in linears)
+            hi = max(int(m.qweight.max()) - m.zero_point for m in linears)
+            if lo < -128 or hi > 127:
+                return None
+            zero_point = 0
+        out = cls(first.in_features, sum(m.out_features for m in linears), bits=first.bits,
+                  group_size=first.group_size, zero_point=zero_point, has_mins=first.mins is not None,
+                  scale_dtype=first.scales.dtype, bias=first.bias is not None,
+                  dtype=first.bias.dtype if first.bias is not None else torch.float32)
+        out.qweight = torch.cat([m.qweight if m.zero_point == zero_point
+                                 else (m.qweight.to(torch.int16) - (m.zero_point - zero_point)).to(torch.int8)
+                                 for m in linears])
+        out.scales = torch.cat([m.scales for m in linears])
+        if first.mins is not None:
+            out.mins = torch.cat([m.mins for m in linears])
+        if first.bias is not None:
+            out.bias = torch.cat([m.bias for m in linears])
+        return out
+
     def codes(self) -> torch.Tensor:
         """int32 [N, K]: q - zero_point."""
         return unpack_codes(self.qweight, self.bits).to(torch.int32) - self.zero_point
