@@ -114,9 +114,11 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
     with kernel_activations("int16"):
         assert torch.ops.glm4.activations() == "int16"
         # which kernels take them (ops.cpp): AVX2's 4- / 6-bit ones; AVX-512's for one token, 8-bit codes only in
-        # activation blocks of 64k columns (the largest multiple of 32 <= 256 dividing the group); the rest: fp32 FMA
+        # activation blocks of 64k columns (the largest multiple of 32 <= 256 dividing the group) or in groups of
+        # 16 / 32 (the lanes8 kernel, K a multiple of 64); the rest: fp32 FMA
         block = next((b for b in range(256, 31, -32) if group % b == 0), 0)
-        int16 = bits < 8 if isa == "avx2" else M == 1 and (bits < 8 or block % 64 == 0)
+        lanes8 = bits == 8 and group in (16, 32) and K % 64 == 0
+        int16 = bits < 8 if isa == "avx2" else M == 1 and (bits < 8 or block % 64 == 0 or lanes8)
         y = kernels.quant_mm(x, lin)
     if not int16:
         assert rel_err(y, ref) < 1e-5
@@ -128,6 +130,26 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
     err = (y.double() - ref).abs()
     assert (err <= bound + 1e-6 * ref.abs().max()).all()
     assert rel_err(y, ref) > 1e-7
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 128), (4, 32, 96), (4, 64, 128), (4, 128, 256), (6, 64, 128),
+                                          (6, 896, 896), (8, 8, 64), (8, 16, 64), (8, 16, 48), (8, 32, 128),
+                                          (8, 96, 192), (8, 128, 256)])
+def test_quant_isa_names_the_kernel_that_runs(bits, group, K, isa):
+    # describe() says which kernels take int16 activations for one token (kernels.quant_isa); they are exactly the
+    # ones whose int16-mode result moves off the exact one (ops.cpp's dispatch, not a copy of it, decides)
+    g = torch.Generator().manual_seed(K + group)
+    lin = QuantLinear.from_codes(torch.randint(0, 1 << bits, (32, K), generator=g), torch.rand(32, K // group, generator=g),
+                                 bits=bits, group_size=group, zero_point=1)
+    x = torch.randn(1, K, generator=g)
+    with kernel_activations("exact"):
+        exact = kernels.quant_mm(x, lin)
+    with kernel_activations("int16"):
+        label = kernels.quant_isa(bits, group, K)
+        moved = not torch.equal(kernels.quant_mm(x, lin), exact)
+    assert label.startswith("AVX2") or isa == "avx512_vnni"
+    assert ("int16 activations" in label) == moved, label
 
 
 @needs_kernels

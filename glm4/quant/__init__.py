@@ -284,7 +284,7 @@ def kernel_of(m: nn.Module) -> str:
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
         gemm = (f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
                 kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else ""))
-        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size)} stream (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size, m.in_features)} stream (M<={kernels.max_m(m)}); "
                 f"dequantize + {gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):
@@ -303,7 +303,7 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
     for name, m in model.named_modules():
         if isinstance(m, StreamExperts):
             gu = m.gate_up
-            isa = kernels.quant_isa(gu.bits, gu.group_size) if gu.bits else kernels.dense_isa()
+            isa = kernels.quant_isa(gu.bits, gu.group_size, gu.in_features) if gu.bits else kernels.dense_isa()
             key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} expert_glu, the dispatch "
                               f"in one op (<= {kernels.dense_max_m()} tokens a call); a "
                               f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per busy expert "

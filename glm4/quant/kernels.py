@@ -116,16 +116,27 @@ def dense_isa() -> str:
     return {"avx512_vnni": "AVX-512", "avx2": "AVX2"}.get(isa, "")
 
 
-def quant_isa(bits: int, group_size: int) -> str:
-    """Same for int8 / int4 / int6 weights: the AVX-512 VNNI kernels take activation blocks of 64 columns or more
-    (the largest multiple of 32 <= 256 dividing the group), as ops.cpp decides; unless activations() is "exact",
-    the AVX2 4- / 6-bit kernels take activations at int16 precision, and the AVX-512 ones for one token."""
+def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str:
+    """Same for int8 / int6 / int4 weights, as ops.cpp decides for one token: the AVX-512 VNNI kernels take activation
+    blocks of 64 columns or more (the largest multiple of 32 <= 256 dividing the group), 4-bit groups of 32 when
+    the width is a multiple of 128 (GGUF q4_0 / q4_K), and 8-bit groups of 16 / 32 when it is a multiple of 64
+    (q8_0, q6_K, q5_*: the lanes8 kernel, int16 activations only); other 8-bit groups of 16k columns run AVX-512
+    FMA kernels on fp32 activations, the rest AVX2's. Unless activations() is "exact", the AVX2 4- / 6-bit kernels
+    take activations at int16 precision, and the AVX-512 ones for one token."""
     isa = dense_isa()
+    if not isa:
+        return ""
     block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
     int16 = activations() == "int16"
-    if isa == "AVX-512" and block % 64 == 0 and block:
-        return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
-    return "" if not isa else "AVX2 (int16 activations)" if bits in (4, 6) and int16 else "AVX2"
+    if isa == "AVX-512":
+        k = in_features or 0
+        lanes = (bits == 4 and block == 32 and k % 128 == 0) or (
+            bits == 8 and int16 and group_size in (16, 32) and k % 64 == 0)
+        if lanes or (block and block % 64 == 0):
+            return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
+        if bits == 8 and group_size % 16 == 0:
+            return "AVX-512"
+    return "AVX2 (int16 activations)" if bits in (4, 6) and int16 else "AVX2"
 
 
 def activations() -> str:

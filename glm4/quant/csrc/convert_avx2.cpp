@@ -103,7 +103,7 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t*
   }
 }
 
-void act_int16_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* v, int8_t* bytes, float* scale) {
+void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* v, int8_t* bytes, float* scale) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   alignas(32) int32_t q[8];
   for (int64_t b0 = 0; b0 < total; b0 += B) {
@@ -114,9 +114,10 @@ void act_int16_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t
       const __m256i q32 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + k), inv), kRound));
       if (v) {
         const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
-        const int64_t c = b0 + k;  // 8 columns move together in the perm128 order
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + (perm ? c / 128 * 128 + perm128(c % 128) : c)),
-                         _mm256_castsi256_si128(packed));
+        const int64_t c = b0 + k;  // 8 columns move together in the perm128 and lanes8 orders
+        const int64_t at = order == kOrderPerm128 ? c / 128 * 128 + perm128(c % 128)
+                           : order == kOrderLanes8 ? c / 64 * 64 + lanes8(c % 64) : c;
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + at), _mm256_castsi256_si128(packed));
       }
       if (bytes) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), q32);

@@ -25,7 +25,8 @@ struct QuantArgs {
   const int8_t* xq8;     // AVX2 6-bit kernel at int16 precision: [M, K / 64, 2, 64]: xq = 256 a + b, a then b, perm64
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
-  int xperm;          // 4-bit AVX-512 path: xq / xq_lo permuted within each 128 columns (perm128 below)
+  int xperm;          // AVX-512 int16 activations: kOrderPerm128 (4- / 6-bit: xq / xq_lo permuted within each
+                      // 128 columns, perm128 below) or kOrderLanes8 (8-bit codes in groups of 16 / 32)
   const void* q;      // int8 [N, K], uint8 [N, K/2] (4-bit, q4_0 nibble order) or [N, K/64*48] (6-bit, codes6.h)
   const void* scales;  // [N, K/g] fp16 or fp32
   const void* mins;    // same, or nullptr
@@ -38,6 +39,14 @@ struct QuantArgs {
 // byte unpacks, which yield the columns as int16 in the order r * 32 + j * 8 + t <- column 32 j + 8 r + t
 // (r: which unpack, j: lane, t: 0..7); the activations are laid out the same way once per call instead.
 inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 8; }
+
+// The 8-bit AVX-512 kernel for groups of 16 or 32 columns (GGUF q8_0, q6_K, q5_*) widens 64 codes with in-lane byte
+// unpacks, which put columns 16 j .. 16 j + 7 (low unpack) and 16 j + 8 .. 16 j + 15 (high) into 128-bit lane j:
+// each lane's int32 sums then belong to one group of 16 (or one half of a group of 32), weighed by one scale.
+inline int64_t lanes8(int64_t c) { return (c % 16) / 8 * 32 + c / 16 * 8 + c % 8; }
+
+// the activation orders (QuantArgs.xperm): columns as they are, perm128 per 128 columns, lanes8 per 64 columns
+enum ActOrder { kOrderColumns = 0, kOrderPerm128 = 1, kOrderLanes8 = 2 };
 
 // The AVX2 6-bit kernel unpacks 64 codes (one 48-byte block) as two registers of 32 bytes: columns 0..15 and
 // 32..47, then 16..31 and 48..63, the order its int8 activations are laid out in.
@@ -72,9 +81,9 @@ void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1);
 void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale);
 
 // x [total] in blocks of B -> x ~ scale[b] * v per block, scale = amax / kInt16Act, v rounded to nearest even (fp32):
-// into v (int16; perm: in the perm128 order) and / or bytes (the AVX2 6-bit kernel's a / b terms, QuantArgs.xq8);
+// into v (int16, in the ActOrder `order`) and / or bytes (the AVX2 6-bit kernel's a / b terms, QuantArgs.xq8);
 // either may be null
-void act_int16_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* v, int8_t* bytes, float* scale);
+void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* v, int8_t* bytes, float* scale);
 
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)

@@ -255,14 +255,70 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
 }
 
+// 8-bit codes in groups of 16 or 32 against int16 activations in the lanes8 order (gemv.h), 64 columns a step: the
+// in-lane byte unpacks put each group of 16 columns (or half a group of 32) into one 128-bit lane, so one vector of
+// per-lane weight scales weighs a step's int32 sums (the fp32 FMA kernel widens every code to fp32 and pays a scale
+// broadcast per group: ~2x the instructions). Unpacking under zero puts a code in an int16's high byte; an
+// arithmetic shift sign-extends it. |code| <= 128, |v| <= 32639, 4 products per lane a step: far below 2^31.
+template <int RB, int MT>
+inline void q8_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
+  __m512 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+  const int16_t* xh = a.xq + m0 * K;
+  const float* xsc = a.xscale + m0 * NB;
+  const __m512i zero = _mm512_setzero_si512();
+  // int32 lane l holds columns of 128-bit lane l / 4, i.e. group l / 4 of the step (16 columns) or l / 8 (32)
+  const __m512i lane_of = g == 16 ? _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3)
+                                  : _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const int8_t* q0 = static_cast<const int8_t*>(a.q);
+  for (int64_t k = 0; k < K; k += 64) {
+    __m512i ph[RB][MT];
+    for (int r = 0; r < RB; ++r) {
+      const int8_t* q = q0 + (n + r) * K + k;
+      prefetch(q, RB * K);
+      const __m512i v = _mm512_loadu_si512(q);
+      const __m512i wlo = _mm512_srai_epi16(_mm512_unpacklo_epi8(zero, v), 8);
+      const __m512i whi = _mm512_srai_epi16(_mm512_unpackhi_epi8(zero, v), 8);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* h = xh + m * K + k;
+        ph[r][m] = _mm512_dpwssd_epi32(_mm512_madd_epi16(wlo, _mm512_loadu_si512(h)), whi, _mm512_loadu_si512(h + 32));
+      }
+    }
+    for (int r = 0; r < RB; ++r) {
+      __m128 ws;  // the step's 4 (groups of 16) or 2 (groups of 32) weight scales
+      const int64_t at = (n + r) * G + k / g;
+      if (g == 16) {
+        ws = a.scale_f16 ? _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + at)))
+                         : _mm_loadu_ps(static_cast<const float*>(a.scales) + at);
+      } else {
+        ws = a.scale_f16 ? _mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(static_cast<const uint16_t*>(a.scales) + at)))
+                         : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(static_cast<const float*>(a.scales) + at)));
+      }
+      const __m512 sv = _mm512_permutexvar_ps(lane_of, _mm512_castps128_ps512(ws));
+      for (int m = 0; m < MT; ++m) {
+        const __m512 s = _mm512_mul_ps(sv, _mm512_set1_ps(xsc[m * NB + k / B]));
+        acc[r][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ph[r][m]), s, acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + group_correction_avx2(a, n + r, m0 + m);
+}
+
 // MODE: kPlain (columns in order, 64 per step), kPerm (4-bit, perm128 order, blocks of 128k columns), kLanes
-// (4-bit, perm128 order, blocks of 32 or 64: q4_lanes_tile)
-enum { kPlain, kPerm, kLanes };
+// (4-bit, perm128 order, blocks of 32 or 64: q4_lanes_tile), kLanes8 (8-bit, groups of 16 / 32: q8_lanes_tile)
+enum { kPlain, kPerm, kLanes, kLanes8 };
 
 template <int BITS, int MODE, bool LO, int RB, int MT>
 inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   if constexpr (MODE == kLanes) {
     q4_lanes_tile<LO, RB, MT>(a, n, m0);
+    return;
+  } else if constexpr (MODE == kLanes8) {
+    q8_lanes_tile<RB, MT>(a, n, m0);  // int16 precision only (ActPrep)
     return;
   }
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
@@ -431,13 +487,14 @@ void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
 }
 
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xperm && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
-  else if (a.bits == 4 && a.xperm) int16_rows<4, kLanes>(a, n0, n1);
+  if (a.bits == 4 && a.xperm == kOrderPerm128 && a.xblock % 128 == 0) int16_rows<4, kPerm>(a, n0, n1);
+  else if (a.bits == 4 && a.xperm == kOrderPerm128) int16_rows<4, kLanes>(a, n0, n1);
   else if (a.bits == 4 && a.xq) int16_rows<4, kPlain>(a, n0, n1);
   else if (a.bits == 4) tile_rows<FmaTile<4>>(a, n0, n1);
-  else if (a.bits == 6 && a.xperm) int16_rows<6, kPerm>(a, n0, n1);
+  else if (a.bits == 6 && a.xperm == kOrderPerm128) int16_rows<6, kPerm>(a, n0, n1);
   else if (a.bits == 6 && a.xq) int16_rows<6, kPlain>(a, n0, n1);
   else if (a.bits == 6) tile_rows<FmaTile<6>>(a, n0, n1);
+  else if (a.xperm == kOrderLanes8) tile_rows<Int16Tile<8, kLanes8, false>>(a, n0, n1);
   else if (a.xq) int16_rows<8, kPlain>(a, n0, n1);
   else tile_rows<FmaTile<8>>(a, n0, n1);
 }

@@ -149,7 +149,7 @@ struct ActPrep {
   std::vector<int8_t> bytes;    // [M, 2K]: the AVX2 6-bit kernel's int8 terms at int16 precision (QuantArgs.xq8)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
-  bool perm = false;  // hi / lo in the 4- / 6-bit AVX-512 kernels' column order (glm4k::perm128)
+  int order = glm4k::kOrderColumns;  // hi / lo in an AVX-512 kernel's column order (glm4k::ActOrder)
 
   // max_m: the most activation rows one kernel call gets (M, or the busiest expert's tokens)
   ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act, int64_t max_m)
@@ -164,26 +164,32 @@ struct ActPrep {
     // AVX-512 takes them for one activation row only: from M = 2 its fp32 FMA kernels, where each widened code
     // feeds several tokens, beat the two int16 terms (LM head, M = 8, Zen 5: int8 13.5 -> 8.5 ms, int4 16.2 -> 10.1)
     if (use_avx512() && max_m > 1) B = 0;
+    // 8-bit codes in groups of 16 or 32 (GGUF q8_0, q6_K, q5_*): the lanes8 kernel, one activation row at int16
+    // precision (its fp32 FMA kernel otherwise: 2.1x the time for q6_K's groups of 16, one thread, in L2)
+    const bool lanes = bits == 8 && int16_act && use_avx512() && max_m == 1 && !exact_activations() &&
+                       (group == 16 || group == 32) && K % 64 == 0;
+    if (lanes) B = K % 256 == 0 ? 256 : K % 128 == 0 ? 128 : 64;
     if (bits == 8 && !(use_avx512() && B % 64 == 0)) B = 0;
     if (!B) return;
     // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
     // 6-bit: the perm128 kernel for blocks of 128k columns, the plain one otherwise
-    perm = use_avx512() && (bits == 6 ? B % 128 == 0 : bits == 4 && (B % 128 == 0 || (B == 32 && K % 128 == 0)));
+    const bool perm = use_avx512() && (bits == 6 ? B % 128 == 0 : bits == 4 && (B % 128 == 0 || (B == 32 && K % 128 == 0)));
+    order = lanes ? glm4k::kOrderLanes8 : perm ? glm4k::kOrderPerm128 : glm4k::kOrderColumns;
     if (!exact_activations()) {  // int16 precision: one int16 term; AVX2 6-bit: two int8 terms (QuantArgs.xq8)
       const bool bytes6 = bits == 6 && !(use_avx512() && (perm || B % 64 == 0));  // the AVX2 kernel's blocks
       if (bytes6) B = act_block(group, 64);
       scale.resize(M * K / B);
       if (bytes6) bytes.resize(2 * M * K);
       else hi.resize(M * K);
-      glm4k::act_int16_avx2(x, M * K, B, perm, hi.empty() ? nullptr : hi.data(), bytes.empty() ? nullptr : bytes.data(),
+      glm4k::act_int16_avx2(x, M * K, B, order, hi.empty() ? nullptr : hi.data(), bytes.empty() ? nullptr : bytes.data(),
                             scale.data());
       return;
     }
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     // per block: amax, scale = amax / 32767, hi / lo rounded to nearest even in double (gemv_avx2.cpp); every caller
     // checked the CPU has AVX2
-    glm4k::act_hilo_avx2(x, M * K, B, perm, hi.data(), lo.data(), scale.data());
+    glm4k::act_hilo_avx2(x, M * K, B, order == glm4k::kOrderPerm128, hi.data(), lo.data(), scale.data());
   }
 
   // the kernel arguments for activation rows [row0, row0 + M)
@@ -194,7 +200,7 @@ struct ActPrep {
     a.xq8 = B && !bytes.empty() ? bytes.data() + row0 * 2 * K : nullptr;
     a.xscale = B ? scale.data() + row0 * (K / B) : nullptr;
     a.xblock = B;
-    a.xperm = perm;
+    a.xperm = order;
   }
 };
 
