@@ -13,6 +13,7 @@ sdist's vendor/llama.cpp/convert_hf_to_gguf.py.
         --converter /work/peer/src/llama_cpp_python-0.3.36/vendor/llama.cpp/convert_hf_to_gguf.py \
         --out /tmp/glm-400m-peer --json /tmp/llamacpp.json                  # llama.cpp only
     python benchmarks/bench_llamacpp.py ... --glm4 --rounds 2                # glm4 vs llama.cpp, interleaved
+    python benchmarks/bench_llamacpp.py ... --glm4 --glm4-gguf             # + glm4 on llama.cpp's own GGUF files
     python benchmarks/bench_llamacpp.py ... --moe --out /tmp/glm-moe-peer    # the MoE checkpoint
 
 Every step runs in a fresh process (peak RSS is per engine and format): llama.cpp's under --llama-python; the
@@ -543,8 +544,9 @@ def report(res: dict) -> str:
              "",
              f"{'format':8} {'engine':10} " + " ".join(f"{name:>10}" for name, _ in cols) +
              f" {'GB/tok':>7} {'% roof':>7} {'RSS/wt':>7}  notes"]
+    span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"  # noqa: E731
     for fmt, row in res["rows"].items():
-        for side in ("glm4", "llama.cpp"):
+        for side in ("glm4", "llama.cpp", "glm4 gguf"):
             s = row.get(side)
             if not s:
                 continue
@@ -552,6 +554,8 @@ def report(res: dict) -> str:
             if side == "glm4":
                 name, note = row["glm4_class"], " ".join(f"{k}={v}" for k, v in s["engine_args"].items()
                                                          if k in ("dtype", "quantization", "linear"))
+            elif side == "glm4 gguf":
+                name, note = fmt, "glm4 on llama.cpp's file"
             else:
                 name, note = fmt, " ".join(f"{k.split('.')[0]}={v}" for k, v in s.get("types", {}).items())
             lines.append(f"{name:8} {side:10} " + " ".join(_cell(s.get(k), ".1f", 10) for _, k in cols) +
@@ -562,7 +566,13 @@ def report(res: dict) -> str:
                                                                  for _, k in cols))
             per_round = row.get("round_ratios", {})
             if a["rounds"] > 1 and per_round:
-                span = lambda xs: f"{min(xs):.2f}-{max(xs):.2f}" if xs else "-"  # noqa: E731
+                lines.append(f"{'':8} {'by round':10} " + " ".join(f"{span(per_round.get(k, [])):>10}"
+                                                                   for _, k in cols))
+        if "glm4 gguf" in row:
+            lines.append(f"{'':8} {'gguf/llama':10} " + " ".join(_cell(row["ratio_gguf"].get(k), ".2f", 10)
+                                                                 for _, k in cols))
+            per_round = row.get("round_ratios_gguf", {})
+            if a["rounds"] > 1 and per_round:
                 lines.append(f"{'':8} {'by round':10} " + " ".join(f"{span(per_round.get(k, [])):>10}"
                                                                    for _, k in cols))
     return "\n".join(lines)
@@ -588,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--roofline-gib", type=float, default=1.0, help="0 skips the bandwidth probe")
     ap.add_argument("--roofline-seconds", type=float, default=3.0)
     ap.add_argument("--glm4", action="store_true", help="also measure glm4 (measure_glm4), interleaved per format")
+    ap.add_argument("--glm4-gguf", action="store_true",
+                    help="also measure glm4 on each GGUF file llama.cpp runs (glm4.LLM(file.gguf): the same bytes)")
     ap.add_argument("--glm4-args", default="{}", help='JSON per class, e.g. \'{"bf16": {"linear": "torch"}}\'')
     ap.add_argument("--convert-only", action="store_true", help="build the checkpoint and GGUF files, measure nothing")
     ap.add_argument("--verbose", action="store_true", help="llama.cpp's own log")
@@ -652,6 +664,12 @@ def main(argv: list[str] | None = None) -> int:
                            a.verbose)
             runs.setdefault(("llama.cpp", f), []).append(r)
             print(f"[round {rnd + 1}] llama.cpp {f}: " + _brief(r, batches), flush=True)
+            if a.glm4_gguf:  # glm4 on llama.cpp's own file, right after it (fp32 activations for quantized files)
+                args = GLM4_CLASSES["fp32" if cls.startswith("int") else cls]
+                r = run_worker("glm4", dict(common, checkpoint=str(ggufs[f]), fmt_class=cls,
+                                            engine_args=dict(args, quantization=None)), verbose=a.verbose)
+                runs.setdefault(("glm4 gguf", f), []).append(r)
+                print(f"[round {rnd + 1}] glm4 on {f}.gguf: " + _brief(r, batches), flush=True)
 
     roof = _med(roofs)
     rows: dict[str, dict] = {}
@@ -669,9 +687,18 @@ def main(argv: list[str] | None = None) -> int:
             # apart): the machine's bandwidth drifts between rounds, and the spread of these shows by how much
             row["round_ratios"] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
                                    for k in row["ratio"]}
+        if ("glm4 gguf", f) in runs:  # glm4 and llama.cpp on the same file
+            gr = runs[("glm4 gguf", f)]
+            row["glm4 gguf"] = summarize(gr, roof, gr[0].get("weight_bytes")) | {k: gr[0].get(k) for k in
+                                                                                ("describe", "engine_args")}
+            g, ll = row["glm4 gguf"], row["llama.cpp"]
+            row["ratio_gguf"] = {k: g[k] / ll[k] for k in g if k.endswith("_tok_s") and g[k] and ll.get(k)}
+            row["round_ratios_gguf"] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
+                                        for k in row["ratio_gguf"]}
         rows[f] = row
     res = {"cpu": cpu_info(), "roofline_gb_s": roof, "roofline_rounds": roofs, "checkpoint": str(checkpoint),
-           "args": dict(common, rounds=a.rounds, formats=fmts, glm4=a.glm4, glm4_args=glm4_args),
+           "args": dict(common, rounds=a.rounds, formats=fmts, glm4=a.glm4, glm4_gguf=a.glm4_gguf,
+                        glm4_args=glm4_args),
            "llama_system_info": runs[("llama.cpp", fmts[0])][0].get("system_info"),
            "rows": rows, "runs": {f"{k[0]} {k[1]}": v for k, v in runs.items()}}
     text = report(res)
