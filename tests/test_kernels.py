@@ -473,3 +473,72 @@ def test_int16_activations_move_the_default_model_far_less_than_its_quantized_we
         moved = (lp["int16"] - lp["exact"]).abs().max().item()
         assert 0 < moved < 0.01 * (lp["exact"] - lp["fp32"]).abs().max().item()  # 0: the int16 kernels ran
         assert abs(kl["int16"] - kl["exact"]) < 0.01 * kl["exact"]
+
+
+def _q6k_blocks(rows: int, k: int, seed: int) -> torch.Tensor:
+    """Random valid q6_K blocks (any codes and int8 scales, small fp16 d) -> uint8 [rows, k / 256 * 210]."""
+    g = torch.Generator().manual_seed(seed)
+    raw = torch.randint(0, 256, (rows, k // 256, 210), dtype=torch.uint8, generator=g)
+    d = (torch.rand(rows, k // 256, 1, generator=g) + 0.5) * 3e-5 / (k / 256) ** 0.5
+    raw[..., 208:210] = d.half().view(torch.uint8)
+    return raw.reshape(rows, -1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 40])
+@pytest.mark.parametrize("K", [256, 768])
+def test_q6k_mm_matches_dequantized_float64(M, K, isa):
+    # GGUF q6_K run from its blocks (Q6KLinear / torch.ops.glm4.q6k_mm): exact activations within fp32 rounding of
+    # the float64 product with gguf-py's dequantized weight, int16 ones within their bound; M > 16 takes the
+    # dequantize + GEMM path (bf16 dequantization rounded from the fp32 weight, as .to(bfloat16))
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from gguf import GGMLQuantizationType
+
+    from glm4.quant import Q6KLinear
+
+    N = 70
+    lin = Q6KLinear(K, N, bias=True)
+    lin.blocks = _q6k_blocks(N, K, seed=K + M)
+    lin.bias = torch.randn(N)
+    w = torch.from_numpy(gguf_quants.dequantize(lin.blocks.numpy(), GGMLQuantizationType.Q6_K))
+    assert torch.equal(lin.dequantize(), w)
+    assert torch.equal(lin.dequantize(torch.bfloat16, slice(3, 50)), w[3:50].to(torch.bfloat16))
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
+    ref = x.double() @ w.double().T + lin.bias.double()
+    with kernel_activations("exact"), torch.no_grad():
+        assert rel_err(lin(x), ref) < 1e-5
+    with kernel_activations("int16"), torch.no_grad():
+        y = lin(x)
+    if M > kernels.max_m(lin):
+        assert rel_err(y, ref) < 1e-5
+        return
+    step = x.abs().amax(dim=1, keepdim=True).double() / (2 * 32639)
+    bound = step @ w.double().abs().sum(dim=1)[None]
+    assert ((y.double() - ref).abs() <= bound + 1e-6 * ref.abs().max()).all()
+    assert rel_err(y, ref) > 1e-7  # the int16 kernel ran, not an exact one
+
+
+@needs_kernels
+def test_q6k_concat_and_bad_shapes(monkeypatch):
+    from glm4.quant import Q6KLinear, QuantizationError
+
+    parts = []
+    for n, seed in ((64, 1), (16, 2), (16, 3)):
+        m = Q6KLinear(512, n)
+        m.blocks = _q6k_blocks(n, 512, seed)
+        parts.append(m)
+    fused = Q6KLinear.concat(parts)
+    x = torch.randn(1, 512)
+    with torch.no_grad():
+        assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
+    assert Q6KLinear.concat([parts[0], Q6KLinear(256, 8)]) is None
+    with torch.no_grad(), kernel_activations("exact"):  # without glm4's kernels: gguf-py's dequantize + F.linear
+        y = fused(torch.randn(3, 512, generator=torch.Generator().manual_seed(0)))
+        w = fused.dequantize()
+        monkeypatch.setattr(kernels, "has_streaming_kernels", lambda: False)
+        assert torch.equal(fused.dequantize(), w)
+        assert rel_err(fused(torch.randn(3, 512, generator=torch.Generator().manual_seed(0))), y) < 1e-5
+    with pytest.raises(QuantizationError, match="multiple of 256"):
+        Q6KLinear(320, 8)
+    with pytest.raises(RuntimeError, match="multiple of 256"):
+        torch.ops.glm4.q6k_mm(torch.randn(1, 320), torch.zeros(8, 210, dtype=torch.uint8), 320)

@@ -79,7 +79,7 @@ void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1) {
   else dequant_bits<8>(a, n0, n1);
 }
 
-void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale) {
+void act_hilo_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* hi, int16_t* lo, float* scale) {
   const __m256d lim = _mm256_set1_pd(32767.0), nlim = _mm256_set1_pd(-32767.0), lo_mul = _mm256_set1_pd(65534.0);
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
   for (int64_t b0 = 0; b0 < total; b0 += B) {
@@ -95,8 +95,7 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t*
         const __m256d l = _mm256_min_pd(_mm256_max_pd(_mm256_round_pd(_mm256_mul_pd(_mm256_sub_pd(v, h), lo_mul), kRound), nlim), lim);
         h32[half] = _mm256_cvtpd_epi32(h), l32[half] = _mm256_cvtpd_epi32(l);
       }
-      const int64_t c = b0 + k;  // 8 columns move together in the perm128 order
-      const int64_t at = perm ? c / 128 * 128 + perm128(c % 128) : c;
+      const int64_t at = act_position(b0 + k, order);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(hi + at), _mm_packs_epi32(h32[0], h32[1]));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(lo + at), _mm_packs_epi32(l32[0], l32[1]));
     }
@@ -114,10 +113,7 @@ void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t
       const __m256i q32 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + k), inv), kRound));
       if (v) {
         const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
-        const int64_t c = b0 + k;  // 8 columns move together in the perm128 and lanes8 orders
-        const int64_t at = order == kOrderPerm128 ? c / 128 * 128 + perm128(c % 128)
-                           : order == kOrderLanes8 ? c / 64 * 64 + lanes8(c % 64) : c;
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + at), _mm256_castsi256_si128(packed));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(v + act_position(b0 + k, order)), _mm256_castsi256_si128(packed));
       }
       if (bytes) {
         _mm256_store_si256(reinterpret_cast<__m256i*>(q), q32);

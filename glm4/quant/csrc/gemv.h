@@ -45,8 +45,20 @@ inline int64_t perm128(int64_t c) { return (c % 32) / 8 * 32 + c / 32 * 8 + c % 
 // each lane's int32 sums then belong to one group of 16 (or one half of a group of 32), weighed by one scale.
 inline int64_t lanes8(int64_t c) { return (c % 16) / 8 * 32 + c / 16 * 8 + c % 8; }
 
-// the activation orders (QuantArgs.xperm): columns as they are, perm128 per 128 columns, lanes8 per 64 columns
-enum ActOrder { kOrderColumns = 0, kOrderPerm128 = 1, kOrderLanes8 = 2 };
+// The same for 256-bit registers (the AVX2 q6_K kernel): 32 codes a step, columns 16 j .. 16 j + 7 and
+// 16 j + 8 .. 16 j + 15 of 128-bit lane j, j = 0, 1.
+inline int64_t lanes16(int64_t c) { return (c % 16) / 8 * 16 + c / 16 * 8 + c % 8; }
+
+// the activation orders (QuantArgs.xperm): columns as they are, perm128 per 128 columns, lanes8 per 64 columns,
+// lanes16 per 32
+enum ActOrder { kOrderColumns = 0, kOrderPerm128 = 1, kOrderLanes8 = 2, kOrderLanes16 = 3 };
+
+// where column c lands in `order` (8 consecutive columns from a multiple of 8 stay together in every order)
+inline int64_t act_position(int64_t c, int order) {
+  return order == kOrderPerm128 ? c / 128 * 128 + perm128(c % 128)
+         : order == kOrderLanes8 ? c / 64 * 64 + lanes8(c % 64)
+         : order == kOrderLanes16 ? c / 32 * 32 + lanes16(c % 32) : c;
+}
 
 // The AVX2 6-bit kernel unpacks 64 codes (one 48-byte block) as two registers of 32 bytes: columns 0..15 and
 // 32..47, then 16..31 and 48..63, the order its int8 activations are laid out in.
@@ -77,8 +89,8 @@ void dequant_rows_avx2(const DequantArgs& a, int64_t n0, int64_t n1);
 void dequant_rows_avx512(const DequantArgs& a, int64_t n0, int64_t n1);
 
 // x [total] in blocks of B (a multiple of 32) -> x = scale[b] * (hi + lo / 65534) per block, scale = amax / 32767,
-// hi / lo rounded to nearest even in double precision; perm: positions in the perm128 order (see QuantArgs)
-void act_hilo_avx2(const float* x, int64_t total, int64_t B, bool perm, int16_t* hi, int16_t* lo, float* scale);
+// hi / lo rounded to nearest even in double precision, in the ActOrder `order`
+void act_hilo_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* hi, int16_t* lo, float* scale);
 
 // x [total] in blocks of B -> x ~ scale[b] * v per block, scale = amax / kInt16Act, v rounded to nearest even (fp32):
 // into v (int16, in the ActOrder `order`) and / or bytes (the AVX2 6-bit kernel's a / b terms, QuantArgs.xq8);

@@ -63,6 +63,13 @@ std::atomic<bool> exact_act{[] {
 bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
 
 std::string activations() { return exact_activations() ? "exact" : "int16"; }
+}  // namespace
+
+namespace glm4k {
+bool exact_kernel_activations() { return exact_activations(); }
+}  // namespace glm4k
+
+namespace {
 
 // "exact" or "int16": the integer kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
@@ -189,7 +196,7 @@ struct ActPrep {
     hi.resize(M * K), lo.resize(M * K), scale.resize(M * K / B);
     // per block: amax, scale = amax / 32767, hi / lo rounded to nearest even in double (gemv_avx2.cpp); every caller
     // checked the CPU has AVX2
-    glm4k::act_hilo_avx2(x, M * K, B, order == glm4k::kOrderPerm128, hi.data(), lo.data(), scale.data());
+    glm4k::act_hilo_avx2(x, M * K, B, order, hi.data(), lo.data(), scale.data());
   }
 
   // the kernel arguments for activation rows [row0, row0 + M)
