@@ -30,8 +30,8 @@ from glm4.quant import kernels  # noqa: E402
 from glm4.quant.experts import StreamExperts  # noqa: E402
 from glm4.quant.gguf import _quant_linear  # noqa: E402
 from glm4.quant.gguf_quants import dequantize  # noqa: E402
+from glm4.quant.kquant import KQuantLinear  # noqa: E402
 from glm4.quant.load import load_model  # noqa: E402
-from glm4.quant.q6k import Q6KLinear  # noqa: E402
 from glm4.quant.qlinear import QuantLinear  # noqa: E402
 from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, HFTokenizer, load_tokenizer  # noqa: E402
 from glm4.tokenizer.gguf_meta import GGUFError, read_gguf_header  # noqa: E402
@@ -247,7 +247,7 @@ def assert_matches_dequantized(got, ref) -> None:
     by default (glm4's streaming kernels where this CPU has them: fp32-exact, tests/test_kernels.py)."""
     mods = dict(ref.named_modules())
     for name, m in got.named_modules():
-        if isinstance(m, (QuantLinear, Q6KLinear)):
+        if isinstance(m, (QuantLinear, KQuantLinear)):
             assert torch.equal(m.dequantize(), mods[name].weight), name
         elif isinstance(m, StreamExperts):
             for pack, stacked in ((m.gate_up, mods[name].gate_up_proj), (m.down, mods[name].down_proj)):
@@ -279,11 +279,11 @@ def test_dequantize_equals_gguf_bit_for_bit(qtype):
         if qtype in (T.F32, T.F16, T.BF16):
             continue
         # the linear the loader builds from these blocks holds the same weight, bit for bit (fp32; bf16 as rounded
-        # from it): a QuantLinear, or for q6_K where glm4's kernels run its blocks as they are (Q6KLinear)
+        # from it): a QuantLinear, or for q4_K / q6_K where glm4's kernels run their blocks as they are (KQuantLinear)
         m = _quant_linear(raw.view(np.uint8), int(qtype), torch.nn.Linear(512, 6, bias=False, device="meta"),
                           torch.float32)
-        if qtype == T.Q6_K and kernels.has_streaming_kernels():
-            assert isinstance(m, Q6KLinear) and np.array_equal(m.blocks.numpy(), raw.view(np.uint8))
+        if qtype in (T.Q4_K, T.Q6_K) and kernels.has_streaming_kernels():
+            assert isinstance(m, KQuantLinear) and np.array_equal(m.blocks.numpy(), raw.view(np.uint8))
         else:
             assert isinstance(m, QuantLinear) and m.bits == (4 if qtype in (T.Q4_0, T.Q4_1, T.Q4_K) else 8)
             assert (m.mins is not None) == (qtype in (T.Q4_1, T.Q5_1, T.Q4_K, T.Q5_K))
@@ -454,7 +454,7 @@ def test_half_gguf_logits_equal_safetensors(tmp_path, qtype, variant):
 
 
 def _quant_counts(model):
-    return (sum(isinstance(m, (QuantLinear, Q6KLinear)) for m in model.modules()),
+    return (sum(isinstance(m, (QuantLinear, KQuantLinear)) for m in model.modules()),
             sum(type(m) is torch.nn.Linear for m in model.modules()))
 
 
@@ -521,10 +521,10 @@ def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     assert got.config.tie_word_embeddings
     head = got.get_output_embeddings()
     assert _quant_counts(got) == (13, 0)
-    if qtype == T.Q6_K:  # q6_K stays in its blocks where glm4's kernels run (6.56 bits a weight), else 8-bit codes
-        assert isinstance(head, Q6KLinear if kernels.has_streaming_kernels() else QuantLinear)
+    if qtype in (T.Q4_K, T.Q6_K):  # their blocks as they are where glm4's kernels run (4.5 / 6.56 bits a weight)
+        assert isinstance(head, KQuantLinear if kernels.has_streaming_kernels() else QuantLinear)
     else:
-        assert isinstance(head, QuantLinear) and head.group_size == 32 and head.bits == (4 if qtype == T.Q4_K else 8)
+        assert isinstance(head, QuantLinear) and head.group_size == 32 and head.bits == 8
     ref = reference(model, held, tmp_path / "ref")
     assert torch.equal(got.get_input_embeddings().weight, ref.get_input_embeddings().weight)
     assert_matches_dequantized(got, ref)

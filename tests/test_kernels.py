@@ -475,32 +475,34 @@ def test_int16_activations_move_the_default_model_far_less_than_its_quantized_we
         assert abs(kl["int16"] - kl["exact"]) < 0.01 * kl["exact"]
 
 
-def _q6k_blocks(rows: int, k: int, seed: int) -> torch.Tensor:
-    """Random valid q6_K blocks (any codes and int8 scales, small fp16 d) -> uint8 [rows, k / 256 * 210]."""
+def _kquant_blocks(ggml_type: int, rows: int, k: int, seed: int) -> torch.Tensor:
+    """Random valid q4_K / q6_K blocks (any codes and scale bytes, small fp16 d / dmin) -> uint8 [rows, k / 256 * B]."""
     g = torch.Generator().manual_seed(seed)
-    raw = torch.randint(0, 256, (rows, k // 256, 210), dtype=torch.uint8, generator=g)
-    d = (torch.rand(rows, k // 256, 1, generator=g) + 0.5) * 3e-5 / (k / 256) ** 0.5
-    raw[..., 208:210] = d.half().view(torch.uint8)
+    size = {12: 144, 14: 210}[ggml_type]
+    raw = torch.randint(0, 256, (rows, k // 256, size), dtype=torch.uint8, generator=g)
+    for off, scale in ([(208, 3e-5)] if ggml_type == 14 else [(0, 4e-5), (2, 4e-4)]):
+        d = (torch.rand(rows, k // 256, 1, generator=g) + 0.5) * scale / (k / 256) ** 0.5
+        raw[..., off:off + 2] = d.half().view(torch.uint8)
     return raw.reshape(rows, -1)
 
 
 @needs_kernels
+@pytest.mark.parametrize("ggml_type", [12, 14], ids=["q4_K", "q6_K"])
 @pytest.mark.parametrize("M", [1, 2, 5, 16, 40])
 @pytest.mark.parametrize("K", [256, 768])
-def test_q6k_mm_matches_dequantized_float64(M, K, isa):
-    # GGUF q6_K run from its blocks (Q6KLinear / torch.ops.glm4.q6k_mm): exact activations within fp32 rounding of
-    # the float64 product with gguf-py's dequantized weight, int16 ones within their bound; M > 16 takes the
-    # dequantize + GEMM path (bf16 dequantization rounded from the fp32 weight, as .to(bfloat16))
+def test_kquant_mm_matches_dequantized_float64(ggml_type, M, K, isa):
+    # GGUF q4_K / q6_K run from their blocks (KQuantLinear / torch.ops.glm4.kquant_mm): exact activations within fp32
+    # rounding of the float64 product with gguf-py's dequantized weight, int16 ones within their bound; M > 16
+    # takes the dequantize + GEMM path (bf16 dequantization rounded from the fp32 weight, as .to(bfloat16))
     gguf_quants = pytest.importorskip("gguf.quants")
-    from gguf import GGMLQuantizationType
 
-    from glm4.quant import Q6KLinear
+    from glm4.quant import KQuantLinear
 
     N = 70
-    lin = Q6KLinear(K, N, bias=True)
-    lin.blocks = _q6k_blocks(N, K, seed=K + M)
+    lin = KQuantLinear(K, N, ggml_type, bias=True)
+    lin.blocks = _kquant_blocks(ggml_type, N, K, seed=K + M)
     lin.bias = torch.randn(N)
-    w = torch.from_numpy(gguf_quants.dequantize(lin.blocks.numpy(), GGMLQuantizationType.Q6_K))
+    w = torch.from_numpy(gguf_quants.dequantize(lin.blocks.numpy(), ggml_type))
     assert torch.equal(lin.dequantize(), w)
     assert torch.equal(lin.dequantize(torch.bfloat16, slice(3, 50)), w[3:50].to(torch.bfloat16))
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M))
@@ -519,19 +521,21 @@ def test_q6k_mm_matches_dequantized_float64(M, K, isa):
 
 
 @needs_kernels
-def test_q6k_concat_and_bad_shapes(monkeypatch):
-    from glm4.quant import Q6KLinear, QuantizationError
+@pytest.mark.parametrize("ggml_type", [12, 14], ids=["q4_K", "q6_K"])
+def test_kquant_concat_fallback_and_bad_shapes(ggml_type, monkeypatch):
+    from glm4.quant import KQuantLinear, QuantizationError
 
     parts = []
     for n, seed in ((64, 1), (16, 2), (16, 3)):
-        m = Q6KLinear(512, n)
-        m.blocks = _q6k_blocks(n, 512, seed)
+        m = KQuantLinear(512, n, ggml_type)
+        m.blocks = _kquant_blocks(ggml_type, n, 512, seed)
         parts.append(m)
-    fused = Q6KLinear.concat(parts)
+    fused = KQuantLinear.concat(parts)
     x = torch.randn(1, 512)
     with torch.no_grad():
         assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
-    assert Q6KLinear.concat([parts[0], Q6KLinear(256, 8)]) is None
+    assert KQuantLinear.concat([parts[0], KQuantLinear(256, 8, ggml_type)]) is None
+    assert KQuantLinear.concat([parts[0], KQuantLinear(512, 8, 26 - ggml_type)]) is None  # the other type
     with torch.no_grad(), kernel_activations("exact"):  # without glm4's kernels: gguf-py's dequantize + F.linear
         y = fused(torch.randn(3, 512, generator=torch.Generator().manual_seed(0)))
         w = fused.dequantize()
@@ -539,6 +543,9 @@ def test_q6k_concat_and_bad_shapes(monkeypatch):
         assert torch.equal(fused.dequantize(), w)
         assert rel_err(fused(torch.randn(3, 512, generator=torch.Generator().manual_seed(0))), y) < 1e-5
     with pytest.raises(QuantizationError, match="multiple of 256"):
-        Q6KLinear(320, 8)
+        KQuantLinear(320, 8, ggml_type)
+    with pytest.raises(QuantizationError, match="not q4_K"):
+        KQuantLinear(256, 8, 2)
+    monkeypatch.undo()
     with pytest.raises(RuntimeError, match="multiple of 256"):
-        torch.ops.glm4.q6k_mm(torch.randn(1, 320), torch.zeros(8, 210, dtype=torch.uint8), 320)
+        torch.ops.glm4.kquant_mm(torch.randn(1, 320), torch.zeros(8, 210, dtype=torch.uint8), 320, ggml_type)

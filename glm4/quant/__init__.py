@@ -27,15 +27,15 @@ from .int4 import WeightOnlyInt4Linear, quantize_int4
 from .int6 import GROUP_SIZES as INT6_GROUPS
 from .int6 import quantize_int6
 from .int8 import WeightOnlyInt8Linear, quantize_int8
-from .q6k import Q6KLinear
+from .kquant import KQuantLinear
 from .qlinear import QuantLinear
 
-__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "PackedLinear", "Q6KLinear", "QuantLinear",
+__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "KQuantLinear", "PackedLinear", "QuantLinear",
            "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
            "quantize_weights_report", "set_gemm_dtype", "warn_fallbacks"]
 
-_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, Q6KLinear, FloatLinear,
+_SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, KQuantLinear, FloatLinear,
             StreamExperts)
 
 SCHEMES = ("int8", "int6", "int4", "float", "packed")
@@ -269,7 +269,7 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
         raise ValueError(f"the quantized GEMM runs in float32 or bfloat16, not {dtype}")
     n = 0
     for m in model.modules():
-        if (isinstance(m, (QuantLinear, Q6KLinear)) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
+        if (isinstance(m, (QuantLinear, KQuantLinear)) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
             m.gemm_dtype = dtype
             n += 1
     return n
@@ -282,10 +282,11 @@ def kernel_of(m: nn.Module) -> str:
         return (f"{dt(m.weight)} weights: glm4 {kernels.dense_isa()} stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
                 f"{kernels.gemm_kernel(m.weight.dtype)} above" if kernels.has_streaming_kernels()
                 else f"{dt(m.weight)} weights: F.linear")
-    if isinstance(m, Q6KLinear):
-        return (f"q6_K blocks (6.56 bits/weight): glm4 {kernels.quant_isa(6, 128, m.in_features)} q6k_mm "
-                f"(M<={kernels.max_m(m)}); dequantize + {kernels.gemm_kernel(torch.float32)} above"
-                if kernels.max_m(m) else "q6_K blocks: dequantize + fp32 GEMM")
+    if isinstance(m, KQuantLinear):
+        fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
+        return (f"{fmt}: glm4 {kernels.quant_isa(6, 128, m.in_features)} kquant_mm (M<={kernels.max_m(m)}); "
+                f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
+                else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
         group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"

@@ -49,10 +49,9 @@ from . import kernels
 from .experts import ExpertPack, StreamExperts
 from .gguf_config import ARCHITECTURES, _fail, gguf_config
 from .gguf_quants import FLOAT_TYPES, QUANT_TYPES, SUPPORTED, codes, dequantize
-from .q6k import Q6KLinear
+from .kquant import BLOCK_BYTES as KQUANT_BLOCKS
+from .kquant import KQuantLinear
 from .qlinear import QuantLinear
-
-Q6_K = 14  # ggml type id
 
 __all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model"]
 
@@ -164,11 +163,11 @@ def _float_tensor(raw: np.ndarray, gtype: int) -> torch.Tensor:
     return torch.from_numpy(raw.view(np.float32 if gtype == 0 else np.float16))
 
 
-def _quant_linear(raw: np.ndarray, gtype: int, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | Q6KLinear:
-    """A QuantLinear holding the GGUF codes / scales of a [out, in] quantized weight (bias filled later); q6_K
-    stays in its blocks (Q6KLinear: 6.56 bits a weight, not 10) where glm4's kernels run."""
-    if gtype == Q6_K and kernels.has_streaming_kernels() and linear.in_features % 256 == 0:
-        m = Q6KLinear(linear.in_features, linear.out_features, bias=linear.bias is not None, dtype=dtype)
+def _quant_linear(raw: np.ndarray, gtype: int, linear: nn.Linear, dtype: torch.dtype) -> QuantLinear | KQuantLinear:
+    """A QuantLinear holding the GGUF codes / scales of a [out, in] quantized weight (bias filled later); q4_K and
+    q6_K stay in their blocks (KQuantLinear: 4.5 / 6.56 bits a weight, not 6 / 10) where glm4's kernels run."""
+    if gtype in KQUANT_BLOCKS and kernels.has_streaming_kernels() and linear.in_features % 256 == 0:
+        m = KQuantLinear(linear.in_features, linear.out_features, gtype, bias=linear.bias is not None, dtype=dtype)
         m.blocks = _owned(raw)
         return m
     c = codes(raw, gtype)

@@ -49,15 +49,24 @@ inline int64_t lanes8(int64_t c) { return (c % 16) / 8 * 32 + c / 16 * 8 + c % 8
 // 16 j + 8 .. 16 j + 15 of 128-bit lane j, j = 0, 1.
 inline int64_t lanes16(int64_t c) { return (c % 16) / 8 * 16 + c / 16 * 8 + c % 8; }
 
+// The AVX-512 q4_K kernel (kquant.h) reads 128 weights as one 64-byte register of codes: its low nibbles hold groups
+// 0 and 2 (of 32), its high nibbles groups 1 and 3; in-lane unpacks put columns 16 L' .. of a group into lane L
+// (L = 2 (group / 2) + column / 16 within the group), low then high unpack, low nibbles' register first.
+inline int64_t q4k128(int64_t c) {
+  const int64_t group = c / 32, w = c % 32;
+  return group % 2 * 64 + (w % 16) / 8 * 32 + (group / 2 * 2 + w / 16) * 8 + c % 8;
+}
+
 // the activation orders (QuantArgs.xperm): columns as they are, perm128 per 128 columns, lanes8 per 64 columns,
-// lanes16 per 32
-enum ActOrder { kOrderColumns = 0, kOrderPerm128 = 1, kOrderLanes8 = 2, kOrderLanes16 = 3 };
+// lanes16 per 32, q4k128 per 128
+enum ActOrder { kOrderColumns = 0, kOrderPerm128 = 1, kOrderLanes8 = 2, kOrderLanes16 = 3, kOrderQ4K128 = 4 };
 
 // where column c lands in `order` (8 consecutive columns from a multiple of 8 stay together in every order)
 inline int64_t act_position(int64_t c, int order) {
   return order == kOrderPerm128 ? c / 128 * 128 + perm128(c % 128)
          : order == kOrderLanes8 ? c / 64 * 64 + lanes8(c % 64)
-         : order == kOrderLanes16 ? c / 32 * 32 + lanes16(c % 32) : c;
+         : order == kOrderLanes16 ? c / 32 * 32 + lanes16(c % 32)
+         : order == kOrderQ4K128 ? c / 128 * 128 + q4k128(c % 128) : c;
 }
 
 // The AVX2 6-bit kernel unpacks 64 codes (one 48-byte block) as two registers of 32 bytes: columns 0..15 and

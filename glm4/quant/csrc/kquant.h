@@ -1,0 +1,62 @@
+// GGUF K-quants run as the file holds them (256 weights a block), where glm4's grouped formats would cost more
+// bytes: the scales are d * sc products exact only in fp32, one per 16 or 32 weights.
+//
+// q6_K, 210 bytes: ql[128] (low nibbles), qh[64] (high bit pairs), sc[16] (int8 scale per 16 weights), d (fp16):
+// w[e] = d * sc[e / 16] * (q[e] - 32). In each half of 128 weights (ql + 64 h, qh + 32 h), for l < 32:
+// q[l] = ql[l] & 15 | (qh[l] & 3) << 4, q[32 + l] = ql[32 + l] & 15 | (qh[l] >> 2 & 3) << 4,
+// q[64 + l] = ql[l] >> 4 | (qh[l] >> 4 & 3) << 4, q[96 + l] = ql[32 + l] >> 4 | (qh[l] >> 6) << 4.
+// 6.56 bits a weight (as 8-bit codes with fp32 scales: 10).
+//
+// q4_K, 144 bytes: d, dmin (fp16), 12 bytes of 6-bit scales sc[8] / mins m[8] (gguf_quants._k_scale_min), qs[128]:
+// w[32 j + l] = d * sc[j] * q - dmin * m[j], q = qs[32 (j / 2) + l] >> 4 (j % 2) & 15. 4.5 bits a weight (as
+// QuantLinear's 4-bit codes with fp32 scales and mins per 32: 6).
+//
+// Both as gguf-py's dequantize computes them.
+#pragma once
+#include <cstdint>
+
+namespace glm4k {
+
+constexpr int kQ4K = 12, kQ6K = 14;  // ggml type ids
+
+inline int64_t kquant_block_bytes(int type) { return type == kQ6K ? 210 : 144; }
+inline int64_t kquant_group(int type) { return type == kQ6K ? 16 : 32; }  // weights per scale
+
+struct KQuantArgs {
+  const uint8_t* blocks;  // [N, K / 256 * block bytes]
+  const int16_t* xq;      // [M, K]: x = xscale * (xq + xq_lo / 65534) per 256 columns, in the kernel's ActOrder
+  const int16_t* xq_lo;   // nullptr: int16 precision (x = xscale * xq)
+  const float* xscale;    // [M, K / 256]
+  const float* xsum;      // [M, K / group]: sum of x per group (q6_K's - 32, q4_K's mins)
+  float* y;               // [M, N]
+  int64_t M, N, K;
+};
+
+bool avx512_kernels();            // ops.cpp: the AVX-512 set runs (the CPU has it and set_isa allows it)
+bool exact_kernel_activations();  // ops.cpp: activations() is "exact"
+
+// The activation order a kernel reads (gemv.h ActOrder): AVX-512 q6_K lanes8, q4_K q4k128; AVX2 lanes16
+int kquant_order(int type, bool avx512);
+
+// rows [n0, n1) of y
+void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
+
+// rows [r0, r1) of W into out_f32 or out_bf16 ([r1 - r0, K]; bf16 rounded to nearest even from the fp32 value),
+// equal to gguf-py's dequantize bit for bit
+void kquant_dequant_rows_avx2(int type, const uint8_t* blocks, int64_t K, int64_t r0, int64_t r1, float* out_f32,
+                              uint16_t* out_bf16);
+
+// q4_K's 12 scale bytes -> sc[0..7] then m[0..7], one byte each
+inline void q4k_scale_min(const uint8_t* s, uint8_t out[16]) {
+  for (int j = 0; j < 4; ++j) {
+    out[j] = s[j] & 63;
+    out[8 + j] = s[4 + j] & 63;
+    out[4 + j] = (s[8 + j] & 15) | ((s[j] >> 6) << 4);
+    out[12 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 6) << 4);
+  }
+}
+
+}  // namespace glm4k

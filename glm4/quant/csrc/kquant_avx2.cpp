@@ -1,0 +1,219 @@
+// The K-quant kernels for AVX2 + FMA (kquant.h), and the dequantization both sets use for large M. q6_K: one half super-block
+// (128 weights) a step per row, as four registers of 32 codes (weights 32 t .. 32 t + 31: low nibbles OR'd with
+// the high pairs shifted into bits 4-5); in-lane byte unpacks against zero put weights 16 j .. 16 j + 15 of a
+// register into 128-bit lane j, so each lane's int32 sums belong to one group of 16 (the lanes16 activation order
+// of gemv.h), weighed by a vector of two per-lane scales. Codes are 0..63; the - 32 goes in per group.
+// q4_K: 32 bytes of nibbles hold groups 2 i (low) and 2 i + 1 (high), each unpacked into one register whose two
+// lanes are one group of 32 (lanes16 order again); the mins go in per group.
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "gemv.h"
+#include "kquant.h"
+#include "tiles.h"
+
+namespace glm4k {
+namespace {
+
+// the half's codes as bytes: c[t] holds weights 32 t .. 32 t + 31 in order
+inline void q6k_codes(const uint8_t* half_ql, const uint8_t* half_qh, __m256i c[4]) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+  const __m256i ql0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_ql));
+  const __m256i ql1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_ql + 32));
+  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_qh));
+  // bits 2t..2t+1 of each qh byte into bits 4-5 (16-bit shifts; the byte mask drops what crossed from a neighbour)
+  c[0] = _mm256_or_si256(_mm256_and_si256(ql0, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair));
+  c[1] = _mm256_or_si256(_mm256_and_si256(ql1, low4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair));
+  c[2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), low4), _mm256_and_si256(qh, pair));
+  c[3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), low4),
+                         _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair));
+}
+
+// the half's 8 group scales d * sc (exact in fp32)
+inline __m256 q6k_scales(const uint8_t* block, int h) {
+  return _mm256_mul_ps(
+      _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(block + 192 + 8 * h)))),
+      _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + 208))));
+}
+
+// q4_K's 8 group scales d * sc (mins: dmin * m), exact in fp32
+inline __m256 q4k_scales(const uint8_t* block, bool mins) {
+  alignas(16) uint8_t sm[16];
+  q4k_scale_min(block + 4, sm);
+  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + (mins ? 8 : 0)));
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
+                       _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + (mins ? 2 : 0)))));
+}
+
+inline float hsum8(__m256 v) {
+  const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 c2 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
+  return _mm_cvtss_f32(_mm_add_ss(c2, _mm_movehdup_ps(c2)));
+}
+
+template <bool LO, int RB, int MT>
+inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16;
+  const __m256i zero = _mm256_setzero_si256();
+  const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
+  __m256 acc[RB][MT], corr[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps(), corr[r][m] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < NB; ++sb) {
+    for (int h = 0; h < 2; ++h) {
+      const int64_t k = sb * 256 + h * 128;
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * int64_t(210);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + RB * row_bytes), _MM_HINT_T0);
+        __m256i c[4];
+        q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
+        const __m256 s8 = q6k_scales(b, h);
+        for (int m = 0; m < MT; ++m) {
+          const int16_t* xh = a.xq + (m0 + m) * K + k;
+          const __m256 sx = _mm256_mul_ps(s8, _mm256_set1_ps(a.xscale[(m0 + m) * NB + sb]));
+          for (int t = 0; t < 4; ++t) {
+            const __m256i wlo = _mm256_unpacklo_epi8(c[t], zero), whi = _mm256_unpackhi_epi8(c[t], zero);
+            const __m256i* xv = reinterpret_cast<const __m256i*>(xh + 32 * t);
+            __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(wlo, _mm256_loadu_si256(xv)),
+                                                           _mm256_madd_epi16(whi, _mm256_loadu_si256(xv + 1))));
+            if constexpr (LO) {
+              const __m256i* xl = reinterpret_cast<const __m256i*>(a.xq_lo + (m0 + m) * K + k + 32 * t);
+              const __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(wlo, _mm256_loadu_si256(xl)),
+                                                  _mm256_madd_epi16(whi, _mm256_loadu_si256(xl + 1)));
+              p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), lo_weight, p);
+            }
+            // lane 0: group 2 t of the half, lane 1: group 2 t + 1
+            const __m256i idx = _mm256_setr_epi32(2 * t, 2 * t, 2 * t, 2 * t, 2 * t + 1, 2 * t + 1, 2 * t + 1, 2 * t + 1);
+            acc[r][m] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(sx, idx), acc[r][m]);
+          }
+          corr[r][m] = _mm256_fmadd_ps(s8, _mm256_loadu_ps(a.xsum + (m0 + m) * G + k / 16), corr[r][m]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - 32.f * hsum8(corr[r][m]);
+}
+
+template <bool LO, int RB, int MT>
+inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, row_bytes = K / 256 * 144, NB = K / 256, G = K / 32;
+  const __m256i zero = _mm256_setzero_si256(), low4 = _mm256_set1_epi8(0x0F);
+  const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
+  __m256 acc[RB][MT], corr[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps(), corr[r][m] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < NB; ++sb) {
+    const int64_t k = sb * 256;
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * 144;
+      _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
+      const __m256 s8 = q4k_scales(b, false), m8 = q4k_scales(b, true);
+      for (int m = 0; m < MT; ++m) {
+        const int16_t* xh = a.xq + (m0 + m) * K + k;
+        const __m256 sx = _mm256_mul_ps(s8, _mm256_set1_ps(a.xscale[(m0 + m) * NB + sb]));
+        for (int i = 0; i < 4; ++i) {
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * i));
+          const __m256i regs[2] = {_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)};
+          for (int j = 0; j < 2; ++j) {  // group 2 i + j: columns k + 64 i + 32 j
+            const __m256i u = _mm256_unpacklo_epi8(regs[j], zero), v = _mm256_unpackhi_epi8(regs[j], zero);
+            const __m256i* xv = reinterpret_cast<const __m256i*>(xh + 64 * i + 32 * j);
+            __m256 p = _mm256_cvtepi32_ps(_mm256_add_epi32(_mm256_madd_epi16(u, _mm256_loadu_si256(xv)),
+                                                           _mm256_madd_epi16(v, _mm256_loadu_si256(xv + 1))));
+            if constexpr (LO) {
+              const __m256i* xl = reinterpret_cast<const __m256i*>(a.xq_lo + (m0 + m) * K + k + 64 * i + 32 * j);
+              const __m256i pl = _mm256_add_epi32(_mm256_madd_epi16(u, _mm256_loadu_si256(xl)),
+                                                  _mm256_madd_epi16(v, _mm256_loadu_si256(xl + 1)));
+              p = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pl), lo_weight, p);
+            }
+            acc[r][m] = _mm256_fmadd_ps(p, _mm256_permutevar8x32_ps(sx, _mm256_set1_epi32(2 * i + j)), acc[r][m]);
+          }
+        }
+        corr[r][m] = _mm256_fmadd_ps(m8, _mm256_loadu_ps(a.xsum + (m0 + m) * G + k / 32), corr[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - hsum8(corr[r][m]);
+}
+
+template <bool LO>
+struct Q4KTile {
+  template <int RB, int MT>
+  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<LO, RB, MT>(a, n, m0); }
+};
+
+template <bool LO>
+struct Q6KTile {
+  template <int RB, int MT>
+  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
+};
+
+// 8 fp32 -> 8 bf16, rounded to nearest even (as .to(torch.bfloat16) for finite values)
+inline __m128i to_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+}  // namespace
+
+void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Q6KTile<true>>(a, n0, n1);
+  else tile_rows<Q6KTile<false>>(a, n0, n1);
+}
+
+void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Q4KTile<true>>(a, n0, n1);
+  else tile_rows<Q4KTile<false>>(a, n0, n1);
+}
+
+// w = s * (q - 32) (q6_K), w = s * q - dmin m (q4_K), each product and difference rounded on its own as gguf-py's
+// numpy does: no FMA contraction in this function (GCC's intrinsics are vector arithmetic it would contract)
+__attribute__((optimize("fp-contract=off"))) void kquant_dequant_rows_avx2(
+    int type, const uint8_t* blocks, int64_t K, int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
+  const int64_t bb = kquant_block_bytes(type), row_bytes = K / 256 * bb;
+  const __m256 c32 = _mm256_set1_ps(32.f), low4 = _mm256_castsi256_ps(_mm256_set1_epi8(0x0F));
+  for (int64_t n = r0; n < r1; ++n) {
+    for (int64_t sb = 0; sb < K / 256; ++sb) {
+      const uint8_t* b = blocks + n * row_bytes + sb * bb;
+      alignas(32) uint8_t q[256];  // the block's codes in order
+      alignas(32) float s[16], mn[8];  // group scales (and q4_K's dmin * m)
+      if (type == kQ6K) {
+        for (int h = 0; h < 2; ++h) {
+          __m256i c[4];
+          q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
+          for (int t = 0; t < 4; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 32 * t), c[t]);
+          _mm256_store_ps(s + 8 * h, q6k_scales(b, h));
+        }
+      } else {
+        for (int i = 0; i < 4; ++i) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * i));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 64 * i), _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(v), low4)));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 64 * i + 32),
+                             _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(_mm256_srli_epi16(v, 4)), low4)));
+        }
+        _mm256_store_ps(s, q4k_scales(b, false));
+        _mm256_store_ps(mn, q4k_scales(b, true));
+      }
+      const int64_t group = kquant_group(int(type));
+      for (int64_t e = 0; e < 256; e += 8) {
+        const __m256 code = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + e))));
+        const __m256 sv = _mm256_set1_ps(s[e / group]);
+        const __m256 w = type == kQ6K ? _mm256_mul_ps(sv, _mm256_sub_ps(code, c32))
+                                      : _mm256_sub_ps(_mm256_mul_ps(sv, code), _mm256_set1_ps(mn[e / group]));
+        const int64_t at = (n - r0) * K + sb * 256 + e;
+        if (out_f32) _mm256_storeu_ps(out_f32 + at, w);
+        else _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + at), to_bf16(w));
+      }
+    }
+  }
+}
+
+}  // namespace glm4k

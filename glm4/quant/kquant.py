@@ -1,0 +1,113 @@
+"""KQuantLinear: a GGUF K-quant weight run as the file holds it, 256 weights a block (glm4/quant/csrc/kquant.h).
+
+    q6_K (210 bytes a block, 6.56 bits a weight): W = d * sc[g] * (q - 32), int8 sc per 16 weights, fp16 d
+    q4_K (144 bytes, 4.5 bits a weight):          W = d * sc[g] * q - dmin * m[g], 6-bit sc / m per 32 weights
+
+q6_K is the output head of llama.cpp's q4_0 / q4_K_M / q5_K_M files and every weight of its q6_K files; q4_K is
+the bulk of a q4_K_M file. Held as QuantLinear's codes they took 10 and 6 bits a weight (the scales d * sc are
+exact only in fp32, one per 16 or 32 weights): on the 400M bench checkpoint glm4 read 0.31 GB a token from
+llama.cpp's q6_K file where llama.cpp reads 0.21. Here the blocks stay as they are; `torch.ops.glm4.kquant_mm`
+decodes them in registers for up to 16 tokens a call (activations as the other integer kernels take them: int16,
+or exact), and larger M dequantizes row chunks (`kquant_dequantize_rows`, bit-equal to gguf-py's dequantize) into
+a GEMM. Without glm4's kernels the GGUF loader keeps QuantLinear's codes instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import kernels
+from .fast_linear import QuantizationError, plain_linear
+
+__all__ = ["BLOCK_BYTES", "KQuantLinear"]
+
+Q4_K, Q6_K = 12, 14  # ggml type ids
+BLOCK_BYTES = {Q4_K: 144, Q6_K: 210}  # per 256 weights
+_NAMES = {Q4_K: "q4_K", Q6_K: "q6_K"}
+_GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path (QuantLinear's)
+
+
+class KQuantLinear(nn.Module):
+    """y = x @ W.T + bias with W in K-quant blocks (`blocks` uint8 [N, K / 256 * block bytes], the GGUF tensor's
+    bytes) of ggml type `ggml_type` (12: q4_K, 14: q6_K)."""
+
+    gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
+
+    def __init__(self, in_features: int, out_features: int, ggml_type: int, *, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if ggml_type not in BLOCK_BYTES:
+            raise QuantizationError(f"K-quant blocks: ggml type {ggml_type} is not q4_K (12) or q6_K (14)")
+        if in_features % 256:
+            raise QuantizationError(f"{_NAMES[ggml_type]}: in_features {in_features} must be a multiple of 256")
+        self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
+        self.bits, self.group_size = (4, 32) if ggml_type == Q4_K else (6, 16)  # describe(), bits accounting
+        self.register_buffer("blocks", torch.empty(out_features, in_features // 256 * BLOCK_BYTES[ggml_type],
+                                                   dtype=torch.uint8))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    def concat(cls, linears) -> KQuantLinear | None:
+        """q / k / v as one linear (glm4.models.glm.fuse_linears): the blocks' rows stacked (one type)."""
+        first = linears[0]
+        key = lambda m: (m.in_features, m.ggml_type, m.bias is None)  # noqa: E731
+        if any(key(m) != key(first) for m in linears):
+            return None
+        out = cls(first.in_features, sum(m.out_features for m in linears), first.ggml_type, bias=first.bias is not None,
+                  dtype=first.bias.dtype if first.bias is not None else torch.float32)
+        out.blocks = torch.cat([m.blocks for m in linears])
+        if first.bias is not None:
+            out.bias = torch.cat([m.bias for m in linears])
+        return out
+
+    @torch.no_grad()
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        """The weight [N, K] (or a slice of rows) in fp32 (bit-equal to gguf-py's dequantize), then cast."""
+        r0, r1, _ = rows.indices(self.out_features)
+        if kernels.has_streaming_kernels():
+            w = torch.empty(r1 - r0, self.in_features)
+            torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, r0, w)
+        else:
+            from .gguf_quants import dequantize
+
+            w = torch.from_numpy(dequantize(self.blocks[r0:r1].numpy(), self.ggml_type))
+        return w.to(dtype)
+
+    def to_linear(self) -> nn.Linear:
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return plain_linear(self.dequantize(dtype), self.bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        in_dtype = x.dtype
+        if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
+            y = torch.ops.glm4.kquant_mm(x if in_dtype == torch.float32 else x.float(), self.blocks, self.in_features,
+                                         self.ggml_type)
+        else:
+            shape = x.shape
+            x = x.reshape(-1, self.in_features)
+            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
+            y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: ~_GEMM_ELEMS weights dequantized at a time, one GEMM each."""
+        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
+        y = x.new_empty(x.shape[0], self.out_features)
+        if kernels.has_streaming_kernels():
+            buf = x.new_empty(rows, self.in_features)
+            for i in range(0, self.out_features, rows):
+                w = buf[: min(rows, self.out_features - i)]
+                torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, i, w)
+                y[:, i:i + w.shape[0]] = kernels.gemm(x, w)
+            return y
+        for i in range(0, self.out_features, rows):
+            j = min(i + rows, self.out_features)
+            y[:, i:j] = kernels.gemm(x, self.dequantize(x.dtype, slice(i, j)))
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {_NAMES[self.ggml_type]}, "
+                f"bias={self.bias is not None}")
