@@ -284,7 +284,9 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {kernels.quant_isa(6, 128, m.in_features)} kquant_mm (M<={kernels.max_m(m)}); "
+        isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
+        isa += " (int16 activations)" if kernels.activations() == "int16" else ""  # every M it runs
+        return (f"{fmt}: glm4 {isa} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):

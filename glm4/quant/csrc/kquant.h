@@ -13,7 +13,10 @@
 //
 // Both as gguf-py's dequantize computes them.
 #pragma once
+#include <emmintrin.h>
+
 #include <cstdint>
+#include <cstring>
 
 namespace glm4k {
 
@@ -49,14 +52,16 @@ void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void kquant_dequant_rows_avx2(int type, const uint8_t* blocks, int64_t K, int64_t r0, int64_t r1, float* out_f32,
                               uint16_t* out_bf16);
 
-// q4_K's 12 scale bytes -> sc[0..7] then m[0..7], one byte each
-inline void q4k_scale_min(const uint8_t* s, uint8_t out[16]) {
-  for (int j = 0; j < 4; ++j) {
-    out[j] = s[j] & 63;
-    out[8 + j] = s[4 + j] & 63;
-    out[4 + j] = (s[8 + j] & 15) | ((s[j] >> 6) << 4);
-    out[12 + j] = (s[8 + j] >> 4) | ((s[4 + j] >> 6) << 4);
-  }
+// q4_K's 12 scale bytes -> bytes 0..7 sc[0..7], bytes 8..15 m[0..7], in 32-bit words: no bytes written to memory
+// and read back as a vector (store forwarding stalls: 2.8x the time of a q4_K step when they were)
+inline __m128i q4k_scale_min(const uint8_t* s) {
+  uint32_t w[3];
+  std::memcpy(w, s, 12);
+  const uint32_t low6 = 0x3f3f3f3f, low4 = 0x0f0f0f0f, low2 = 0x03030303;
+  const uint32_t sc_lo = w[0] & low6, m_lo = w[1] & low6;
+  const uint32_t sc_hi = (w[2] & low4) | (((w[0] >> 6) & low2) << 4);
+  const uint32_t m_hi = ((w[2] >> 4) & low4) | (((w[1] >> 6) & low2) << 4);
+  return _mm_setr_epi32(int(sc_lo), int(sc_hi), int(m_lo), int(m_hi));
 }
 
 }  // namespace glm4k

@@ -40,9 +40,8 @@ inline __m256 q6k_scales(const uint8_t* block, int h) {
 
 // q4_K's 8 group scales d * sc (mins: dmin * m), exact in fp32
 inline __m256 q4k_scales(const uint8_t* block, bool mins) {
-  alignas(16) uint8_t sm[16];
-  q4k_scale_min(block + 4, sm);
-  const __m128i v = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(sm + (mins ? 8 : 0)));
+  const __m128i sm = q4k_scale_min(block + 4);
+  const __m128i v = mins ? _mm_srli_si128(sm, 8) : sm;
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
                        _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + (mins ? 2 : 0)))));
 }

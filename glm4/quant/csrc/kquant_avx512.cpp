@@ -109,6 +109,7 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
                           _mm512_setr_epi32(4, 4, 4, 4, 4, 4, 4, 4, 6, 6, 6, 6, 6, 6, 6, 6),
                           _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
   const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
+  const __m512i d_dmin = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   __m512 acc[RB][MT];
   __m256 corr[RB][MT];  // sum_g dmin m_g * xsum_g
   for (int r = 0; r < RB; ++r)
@@ -117,16 +118,14 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
       const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * 144;
-      _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
-      alignas(16) uint8_t sm[16];
-      q4k_scale_min(b + 4, sm);
-      const __m128i smv = _mm_load_si128(reinterpret_cast<const __m128i*>(sm));
-      const __m256 s8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(smv)),
-                                      _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b))));
-      const __m256 m8 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(smv, 8))),
-                                      _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 2))));
+      _mm_prefetch(reinterpret_cast<const char*>(b + 2 * RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + 2 * RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 2 * RB * row_bytes), _MM_HINT_T0);
+      // lanes 0..7: d * sc, 8..15: dmin * m (d, dmin widened together, spread by one permute)
+      const __m512 dd = _mm512_permutexvar_ps(
+          d_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(b)))));
+      const __m512 sm16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scale_min(b + 4))), dd);
+      const __m256 s8 = _mm512_castps512_ps256(sm16), m8 = _mm512_extractf32x8_ps(sm16, 1);
       const __m512i q0 = _mm512_loadu_si512(b + 16), q1 = _mm512_loadu_si512(b + 80);
       const __m512i regs[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
                                _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
