@@ -347,6 +347,36 @@ def test_cast_for_compute_keeps_storage_and_widens_the_rest():
     assert kinds == {"2"}
 
 
+@pytest.mark.parametrize("group", [16, 32])
+def test_stream_experts_of_gguf_8bit_groups_take_int16_activations_for_one_token(group, isa):
+    # q8_0 / q6_K-as-codes experts (8-bit codes in groups of 32 / 16): one decoded token (one token per busy
+    # expert) takes the lanes8 kernel on AVX-512 at int16 precision; the result stays within that precision of the
+    # float64 dispatch, and exact activations give fp32's
+    from glm4.layers.moe import expert_glu
+    from glm4.quant.experts import ExpertPack, StreamExperts
+
+    g = torch.Generator().manual_seed(group)
+    hidden, inter, E = 128, 64, 4
+
+    def pack(n, k):
+        return ExpertPack.stack([QuantLinear.from_codes(torch.randint(-128, 128, (n, k), generator=g),
+                                                        torch.rand(n, k // group, generator=g) * 1e-2, bits=8,
+                                                        group_size=group, zero_point=3) for _ in range(E)])
+
+    s = StreamExperts(pack(2 * inter, hidden), pack(hidden, inter))
+    gu = torch.stack([s.gate_up.weight_of(e, torch.float64) for e in range(E)])
+    dn = torch.stack([s.down.weight_of(e, torch.float64) for e in range(E)])
+    x, idx, w = torch.randn(1, hidden, generator=g), torch.tensor([[0, 2]]), torch.tensor([[0.7, 0.3]])
+    ref = expert_glu(x.double(), idx, w.double(), gu, dn, impl="segments")
+    with kernel_activations("exact"):
+        exact = s(x, idx, w)
+    assert rel_err(exact, ref) < 1e-5
+    with kernel_activations("int16"):
+        y = s(x, idx, w)
+    assert rel_err(y, ref) < 1e-3  # two linears at int16 activations (~1e-4 each)
+    assert (not torch.equal(y, exact)) == (isa == "avx512_vnni")  # AVX2's 8-bit kernels stay fp32
+
+
 @pytest.mark.usefixtures("exact_activations")  # against the dequantized weight at fp32 tolerance
 @pytest.mark.parametrize("scheme", [None, "int8", "int6", "int4"])
 @pytest.mark.parametrize("tokens", [3, 200])  # 200: more tokens per expert than the streaming kernel takes

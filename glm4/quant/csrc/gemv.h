@@ -50,8 +50,9 @@ inline int64_t lanes8(int64_t c) { return (c % 16) / 8 * 32 + c / 16 * 8 + c % 8
 inline int64_t lanes16(int64_t c) { return (c % 16) / 8 * 16 + c / 16 * 8 + c % 8; }
 
 // The AVX-512 q4_K kernel (kquant.h) reads 128 weights as one 64-byte register of codes: its low nibbles hold groups
-// 0 and 2 (of 32), its high nibbles groups 1 and 3; in-lane unpacks put columns 16 L' .. of a group into lane L
-// (L = 2 (group / 2) + column / 16 within the group), low then high unpack, low nibbles' register first.
+// 0 and 2 (of 32), its high nibbles groups 1 and 3. In-lane unpacks put a group's columns 0..15 into 128-bit lane
+// 2 (group / 2) and 16..31 into the next, the low unpack taking the first 8 of a lane's 16, the high the last 8;
+// per 128 columns the activations are the low nibbles' two unpacks, then the high nibbles'.
 inline int64_t q4k128(int64_t c) {
   const int64_t group = c / 32, w = c % 32;
   return group % 2 * 64 + (w % 16) / 8 * 32 + (group / 2 * 2 + w / 16) * 8 + c % 8;
