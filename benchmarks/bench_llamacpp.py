@@ -46,6 +46,7 @@ FORMATS = {
     "q6_K": dict(quantize=18, glm4="int6"),  # LLAMA_FTYPE_MOSTLY_Q6_K
     "q4_0": dict(quantize=2, glm4="int4"),  # LLAMA_FTYPE_MOSTLY_Q4_0, from the f32 file
     "q4_K_M": dict(quantize=15, glm4="int4"),  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    "q5_K_M": dict(quantize=17, glm4="int6"),  # LLAMA_FTYPE_MOSTLY_Q5_K_M (--formats q5_K_M; not in the default list)
 }
 # glm4 format class -> glm4.LLM keyword arguments (override per class with --glm4-args)
 GLM4_CLASSES = {

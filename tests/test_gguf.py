@@ -279,10 +279,10 @@ def test_dequantize_equals_gguf_bit_for_bit(qtype):
         if qtype in (T.F32, T.F16, T.BF16):
             continue
         # the linear the loader builds from these blocks holds the same weight, bit for bit (fp32; bf16 as rounded
-        # from it): a QuantLinear, or for q4_K / q6_K where glm4's kernels run their blocks as they are (KQuantLinear)
+        # from it): a QuantLinear, or for K-quants where glm4's kernels run their blocks as they are (KQuantLinear)
         m = _quant_linear(raw.view(np.uint8), int(qtype), torch.nn.Linear(512, 6, bias=False, device="meta"),
                           torch.float32)
-        if qtype in (T.Q4_K, T.Q6_K) and kernels.has_streaming_kernels():
+        if qtype in KQUANTS and kernels.has_streaming_kernels():
             assert isinstance(m, KQuantLinear) and np.array_equal(m.blocks.numpy(), raw.view(np.uint8))
         else:
             assert isinstance(m, QuantLinear) and m.bits == (4 if qtype in (T.Q4_0, T.Q4_1, T.Q4_K) else 8)
@@ -521,10 +521,8 @@ def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     assert got.config.tie_word_embeddings
     head = got.get_output_embeddings()
     assert _quant_counts(got) == (13, 0)
-    if qtype in (T.Q4_K, T.Q6_K):  # their blocks as they are where glm4's kernels run (4.5 / 6.56 bits a weight)
-        assert isinstance(head, KQuantLinear if kernels.has_streaming_kernels() else QuantLinear)
-    else:
-        assert isinstance(head, QuantLinear) and head.group_size == 32 and head.bits == 8
+    # their blocks as they are where glm4's kernels run (4.5 / 5.5 / 6.56 bits a weight), else QuantLinear codes
+    assert isinstance(head, KQuantLinear if kernels.has_streaming_kernels() else QuantLinear)
     ref = reference(model, held, tmp_path / "ref")
     assert torch.equal(got.get_input_embeddings().weight, ref.get_input_embeddings().weight)
     assert_matches_dequantized(got, ref)

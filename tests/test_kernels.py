@@ -506,9 +506,9 @@ def test_int16_activations_move_the_default_model_far_less_than_its_quantized_we
 
 
 def _kquant_blocks(ggml_type: int, rows: int, k: int, seed: int) -> torch.Tensor:
-    """Random valid q4_K / q6_K blocks (any codes and scale bytes, small fp16 d / dmin) -> uint8 [rows, k / 256 * B]."""
+    """Random valid q4_K / q5_K / q6_K blocks (any codes and scale bytes, small fp16 d / dmin) -> uint8 [rows, k / 256 * B]."""
     g = torch.Generator().manual_seed(seed)
-    size = {12: 144, 14: 210}[ggml_type]
+    size = {12: 144, 13: 176, 14: 210}[ggml_type]
     raw = torch.randint(0, 256, (rows, k // 256, size), dtype=torch.uint8, generator=g)
     for off, scale in ([(208, 3e-5)] if ggml_type == 14 else [(0, 4e-5), (2, 4e-4)]):
         d = (torch.rand(rows, k // 256, 1, generator=g) + 0.5) * scale / (k / 256) ** 0.5
@@ -517,11 +517,11 @@ def _kquant_blocks(ggml_type: int, rows: int, k: int, seed: int) -> torch.Tensor
 
 
 @needs_kernels
-@pytest.mark.parametrize("ggml_type", [12, 14], ids=["q4_K", "q6_K"])
+@pytest.mark.parametrize("ggml_type", [12, 13, 14], ids=["q4_K", "q5_K", "q6_K"])
 @pytest.mark.parametrize("M", [1, 2, 5, 16, 40])
 @pytest.mark.parametrize("K", [256, 768])
 def test_kquant_mm_matches_dequantized_float64(ggml_type, M, K, isa):
-    # GGUF q4_K / q6_K run from their blocks (KQuantLinear / torch.ops.glm4.kquant_mm): exact activations within fp32
+    # GGUF q4_K / q5_K / q6_K run from their blocks (KQuantLinear / torch.ops.glm4.kquant_mm): exact activations within fp32
     # rounding of the float64 product with gguf-py's dequantized weight, int16 ones within their bound; M > 16
     # takes the dequantize + GEMM path (bf16 dequantization rounded from the fp32 weight, as .to(bfloat16))
     gguf_quants = pytest.importorskip("gguf.quants")
@@ -551,7 +551,7 @@ def test_kquant_mm_matches_dequantized_float64(ggml_type, M, K, isa):
 
 
 @needs_kernels
-@pytest.mark.parametrize("ggml_type", [12, 14], ids=["q4_K", "q6_K"])
+@pytest.mark.parametrize("ggml_type", [12, 13, 14], ids=["q4_K", "q5_K", "q6_K"])
 def test_kquant_concat_fallback_and_bad_shapes(ggml_type, monkeypatch):
     from glm4.quant import KQuantLinear, QuantizationError
 
@@ -565,7 +565,8 @@ def test_kquant_concat_fallback_and_bad_shapes(ggml_type, monkeypatch):
     with torch.no_grad():
         assert torch.equal(fused(x), torch.cat([p(x) for p in parts], dim=-1))
     assert KQuantLinear.concat([parts[0], KQuantLinear(256, 8, ggml_type)]) is None
-    assert KQuantLinear.concat([parts[0], KQuantLinear(512, 8, 26 - ggml_type)]) is None  # the other type
+    other = next(t for t in (12, 13, 14) if t != ggml_type)
+    assert KQuantLinear.concat([parts[0], KQuantLinear(512, 8, other)]) is None
     with torch.no_grad(), kernel_activations("exact"):  # without glm4's kernels: gguf-py's dequantize + F.linear
         y = fused(torch.randn(3, 512, generator=torch.Generator().manual_seed(0)))
         w = fused.dequantize()

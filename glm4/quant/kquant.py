@@ -2,10 +2,11 @@
 
     q6_K (210 bytes a block, 6.56 bits a weight): W = d * sc[g] * (q - 32), int8 sc per 16 weights, fp16 d
     q4_K (144 bytes, 4.5 bits a weight):          W = d * sc[g] * q - dmin * m[g], 6-bit sc / m per 32 weights
+    q5_K (176 bytes, 5.5 bits a weight):          q4_K's, each code with a 5th bit from qh
 
-q6_K is the output head of llama.cpp's q4_0 / q4_K_M / q5_K_M files and every weight of its q6_K files; q4_K is
-the bulk of a q4_K_M file. Held as QuantLinear's codes they took 10 and 6 bits a weight (the scales d * sc are
-exact only in fp32, one per 16 or 32 weights): on the 400M bench checkpoint glm4 read 0.31 GB a token from
+q6_K is the output head of llama.cpp's q4_0 / q4_K_M / q5_K_M files and every weight of its q6_K files; q4_K and
+q5_K are the bulk of q4_K_M and q5_K_M files. Held as QuantLinear's codes they took 10, 6 and 10 bits a weight (the
+scales d * sc are exact only in fp32, one per 16 or 32 weights): on the 400M bench checkpoint glm4 read 0.31 GB a token from
 llama.cpp's q6_K file where llama.cpp reads 0.21. Here the blocks stay as they are; `torch.ops.glm4.kquant_mm`
 decodes them in registers for up to 16 tokens a call (activations as the other integer kernels take them: int16,
 or exact), and larger M dequantizes row chunks (`kquant_dequantize_rows`, bit-equal to gguf-py's dequantize) into
@@ -22,15 +23,15 @@ from .fast_linear import QuantizationError, plain_linear
 
 __all__ = ["BLOCK_BYTES", "KQuantLinear"]
 
-Q4_K, Q6_K = 12, 14  # ggml type ids
-BLOCK_BYTES = {Q4_K: 144, Q6_K: 210}  # per 256 weights
-_NAMES = {Q4_K: "q4_K", Q6_K: "q6_K"}
+Q4_K, Q5_K, Q6_K = 12, 13, 14  # ggml type ids
+BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 weights
+_NAMES = {Q4_K: "q4_K", Q5_K: "q5_K", Q6_K: "q6_K"}
 _GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path (QuantLinear's)
 
 
 class KQuantLinear(nn.Module):
     """y = x @ W.T + bias with W in K-quant blocks (`blocks` uint8 [N, K / 256 * block bytes], the GGUF tensor's
-    bytes) of ggml type `ggml_type` (12: q4_K, 14: q6_K)."""
+    bytes) of ggml type `ggml_type` (12: q4_K, 13: q5_K, 14: q6_K)."""
 
     gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
 
@@ -38,11 +39,11 @@ class KQuantLinear(nn.Module):
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         if ggml_type not in BLOCK_BYTES:
-            raise QuantizationError(f"K-quant blocks: ggml type {ggml_type} is not q4_K (12) or q6_K (14)")
+            raise QuantizationError(f"K-quant blocks: ggml type {ggml_type} is not q4_K (12), q5_K (13) or q6_K (14)")
         if in_features % 256:
             raise QuantizationError(f"{_NAMES[ggml_type]}: in_features {in_features} must be a multiple of 256")
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
-        self.bits, self.group_size = (4, 32) if ggml_type == Q4_K else (6, 16)  # describe(), bits accounting
+        self.bits, self.group_size = {Q4_K: (4, 32), Q5_K: (5, 32), Q6_K: (6, 16)}[ggml_type]  # describe(), accounting
         self.register_buffer("blocks", torch.empty(out_features, in_features // 256 * BLOCK_BYTES[ggml_type],
                                                    dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)

@@ -11,7 +11,10 @@
 // w[32 j + l] = d * sc[j] * q - dmin * m[j], q = qs[32 (j / 2) + l] >> 4 (j % 2) & 15. 4.5 bits a weight (as
 // QuantLinear's 4-bit codes with fp32 scales and mins per 32: 6).
 //
-// Both as gguf-py's dequantize computes them.
+// q5_K, 176 bytes: q4_K's d, dmin and scale bytes, then qh[32], qs[128]: the code of weight 32 j + l gains bit j of
+// qh[l] as its 5th bit. 5.5 bits a weight (as 8-bit codes with fp32 scales and mins per 32: 10).
+//
+// All as gguf-py's dequantize computes them.
 #pragma once
 #include <emmintrin.h>
 
@@ -20,9 +23,9 @@
 
 namespace glm4k {
 
-constexpr int kQ4K = 12, kQ6K = 14;  // ggml type ids
+constexpr int kQ4K = 12, kQ5K = 13, kQ6K = 14;  // ggml type ids
 
-inline int64_t kquant_block_bytes(int type) { return type == kQ6K ? 210 : 144; }
+inline int64_t kquant_block_bytes(int type) { return type == kQ6K ? 210 : type == kQ5K ? 176 : 144; }
 inline int64_t kquant_group(int type) { return type == kQ6K ? 16 : 32; }  // weights per scale
 
 struct KQuantArgs {
@@ -38,14 +41,16 @@ struct KQuantArgs {
 bool avx512_kernels();            // ops.cpp: the AVX-512 set runs (the CPU has it and set_isa allows it)
 bool exact_kernel_activations();  // ops.cpp: activations() is "exact"
 
-// The activation order a kernel reads (gemv.h ActOrder): AVX-512 q6_K lanes8, q4_K q4k128; AVX2 lanes16
+// The activation order a kernel reads (gemv.h ActOrder): AVX-512 q6_K lanes8, q4_K / q5_K q4k128; AVX2 lanes16
 int kquant_order(int type, bool avx512);
 
 // rows [n0, n1) of y
 void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 
 // rows [r0, r1) of W into out_f32 or out_bf16 ([r1 - r0, K]; bf16 rounded to nearest even from the fp32 value),
 // equal to gguf-py's dequantize bit for bit

@@ -4,7 +4,7 @@
 // register into 128-bit lane j, so each lane's int32 sums belong to one group of 16 (the lanes16 activation order
 // of gemv.h), weighed by a vector of two per-lane scales. Codes are 0..63; the - 32 goes in per group.
 // q4_K: 32 bytes of nibbles hold groups 2 i (low) and 2 i + 1 (high), each unpacked into one register whose two
-// lanes are one group of 32 (lanes16 order again); the mins go in per group.
+// lanes are one group of 32 (lanes16 order again); the mins go in per group. q5_K: the 5th bits OR'd in from qh.
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -97,9 +97,17 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - 32.f * hsum8(corr[r][m]);
 }
 
-template <bool LO, int RB, int MT>
+// bit g of each byte of qh moved to bit 4 (q5_K's 5th code bit; 16-bit shifts, the byte mask drops what crossed)
+inline __m256i fifth_bit(__m256i qh, int g) {
+  const __m256i v = g <= 4 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - g)) : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(g - 4));
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// Q5: q5_K (the 5th bits from qh), else q4_K
+template <bool Q5, bool LO, int RB, int MT>
 inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, row_bytes = K / 256 * 144, NB = K / 256, G = K / 32;
+  constexpr int64_t kBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;  // block size, where qs starts
+  const int64_t K = a.K, row_bytes = K / 256 * kBytes, NB = K / 256, G = K / 32;
   const __m256i zero = _mm256_setzero_si256(), low4 = _mm256_set1_epi8(0x0F);
   const __m256 lo_weight = _mm256_set1_ps(1.f / 65534.f);
   __m256 acc[RB][MT], corr[RB][MT];
@@ -108,17 +116,21 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
   for (int64_t sb = 0; sb < NB; ++sb) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
-      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * 144;
+      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
       _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
+      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + RB * row_bytes), _MM_HINT_T0);
+      const __m256i qh = Q5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
       const __m256 s8 = q4k_scales(b, false), m8 = q4k_scales(b, true);
       for (int m = 0; m < MT; ++m) {
         const int16_t* xh = a.xq + (m0 + m) * K + k;
         const __m256 sx = _mm256_mul_ps(s8, _mm256_set1_ps(a.xscale[(m0 + m) * NB + sb]));
         for (int i = 0; i < 4; ++i) {
-          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * i));
-          const __m256i regs[2] = {_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)};
+          const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQs + 32 * i));
+          __m256i regs[2] = {_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)};
+          if constexpr (Q5)
+            for (int j = 0; j < 2; ++j) regs[j] = _mm256_or_si256(regs[j], fifth_bit(qh, 2 * i + j));
           for (int j = 0; j < 2; ++j) {  // group 2 i + j: columns k + 64 i + 32 j
             const __m256i u = _mm256_unpacklo_epi8(regs[j], zero), v = _mm256_unpackhi_epi8(regs[j], zero);
             const __m256i* xv = reinterpret_cast<const __m256i*>(xh + 64 * i + 32 * j);
@@ -141,10 +153,10 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - hsum8(corr[r][m]);
 }
 
-template <bool LO>
+template <bool Q5, bool LO>
 struct Q4KTile {
   template <int RB, int MT>
-  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<LO, RB, MT>(a, n, m0); }
+  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<Q5, LO, RB, MT>(a, n, m0); }
 };
 
 template <bool LO>
@@ -169,11 +181,16 @@ void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
 }
 
 void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<true>>(a, n0, n1);
-  else tile_rows<Q4KTile<false>>(a, n0, n1);
+  if (a.xq_lo) tile_rows<Q4KTile<false, true>>(a, n0, n1);
+  else tile_rows<Q4KTile<false, false>>(a, n0, n1);
 }
 
-// w = s * (q - 32) (q6_K), w = s * q - dmin m (q4_K), each product and difference rounded on its own as gguf-py's
+void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Q4KTile<true, true>>(a, n0, n1);
+  else tile_rows<Q4KTile<true, false>>(a, n0, n1);
+}
+
+// w = s * (q - 32) (q6_K), w = s * q - dmin m (q4_K, q5_K), each product and difference rounded on its own as gguf-py's
 // numpy does: no FMA contraction in this function (GCC's intrinsics are vector arithmetic it would contract)
 __attribute__((optimize("fp-contract=off"))) void kquant_dequant_rows_avx2(
     int type, const uint8_t* blocks, int64_t K, int64_t r0, int64_t r1, float* out_f32, uint16_t* out_bf16) {
@@ -191,12 +208,16 @@ __attribute__((optimize("fp-contract=off"))) void kquant_dequant_rows_avx2(
           for (int t = 0; t < 4; ++t) _mm256_store_si256(reinterpret_cast<__m256i*>(q + 128 * h + 32 * t), c[t]);
           _mm256_store_ps(s + 8 * h, q6k_scales(b, h));
         }
-      } else {
+      } else {  // q4_K / q5_K
+        const int64_t qs = type == kQ5K ? 48 : 16;
+        const __m256i qh = type == kQ5K ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
         for (int i = 0; i < 4; ++i) {
-          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * i));
-          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 64 * i), _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(v), low4)));
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + qs + 32 * i));
+          const __m256i lo = _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(v), low4));
+          const __m256i hi = _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(_mm256_srli_epi16(v, 4)), low4));
+          _mm256_store_si256(reinterpret_cast<__m256i*>(q + 64 * i), type == kQ5K ? _mm256_or_si256(lo, fifth_bit(qh, 2 * i)) : lo);
           _mm256_store_si256(reinterpret_cast<__m256i*>(q + 64 * i + 32),
-                             _mm256_castps_si256(_mm256_and_ps(_mm256_castsi256_ps(_mm256_srli_epi16(v, 4)), low4)));
+                             type == kQ5K ? _mm256_or_si256(hi, fifth_bit(qh, 2 * i + 1)) : hi);
         }
         _mm256_store_ps(s, q4k_scales(b, false));
         _mm256_store_ps(mn, q4k_scales(b, true));

@@ -4,7 +4,8 @@
 // into 128-bit lane j: each lane's int32 sums belong to one group of 16, weighed by a vector of per-lane scales
 // (the lanes8 activation order of gemv.h). Codes are 0..63; the - 32 goes in per group: - 32 * sum_g s_g * xsum_g.
 // q4_K: 128 weights a step as one register of nibbles (groups 0 / 2 low, 1 / 3 high), unpacked the same way, two
-// groups of 32 a register (the q4k128 order); the mins go in per group: - sum_g dmin m_g * xsum_g.
+// groups of 32 a register (the q4k128 order); the mins go in per group: - sum_g dmin m_g * xsum_g. q5_K: the same
+// with each code's 5th bit OR'd in from qh.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")
@@ -99,9 +100,17 @@ struct Q6KTile {
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
 };
 
-template <bool LO, int RB, int MT>
+// bit g of each byte of qh moved to bit 4 (q5_K's 5th code bit; 16-bit shifts, the byte mask drops what crossed)
+inline __m256i fifth_bit(__m256i qh, int g) {
+  const __m256i v = g <= 4 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - g)) : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(g - 4));
+  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
+}
+
+// Q5: q5_K (the 5th bits from qh), else q4_K
+template <bool Q5, bool LO, int RB, int MT>
 inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, row_bytes = K / 256 * 144, NB = K / 256, G = K / 32;
+  constexpr int64_t kBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;  // block size, where qs starts
+  const int64_t K = a.K, row_bytes = K / 256 * kBytes, NB = K / 256, G = K / 32;
   const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
   // int32 lane l of a register: groups (lo: 0 / 2, hi: 1 / 3 of its 128 weights) by l / 8
   const __m512i idx[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
@@ -117,18 +126,27 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
   for (int64_t sb = 0; sb < NB; ++sb) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
-      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * 144;
+      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
       _mm_prefetch(reinterpret_cast<const char*>(b + 2 * RB * row_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + 64 + 2 * RB * row_bytes), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 2 * RB * row_bytes), _MM_HINT_T0);
+      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + 2 * RB * row_bytes), _MM_HINT_T0);
       // lanes 0..7: d * sc, 8..15: dmin * m (d, dmin widened together, spread by one permute)
       const __m512 dd = _mm512_permutexvar_ps(
           d_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(b)))));
       const __m512 sm16 = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q4k_scale_min(b + 4))), dd);
       const __m256 s8 = _mm512_castps512_ps256(sm16), m8 = _mm512_extractf32x8_ps(sm16, 1);
-      const __m512i q0 = _mm512_loadu_si512(b + 16), q1 = _mm512_loadu_si512(b + 80);
-      const __m512i regs[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
-                               _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
+      const __m512i q0 = _mm512_loadu_si512(b + kQs), q1 = _mm512_loadu_si512(b + kQs + 64);
+      __m512i regs[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
+                         _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
+      if constexpr (Q5) {  // register i holds groups g and g + 2, g = 0, 1, 4, 5
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+        for (int i = 0; i < 4; ++i) {
+          const int g = i % 2 + 4 * (i / 2);
+          regs[i] = _mm512_or_si512(regs[i], _mm512_inserti64x4(_mm512_castsi256_si512(fifth_bit(qh, g)),
+                                                                fifth_bit(qh, g + 2), 1));
+        }
+      }
       for (int m = 0; m < MT; ++m) {
         const int16_t* xh = a.xq + (m0 + m) * K + k;
         const __m512 sx = _mm512_castps256_ps512(_mm256_mul_ps(s8, _mm256_set1_ps(a.xscale[(m0 + m) * NB + sb])));
@@ -152,17 +170,22 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - hsum8(corr[r][m]);
 }
 
-template <bool LO>
+template <bool Q5, bool LO>
 struct Q4KTile {
   template <int RB, int MT>
-  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<LO, RB, MT>(a, n, m0); }
+  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<Q5, LO, RB, MT>(a, n, m0); }
 };
 
 }  // namespace
 
 void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<true>>(a, n0, n1);
-  else tile_rows<Q4KTile<false>>(a, n0, n1);
+  if (a.xq_lo) tile_rows<Q4KTile<false, true>>(a, n0, n1);
+  else tile_rows<Q4KTile<false, false>>(a, n0, n1);
+}
+
+void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Q4KTile<true, true>>(a, n0, n1);
+  else tile_rows<Q4KTile<true, false>>(a, n0, n1);
 }
 
 void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {

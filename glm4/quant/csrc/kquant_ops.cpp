@@ -1,4 +1,5 @@
-// torch ops over the K-quant kernels (kquant.h): torch.ops.glm4.kquant_mm / kquant_dequantize_rows (q4_K, q6_K).
+// torch ops over the K-quant kernels (kquant.h): torch.ops.glm4.kquant_mm / kquant_dequantize_rows (q4_K, q5_K,
+// q6_K).
 // Baseline x86-64; callers check torch.ops.glm4.isa() is not "none".
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -18,7 +19,8 @@ bool has_avx2() {
 
 void check_blocks(const at::Tensor& blocks, int64_t type, int64_t K, const char* op) {
   TORCH_CHECK(has_avx2(), "glm4.", op, " needs AVX2 + FMA");
-  TORCH_CHECK(type == glm4k::kQ4K || type == glm4k::kQ6K, op, ": ggml type 12 (q4_K) or 14 (q6_K), not ", type);
+  TORCH_CHECK(type == glm4k::kQ4K || type == glm4k::kQ5K || type == glm4k::kQ6K, op,
+              ": ggml type 12 (q4_K), 13 (q5_K) or 14 (q6_K), not ", type);
   TORCH_CHECK(K > 0 && K % 256 == 0, op, ": in_features must be a multiple of 256, got ", K);
   TORCH_CHECK(blocks.dim() == 2 && blocks.scalar_type() == at::kByte && blocks.is_contiguous() &&
                   blocks.size(1) == K / 256 * glm4k::kquant_block_bytes(int(type)),
@@ -58,8 +60,10 @@ at::Tensor kquant_mm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t K
   auto y = at::empty({M, N}, x.options());
   const glm4k::KQuantArgs a{blocks.data_ptr<uint8_t>(), hi.data(), exact ? lo.data() : nullptr, scale.data(),
                             xsum.data(), y.data_ptr<float>(), M, N, K};
-  auto rows = wide ? (type == glm4k::kQ6K ? glm4k::q6k_rows_avx512 : glm4k::q4k_rows_avx512)
-                   : (type == glm4k::kQ6K ? glm4k::q6k_rows_avx2 : glm4k::q4k_rows_avx2);
+  auto rows = wide ? (type == glm4k::kQ6K ? glm4k::q6k_rows_avx512 : type == glm4k::kQ5K ? glm4k::q5k_rows_avx512
+                                                                                         : glm4k::q4k_rows_avx512)
+                   : (type == glm4k::kQ6K ? glm4k::q6k_rows_avx2 : type == glm4k::kQ5K ? glm4k::q5k_rows_avx2
+                                                                                       : glm4k::q4k_rows_avx2);
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) { rows(a, b0 * 16, std::min(N, b1 * 16)); });
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
