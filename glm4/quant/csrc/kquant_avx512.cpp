@@ -100,12 +100,6 @@ struct Q6KTile {
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
 };
 
-// bit g of each byte of qh moved to bit 4 (q5_K's 5th code bit; 16-bit shifts, the byte mask drops what crossed)
-inline __m256i fifth_bit(__m256i qh, int g) {
-  const __m256i v = g <= 4 ? _mm256_sll_epi16(qh, _mm_cvtsi32_si128(4 - g)) : _mm256_srl_epi16(qh, _mm_cvtsi32_si128(g - 4));
-  return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
-}
-
 // Q5: q5_K (the 5th bits from qh), else q4_K
 template <bool Q5, bool LO, int RB, int MT>
 inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
@@ -119,6 +113,10 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
                           _mm512_setr_epi32(5, 5, 5, 5, 5, 5, 5, 5, 7, 7, 7, 7, 7, 7, 7, 7)};
   const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
   const __m512i d_dmin = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  // q5_K: per register, the 16-bit shift taking bit g (first half) / g + 2 (second) of qh to bit 4: left 4 - g
+  // (registers 0, 1), right g - 4 (2, 3)
+  const auto halves = [](int lo, int hi) { return _mm512_inserti64x4(_mm512_set1_epi16(short(lo)), _mm256_set1_epi16(short(hi)), 1); };
+  const __m512i shift[4] = {halves(4, 2), halves(3, 1), halves(0, 2), halves(1, 3)};
   __m512 acc[RB][MT];
   __m256 corr[RB][MT];  // sum_g dmin m_g * xsum_g
   for (int r = 0; r < RB; ++r)
@@ -139,13 +137,14 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
       const __m512i q0 = _mm512_loadu_si512(b + kQs), q1 = _mm512_loadu_si512(b + kQs + 64);
       __m512i regs[4] = {_mm512_and_si512(q0, low4), _mm512_and_si512(_mm512_srli_epi16(q0, 4), low4),
                          _mm512_and_si512(q1, low4), _mm512_and_si512(_mm512_srli_epi16(q1, 4), low4)};
-      if constexpr (Q5) {  // register i holds groups g and g + 2, g = 0, 1, 4, 5
-        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
-        for (int i = 0; i < 4; ++i) {
-          const int g = i % 2 + 4 * (i / 2);
-          regs[i] = _mm512_or_si512(regs[i], _mm512_inserti64x4(_mm512_castsi256_si512(fifth_bit(qh, g)),
-                                                                fifth_bit(qh, g + 2), 1));
-        }
+      if constexpr (Q5) {  // register i holds groups g and g + 2 (g = 0, 1, 4, 5): their bits of qh into bit 4, by
+                           // one per-half variable 16-bit shift (the byte mask drops what crossed from a neighbour)
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+        const __m512i qh = _mm512_inserti64x4(_mm512_castsi256_si512(h), h, 1), bit4 = _mm512_set1_epi8(0x10);
+        regs[0] = _mm512_or_si512(regs[0], _mm512_and_si512(_mm512_sllv_epi16(qh, shift[0]), bit4));
+        regs[1] = _mm512_or_si512(regs[1], _mm512_and_si512(_mm512_sllv_epi16(qh, shift[1]), bit4));
+        regs[2] = _mm512_or_si512(regs[2], _mm512_and_si512(_mm512_srlv_epi16(qh, shift[2]), bit4));
+        regs[3] = _mm512_or_si512(regs[3], _mm512_and_si512(_mm512_srlv_epi16(qh, shift[3]), bit4));
       }
       for (int m = 0; m < MT; ++m) {
         const int16_t* xh = a.xq + (m0 + m) * K + k;
