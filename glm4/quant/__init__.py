@@ -28,7 +28,7 @@ from .int6 import GROUP_SIZES as INT6_GROUPS
 from .int6 import quantize_int6
 from .int8 import WeightOnlyInt8Linear, quantize_int8
 from .kquant import KQuantLinear
-from .qlinear import QuantLinear
+from .qlinear import QuantLinear, StreamingLinear
 
 __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "KQuantLinear", "PackedLinear", "QuantLinear",
            "StreamExperts",
@@ -269,7 +269,7 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
         raise ValueError(f"the quantized GEMM runs in float32 or bfloat16, not {dtype}")
     n = 0
     for m in model.modules():
-        if (isinstance(m, (QuantLinear, KQuantLinear)) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
+        if (isinstance(m, StreamingLinear) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
             m.gemm_dtype = dtype
             n += 1
     return n

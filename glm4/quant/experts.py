@@ -10,6 +10,8 @@ rows back in token order, weighted and summed.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -100,7 +102,9 @@ class ExpertPack(nn.Module):
                 ye.copy_(kernels.ops.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
                                               self.zero_point))
             else:
-                dequant_gemm(xe, ye, q, s, m, self.bits, self.group_size, self.zero_point, buf)
+                fill = functools.partial(torch.ops.glm4.dequantize_rows, q, s, m, self.bits, self.group_size,
+                                         self.zero_point)  # fill(row0, w)
+                dequant_gemm(xe, ye, fill, buf)
             start += n
         return y
 

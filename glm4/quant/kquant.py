@@ -16,24 +16,21 @@ a GEMM. Without glm4's kernels the GGUF loader keeps QuantLinear's codes instead
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from . import kernels
-from .fast_linear import QuantizationError, plain_linear
+from .fast_linear import QuantizationError
+from .qlinear import StreamingLinear
 
 __all__ = ["BLOCK_BYTES", "KQuantLinear"]
 
 Q4_K, Q5_K, Q6_K = 12, 13, 14  # ggml type ids
 BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 weights
 _NAMES = {Q4_K: "q4_K", Q5_K: "q5_K", Q6_K: "q6_K"}
-_GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path (QuantLinear's)
 
 
-class KQuantLinear(nn.Module):
+class KQuantLinear(StreamingLinear):
     """y = x @ W.T + bias with W in K-quant blocks (`blocks` uint8 [N, K / 256 * block bytes], the GGUF tensor's
-    bytes) of ggml type `ggml_type` (12: q4_K, 13: q5_K, 14: q6_K)."""
-
-    gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
+    bytes) of ggml type `ggml_type` (12: q4_K, 13: q5_K, 14: q6_K), run as StreamingLinear says."""
 
     def __init__(self, in_features: int, out_features: int, ggml_type: int, *, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
@@ -68,46 +65,18 @@ class KQuantLinear(nn.Module):
         r0, r1, _ = rows.indices(self.out_features)
         if kernels.has_streaming_kernels():
             w = torch.empty(r1 - r0, self.in_features)
-            torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, r0, w)
+            self._dequantize_rows(r0, w)
         else:
             from .gguf_quants import dequantize
 
             w = torch.from_numpy(dequantize(self.blocks[r0:r1].numpy(), self.ggml_type))
         return w.to(dtype)
 
-    def to_linear(self) -> nn.Linear:
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return plain_linear(self.dequantize(dtype), self.bias, dtype)
+    def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.glm4.kquant_mm(x, self.blocks, self.in_features, self.ggml_type)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
-            y = torch.ops.glm4.kquant_mm(x if in_dtype == torch.float32 else x.float(), self.blocks, self.in_features,
-                                         self.ggml_type)
-        else:
-            shape = x.shape
-            x = x.reshape(-1, self.in_features)
-            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
-            y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y if y.dtype == in_dtype else y.to(in_dtype)
-
-    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: ~_GEMM_ELEMS weights dequantized at a time, one GEMM each."""
-        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
-        y = x.new_empty(x.shape[0], self.out_features)
-        if kernels.has_streaming_kernels():
-            buf = x.new_empty(rows, self.in_features)
-            for i in range(0, self.out_features, rows):
-                w = buf[: min(rows, self.out_features - i)]
-                torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, i, w)
-                y[:, i:i + w.shape[0]] = kernels.gemm(x, w)
-            return y
-        for i in range(0, self.out_features, rows):
-            j = min(i + rows, self.out_features)
-            y[:, i:j] = kernels.gemm(x, self.dequantize(x.dtype, slice(i, j)))
-        return y
+    def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
+        torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, row0, w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {_NAMES[self.ggml_type]}, "

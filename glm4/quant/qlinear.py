@@ -24,7 +24,7 @@ from torch import nn
 from . import kernels
 from .fast_linear import QuantizationError, plain_linear
 
-__all__ = ["QuantLinear", "dequant_gemm", "pack_int4", "pack_int6", "unpack_int4", "unpack_int6"]
+__all__ = ["QuantLinear", "StreamingLinear", "dequant_gemm", "pack_int4", "pack_int6", "unpack_int4", "unpack_int6"]
 
 BITS = (4, 6, 8)
 MIN_GROUP = {4: 32, 6: 64, 8: 8}  # group sizes are multiples of this (the kernels' column steps)
@@ -76,24 +76,66 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(qweight) if bits == 4 else unpack_int6(qweight) if bits == 6 else qweight
 
 
-def dequant_gemm(x: torch.Tensor, y: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-                 mins: torch.Tensor | None, bits: int, group_size: int, zero_point: int, buf: torch.Tensor) -> None:
-    """y [M, N] = x [M, K] @ W^T, W as QuantLinear.dequantize gives it: glm4's dequantize_rows writes buf's rows of W
-    at a time into `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each."""
+def dequant_gemm(x: torch.Tensor, y: torch.Tensor, fill, buf: torch.Tensor) -> None:
+    """y [M, N] = x [M, K] @ W^T a chunk of W at a time: fill(row0, w) writes W's rows row0.. into the view w of
+    `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each."""
     n_out, rows = y.shape[1], buf.shape[0]
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
         w = buf[: j - i]
-        torch.ops.glm4.dequantize_rows(qweight, scales, mins, bits, group_size, zero_point, i, w)
+        fill(i, w)
         y[:, i:j] = kernels.gemm(x, w)
 
 
-class QuantLinear(nn.Module):
-    """y = x @ W.T + bias, W as in the module docstring. Small M runs the streaming kernel of this CPU;
-    large M (prefill) dequantizes chunks into a GEMM in `gemm_dtype` (fp32; bf16 activations stay bf16 where the
-    CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too)."""
+class StreamingLinear(nn.Module):
+    """What every weight-only quantized linear run by glm4's kernels shares: y = x @ W.T + bias, small M through
+    the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing ~_GEMM_ELEMS weights at a time
+    (`_dequantize_rows`, the values of `dequantize()`) into a GEMM in `gemm_dtype` (fp32; bf16 activations stay bf16
+    where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too). Subclasses hold
+    in_features, out_features, bias and their storage."""
 
     gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
+
+    def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., K] -> fp32 [..., N]
+        raise NotImplementedError
+
+    def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:  # W's rows row0.. into w (fp32 / bf16), glm4's op
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_linear(self) -> nn.Linear:
+        dtype = self.bias.dtype if self.bias is not None else torch.float32
+        return plain_linear(self.dequantize(dtype), self.bias, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # a decode step makes ~30 of these calls: no torch call that is not needed (each costs ~0.5-1 us)
+        in_dtype = x.dtype
+        if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
+            y = self._stream_mm(x if in_dtype == torch.float32 else x.float())
+        else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
+            shape = x.shape
+            x = x.reshape(-1, self.in_features)
+            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
+            y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype, a chunk of dequantized rows (fp32, rounded to x's dtype) at
+        a time into one reused buffer."""
+        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
+        y = x.new_empty(x.shape[0], self.out_features)
+        fill = self._dequantize_rows if kernels.has_streaming_kernels() else (
+            lambda i, w: w.copy_(self.dequantize(torch.float32, slice(i, i + w.shape[0]))))
+        dequant_gemm(x, y, fill, x.new_empty(rows, self.in_features))
+        return y
+
+
+class QuantLinear(StreamingLinear):
+    """y = x @ W.T + bias, W as in the module docstring, run as StreamingLinear says."""
 
     def __init__(self, in_features: int, out_features: int, *, bits: int, group_size: int, zero_point: int = 0,
                  has_mins: bool = False, scale_dtype: torch.dtype = torch.float16, bias: bool = False,
@@ -205,37 +247,12 @@ class QuantLinear(nn.Module):
             w.add_(self.mins[rows].to(acc)[..., None])
         return w.view(n, self.in_features).to(dtype)
 
-    def to_linear(self) -> nn.Linear:
-        dtype = self.bias.dtype if self.bias is not None else torch.float32
-        return plain_linear(self.dequantize(dtype), self.bias, dtype)
+    def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.quant_mm(x, self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # a decode step makes ~30 of these calls: no torch call that is not needed (each costs ~0.5-1 us)
-        in_dtype = x.dtype
-        if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
-            y = kernels.quant_mm(x if in_dtype == torch.float32 else x.float(), self)
-        else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
-            shape = x.shape
-            x = x.reshape(-1, self.in_features)
-            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
-            y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y if y.dtype == in_dtype else y.to(in_dtype)
-
-    def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] fp32 or bf16 -> [M, N] in x's dtype: dequantize ~_GEMM_ELEMS weights at a time (fp32, rounded to
-        x's dtype), one GEMM per chunk."""
-        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
-        y = x.new_empty(x.shape[0], self.out_features)
-        if kernels.has_streaming_kernels():  # glm4's op: the values of dequantize(), into one reused buffer
-            buf = x.new_empty(rows, self.in_features)  # forward hands fp32 or bf16 activations only
-            dequant_gemm(x, y, self.qweight, self.scales, self.mins, self.bits, self.group_size, self.zero_point, buf)
-            return y
-        for i in range(0, self.out_features, rows):
-            j = min(i + rows, self.out_features)
-            y[:, i:j] = kernels.gemm(x, self.dequantize(torch.float32, slice(i, j)).to(x.dtype))
-        return y
+    def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
+        torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
+                                       self.zero_point, row0, w)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
