@@ -20,7 +20,6 @@ template <int BITS, bool BF16, bool MINS>
 __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs& a, int64_t n0, int64_t n1) {
   const int64_t K = a.K, g = a.group, G = K / g;
   const __m256 zp = _mm256_set1_ps(float(a.zero_point));
-  const __m256i round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
   for (int64_t n = n0; n < n1; ++n) {
     float* of = BF16 ? nullptr : a.out_f32 + (n - a.r0) * K;
     uint16_t* ob = BF16 ? a.out_bf16 + (n - a.r0) * K : nullptr;
@@ -30,12 +29,8 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
       auto emit = [&](int64_t k, __m256i c) {  // 8 codes as int32 at column k
         __m256 w = _mm256_mul_ps(_mm256_sub_ps(_mm256_cvtepi32_ps(c), zp), s);
         if constexpr (MINS) w = _mm256_add_ps(w, m);
-        if constexpr (BF16) {  // (u + 0x7FFF + ((u >> 16) & 1)) >> 16, then the 8 low halves in order
-          const __m256i u = _mm256_castps_si256(w);
-          const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-          const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, round), odd), 16);
-          const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-          _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k), _mm256_castsi256_si128(packed));
+        if constexpr (BF16) {
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(ob + k), bf16x8(w));
         } else {
           _mm256_storeu_ps(of + k, w);
         }

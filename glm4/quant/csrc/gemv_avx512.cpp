@@ -397,17 +397,19 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + corr[r][m];
 }
 
-template <int BITS, int MODE, bool LO>
-struct Int16Tile {
-  template <int RB, int MT>
-  static void run(const QuantArgs& a, int64_t n, int64_t m0) { int16_tile<BITS, MODE, LO, RB, MT>(a, n, m0); }
+template <int BITS, int MODE>
+struct Int16 {
+  template <bool LO>
+  struct Tile {
+    template <int RB, int MT>
+    static void run(const QuantArgs& a, int64_t n, int64_t m0) { int16_tile<BITS, MODE, LO, RB, MT>(a, n, m0); }
+  };
 };
 
 // int16 activations as two terms (exact: xq_lo set) or one (int16 precision)
 template <int BITS, int MODE>
 void int16_rows(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Int16Tile<BITS, MODE, true>>(a, n0, n1);
-  else tile_rows<Int16Tile<BITS, MODE, false>>(a, n0, n1);
+  tile_rows_lo<Int16<BITS, MODE>::template Tile>(a, n0, n1);
 }
 
 // Integer codes against fp32 activations, for M >= 2 (one widened weight feeds several tokens): per group, codes
@@ -494,7 +496,7 @@ void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1) {
   else if (a.bits == 6 && a.xperm == kOrderPerm128) int16_rows<6, kPerm>(a, n0, n1);
   else if (a.bits == 6 && a.xq) int16_rows<6, kPlain>(a, n0, n1);
   else if (a.bits == 6) tile_rows<FmaTile<6>>(a, n0, n1);
-  else if (a.xperm == kOrderLanes8) tile_rows<Int16Tile<8, kLanes8, false>>(a, n0, n1);
+  else if (a.xperm == kOrderLanes8) tile_rows<Int16<8, kLanes8>::Tile<false>>(a, n0, n1);  // one term (ops.cpp)
   else if (a.xq) int16_rows<8, kPlain>(a, n0, n1);
   else tile_rows<FmaTile<8>>(a, n0, n1);
 }

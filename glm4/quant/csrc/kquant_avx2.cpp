@@ -13,6 +13,7 @@
 #include "gemv.h"
 #include "kquant.h"
 #include "tiles.h"
+#include "vec_avx2.h"
 
 namespace glm4k {
 namespace {
@@ -44,12 +45,6 @@ inline __m256 q4k_scales(const uint8_t* block, bool mins) {
   const __m128i v = mins ? _mm_srli_si128(sm, 8) : sm;
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)),
                        _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + (mins ? 2 : 0)))));
-}
-
-inline float hsum8(__m256 v) {
-  const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 c2 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
-  return _mm_cvtss_f32(_mm_add_ss(c2, _mm_movehdup_ps(c2)));
 }
 
 template <bool LO, int RB, int MT>
@@ -94,7 +89,7 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - 32.f * hsum8(corr[r][m]);
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) - 32.f * hsum(corr[r][m]);
 }
 
 // bit g of each byte of qh moved to bit 4 (q5_K's 5th code bit; 16-bit shifts, the byte mask drops what crossed)
@@ -150,14 +145,18 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum8(acc[r][m]) - hsum8(corr[r][m]);
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) - hsum(corr[r][m]);
 }
 
 template <bool Q5, bool LO>
-struct Q4KTile {
+struct Q45KTile {
   template <int RB, int MT>
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<Q5, LO, RB, MT>(a, n, m0); }
 };
+template <bool LO>
+using Q4KTile = Q45KTile<false, LO>;
+template <bool LO>
+using Q5KTile = Q45KTile<true, LO>;
 
 template <bool LO>
 struct Q6KTile {
@@ -165,30 +164,13 @@ struct Q6KTile {
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
 };
 
-// 8 fp32 -> 8 bf16, rounded to nearest even (as .to(torch.bfloat16) for finite values)
-inline __m128i to_bf16(__m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
-}
-
 }  // namespace
 
-void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q6KTile<true>>(a, n0, n1);
-  else tile_rows<Q6KTile<false>>(a, n0, n1);
-}
+void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile>(a, n0, n1); }
 
-void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<false, true>>(a, n0, n1);
-  else tile_rows<Q4KTile<false, false>>(a, n0, n1);
-}
+void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q4KTile>(a, n0, n1); }
 
-void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<true, true>>(a, n0, n1);
-  else tile_rows<Q4KTile<true, false>>(a, n0, n1);
-}
+void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
 
 // w = s * (q - 32) (q6_K), w = s * q - dmin m (q4_K, q5_K), each product and difference rounded on its own as gguf-py's
 // numpy does: no FMA contraction in this function (GCC's intrinsics are vector arithmetic it would contract)
@@ -230,7 +212,7 @@ __attribute__((optimize("fp-contract=off"))) void kquant_dequant_rows_avx2(
                                       : _mm256_sub_ps(_mm256_mul_ps(sv, code), _mm256_set1_ps(mn[e / group]));
         const int64_t at = (n - r0) * K + sb * 256 + e;
         if (out_f32) _mm256_storeu_ps(out_f32 + at, w);
-        else _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + at), to_bf16(w));
+        else _mm_storeu_si128(reinterpret_cast<__m128i*>(out_bf16 + at), bf16x8(w));
       }
     }
   }

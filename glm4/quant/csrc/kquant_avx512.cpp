@@ -16,6 +16,7 @@
 #include "gemv.h"
 #include "kquant.h"
 #include "tiles.h"
+#include "vec_avx2.h"
 
 namespace glm4k {
 namespace {
@@ -32,12 +33,6 @@ inline void q6k_codes(const uint8_t* half_ql, const uint8_t* half_qh, __m512i c[
   c[0] = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_inserti64x4(_mm512_castsi256_si512(p0), p1, 1));
   c[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
                          _mm512_inserti64x4(_mm512_castsi256_si512(p2), p3, 1));
-}
-
-inline float hsum8(__m256 v) {
-  const __m128 c4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  const __m128 c2 = _mm_add_ps(c4, _mm_movehl_ps(c4, c4));
-  return _mm_cvtss_f32(_mm_add_ss(c2, _mm_movehdup_ps(c2)));
 }
 
 template <bool LO, int RB, int MT>
@@ -90,7 +85,7 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
   }
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) {
-      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - 32.f * hsum8(corr[r][m]);
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - 32.f * hsum(corr[r][m]);
     }
 }
 
@@ -166,30 +161,25 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - hsum8(corr[r][m]);
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - hsum(corr[r][m]);
 }
 
 template <bool Q5, bool LO>
-struct Q4KTile {
+struct Q45KTile {
   template <int RB, int MT>
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile<Q5, LO, RB, MT>(a, n, m0); }
 };
+template <bool LO>
+using Q4KTile = Q45KTile<false, LO>;
+template <bool LO>
+using Q5KTile = Q45KTile<true, LO>;
 
 }  // namespace
 
-void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<false, true>>(a, n0, n1);
-  else tile_rows<Q4KTile<false, false>>(a, n0, n1);
-}
+void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q4KTile>(a, n0, n1); }
 
-void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q4KTile<true, true>>(a, n0, n1);
-  else tile_rows<Q4KTile<true, false>>(a, n0, n1);
-}
+void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
 
-void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Q6KTile<true>>(a, n0, n1);
-  else tile_rows<Q6KTile<false>>(a, n0, n1);
-}
+void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile>(a, n0, n1); }
 
 }  // namespace glm4k

@@ -30,4 +30,11 @@ void tile_rows(const Args& a, int64_t n0, int64_t n1) {
   for (; n < n1; ++n) tile_tokens<Tile, 1>(a, n);
 }
 
+// rows [n0, n1) by Tile<true> (activations as two int16 terms: exact) or Tile<false> (one), as a.xq_lo says
+template <template <bool> class Tile, class Args>
+void tile_rows_lo(const Args& a, int64_t n0, int64_t n1) {
+  if (a.xq_lo) tile_rows<Tile<true>>(a, n0, n1);
+  else tile_rows<Tile<false>>(a, n0, n1);
+}
+
 }  // namespace glm4k

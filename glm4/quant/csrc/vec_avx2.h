@@ -1,4 +1,4 @@
-// AVX2 lane reductions and exp, shared by the AVX2 files (fused_avx2.cpp, prefill_attn_avx2.cpp). Included after
+// AVX2 lane reductions, exp and bf16 rounding, shared by the AVX2 files (and the AVX-512 ones' 256-bit parts). Included after
 // their target pragma; anonymous namespace, so each file's copy is compiled for its own target.
 #pragma once
 #include <immintrin.h>
@@ -11,6 +11,15 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
+}
+
+// 8 fp32 -> 8 bf16 in order, rounded to nearest even: (u + 0x7FFF + ((u >> 16) & 1)) >> 16 (.to(torch.bfloat16) for
+// finite values)
+inline __m128i bf16x8(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), odd), 16);
+  return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
 inline float hmax(__m256 v) {
