@@ -562,17 +562,12 @@ def report(res: dict) -> str:
             lines.append(f"{name:8} {side:10} " + " ".join(_cell(s.get(k), ".1f", 10) for _, k in cols) +
                          f" {_cell(bpt and bpt / 1e9, '.3f', 7)} {_cell(s.get('roofline_pct'), '.0f', 6)}%"
                          f" {_cell(s.get('rss_over_weights'), '.2f', 7)}  {note}")
-        if "glm4" in row:
-            lines.append(f"{'':8} {'glm4/llama':10} " + " ".join(_cell(row["ratio"].get(k), ".2f", 10)
-                                                                 for _, k in cols))
-            per_round = row.get("round_ratios", {})
-            if a["rounds"] > 1 and per_round:
-                lines.append(f"{'':8} {'by round':10} " + " ".join(f"{span(per_round.get(k, [])):>10}"
-                                                                   for _, k in cols))
-        if "glm4 gguf" in row:
-            lines.append(f"{'':8} {'gguf/llama':10} " + " ".join(_cell(row["ratio_gguf"].get(k), ".2f", 10)
-                                                                 for _, k in cols))
-            per_round = row.get("round_ratios_gguf", {})
+        for side, label, suffix in (("glm4", "glm4/llama", ""), ("glm4 gguf", "gguf/llama", "_gguf")):
+            if side not in row:
+                continue
+            lines.append(f"{'':8} {label:10} " + " ".join(_cell(row["ratio" + suffix].get(k), ".2f", 10)
+                                                          for _, k in cols))
+            per_round = row.get("round_ratios" + suffix, {})
             if a["rounds"] > 1 and per_round:
                 lines.append(f"{'':8} {'by round':10} " + " ".join(f"{span(per_round.get(k, [])):>10}"
                                                                    for _, k in cols))
@@ -678,24 +673,17 @@ def main(argv: list[str] | None = None) -> int:
         lr = runs[("llama.cpp", f)]
         row = {"glm4_class": FORMATS[f]["glm4"],
                "llama.cpp": summarize(lr, roof, lr[0].get("tensor_bytes")) | {"types": lr[0].get("types", {})}}
-        if ("glm4", row["glm4_class"]) in runs:
-            gr = runs[("glm4", row["glm4_class"])]
-            row["glm4"] = summarize(gr, roof, gr[0].get("weight_bytes")) | {k: gr[0].get(k) for k in
-                                                                           ("describe", "engine_args")}
-            g, ll = row["glm4"], row["llama.cpp"]
-            row["ratio"] = {k: g[k] / ll[k] for k in g if k.endswith("_tok_s") and g[k] and ll.get(k)}
-            # the same ratio round by round (each round's glm4 run against that round's llama.cpp run, minutes
-            # apart): the machine's bandwidth drifts between rounds, and the spread of these shows by how much
-            row["round_ratios"] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
-                                   for k in row["ratio"]}
-        if ("glm4 gguf", f) in runs:  # glm4 and llama.cpp on the same file
-            gr = runs[("glm4 gguf", f)]
-            row["glm4 gguf"] = summarize(gr, roof, gr[0].get("weight_bytes")) | {k: gr[0].get(k) for k in
-                                                                                ("describe", "engine_args")}
-            g, ll = row["glm4 gguf"], row["llama.cpp"]
-            row["ratio_gguf"] = {k: g[k] / ll[k] for k in g if k.endswith("_tok_s") and g[k] and ll.get(k)}
-            row["round_ratios_gguf"] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
-                                        for k in row["ratio_gguf"]}
+        for side, key, suffix in (("glm4", ("glm4", row["glm4_class"]), ""), ("glm4 gguf", ("glm4 gguf", f), "_gguf")):
+            if key in runs:  # glm4's class of the format, and glm4 on llama.cpp's own file
+                gr = runs[key]
+                row[side] = summarize(gr, roof, gr[0].get("weight_bytes")) | {k: gr[0].get(k) for k in
+                                                                             ("describe", "engine_args")}
+                g, ll = row[side], row["llama.cpp"]
+                row["ratio" + suffix] = {k: g[k] / ll[k] for k in g if k.endswith("_tok_s") and g[k] and ll.get(k)}
+                # the same ratio round by round (each round's glm4 run against that round's llama.cpp run, minutes
+                # apart): the machine's bandwidth drifts between rounds, and the spread of these shows by how much
+                row["round_ratios" + suffix] = {k: [gi[k] / li[k] for gi, li in zip(gr, lr) if gi.get(k) and li.get(k)]
+                                                for k in row["ratio" + suffix]}
         rows[f] = row
     res = {"cpu": cpu_info(), "roofline_gb_s": roof, "roofline_rounds": roofs, "checkpoint": str(checkpoint),
            "args": dict(common, rounds=a.rounds, formats=fmts, glm4=a.glm4, glm4_gguf=a.glm4_gguf,
