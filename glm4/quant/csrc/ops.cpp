@@ -43,13 +43,6 @@ std::string set_isa(const std::string& name) {
   return before;
 }
 
-}  // namespace
-
-namespace glm4k {
-bool avx512_kernels() { return use_avx512(); }
-}  // namespace glm4k
-
-namespace {
 
 // The integer kernels take activations at int16 precision (one 16-bit integer per column and a scale per block):
 // the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
@@ -65,7 +58,8 @@ bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
 std::string activations() { return exact_activations() ? "exact" : "int16"; }
 }  // namespace
 
-namespace glm4k {
+namespace glm4k {  // for the other op files (fused_ops.cpp, kquant_ops.cpp)
+bool avx512_kernels() { return use_avx512(); }
 bool exact_kernel_activations() { return exact_activations(); }
 }  // namespace glm4k
 
