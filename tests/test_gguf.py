@@ -32,7 +32,7 @@ from glm4.quant.gguf import _quant_linear  # noqa: E402
 from glm4.quant.gguf_quants import dequantize  # noqa: E402
 from glm4.quant.kquant import KQuantLinear  # noqa: E402
 from glm4.quant.load import load_model  # noqa: E402
-from glm4.quant.qlinear import QuantLinear  # noqa: E402
+from glm4.quant.qlinear import QuantEmbedding, QuantLinear  # noqa: E402
 from glm4.tokenizer import GLM4_PAT_STR, GLM4_SPECIAL_TOKENS, HFTokenizer, load_tokenizer  # noqa: E402
 from glm4.tokenizer.gguf_meta import GGUFError, read_gguf_header  # noqa: E402
 from glm4.weights import CheckpointError, save_checkpoint  # noqa: E402
@@ -247,8 +247,12 @@ def assert_matches_dequantized(got, ref) -> None:
     by default (glm4's streaming kernels where this CPU has them: fp32-exact, tests/test_kernels.py)."""
     mods = dict(ref.named_modules())
     for name, m in got.named_modules():
-        if isinstance(m, (QuantLinear, KQuantLinear)):
-            assert torch.equal(m.dequantize(), mods[name].weight), name
+        if isinstance(m, QuantEmbedding):  # a quantized token_embd stays so: the rows looked up equal the table's
+            ids = torch.arange(m.num_embeddings - 1, -1, -1)
+            assert m(ids).dtype == mods[name].weight.dtype
+            assert torch.equal(m(ids), mods[name].weight[ids]), name
+        elif isinstance(m, (QuantLinear, KQuantLinear)):  # the embedding's table is named <embedding>.table
+            assert torch.equal(m.dequantize(), mods[name.removesuffix(".table")].weight), name
         elif isinstance(m, StreamExperts):
             for pack, stacked in ((m.gate_up, mods[name].gate_up_proj), (m.down, mods[name].down_proj)):
                 assert pack.bits in (4, 8) and pack.weight is None, name
@@ -469,12 +473,12 @@ def test_quantized_gguf_keeps_quantlinears(tmp_path, qtype, variant):
         got = load_model(tmp_path / "m.gguf", progress=False)
     n_q, n_lin = _quant_counts(got)
     # chatglm: qkv, dense, h_to_4h, 4h_to_h; glm4: q, k, v (split from attn_qkv), o, gate_up, down; glm4_moe:
-    # q, k, v, o + dense gate, up, down / shared-expert gate, up, down; plus the output head
-    assert n_lin == 0 and n_q == {"chatglm": 9, "glm4": 13, "glm4_moe": 15}[mt]
+    # q, k, v, o + dense gate, up, down / shared-expert gate, up, down; plus the output head and the embedding
+    assert n_lin == 0 and n_q == {"chatglm": 10, "glm4": 14, "glm4_moe": 16}[mt]  # + the embedding's table
     if mt == "glm4_moe":  # the routed experts: one StreamExperts of the file's codes, no stacked fp32 tensors
         assert isinstance(got.model.layers[1].mlp.experts, StreamExperts)
         assert not any(isinstance(m, StackedExperts) for m in got.modules())
-    assert got.get_input_embeddings().weight.dtype == torch.float32  # the lookup table is dequantized
+    assert isinstance(got.get_input_embeddings(), QuantEmbedding)  # the lookup table stays quantized too
     ref = reference(model, held, tmp_path / "ref", fused_qkv=kw.get("fuse_qkv", False))
     assert_matches_dequantized(got, ref)
     qbytes = sum(b.numel() * b.element_size() for m in got.modules() if isinstance(m, QuantLinear)
@@ -513,19 +517,35 @@ def test_gguf_q_k_v_fuse_into_one_quantlinear(tmp_path, attn_q):
 
 @pytest.mark.parametrize("qtype", KQUANTS, ids=lambda t: t.name)
 def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
-    # K-quants need rows of 256: hidden 256, every weight K-quantized, the embedding too; a tied output head
-    # gets its own QuantLinear from the quantized embedding (the embedding table itself is dequantized)
+    # K-quants need rows of 256: hidden 256, every weight K-quantized, the embedding too; the embedding stays
+    # quantized and the tied output head is the same table
     model = tiny_model("glm4", hidden_size=256, intermediate_size=256, head_dim=64, tie_word_embeddings=True)
     held = write_gguf(tmp_path / "m.gguf", model, qtype)
     got = load_model(tmp_path / "m.gguf", progress=False)
     assert got.config.tie_word_embeddings
-    head = got.get_output_embeddings()
-    assert _quant_counts(got) == (13, 0)
+    head, emb = got.get_output_embeddings(), got.get_input_embeddings()
+    assert _quant_counts(got) == (13, 0) and isinstance(emb, QuantEmbedding) and emb.table is head
     # their blocks as they are where glm4's kernels run (4.5 / 5.5 / 6.56 bits a weight), else QuantLinear codes
     assert isinstance(head, KQuantLinear if kernels.has_streaming_kernels() else QuantLinear)
     ref = reference(model, held, tmp_path / "ref")
-    assert torch.equal(got.get_input_embeddings().weight, ref.get_input_embeddings().weight)
     assert_matches_dequantized(got, ref)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1, T.Q5_0, *KQUANTS], ids=lambda t: t.name)
+def test_quantized_embedding_rows(tmp_path, qtype, monkeypatch):
+    # the rows of a quantized token_embd as looked up, in the model's dtype: equal to the file's dequantized table
+    # with glm4's kernels (the row-gather op) and without (torch / gguf-py), repeated and unsorted ids too
+    model = tiny_model("glm4", hidden_size=256, intermediate_size=256, head_dim=64)
+    held = write_gguf(tmp_path / "m.gguf", model, qtype)
+    table = held["model.embed_tokens.weight"]  # the file's table, dequantized by gguf-py
+    ids = torch.tensor([[5, 0, 5], [model.config.vocab_size - 1, 3, 1]])
+    for dtype in (torch.float32, torch.bfloat16):
+        emb = load_model(tmp_path / "m.gguf", dtype=dtype, progress=False).get_input_embeddings()
+        assert isinstance(emb, QuantEmbedding) and emb(ids).shape == (2, 3, 256)
+        assert torch.equal(emb(ids), table[ids].to(dtype))
+        monkeypatch.setattr(kernels, "has_streaming_kernels", lambda: False)
+        assert torch.equal(emb(ids), table[ids].to(dtype))
+        monkeypatch.undo()
 
 
 def _moe_256():  # K-quants need rows of 256: experts of 256 x 256
@@ -541,7 +561,7 @@ def test_kquant_moe_experts_stay_quantized(tmp_path, monkeypatch):
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*dequantized to")
         got = load_model(tmp_path / "m.gguf", progress=False)
-    assert _quant_counts(got) == (15, 0)  # dense MLP, shared expert, attention and head: QuantLinear
+    assert _quant_counts(got) == (16, 0)  # dense MLP, shared expert, attention, head and embedding table
     experts = got.model.layers[1].mlp.experts
     assert isinstance(experts, StreamExperts) and not any(isinstance(m, StackedExperts) for m in got.modules())
     gu, down = experts.gate_up, experts.down
@@ -563,7 +583,7 @@ def test_moe_experts_of_mixed_types_are_dequantized_into_stacks(tmp_path):
     held = write_gguf(tmp_path / "m.gguf", model, T.Q8_0, types=types)
     with pytest.warns(UserWarning, match=r"3 quantized tensor\(s\) outside linear layers \('blk\.1\.ffn_\w+_exps"):
         got = load_model(tmp_path / "m.gguf", progress=False)
-    assert _quant_counts(got) == (15, 0)
+    assert _quant_counts(got) == (16, 0)
     experts = got.model.layers[1].mlp.experts
     assert isinstance(experts, StackedExperts) and experts.gate_up_proj.dtype == torch.float32
     ref = reference(model, held, tmp_path / "ref")

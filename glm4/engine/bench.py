@@ -45,13 +45,15 @@ def _workload(rng: random.Random, n: int, vocab: int, max_prompt: int, max_out: 
 
 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes a batch-1 decode step streams: every weight except the embedding table (only a row is read);
-    of stacked MoE experts [E, ...] only the top-k active ones."""
-    emb = model.get_input_embeddings().weight
+    """Bytes a batch-1 decode step streams: every weight except the embedding table (only a row is read) unless
+    the output head is that table (tied); of stacked MoE experts [E, ...] only the top-k active ones."""
+    tensors = lambda m: list(m.parameters()) + list(m.buffers())  # noqa: E731
+    head = model.get_output_embeddings()
     cfg = model.config
     E, k = getattr(cfg, "n_routed_experts", 0), getattr(cfg, "num_experts_per_tok", 0)
-    seen, total = {emb.data_ptr()}, 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    seen = {t.data_ptr() for t in tensors(model.get_input_embeddings())} - {t.data_ptr() for t in tensors(head)}
+    total = 0
+    for t in tensors(model):
         if t.data_ptr() in seen or t.dim() < 2:
             continue
         seen.add(t.data_ptr())

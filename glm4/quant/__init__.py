@@ -28,10 +28,10 @@ from .int6 import GROUP_SIZES as INT6_GROUPS
 from .int6 import quantize_int6
 from .int8 import WeightOnlyInt8Linear, quantize_int8
 from .kquant import KQuantLinear
-from .qlinear import QuantLinear, StreamingLinear
+from .qlinear import QuantEmbedding, QuantLinear, StreamingLinear
 
-__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "KQuantLinear", "PackedLinear", "QuantLinear",
-           "StreamExperts",
+__all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "KQuantLinear", "PackedLinear", "QuantEmbedding",
+           "QuantLinear", "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
            "quantize_weights_report", "set_gemm_dtype", "warn_fallbacks"]
 
@@ -239,9 +239,11 @@ def quantize_weights_report(model_fp32: nn.Module, model_q: nn.Module, inputs: t
 @torch.no_grad()
 def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Activations in `dtype` while swapped modules (linears, StreamExperts) keep their storage: embeddings become
-    CastEmbedding (table as stored, rows returned in `dtype`); every other floating parameter and buffer is cast
+    CastEmbedding (table as stored, rows returned in `dtype`; a QuantEmbedding's rows too); every other floating parameter and buffer is cast
     (norms, biases; StackedExperts too: torch's grouped matmul needs one dtype). In place."""
     for name, m in list(model.named_modules()):
+        if isinstance(m, QuantEmbedding):
+            m.compute_dtype = dtype
         if isinstance(m, nn.Embedding) and m.weight.dtype != dtype:
             parent_name, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, attr, CastEmbedding(m, dtype))

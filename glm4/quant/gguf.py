@@ -21,9 +21,9 @@ renaming plus three re-layouts:
     MTP layers (blk.{i >= block_count - nextn_predict_layers}) and rope_freqs are skipped; no `output` = tied.
 
 Quantized linear weights (q8_0, q4_0, q4_1, q4_K, q5_K, q6_K) become `QuantLinear` modules holding the file's
-codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. The token embedding is a lookup table and
-is dequantized into it; a tied output projection then gets its own QuantLinear from the same quantized
-tensor. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are quantized
+codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. A quantized token embedding stays as the
+file holds it too (`QuantEmbedding`: the looked-up rows are dequantized), and a tied output projection is the
+same quantized table. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are quantized
 (gate and up of one type; down may differ, as in Q4_K_M) gets a `StreamExperts` (glm4/quant/experts.py) holding
 the file's codes, [E, 2I, H] gate|up and [E, H, I] down, in place of its StackedExperts; experts that mix types
 or float and quantized tensors are dequantized into the stacked tensors (with a warning). f32 / f16 / bf16
@@ -51,7 +51,7 @@ from .gguf_config import ARCHITECTURES, _fail, gguf_config
 from .gguf_quants import FLOAT_TYPES, QUANT_TYPES, SUPPORTED, codes, dequantize
 from .kquant import BLOCK_BYTES as KQUANT_BLOCKS
 from .kquant import KQuantLinear
-from .qlinear import QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
 
 __all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model"]
 
@@ -286,14 +286,15 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
     if missing:
         shown = ", ".join(repr(_gguf_name_for(k, config)) for k in missing[:6])
         _fail(path, f"missing tensor(s) {shown}{f' and {len(missing) - 6} more' if len(missing) > 6 else ''}")
-    emb = hdr.tensors["token_embd.weight"]
-    if config.tie_word_embeddings and emb.ggml_type in QUANT_TYPES:
-        quant.append(_Entry("token_embd.weight", head + ".weight"))  # the tied head keeps the quantized codes
+    emb_info = hdr.tensors["token_embd.weight"]
+    emb_target = _GLOBAL["chatglm" if config.model_type == "chatglm" else "glm"][0]["token_embd.weight"]
+    quant_emb = emb_info.ggml_type in QUANT_TYPES  # the table stays quantized (QuantEmbedding), a tied head shares it
 
     streamed = _streamed_experts(plan, hdr)  # quantized MoE experts: a StreamExperts of the file's codes
     swapped = {e.target for e in quant} | {e.target for es in streamed.values() for part in es for e in part}
-    dense = [e.gguf for e in plan if hdr.tensors[e.gguf].ggml_type in QUANT_TYPES and e.target not in swapped
-             and e.gguf != "token_embd.weight"]  # the embedding is a lookup table: dequantized by design
+    if quant_emb:
+        swapped |= {emb_target, head + ".weight"} if config.tie_word_embeddings else {emb_target}
+    dense = [e.gguf for e in plan if hdr.tensors[e.gguf].ggml_type in QUANT_TYPES and e.target not in swapped]
     if dense:
         warnings.warn(f"{path.name}: {len(dense)} quantized tensor(s) outside linear layers ({dense[0]!r}, ...) are "
                       f"dequantized to {str(dtype).removeprefix('torch.')} (MoE experts whose gate and up differ "
@@ -306,6 +307,13 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
             info = hdr.tensors[e.gguf]
             ql = _quant_linear(_raw_rows(mm, info, e.rows), info.ggml_type, modules[name], dtype)
             _swap(model, name, ql.to(device))
+        if quant_emb:
+            with torch.device("meta"):
+                shape = nn.Linear(config.hidden_size, emb_info.shape[0], bias=False)
+            table = _quant_linear(_raw_rows(mm, emb_info, None), emb_info.ggml_type, shape, dtype).to(device)
+            _swap(model, emb_target.removesuffix(".weight"), QuantEmbedding(table, dtype))
+            if config.tie_word_embeddings:
+                _swap(model, head, table)
         for name, (gate_up, down) in _progress(list(streamed.items()), progress, f"MoE experts of {path.name}"):
             packs = [_expert_pack(mm, hdr, es, config.n_routed_experts) for es in (gate_up, down)]
             _swap(model, name, StreamExperts(*packs).to(device))

@@ -63,14 +63,20 @@ class KQuantLinear(StreamingLinear):
     def dequantize(self, dtype: torch.dtype = torch.float32, rows: slice = slice(None)) -> torch.Tensor:
         """The weight [N, K] (or a slice of rows) in fp32 (bit-equal to gguf-py's dequantize), then cast."""
         r0, r1, _ = rows.indices(self.out_features)
-        if kernels.has_streaming_kernels():
-            w = torch.empty(r1 - r0, self.in_features)
-            self._dequantize_rows(r0, w)
-        else:
+        return self._dequantize_blocks(self.blocks[r0:r1]).to(dtype)
+
+    @torch.no_grad()
+    def lookup(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._dequantize_blocks(self.blocks.index_select(0, ids))
+
+    def _dequantize_blocks(self, blocks: torch.Tensor) -> torch.Tensor:  # fp32 [rows, K] of contiguous block rows
+        if not kernels.has_streaming_kernels():
             from .gguf_quants import dequantize
 
-            w = torch.from_numpy(dequantize(self.blocks[r0:r1].numpy(), self.ggml_type))
-        return w.to(dtype)
+            return torch.from_numpy(dequantize(blocks.numpy(), self.ggml_type))
+        w = torch.empty(blocks.shape[0], self.in_features)
+        torch.ops.glm4.kquant_dequantize_rows(blocks, self.ggml_type, 0, w)
+        return w
 
     def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.glm4.kquant_mm(x, self.blocks, self.in_features, self.ggml_type)
