@@ -287,7 +287,7 @@ def linear_storage(model) -> dict:
     from torch import nn
 
     from glm4.layers.moe import StackedExperts
-    from glm4.quant import FloatLinear, QuantLinear
+    from glm4.quant import FloatLinear, KQuantLinear, QuantLinear
     from glm4.quant.experts import ExpertPack
 
     bits = weights = 0
@@ -305,9 +305,13 @@ def linear_storage(model) -> dict:
         if isinstance(m, QuantLinear):
             add(name, m.in_features * m.out_features, nb(m.qweight, m.scales, m.mins),
                 f"int{m.bits} g{m.group_size}" if m.group_size != m.in_features else f"int{m.bits}/channel")
+        elif isinstance(m, KQuantLinear):
+            add(name, m.in_features * m.out_features, nb(m.blocks), f"{m.NAMES[m.ggml_type]} blocks")
         elif isinstance(m, ExpertPack):
             n = m.num_experts * m.out_features * m.in_features
-            if m.bits:
+            if m.ggml_type:
+                add(name, n, nb(m.blocks), f"{KQuantLinear.NAMES[m.ggml_type]} blocks")
+            elif m.bits:
                 add(name, n, nb(m.qweight, m.scales, m.mins),
                     f"int{m.bits} g{m.group_size}" if m.group_size != m.in_features else f"int{m.bits}/channel")
             else:

@@ -26,7 +26,7 @@ from glm4.chat import ChatFormat  # noqa: E402
 from glm4.config import config_from_dict  # noqa: E402
 from glm4.layers.moe import StackedExperts  # noqa: E402
 from glm4.models import get_model_class  # noqa: E402
-from glm4.quant import kernels  # noqa: E402
+from glm4.quant import describe_linears, kernels  # noqa: E402
 from glm4.quant.experts import StreamExperts  # noqa: E402
 from glm4.quant.gguf import _quant_linear  # noqa: E402
 from glm4.quant.gguf_quants import dequantize  # noqa: E402
@@ -231,9 +231,9 @@ def reference(model, held: dict[str, torch.Tensor], folder: Path, fused_qkv: boo
 IDS = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 120], [11, 2, 33, 8, 90, 1, 0, 77]])
 
 
-def logits(model) -> torch.Tensor:
+def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
     with torch.no_grad():
-        return model(IDS).float()
+        return model(ids).float()
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-4) -> None:
@@ -255,7 +255,7 @@ def assert_matches_dequantized(got, ref) -> None:
             assert torch.equal(m.dequantize(), mods[name.removesuffix(".table")].weight), name
         elif isinstance(m, StreamExperts):
             for pack, stacked in ((m.gate_up, mods[name].gate_up_proj), (m.down, mods[name].down_proj)):
-                assert pack.bits in (4, 8) and pack.weight is None, name
+                assert pack.bits in (4, 6, 8) and pack.weight is None, name
                 for e in range(pack.num_experts):
                     assert torch.equal(pack.weight_of(e, torch.float32), stacked[e]), (name, e)
     assert_close(logits(got), logits(ref))
@@ -527,6 +527,8 @@ def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     assert _quant_counts(got) == (13, 0) and isinstance(emb, QuantEmbedding) and emb.table is head
     # their blocks as they are where glm4's kernels run (4.5 / 5.5 / 6.56 bits a weight), else QuantLinear codes
     assert isinstance(head, KQuantLinear if kernels.has_streaming_kernels() else QuantLinear)
+    kinds = {kind: n for kind, n, _ in describe_linears(got)}
+    assert kinds["embedding"] == 1 and kinds["lm_head (tied to the embedding)"] == 1 and "table" not in kinds
     ref = reference(model, held, tmp_path / "ref")
     assert_matches_dequantized(got, ref)
 
@@ -565,12 +567,18 @@ def test_kquant_moe_experts_stay_quantized(tmp_path, monkeypatch):
     experts = got.model.layers[1].mlp.experts
     assert isinstance(experts, StreamExperts) and not any(isinstance(m, StackedExperts) for m in got.modules())
     gu, down = experts.gate_up, experts.down
-    assert (gu.bits, gu.group_size, gu.mins is not None, gu.qweight.shape) == (4, 32, True, (8, 512, 128))
-    assert (down.bits, down.group_size, down.mins is None, down.qweight.shape) == (8, 16, True, (8, 256, 256))
+    if kernels.has_streaming_kernels():  # the file's blocks as they are: 144 / 210 bytes per 256 weights
+        assert (gu.ggml_type, gu.blocks.shape, gu.qweight) == (T.Q4_K, (8, 512, 144), None)
+        assert (down.ggml_type, down.blocks.shape, down.qweight) == (T.Q6_K, (8, 256, 210), None)
+    else:  # QuantLinear's codes
+        assert (gu.bits, gu.group_size, gu.mins is not None, gu.qweight.shape) == (4, 32, True, (8, 512, 128))
+        assert (down.bits, down.group_size, down.mins is None, down.qweight.shape) == (8, 16, True, (8, 256, 256))
     ref = reference(model, held, tmp_path / "ref")
-    assert_matches_dequantized(got, ref)
-    from glm4.quant import kernels
-
+    assert_matches_dequantized(got, ref)  # decode: expert_glu; the rows of every expert equal gguf-py's
+    # prefill: more tokens than the one-op dispatch takes, each busy expert's rows dequantized into a GEMM (and
+    # those with few tokens through the streaming kernel)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    assert_close(logits(got, ids), logits(ref, ids))
     monkeypatch.setattr(kernels, "has_streaming_kernels", lambda: False)  # no kernels: a GEMM per busy expert
     assert_close(logits(got), logits(ref))
 

@@ -551,6 +551,45 @@ def test_kquant_mm_matches_dequantized_float64(ggml_type, M, K, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("gu_type,dn_type", [(12, 14), (13, 13), (14, 12)], ids=["q4_K-q6_K", "q5_K", "q6_K-q4_K"])
+@pytest.mark.parametrize("tokens", [1, 5, 40])  # 40: more tokens than the one-op dispatch takes (prefill)
+def test_stream_experts_of_kquant_blocks(gu_type, dn_type, tokens, isa):
+    # GGUF MoE experts of K-quant types run from their blocks: decode through expert_glu (expert_mm's K-quant
+    # branch, each busy expert's rows by the kquant_mm kernels with that expert's tokens), prefill a GEMM per busy
+    # expert on its dequantized rows (the streaming kernel for an expert with few tokens). Exact activations:
+    # within fp32 rounding of the float64 dispatch on gguf-py's weights; int16 ones within their precision.
+    from glm4.layers.moe import expert_glu
+    from glm4.quant.experts import ExpertPack, StreamExperts
+
+    gguf_quants = pytest.importorskip("gguf.quants")
+    E, H, inter = 4, 256, 256
+    gu = ExpertPack(blocks=torch.stack([_kquant_blocks(gu_type, 2 * inter, H, seed=e) for e in range(E)]),
+                    ggml_type=gu_type)
+    dn = ExpertPack(blocks=torch.stack([_kquant_blocks(dn_type, H, inter, seed=10 + e) for e in range(E)]),
+                    ggml_type=dn_type)
+    s = StreamExperts(gu, dn)
+    assert (gu.in_features, gu.out_features, dn.in_features, dn.out_features) == (H, 2 * inter, inter, H)
+    w_gu = torch.stack([torch.from_numpy(gguf_quants.dequantize(b.numpy(), gu_type)) for b in gu.blocks]).double()
+    w_dn = torch.stack([torch.from_numpy(gguf_quants.dequantize(b.numpy(), dn_type)) for b in dn.blocks]).double()
+    assert torch.equal(torch.stack([gu.weight_of(e, torch.float64) for e in range(E)]), w_gu)
+    g = torch.Generator().manual_seed(tokens)
+    x, w = torch.randn(tokens, H, generator=g), torch.rand(tokens, 2, generator=g)
+    idx = torch.stack([torch.randperm(E, generator=g)[:2] for _ in range(tokens)])
+    ref = expert_glu(x.double(), idx, w.double(), w_gu, w_dn, impl="segments")
+    with kernel_activations("exact"), torch.no_grad():
+        assert rel_err(s(x, idx, w), ref) < 1e-5
+    with kernel_activations("int16"), torch.no_grad():
+        assert rel_err(s(x, idx, w), ref) < 1e-3  # two linears at int16 activations (an expert with <= 16 tokens)
+    # expert_mm's K-quant rows are kquant_mm's of each busy expert, to the bit
+    xs, counts = torch.randn(5, H, generator=g), torch.tensor([2, 0, 3, 0])
+    y = torch.ops.glm4.expert_mm(xs, counts, gu.blocks, None, None, 0, 0, 0, gu_type)
+    assert torch.equal(y[:2], torch.ops.glm4.kquant_mm(xs[:2], gu.blocks[0], H, gu_type))
+    assert torch.equal(y[2:], torch.ops.glm4.kquant_mm(xs[2:], gu.blocks[2], H, gu_type))
+    with pytest.raises(RuntimeError, match="K-quant blocks"):
+        torch.ops.glm4.expert_mm(xs, counts, gu.blocks[:, :, :100], None, None, 0, 0, 0, gu_type)
+
+
+@needs_kernels
 @pytest.mark.parametrize("ggml_type", [12, 13, 14], ids=["q4_K", "q5_K", "q6_K"])
 def test_kquant_concat_fallback_and_bad_shapes(ggml_type, monkeypatch):
     from glm4.quant import KQuantLinear, QuantizationError

@@ -277,6 +277,11 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
     return n
 
 
+def _kquant_isa() -> str:
+    isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
+    return isa + (" (int16 activations)" if kernels.activations() == "int16" else "")  # every M it runs
+
+
 def kernel_of(m: nn.Module) -> str:
     """Which kernel runs module `m` (a linear or a swapped linear), in words."""
     dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
@@ -286,9 +291,7 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
-        isa += " (int16 activations)" if kernels.activations() == "int16" else ""  # every M it runs
-        return (f"{fmt}: glm4 {isa} kquant_mm (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {_kquant_isa()} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
@@ -312,11 +315,21 @@ def kernel_of(m: nn.Module) -> str:
 def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
     """[(kind, count, kernel)] per kind of linear (last name component: qkv_proj, down_proj, lm_head, ...)."""
     seen: dict[tuple[str, str], int] = {}
+    head = getattr(model, "get_output_embeddings", lambda: None)()
     for name, m in model.named_modules():
-        if isinstance(m, StreamExperts):
-            gu = m.gate_up
-            isa = kernels.quant_isa(gu.bits, gu.group_size, gu.in_features) if gu.bits else kernels.dense_isa()
-            key = ("experts", f"{m.gate_up.extra_repr().split(', ', 3)[-1]}: glm4 {isa} expert_glu, the dispatch "
+        if isinstance(m, QuantEmbedding):
+            key = ("embedding", f"{kernel_of(m.table).split(':')[0]} table: rows dequantized as looked up")
+        elif isinstance(m, StreamingLinear) and name.endswith(".table"):  # a QuantEmbedding's
+            if m is not head:
+                continue
+            key = ("lm_head (tied to the embedding)", kernel_of(m))
+        elif isinstance(m, StreamExperts):
+            gu, dn = m.gate_up, m.down
+            isa = (_kquant_isa() if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features)
+                   if gu.bits else kernels.dense_isa())
+            fmt, dn_fmt = (p.extra_repr().split(", ", 3)[-1] for p in (gu, dn))
+            fmt += f" (down {dn_fmt})" if dn_fmt != fmt else ""
+            key = ("experts", f"{fmt}: glm4 {isa} expert_glu, the dispatch "
                               f"in one op (<= {kernels.dense_max_m()} tokens a call); a "
                               f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per busy expert "
                               "above")

@@ -1,5 +1,6 @@
-"""StreamExperts: MoE experts run by glm4's streaming kernels, their weights as stored (bf16 / fp16 / fp32) or
-quantized (QuantLinear's formula, stacked over experts). Swapped in for layers.moe.StackedExperts.
+"""StreamExperts: MoE experts run by glm4's streaming kernels, their weights as stored (bf16 / fp16 / fp32),
+quantized (QuantLinear's formula, stacked over experts) or in a GGUF file's K-quant blocks (KQuantLinear's, stacked).
+Swapped in for layers.moe.StackedExperts.
 
 Decode sends a handful of tokens to each busy expert, so each expert's weights are streamed once by one op
 (torch.ops.glm4.expert_mm: every busy expert x block of rows is a task), and the whole dispatch around it (grouping
@@ -19,29 +20,41 @@ from glm4.layers.moe import StackedExperts, dispatch_experts
 
 from . import kernels
 from .fast_linear import QuantizationError
+from .kquant import BLOCK_BYTES as KQUANT_BLOCK_BYTES
+from .kquant import KQuantLinear
 from .qlinear import _GEMM_ELEMS, QuantLinear, dequant_gemm
 
 __all__ = ["ExpertPack", "StreamExperts"]
 
 
 class ExpertPack(nn.Module):
-    """One projection of E experts: `weight` [E, N, K] in its storage dtype, or (bits 4 / 6 / 8) `qweight` [E, N, K']
-    with `scales` / `mins` [E, N, K/g] read as in QuantLinear."""
+    """One projection of E experts: `weight` [E, N, K] in its storage dtype, (bits 4 / 6 / 8) `qweight` [E, N, K']
+    with `scales` / `mins` [E, N, K/g] read as in QuantLinear, or (ggml_type 12 / 13 / 14) `blocks` [E, N, K/256 *
+    block bytes] read as in KQuantLinear (bits and group_size then say what the blocks hold: 4 / 5 / 6, 32 / 16)."""
 
     gemm_dtype = torch.float32  # quantized packs: the prefill GEMM's dtype for fp32 activations (QuantLinear's)
 
     def __init__(self, weight: torch.Tensor | None = None, *, bits: int = 0, group_size: int = 0, zero_point: int = 0,
                  qweight: torch.Tensor | None = None, scales: torch.Tensor | None = None,
-                 mins: torch.Tensor | None = None):
+                 mins: torch.Tensor | None = None, blocks: torch.Tensor | None = None, ggml_type: int = 0):
         super().__init__()
-        self.bits, self.group_size, self.zero_point = bits, group_size, zero_point
+        self.bits, self.group_size, self.zero_point, self.ggml_type = bits, group_size, zero_point, ggml_type
         self.register_buffer("weight", weight)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
         self.register_buffer("mins", mins)
-        ref = weight if weight is not None else qweight
-        self.num_experts, self.out_features = ref.shape[0], ref.shape[1]
-        self.in_features = ref.shape[2] if bits == 0 else scales.shape[2] * group_size
+        self.register_buffer("blocks", blocks)
+        self.num_experts, self.out_features = self.stored.shape[0], self.stored.shape[1]
+        if ggml_type:
+            self.in_features = blocks.shape[2] // KQUANT_BLOCK_BYTES[ggml_type] * 256
+            self.bits, self.group_size = KQuantLinear.FORMATS[ggml_type]
+        else:
+            self.in_features = self.stored.shape[2] if bits == 0 else scales.shape[2] * group_size
+
+    @property
+    def stored(self) -> torch.Tensor:
+        """The tensor the kernels stream: weight, qweight or blocks."""
+        return self.weight if self.weight is not None else self.qweight if self.qweight is not None else self.blocks
 
     @classmethod
     def stack(cls, linears: list[QuantLinear]) -> ExpertPack:
@@ -54,8 +67,12 @@ class ExpertPack(nn.Module):
                    qweight=torch.stack([m.qweight for m in linears]), scales=torch.stack([m.scales for m in linears]),
                    mins=None if f.mins is None else torch.stack([m.mins for m in linears]))
 
-    def expert(self, e: int) -> QuantLinear:
-        """Expert e as a QuantLinear sharing this pack's storage."""
+    def expert(self, e: int) -> QuantLinear | KQuantLinear:
+        """Expert e as a QuantLinear (or KQuantLinear) sharing this pack's storage."""
+        if self.ggml_type:
+            m = KQuantLinear(self.in_features, self.out_features, self.ggml_type)
+            m.blocks, m.gemm_dtype = self.blocks[e], self.gemm_dtype
+            return m
         m = QuantLinear(self.in_features, self.out_features, bits=self.bits, group_size=self.group_size,
                         zero_point=self.zero_point, has_mins=self.mins is not None, scale_dtype=self.scales.dtype)
         m.qweight, m.scales = self.qweight[e], self.scales[e]
@@ -71,9 +88,8 @@ class ExpertPack(nn.Module):
         """xs [S, K] sorted by expert, counts [E] -> [S, N] in xs's dtype."""
         c = counts.tolist()
         if kernels.has_streaming_kernels() and xs.device.type == "cpu" and max(c, default=0) <= kernels.dense_max_m():
-            w = self.weight if self.bits == 0 else self.qweight
-            y = kernels.ops.expert_mm(xs.float().contiguous(), counts, w, self.scales, self.mins, self.bits,
-                                      self.group_size, self.zero_point)
+            y = kernels.ops.expert_mm(xs.float().contiguous(), counts, self.stored, self.scales, self.mins, self.bits,
+                                      self.group_size, self.zero_point, self.ggml_type)
             return y.to(xs.dtype)
         if self.bits and kernels.has_streaming_kernels() and xs.device.type == "cpu":
             return self._dequant_experts_mm(xs, c)
@@ -85,9 +101,9 @@ class ExpertPack(nn.Module):
         return torch.cat(out) if out else xs.new_zeros(0, self.out_features)
 
     def _dequant_experts_mm(self, xs: torch.Tensor, c: list[int]) -> torch.Tensor:
-        """Many tokens per expert (prefill), quantized: QuantLinear's arithmetic without a module per expert. The
-        activations are cast to the GEMM's dtype once, each busy expert's weight is dequantized into one reused
-        buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes."""
+        """Many tokens per expert (prefill), quantized: QuantLinear's (KQuantLinear's) arithmetic without a module per
+        expert. The activations are cast to the GEMM's dtype once, each busy expert's weight is dequantized into one
+        reused buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes."""
         x = xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(self.gemm_dtype)
         y = xs.new_empty(xs.shape[0], self.out_features)
         rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
@@ -96,17 +112,25 @@ class ExpertPack(nn.Module):
         for e, n in enumerate(c):
             if not n:
                 continue
-            q, s, m = self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e]
             xe, ye = x[start:start + n], y[start:start + n]
+            mm, fill = self._expert_kernels(e)
             if n <= kernels.max_m(self):
-                ye.copy_(kernels.ops.quant_mm(xs[start:start + n].float(), q, s, m, self.bits, self.group_size,
-                                              self.zero_point))
+                ye.copy_(mm(xs[start:start + n].float()))
             else:
-                fill = functools.partial(torch.ops.glm4.dequantize_rows, q, s, m, self.bits, self.group_size,
-                                         self.zero_point)  # fill(row0, w)
                 dequant_gemm(xe, ye, fill, buf)
             start += n
         return y
+
+    def _expert_kernels(self, e: int):
+        """(mm(x), fill(row0, w)) of quantized expert e: its streaming kernel (fp32 x [n, K] -> [n, N]) and its
+        dequantization into w (glm4's ops)."""
+        if self.ggml_type:
+            b, t = self.blocks[e], self.ggml_type
+            return (lambda x: kernels.ops.kquant_mm(x, b, self.in_features, t),
+                    functools.partial(kernels.ops.kquant_dequantize_rows, b, t))
+        args = (self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e], self.bits,
+                self.group_size, self.zero_point)
+        return lambda x: kernels.ops.quant_mm(x, *args), functools.partial(kernels.ops.dequantize_rows, *args)
 
     def _expert_mm(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] through expert e: a QuantLinear view of its codes (streaming kernel for few tokens, else
@@ -119,6 +143,7 @@ class ExpertPack(nn.Module):
 
     def extra_repr(self) -> str:
         kind = (f"{str(self.weight.dtype).removeprefix('torch.')}" if self.bits == 0 else
+                f"{KQuantLinear.NAMES[self.ggml_type]} blocks" if self.ggml_type else
                 f"int{self.bits} g{self.group_size}{' +mins' if self.mins is not None else ''}")
         return f"experts={self.num_experts}, in={self.in_features}, out={self.out_features}, {kind}"
 
@@ -190,11 +215,9 @@ class StreamExperts(nn.Module):
     def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= kernels.dense_max_m() and x.device.type == "cpu":  # decode: the whole dispatch in one op
             gu, dn = self.gate_up, self.down
-            y = kernels.ops.expert_glu(x.float(), indices, weights.float(),
-                                       gu.qweight if gu.bits else gu.weight, gu.scales, gu.mins, gu.bits,
-                                       gu.group_size, gu.zero_point,
-                                       dn.qweight if dn.bits else dn.weight, dn.scales, dn.mins, dn.bits,
-                                       dn.group_size, dn.zero_point)
+            y = kernels.ops.expert_glu(x.float(), indices, weights.float(), gu.stored, gu.scales, gu.mins, gu.bits,
+                                       gu.group_size, gu.zero_point, dn.stored, dn.scales, dn.mins, dn.bits,
+                                       dn.group_size, dn.zero_point, gu.ggml_type, dn.ggml_type)
             return y.to(x.dtype)
         combine = _moe_combine if kernels.has_streaming_kernels() and x.device.type == "cpu" else None
         return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size, combine)

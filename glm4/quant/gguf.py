@@ -25,7 +25,8 @@ codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. A quantize
 file holds it too (`QuantEmbedding`: the looked-up rows are dequantized), and a tied output projection is the
 same quantized table. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are quantized
 (gate and up of one type; down may differ, as in Q4_K_M) gets a `StreamExperts` (glm4/quant/experts.py) holding
-the file's codes, [E, 2I, H] gate|up and [E, H, I] down, in place of its StackedExperts; experts that mix types
+the file's codes, [E, 2I, H] gate|up and [E, H, I] down (K-quant types in their blocks, as KQuantLinear holds
+them), in place of its StackedExperts; experts that mix types
 or float and quantized tensors are dequantized into the stacked tensors (with a warning). f32 / f16 / bf16
 tensors are copied into the requested dtype. The config comes from the metadata (glm4/quant/gguf_config.py).
 """
@@ -208,10 +209,13 @@ def _streamed_experts(plan: list[_Entry], hdr: GGUFHeader) -> dict[str, tuple[li
 
 def _expert_pack(mm: np.ndarray, hdr: GGUFHeader, entries: list[_Entry], num_experts: int) -> ExpertPack:
     """The experts' codes of 3-D tensors [E, R_i, K] of one quantized type, each expert's rows of every entry
-    concatenated (gate then up), as one ExpertPack; decoded one expert at a time (no whole-tensor temporaries)."""
-    gtype = hdr.tensors[entries[0].gguf].ggml_type
+    concatenated (gate then up), as one ExpertPack: K-quant blocks as the file holds them where glm4's kernels run
+    them, else QuantLinear's codes decoded one expert at a time (no whole-tensor temporaries)."""
+    gtype, K = hdr.tensors[entries[0].gguf].ggml_type, hdr.tensors[entries[0].gguf].shape[-1]
     raws = [_raw_rows(mm, hdr.tensors[e.gguf], None) for e in entries]
     raws = [r.reshape(num_experts, -1, r.shape[1]) for r in raws]
+    if gtype in KQUANT_BLOCKS and kernels.has_streaming_kernels() and K % 256 == 0:  # the blocks as they are
+        return ExpertPack(blocks=torch.from_numpy(np.concatenate(raws, axis=1)), ggml_type=gtype)
     out: list[torch.Tensor] = []
     for x in range(num_experts):
         c = codes(np.concatenate([r[x] for r in raws]), gtype)

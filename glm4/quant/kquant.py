@@ -25,12 +25,14 @@ __all__ = ["BLOCK_BYTES", "KQuantLinear"]
 
 Q4_K, Q5_K, Q6_K = 12, 13, 14  # ggml type ids
 BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 weights
-_NAMES = {Q4_K: "q4_K", Q5_K: "q5_K", Q6_K: "q6_K"}
 
 
 class KQuantLinear(StreamingLinear):
     """y = x @ W.T + bias with W in K-quant blocks (`blocks` uint8 [N, K / 256 * block bytes], the GGUF tensor's
     bytes) of ggml type `ggml_type` (12: q4_K, 13: q5_K, 14: q6_K), run as StreamingLinear says."""
+
+    NAMES = {Q4_K: "q4_K", Q5_K: "q5_K", Q6_K: "q6_K"}
+    FORMATS = {Q4_K: (4, 32), Q5_K: (5, 32), Q6_K: (6, 16)}  # (bits of a code, weights per scale): describe()
 
     def __init__(self, in_features: int, out_features: int, ggml_type: int, *, bias: bool = False,
                  dtype: torch.dtype = torch.float32):
@@ -38,9 +40,9 @@ class KQuantLinear(StreamingLinear):
         if ggml_type not in BLOCK_BYTES:
             raise QuantizationError(f"K-quant blocks: ggml type {ggml_type} is not q4_K (12), q5_K (13) or q6_K (14)")
         if in_features % 256:
-            raise QuantizationError(f"{_NAMES[ggml_type]}: in_features {in_features} must be a multiple of 256")
+            raise QuantizationError(f"{self.NAMES[ggml_type]}: in_features {in_features} must be a multiple of 256")
         self.in_features, self.out_features, self.ggml_type = in_features, out_features, ggml_type
-        self.bits, self.group_size = {Q4_K: (4, 32), Q5_K: (5, 32), Q6_K: (6, 16)}[ggml_type]  # describe(), accounting
+        self.bits, self.group_size = self.FORMATS[ggml_type]
         self.register_buffer("blocks", torch.empty(out_features, in_features // 256 * BLOCK_BYTES[ggml_type],
                                                    dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
@@ -85,5 +87,5 @@ class KQuantLinear(StreamingLinear):
         torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, row0, w)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, {_NAMES[self.ggml_type]}, "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, {self.NAMES[self.ggml_type]}, "
                 f"bias={self.bias is not None}")

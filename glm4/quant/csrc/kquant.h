@@ -20,6 +20,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace glm4k {
 
@@ -51,6 +52,23 @@ void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
+
+// The activations of M rows as the K-quant kernels of one type read them (int16 per 256 columns in the kernel's
+// order, the exact low terms when activations() is "exact", the sums per scale group), computed once for every
+// weight they meet: kquant_mm's one weight, or every busy expert of expert_mm (rows row0.. of them).
+class KQuantActs {
+ public:
+  KQuantActs(const float* x, int64_t M, int64_t K, int type);
+  // y rows [n0, n1) of M activation rows from row0 against `blocks` [N, K / 256 * block bytes]; y [M, N]
+  void rows(const uint8_t* blocks, int64_t row0, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) const;
+
+ private:
+  int64_t K_, group_;
+  bool exact_;
+  void (*rows_)(const KQuantArgs&, int64_t, int64_t);
+  std::vector<int16_t> hi_, lo_;
+  std::vector<float> scale_, xsum_;
+};
 
 // rows [r0, r1) of W into out_f32 or out_bf16 ([r1 - r0, K]; bf16 rounded to nearest even from the fp32 value),
 // equal to gguf-py's dequantize bit for bit

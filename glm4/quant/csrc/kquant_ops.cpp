@@ -33,6 +33,29 @@ namespace glm4k {
 int kquant_order(int type, bool avx512) {
   return !avx512 ? kOrderLanes16 : type == kQ6K ? kOrderLanes8 : kOrderQ4K128;
 }
+
+KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type)
+    : K_(K), group_(kquant_group(type)), exact_(exact_kernel_activations()) {
+  const bool wide = avx512_kernels();
+  rows_ = wide ? (type == kQ6K ? q6k_rows_avx512 : type == kQ5K ? q5k_rows_avx512 : q4k_rows_avx512)
+               : (type == kQ6K ? q6k_rows_avx2 : type == kQ5K ? q5k_rows_avx2 : q4k_rows_avx2);
+  const int order = kquant_order(type, wide);
+  hi_.resize(M * K), lo_.resize(exact_ ? M * K : 0), scale_.resize(M * K / 256), xsum_.resize(M * K / group_);
+  for (int64_t g = 0; g < M * K / group_; ++g) {
+    float s = 0.f;
+    for (int64_t j = 0; j < group_; ++j) s += x[g * group_ + j];
+    xsum_[g] = s;
+  }
+  if (exact_) act_hilo_avx2(x, M * K, 256, order, hi_.data(), lo_.data(), scale_.data());
+  else act_int16_avx2(x, M * K, 256, order, hi_.data(), nullptr, scale_.data());
+}
+
+void KQuantActs::rows(const uint8_t* blocks, int64_t row0, int64_t M, float* y, int64_t N, int64_t n0,
+                      int64_t n1) const {
+  const KQuantArgs a{blocks, hi_.data() + row0 * K_, exact_ ? lo_.data() + row0 * K_ : nullptr,
+                     scale_.data() + row0 * (K_ / 256), xsum_.data() + row0 * (K_ / group_), y, M, N, K_};
+  rows_(a, n0, n1);
+}
 }  // namespace glm4k
 
 namespace {
@@ -44,27 +67,12 @@ at::Tensor kquant_mm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t K
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K && x_in.scalar_type() == at::kFloat,
               "kquant_mm: x float32 [..., K]");
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
-  const int64_t M = x.size(0), N = blocks.size(0), group = glm4k::kquant_group(int(type));
-  const float* xp = x.data_ptr<float>();
-  const bool wide = glm4k::avx512_kernels(), exact = glm4k::exact_kernel_activations();
-  const int order = glm4k::kquant_order(int(type), wide);
-  std::vector<int16_t> hi(M * K), lo(exact ? M * K : 0);
-  std::vector<float> scale(M * K / 256), xsum(M * K / group);
-  for (int64_t g = 0; g < M * K / group; ++g) {
-    float s = 0.f;
-    for (int64_t j = 0; j < group; ++j) s += xp[g * group + j];
-    xsum[g] = s;
-  }
-  if (exact) glm4k::act_hilo_avx2(xp, M * K, 256, order, hi.data(), lo.data(), scale.data());
-  else glm4k::act_int16_avx2(xp, M * K, 256, order, hi.data(), nullptr, scale.data());
+  const int64_t M = x.size(0), N = blocks.size(0);
+  const glm4k::KQuantActs acts(x.data_ptr<float>(), M, K, int(type));
   auto y = at::empty({M, N}, x.options());
-  const glm4k::KQuantArgs a{blocks.data_ptr<uint8_t>(), hi.data(), exact ? lo.data() : nullptr, scale.data(),
-                            xsum.data(), y.data_ptr<float>(), M, N, K};
-  auto rows = wide ? (type == glm4k::kQ6K ? glm4k::q6k_rows_avx512 : type == glm4k::kQ5K ? glm4k::q5k_rows_avx512
-                                                                                         : glm4k::q4k_rows_avx512)
-                   : (type == glm4k::kQ6K ? glm4k::q6k_rows_avx2 : type == glm4k::kQ5K ? glm4k::q5k_rows_avx2
-                                                                                       : glm4k::q4k_rows_avx2);
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) { rows(a, b0 * 16, std::min(N, b1 * 16)); });
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
+    acts.rows(blocks.data_ptr<uint8_t>(), 0, M, y.data_ptr<float>(), N, b0 * 16, std::min(N, b1 * 16));
+  });
   auto sizes = x_in.sizes().vec();
   sizes.back() = N;
   return y.view(sizes);

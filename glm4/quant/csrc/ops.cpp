@@ -14,6 +14,7 @@
 
 #include "fused.h"
 #include "gemv.h"
+#include "kquant.h"
 
 namespace {
 
@@ -274,16 +275,23 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
   });
 }
 
-// MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0) or codes [E, N, K'] with scales / mins
-// [E, N, G]. Every (busy expert, block of rows) is one task: the streaming kernels with M = that expert's tokens.
+// MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0), codes [E, N, K'] with scales / mins
+// [E, N, G], or (ggml_type 12 / 13 / 14) GGUF K-quant blocks [E, N, K / 256 * block bytes]. Every (busy expert,
+// block of rows) is one task: the streaming kernels with M = that expert's tokens.
 at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
                      const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
-                     int64_t group, int64_t zero_point) {
+                     int64_t group, int64_t zero_point, int64_t ggml_type) {
   TORCH_CHECK(has_avx2(), "glm4.expert_mm needs AVX2 + FMA");
   TORCH_CHECK(xs.dim() == 2 && xs.scalar_type() == at::kFloat, "expert_mm: xs must be float32 [S, K]");
   TORCH_CHECK(w.dim() == 3 && counts.dim() == 1 && counts.size(0) == w.size(0), "expert_mm: w [E, N, K'], counts [E]");
   const int64_t S = xs.size(0), K = xs.size(1), E = w.size(0), N = w.size(1);
-  if (bits) {
+  if (ggml_type) {
+    TORCH_CHECK(ggml_type == glm4k::kQ4K || ggml_type == glm4k::kQ5K || ggml_type == glm4k::kQ6K,
+                "expert_mm: ggml type 12 (q4_K), 13 (q5_K) or 14 (q6_K), not ", ggml_type);
+    TORCH_CHECK(K % 256 == 0 && w.scalar_type() == at::kByte &&
+                    w.size(2) == K / 256 * glm4k::kquant_block_bytes(int(ggml_type)),
+                "expert_mm: K-quant blocks uint8 [E, N, K / 256 * block bytes] with K a multiple of 256");
+  } else if (bits) {
     TORCH_CHECK(scales.has_value(), "expert_mm: quantized weights need scales");
     check_quant(xs, w, *scales, mins, bits, group);
   } else {
@@ -291,7 +299,8 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   }
   auto xc = xs.contiguous(), wc = w.contiguous();
   auto cnt = counts.to(at::kLong).contiguous();
-  at::Tensor sc = bits ? scales->contiguous() : at::Tensor(), mc = bits && mins ? mins->contiguous() : at::Tensor();
+  const bool codes = bits && !ggml_type;  // K-quant blocks carry their scales
+  at::Tensor sc = codes ? scales->contiguous() : at::Tensor(), mc = codes && mins ? mins->contiguous() : at::Tensor();
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt.data_ptr<int64_t>()[e];
   TORCH_CHECK(start[E] == S, "expert_mm: counts must sum to the rows of xs");
@@ -305,6 +314,17 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   float* yp = y.data_ptr<float>();
   const auto* wp = static_cast<const char*>(wc.data_ptr());
   const int64_t w_stride = N * wc.size(2) * wc.element_size();  // bytes per expert
+  if (ggml_type) {
+    const glm4k::KQuantActs acts(xp, S, K, int(ggml_type));
+    at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const Task& tk = tasks[t];
+        acts.rows(reinterpret_cast<const uint8_t*>(wp) + tk.e * w_stride, start[tk.e], start[tk.e + 1] - start[tk.e],
+                  yp + start[tk.e] * N, N, tk.n0, tk.n1);
+      }
+    });
+    return y;
+  }
   if (!bits) {
     int wtype = w.scalar_type() == at::kFloat ? glm4k::kF32 : w.scalar_type() == at::kBFloat16 ? glm4k::kBF16 : glm4k::kF16;
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
@@ -382,12 +402,14 @@ at::Tensor moe_combine(const at::Tensor& y, const at::Tensor& order, const at::T
 
 // MoE for a few tokens (decode): out [T, H] = sum_j weights[t, j] * down[e](silu(gate[e] x_t) * up[e] x_t), e =
 // indices[t, j], as layers.moe.dispatch_experts computes it (pairs grouped by expert in slot order, the weighted
-// terms added in slot order in fp32) in one call instead of ~15 torch ops. gate_up [E, 2I, H] gate rows first.
+// terms added in slot order in fp32) in one call instead of ~15 torch ops. gate_up [E, 2I, H] gate rows first; each
+// projection as expert_mm takes it (dense, codes, or K-quant blocks).
 at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::Tensor& weights, const at::Tensor& gu,
                       const std::optional<at::Tensor>& gu_scales, const std::optional<at::Tensor>& gu_mins,
                       int64_t gu_bits, int64_t gu_group, int64_t gu_zero_point, const at::Tensor& dn,
                       const std::optional<at::Tensor>& dn_scales, const std::optional<at::Tensor>& dn_mins,
-                      int64_t dn_bits, int64_t dn_group, int64_t dn_zero_point) {
+                      int64_t dn_bits, int64_t dn_group, int64_t dn_zero_point, int64_t gu_ggml_type,
+                      int64_t dn_ggml_type) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "expert_glu: x must be float32 [T, H]");
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0) && weights.sizes() == indices.sizes() &&
                   weights.scalar_type() == at::kFloat,
@@ -409,7 +431,7 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
   auto xs = at::empty({S, H}, x.options());
   for (int64_t p = 0; p < S; ++p)
     std::memcpy(xs.data_ptr<float>() + slot[p] * H, xc.data_ptr<float>() + (p / k) * H, H * sizeof(float));
-  at::Tensor h = expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point);  // [S, 2I]
+  at::Tensor h = expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point, gu_ggml_type);
   const int64_t I = h.size(1) / 2;
   auto act = at::empty({S, I}, x.options());
   const float* hp = h.data_ptr<float>();
@@ -419,7 +441,7 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
       const float g = hp[r * 2 * I + i];
       ap[r * I + i] = g / (1.f + std::exp(-g)) * hp[r * 2 * I + I + i];
     }
-  at::Tensor y = expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point);  // [S, H]
+  at::Tensor y = expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point, dn_ggml_type);
   TORCH_CHECK(y.size(1) == H, "expert_glu: down must map back to the hidden size");
   auto out = at::empty({T, H}, x.options());
   combine_rows(y.data_ptr<float>(), slot.data(), wts.data_ptr<float>(), T, k, H, out.data_ptr<float>());
@@ -441,12 +463,12 @@ TORCH_LIBRARY(glm4, m) {
         "Tensor(a!) out) -> ()",
         &dequantize_rows);
   m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
-        "int zero_point) -> Tensor",
+        "int zero_point, int ggml_type=0) -> Tensor",
         &expert_mm);
   m.def("moe_combine(Tensor y, Tensor order, Tensor weights) -> Tensor", &moe_combine);
   m.def("expert_glu(Tensor x, Tensor indices, Tensor weights, Tensor gu, Tensor? gu_scales, Tensor? gu_mins, "
         "int gu_bits, int gu_group, int gu_zero_point, Tensor dn, Tensor? dn_scales, Tensor? dn_mins, int dn_bits, "
-        "int dn_group, int dn_zero_point) -> Tensor",
+        "int dn_group, int dn_zero_point, int gu_ggml_type=0, int dn_ggml_type=0) -> Tensor",
         &expert_glu);
 }
 
