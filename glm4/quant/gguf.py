@@ -150,12 +150,34 @@ def _gguf_name_for(target: str, config) -> str:
     return target
 
 
-def _raw_rows(mm: np.ndarray, info, rows: tuple[int, int] | None) -> np.ndarray:
-    """The tensor's bytes as [rows, row_bytes] (a view into the memory map); a 1-D float tensor is a column."""
-    shape = info.shape
-    n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else (shape[0] if info.ggml_type in FLOAT_TYPES else 1)
-    raw = mm[info.offset:info.offset + info.nbytes].reshape(n_rows, -1)
-    return raw[rows[0]:rows[1]] if rows else raw
+class _TensorBytes:
+    """A GGUF file's tensor bytes, read on demand (os.preadv) into arrays this process owns. Not a memory map: the
+    mapped file's pages counted in the process's RSS beside the weights kept from them (loading the 400M bench
+    checkpoint's q4_K_M file, 0.26 GiB, peaked at 775 MiB mapped, 516 read; 221 MiB of either is torch itself)."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, os.open(path, os.O_RDONLY)
+
+    def rows(self, info, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor's bytes as [rows, row_bytes] (a row range of it); a 1-D float tensor is a column."""
+        shape = info.shape
+        n_rows = int(np.prod(shape[:-1])) if len(shape) > 1 else (shape[0] if info.ggml_type in FLOAT_TYPES else 1)
+        row_bytes = info.nbytes // n_rows
+        r0, r1 = rows or (0, n_rows)
+        out = np.empty((r1 - r0, row_bytes), dtype=np.uint8)
+        view, pos = memoryview(out).cast("B"), info.offset + r0 * row_bytes
+        while view.nbytes:  # Linux reads at most ~2 GiB a call
+            n = os.preadv(self.fd, [view], pos)
+            if n <= 0:
+                _fail(self.path, f"truncated file: tensor {info.name!r} ends past the end of the file")
+            view, pos = view[n:], pos + n
+        return out
+
+    def __enter__(self) -> _TensorBytes:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self.fd)
 
 
 def _float_tensor(raw: np.ndarray, gtype: int) -> torch.Tensor:
@@ -186,8 +208,8 @@ def _quant_linear(raw: np.ndarray, gtype: int, linear: nn.Linear, dtype: torch.d
 
 
 def _owned(x: np.ndarray) -> torch.Tensor:
-    # a contiguous copy that owns its memory (never a view into the file's memory map)
-    return torch.from_numpy(np.array(x, order="C", copy=True))
+    # the array itself where it is contiguous (the file's bytes as read, or codes made from them), else a copy
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _streamed_experts(plan: list[_Entry], hdr: GGUFHeader) -> dict[str, tuple[list[_Entry], list[_Entry]]]:
@@ -207,12 +229,12 @@ def _streamed_experts(plan: list[_Entry], hdr: GGUFHeader) -> dict[str, tuple[li
             for m, (gu, down) in layers.items() if gu and down and one_type(gu) and one_type(down)}
 
 
-def _expert_pack(mm: np.ndarray, hdr: GGUFHeader, entries: list[_Entry], num_experts: int) -> ExpertPack:
+def _expert_pack(file: _TensorBytes, hdr: GGUFHeader, entries: list[_Entry], num_experts: int) -> ExpertPack:
     """The experts' codes of 3-D tensors [E, R_i, K] of one quantized type, each expert's rows of every entry
     concatenated (gate then up), as one ExpertPack: K-quant blocks as the file holds them where glm4's kernels run
     them, else QuantLinear's codes decoded one expert at a time (no whole-tensor temporaries)."""
     gtype, K = hdr.tensors[entries[0].gguf].ggml_type, hdr.tensors[entries[0].gguf].shape[-1]
-    raws = [_raw_rows(mm, hdr.tensors[e.gguf], None) for e in entries]
+    raws = [file.rows(hdr.tensors[e.gguf]) for e in entries]
     raws = [r.reshape(num_experts, -1, r.shape[1]) for r in raws]
     if gtype in KQUANT_BLOCKS and kernels.has_streaming_kernels() and K % 256 == 0:  # the blocks as they are
         return ExpertPack(blocks=torch.from_numpy(np.concatenate(raws, axis=1)), ggml_type=gtype)
@@ -304,22 +326,21 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                       f"dequantized to {str(dtype).removeprefix('torch.')} (MoE experts whose gate and up differ "
                       f"in type, or mix float and quantized tensors, run as stacked dense tensors)", stacklevel=3)
 
-    mm = np.memmap(path, dtype=np.uint8, mode="c")  # copy-on-write: writable views, nothing is ever written
-    with torch.no_grad():
+    with _TensorBytes(path) as file, torch.no_grad():
         for e in _progress(quant, progress, f"Quantized linears of {path.name}"):
             name = e.target.removesuffix(".weight")
             info = hdr.tensors[e.gguf]
-            ql = _quant_linear(_raw_rows(mm, info, e.rows), info.ggml_type, modules[name], dtype)
+            ql = _quant_linear(file.rows(info, e.rows), info.ggml_type, modules[name], dtype)
             _swap(model, name, ql.to(device))
         if quant_emb:
             with torch.device("meta"):
                 shape = nn.Linear(config.hidden_size, emb_info.shape[0], bias=False)
-            table = _quant_linear(_raw_rows(mm, emb_info, None), emb_info.ggml_type, shape, dtype).to(device)
+            table = _quant_linear(file.rows(emb_info), emb_info.ggml_type, shape, dtype).to(device)
             _swap(model, emb_target.removesuffix(".weight"), QuantEmbedding(table, dtype))
             if config.tie_word_embeddings:
                 _swap(model, head, table)
         for name, (gate_up, down) in _progress(list(streamed.items()), progress, f"MoE experts of {path.name}"):
-            packs = [_expert_pack(mm, hdr, es, config.n_routed_experts) for es in (gate_up, down)]
+            packs = [_expert_pack(file, hdr, es, config.n_routed_experts) for es in (gate_up, down)]
             _swap(model, name, StreamExperts(*packs).to(device))
         materialize_(model, device)
         real = dict(model.named_parameters()) | dict(model.named_buffers())
@@ -328,12 +349,11 @@ def load_gguf_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.fl
                 continue
             info = hdr.tensors[e.gguf]
             tgt = real[e.target] if e.dst is None else real[e.target][e.dst]
-            raw = _raw_rows(mm, info, e.rows)
+            raw = file.rows(info, e.rows)
             if info.ggml_type in FLOAT_TYPES:
                 tgt.copy_(_float_tensor(raw, info.ggml_type).reshape(tgt.shape))
             else:
                 _copy_dequantized(tgt, raw, info.ggml_type)
-    del mm
     if hasattr(model, "post_load"):
         model.post_load()
     return model.eval()
