@@ -18,6 +18,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
         ext_modules.append(CppExtension(
             "glm4.quant._C",
             ["glm4/quant/csrc/ops.cpp", "glm4/quant/csrc/gemv_avx2.cpp", "glm4/quant/csrc/gemv_avx512.cpp",
+             "glm4/quant/csrc/gemv_bf16.cpp",
              "glm4/quant/csrc/fused_ops.cpp", "glm4/quant/csrc/fused_avx2.cpp",
              "glm4/quant/csrc/convert_avx2.cpp", "glm4/quant/csrc/convert_avx512.cpp",
              "glm4/quant/csrc/prefill_attn_avx2.cpp", "glm4/quant/csrc/prefill_attn_avx512.cpp",

@@ -82,6 +82,23 @@ def test_dense_mm_matches_float64(dtype, M, N, K, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("K", [64, 1024])
+def test_dense_mm_of_bf16_activations(M, K, isa):
+    # a bf16 model's activations (bf16 values, widened to fp32 by the caller) against bf16 weights take AVX512_BF16's
+    # dot product where the CPU has it (gemv_bf16.cpp): within fp32 rounding of float64 all the same. It flushes
+    # denormals, which shows which kernel ran: a denormal activation against weights of 1 gives 0 there only.
+    g = torch.Generator().manual_seed(M * 10 + K)
+    x, w = torch.randn(M, K, generator=g).bfloat16().float(), torch.randn(70, K, generator=g).bfloat16()
+    assert rel_err(kernels.dense_mm(x, w), x.double() @ w.double().T) < 1e-5
+    tiny = torch.zeros(M, K)
+    tiny[:, 0] = torch.tensor(1e-39).bfloat16().float()  # a bf16 denormal
+    y = kernels.dense_mm(tiny, torch.ones(3, K, dtype=torch.bfloat16))
+    dot = isa == "avx512_vnni" and "avx512_bf16" in kernels.cpu_features()
+    assert bool((y == 0).all()) == dot and (dot or torch.equal(y, tiny[:, :1].expand(M, 3)))
+
+
+@needs_kernels
 @pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, 192), (6, 64), (6, 128), (6, 384), (6, 896),
                                         (8, 8), (8, 16), (8, 32), (8, 64), (8, 96), (8, 192)])  # kernels split by group: ops.cpp
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])

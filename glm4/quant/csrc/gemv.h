@@ -14,6 +14,7 @@ struct DenseArgs {
   int64_t M, N, K;
   int wtype;
   int xperm;  // bf16 on AVX-512: x permuted within each 32 columns (perm32_bf16 below)
+  const uint16_t* xbf16;  // bf16 weights and activations on AVX512_BF16: x [M, K] as bf16 (gemv_bf16.cpp), else null
 };
 
 // y [M, N] = x [M, K] @ W^T with W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g]
@@ -112,6 +113,7 @@ void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
+void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1);  // a.xbf16 set: AVX512_BF16's dot product
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);
 
 // sum_g (mins[n, g] - zero_point * s[n, g]) * xsum[m, g]: the zero-point / mins term of y[m, n]

@@ -30,6 +30,11 @@ bool has_avx512() {  // what gemv_avx512.cpp is compiled for
   return ok;
 }
 
+bool has_avx512_bf16() {  // what gemv_bf16.cpp is compiled for
+  static const bool ok = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return ok;
+}
+
 std::atomic<bool> avx512_allowed{true};  // set_isa("avx2") turns the AVX-512 kernels off (tests run both)
 
 bool use_avx512() { return has_avx512() && avx512_allowed.load(std::memory_order_relaxed); }
@@ -75,7 +80,8 @@ std::string set_activations(const std::string& name) {
 }
 
 void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
-  if (a.xperm || use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
+  if (a.xbf16) glm4k::dense_rows_bf16dot(a, n0, n1);
+  else if (a.xperm || use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
   else glm4k::dense_rows_avx2(a, n0, n1);
 }
 
@@ -104,6 +110,17 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
   return sizes;
 }
 
+// out = x's values as bf16 bits when every one of them is a bf16 value (the low 16 bits of its fp32 zero)
+bool bf16_values(const at::Tensor& x, std::vector<uint16_t>& out) {
+  const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
+  uint32_t low = 0;
+  for (int64_t i = 0; i < x.numel(); ++i) low |= p[i];
+  if (low & 0xFFFF) return false;
+  out.resize(x.numel());
+  for (int64_t i = 0; i < x.numel(); ++i) out[i] = uint16_t(p[i] >> 16);
+  return true;
+}
+
 at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(has_avx2(), "glm4.dense_mm needs AVX2 + FMA");
   TORCH_CHECK(x_in.dim() >= 1 && w.dim() == 2 && x_in.size(-1) == w.size(1), "dense_mm: x [..., K], w [N, K]");
@@ -120,7 +137,10 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   auto wc = w.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   const int64_t K = x.size(1);
-  if (a.wtype == glm4k::kBF16 && use_avx512() && K % 32 == 0) {  // x in the bf16 kernel's column order
+  std::vector<uint16_t> xbf16;  // bf16 activations (a bf16 model's, widened by the caller): AVX512_BF16's dot kernel
+  if (a.wtype == glm4k::kBF16 && use_avx512() && has_avx512_bf16() && K % 32 == 0 && bf16_values(xc, xbf16)) {
+    a.xbf16 = xbf16.data();
+  } else if (a.wtype == glm4k::kBF16 && use_avx512() && K % 32 == 0) {  // x in the bf16 kernel's column order
     at::Tensor xp = at::empty_like(xc);
     const float* src = xc.data_ptr<float>();
     float* dst = xp.data_ptr<float>();
