@@ -349,11 +349,13 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     int wtype = w.scalar_type() == at::kFloat ? glm4k::kF32 : w.scalar_type() == at::kBFloat16 ? glm4k::kBF16 : glm4k::kF16;
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
                 "expert_mm: dense w must be float32, bfloat16 or float16");
+    std::vector<uint16_t> xbf16;  // bf16 activations against bf16 experts: AVX512_BF16's dot kernel (dense_mm's)
+    const bool dot = wtype == glm4k::kBF16 && use_avx512() && has_avx512_bf16() && K % 32 == 0 && bf16_values(xc, xbf16);
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& tk = tasks[t];
         glm4k::DenseArgs a{xp + start[tk.e] * K, wp + tk.e * w_stride, yp + start[tk.e] * N,
-                           start[tk.e + 1] - start[tk.e], N, K, wtype};
+                           start[tk.e + 1] - start[tk.e], N, K, wtype, 0, dot ? xbf16.data() + start[tk.e] * K : nullptr};
         dense_rows(a, tk.n0, tk.n1);
       }
     });
