@@ -96,6 +96,12 @@ def test_dense_mm_of_bf16_activations(M, K, isa):
     y = kernels.dense_mm(tiny, torch.ones(3, K, dtype=torch.bfloat16))
     dot = isa == "avx512_vnni" and "avx512_bf16" in kernels.cpu_features()
     assert bool((y == 0).all()) == dot and (dot or torch.equal(y, tiny[:, :1].expand(M, 3)))
+    # bf16 MoE experts (expert_mm: the M rows to expert 1 of 2) take the same kernel
+    counts = torch.tensor([0, M])
+    ye = torch.ops.glm4.expert_mm(x, counts, torch.stack([w.flip(0), w]), None, None, 0, 0, 0)
+    assert rel_err(ye, x.double() @ w.double().T) < 1e-5
+    ye = torch.ops.glm4.expert_mm(tiny, counts, torch.ones(2, 3, K, dtype=torch.bfloat16), None, None, 0, 0, 0)
+    assert bool((ye == 0).all()) == dot
 
 
 @needs_kernels
