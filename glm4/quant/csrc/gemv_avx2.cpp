@@ -345,9 +345,9 @@ struct IntTile {
 
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
-    case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
-    case kBF16: tile_rows<DenseTile<kBF16>>(a, n0, n1); break;
-    default: tile_rows<DenseTile<kF16>>(a, n0, n1); break;
+    case kF32: tile_rows<DenseTile<kF32>, 1>(a, n0, n1); break;
+    case kBF16: tile_rows<DenseTile<kBF16>, 1>(a, n0, n1); break;
+    default: tile_rows<DenseTile<kF16>, 1>(a, n0, n1); break;
   }
 }
 

@@ -479,12 +479,12 @@ struct FmaTile {
 
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1) {
   switch (a.wtype) {
-    case kF32: tile_rows<DenseTile<kF32>>(a, n0, n1); break;
+    case kF32: tile_rows<DenseTile<kF32>, 1>(a, n0, n1); break;
     case kBF16:
-      if (a.xperm) tile_rows<Bf16PermTile>(a, n0, n1);
-      else tile_rows<DenseTile<kBF16>>(a, n0, n1);
+      if (a.xperm) tile_rows<Bf16PermTile, 1>(a, n0, n1);
+      else tile_rows<DenseTile<kBF16>, 1>(a, n0, n1);
       break;
-    default: tile_rows<DenseTile<kF16>>(a, n0, n1); break;
+    default: tile_rows<DenseTile<kF16>, 1>(a, n0, n1); break;
   }
 }
 

@@ -45,6 +45,6 @@ struct Bf16DotTile {
 
 }  // namespace
 
-void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1) { tile_rows<Bf16DotTile>(a, n0, n1); }
+void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1) { tile_rows<Bf16DotTile, 1>(a, n0, n1); }
 
 }  // namespace glm4k

@@ -166,7 +166,7 @@ struct Q6KTile {
 
 }  // namespace
 
-void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile>(a, n0, n1); }
+void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile, 1>(a, n0, n1); }
 
 void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q4KTile>(a, n0, n1); }
 

@@ -180,6 +180,6 @@ void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo
 
 void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
 
-void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile>(a, n0, n1); }
+void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile, 1>(a, n0, n1); }
 
 }  // namespace glm4k

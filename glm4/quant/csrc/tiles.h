@@ -1,7 +1,9 @@
 // How every streaming kernel walks rows [n0, n1) of y: in tiles of RB weight rows x MT activation rows, one call of
-// Tile::run<RB, MT>(a, n, m0) each. One token: 4 rows a tile (each activation load feeds 4 rows); more tokens:
-// 2 rows x up to 4 tokens (each widened weight feeds 4 tokens). Tile types live in each kernel file's anonymous
-// namespace, so every instantiation is that file's own, compiled for its instruction set.
+// Tile::run<RB, MT>(a, n, m0) each. One token: RB1 rows a tile, 4 where each activation load (or its int16 terms)
+// feeding 4 rows pays, 1 where one sequential stream of weights per thread pays more (the dense kernels and q6_K:
+// 4 rows read at once are 4 streams of memory a thread); more tokens: 2 rows x up to 4 tokens (each widened weight
+// feeds 4 tokens). Tile types live in each kernel file's anonymous namespace, so every instantiation is that
+// file's own, compiled for its instruction set.
 #pragma once
 #include <cstdint>
 
@@ -19,11 +21,11 @@ inline void tile_tokens(const Args& a, int64_t n) {
   }
 }
 
-template <class Tile, class Args>
+template <class Tile, int RB1 = 4, class Args>
 void tile_rows(const Args& a, int64_t n0, int64_t n1) {
   int64_t n = n0;
   if (a.M == 1) {
-    for (; n + 4 <= n1; n += 4) Tile::template run<4, 1>(a, n, 0);
+    for (; n + RB1 <= n1; n += RB1) Tile::template run<RB1, 1>(a, n, 0);
   } else {
     for (; n + 2 <= n1; n += 2) tile_tokens<Tile, 2>(a, n);
   }
@@ -31,10 +33,10 @@ void tile_rows(const Args& a, int64_t n0, int64_t n1) {
 }
 
 // rows [n0, n1) by Tile<true> (activations as two int16 terms: exact) or Tile<false> (one), as a.xq_lo says
-template <template <bool> class Tile, class Args>
+template <template <bool> class Tile, int RB1 = 4, class Args>
 void tile_rows_lo(const Args& a, int64_t n0, int64_t n1) {
-  if (a.xq_lo) tile_rows<Tile<true>>(a, n0, n1);
-  else tile_rows<Tile<false>>(a, n0, n1);
+  if (a.xq_lo) tile_rows<Tile<true>, RB1>(a, n0, n1);
+  else tile_rows<Tile<false>, RB1>(a, n0, n1);
 }
 
 }  // namespace glm4k
