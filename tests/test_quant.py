@@ -253,7 +253,7 @@ def bits_of(m: nn.Module) -> int | None:
     return {WeightOnlyInt8Linear: 8, WeightOnlyInt4Linear: 4}.get(type(m))
 
 
-@pytest.mark.parametrize("hidden", [64, 128, 192])
+@pytest.mark.parametrize("hidden", [64, 128, 192])  # not multiples of 256: q6_K blocks do not fit
 def test_int4_head_auto_is_int6_and_odd_group_falls_back(hidden):
     with pytest.warns(UserWarning, match="down_proj: in_features 96") as caught:  # K = 96: not a multiple of 64
         q = quantize(tiny_model(hidden_size=hidden), "int4", group_size=64)
@@ -268,6 +268,37 @@ def test_int4_head_auto_is_int6_and_odd_group_falls_back(hidden):
         assert bits_of(down) == 4 and down.group_size == 32
     else:  # torch's int4 kernel takes fixed groups: int8 instead
         assert bits_of(down) == 8
+
+
+def test_int4_int6_head_auto_is_q6k_blocks_where_they_fit():
+    # glm4's kernels and a width of 256k: the auto head is GGUF's q6_K (KQuantLinear), its blocks decoded by gguf-py
+    # exactly as by glm4, nearer the float weight than int6 g128, and the model's logits near the float model's
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from glm4.quant import KQuantLinear
+    from glm4.quant.int6 import quantize_int6
+    from glm4.quant.kquant import quantize_q6k
+
+    torch.manual_seed(0)
+    w = torch.randn(48, 512) * torch.rand(48, 1) * 0.05
+    w[0, :300] = 0  # an all-zero group and block
+    blocks = quantize_q6k(w)
+    deq = torch.from_numpy(gguf_quants.dequantize(blocks.numpy(), 14))
+    assert blocks.shape == (48, 420) and torch.equal(deq[0, :256], torch.zeros(256))
+    q, sc = quantize_int6(w, 128)
+    int6 = ((q.float() - 32).view(48, 4, 128) * sc.float()[..., None]).view(48, 512)
+    assert (deq - w).square().sum() < 0.7 * (int6 - w).square().sum()  # groups of 16: ~half the squared error
+    if not kernels.has_streaming_kernels():
+        return
+    ref = tiny_model(hidden_size=256)
+    ids = torch.randint(0, 128, (1, 8))
+    for scheme in ("int4", "int6"):
+        qm = quantize(copy.deepcopy(ref), scheme, group_size=64)
+        assert isinstance(qm.lm_head, KQuantLinear) and qm.lm_head.ggml_type == 14
+        assert torch.equal(qm.lm_head.dequantize(),
+                           torch.from_numpy(gguf_quants.dequantize(quantize_q6k(ref.lm_head.weight).numpy(), 14)))
+        assert quantize_weights_report(ref, qm, ids)["top1_agreement"] >= 0.75
+    with pytest.raises(QuantizationError, match="q6_K needs"):
+        quantize(tiny_model(hidden_size=64), "int4", head="q6_K")
 
 
 def test_skip_head_none_and_bad_scheme():

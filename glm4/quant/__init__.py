@@ -73,13 +73,16 @@ def quant_linear(linear: nn.Linear, bits: int, group_size: int) -> QuantLinear:
 
 
 HEAD_NAMES = ("lm_head", "output_layer")  # glm/glm4/glm4_moe, chatglm (transformer.output_layer)
-HEAD_INT6_GROUP = 128  # the int4 scheme's 6-bit head: 6.125 bits a weight (q6_K: 6.56); 64 where 128 does not fit
+HEAD_INT6_GROUP = 128  # the 6-bit head where q6_K blocks do not fit: 6.125 bits a weight; 64 where 128 does not fit
+HEAD_SCHEMES = (*SCHEMES, "q6_K")  # q6_K: GGUF's 6-bit blocks (KQuantLinear), for the output head only
 
 
 def _swap(linear: nn.Linear, scheme: str, group_size: int, name: str, dtype: torch.dtype | None,
           fallbacks: list[str]) -> nn.Module:
     """The swapped module for one linear; where the scheme does not fit it as asked, what it got instead is appended
     to `fallbacks` (quantize warns once for all of them)."""
+    if scheme == "q6_K":
+        return KQuantLinear.from_linear(linear)
     if scheme == "float":
         return FloatLinear.from_base(linear, dtype)
     if scheme == "packed":
@@ -113,9 +116,11 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         (FloatLinear: weight stored in `dtype`, fp32 arithmetic), "packed" (prepacked oneDNN weight in the
         linear's own dtype, exact), or None (no-op).
     skip: fnmatch patterns on qualified module names left as nn.Linear (e.g. ("*.mlp.gate_up_proj",)).
-    head: scheme for the output projection (lm_head / output_layer): "auto" = int6 in groups of 128 when scheme is
-        int4 (4-bit logits cost most accuracy for least size; GGUF's q4 files keep theirs in q6_K), else the same
-        scheme; None keeps it nn.Linear.
+    head: scheme for the output projection (lm_head / output_layer): "auto" = 6 bits when scheme is int4 or int6
+        (4-bit logits cost most accuracy for least size; GGUF's q4 and q6_K files keep theirs in q6_K): q6_K blocks
+        where glm4's kernels run and in_features is a multiple of 256 (6.56 bits a weight, groups of 16: 1.8 % rms
+        error against int6 g128's 2.5 %, and streamed ~1.3x as fast, docs/kernels.md), else int6 in groups of 128;
+        else the same scheme; "q6_K" asks for those blocks; None keeps it nn.Linear.
     dtype: weight dtype for "float" / "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
         model at ~0.3 % error per matmul).
     min_params: linears with fewer weights stay nn.Linear (where the swapped kernel's per-call cost outweighs
@@ -132,9 +137,10 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         raise QuantizationError(f"unknown quantization scheme {scheme!r}; choose from {SCHEMES} or None")
     auto_head, head_group = head == "auto", group_size
     if auto_head:
-        head, head_group = ("int6", HEAD_INT6_GROUP) if scheme == "int4" else (scheme, group_size)
-    if head is not None and head not in SCHEMES:
-        raise QuantizationError(f"unknown head scheme {head!r}; choose from {SCHEMES}, 'auto' or None")
+        head, head_group = ("q6_K" if kernels.has_streaming_kernels() else "int6", HEAD_INT6_GROUP) \
+            if scheme in ("int4", "int6") else (scheme, group_size)
+    if head is not None and head not in HEAD_SCHEMES:
+        raise QuantizationError(f"unknown head scheme {head!r}; choose from {HEAD_SCHEMES}, 'auto' or None")
     if scheme == "int4" and group_size not in (32, 64, 128, 256):
         raise QuantizationError(f"int4 group_size must be 32, 64, 128 or 256, got {group_size}")
     if scheme == "int6" and group_size not in INT6_GROUPS:
@@ -154,6 +160,11 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
         if s is None:
             continue
         g = head_group if is_head else group_size
+        if s == "q6_K" and (linear.in_features % 256 or not kernels.has_streaming_kernels()):
+            if not auto_head:
+                raise QuantizationError(f"{name}: q6_K needs glm4's kernels and in_features a multiple of 256, "
+                                        f"got {linear.in_features}")
+            s = "int6"  # auto's choice, not the user's: int6 in groups of 128 (or what fits, below)
         if is_head and auto_head and s == "int6" and linear.in_features % g:
             # auto's choice, not the user's: a smaller group that fits, else int8, without a warning
             g = next((x for x in reversed(INT6_GROUPS) if x < g and linear.in_features % x == 0), 0)

@@ -21,10 +21,11 @@ from . import kernels
 from .fast_linear import QuantizationError
 from .qlinear import StreamingLinear
 
-__all__ = ["BLOCK_BYTES", "KQuantLinear"]
+__all__ = ["BLOCK_BYTES", "KQuantLinear", "quantize_q6k"]
 
 Q4_K, Q5_K, Q6_K = 12, 13, 14  # ggml type ids
 BLOCK_BYTES = {Q4_K: 144, Q5_K: 176, Q6_K: 210}  # per 256 weights
+_QUANT_ROWS = 1024  # rows quantized at a time (from_linear): small temporaries for a 151552-row head
 
 
 class KQuantLinear(StreamingLinear):
@@ -46,6 +47,21 @@ class KQuantLinear(StreamingLinear):
         self.register_buffer("blocks", torch.empty(out_features, in_features // 256 * BLOCK_BYTES[ggml_type],
                                                    dtype=torch.uint8))
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype) if bias else None)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear, ggml_type: int = Q6_K) -> KQuantLinear:
+        """A float linear quantized to q6_K blocks (quantize_q6k), a row chunk at a time: the output head of
+        glm4's int4 / int6 schemes, which this kernel streams faster than QuantLinear's int6 (docs/kernels.md)."""
+        if ggml_type != Q6_K:
+            raise QuantizationError(f"K-quant blocks are made here for q6_K (14) only, not {ggml_type}")
+        w = linear.weight.detach()
+        m = cls(linear.in_features, linear.out_features, Q6_K, bias=linear.bias is not None)
+        for i in range(0, w.shape[0], _QUANT_ROWS):
+            m.blocks[i:i + _QUANT_ROWS] = quantize_q6k(w[i:i + _QUANT_ROWS])
+        if linear.bias is not None:
+            m.bias = linear.bias.detach().float().clone()
+        return m
 
     @classmethod
     def concat(cls, linears) -> KQuantLinear | None:
@@ -89,3 +105,45 @@ class KQuantLinear(StreamingLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.NAMES[self.ggml_type]}, "
                 f"bias={self.bias is not None}")
+
+
+# q6_K blocks from float weights: per group of 16 an int8 scale, per 256 an fp16 d, W = d * sc * (q - 32) with q in
+# 0..63, rounded to nearest at each step. The group's scale is the one of these divisors of its signed extreme with
+# the least squared error (int6's choice, glm4/quant/int6.py); d = the block's largest |extreme| / 32 / 127.
+_DIVISORS = (31.0, 32.0, 33.0, 34.0, 36.0)
+
+
+def quantize_q6k(w: torch.Tensor) -> torch.Tensor:
+    """w [N, K] float (K a multiple of 256) -> uint8 [N, K / 256 * 210]: ql[128], qh[64], sc int8[16], d fp16, the
+    layout of gguf-py's Q6_K (glm4/quant/csrc/kquant.h)."""
+    n, k = w.shape
+    if k % 256:
+        raise QuantizationError(f"q6_K: in_features {k} must be a multiple of 256")
+    g = w.float().reshape(n, k // 256, 16, 16)  # [N, blocks, groups, 16]
+    extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed, [N, B, 16]
+    # the block's d from its largest group scale (amax / 32): int8 scales span -128..127
+    amax_scale = extreme.abs().amax(-1) / 32  # [N, B]
+    d = (amax_scale / 127).to(torch.float16).float()
+    safe_d = torch.where(d > 0, d, torch.ones_like(d))
+    best = None
+    for div in _DIVISORS:
+        sc = torch.round(-extreme / div / safe_d[..., None]).clamp_(-128, 127)  # [N, B, 16]
+        s = sc * d[..., None]
+        q = torch.round(g / torch.where(s != 0, s, torch.ones_like(s))[..., None]).clamp_(-32, 31)
+        err = (q * s[..., None] - g).square_().sum(-1)
+        if best is None:
+            best = [err, q, sc]
+        else:
+            better = err < best[0]
+            best = [torch.where(better, err, best[0]), torch.where(better[..., None], q, best[1]),
+                    torch.where(better, sc, best[2])]
+    q = (best[1] + 32).to(torch.uint8).reshape(n, k // 256, 2, 128)  # two halves of 128
+    sc = best[2].to(torch.int8)
+    # per half: ql[l] = q[l] & 15 | (q[64 + l] & 15) << 4 (l < 64); qh[l] = q[l] >> 4 | q[32 + l] >> 4 << 2 |
+    # q[64 + l] >> 4 << 4 | q[96 + l] >> 4 << 6 (l < 32)
+    lo, hi = q & 15, q >> 4
+    ql = lo[..., :64] | (lo[..., 64:] << 4)  # [N, B, 2, 64]
+    qh = hi[..., :32] | (hi[..., 32:64] << 2) | (hi[..., 64:96] << 4) | (hi[..., 96:] << 6)  # [N, B, 2, 32]
+    out = torch.cat([ql.reshape(n, k // 256, 128), qh.reshape(n, k // 256, 64), sc.view(torch.uint8),
+                     d.to(torch.float16).view(torch.uint8).reshape(n, k // 256, 2)], dim=-1)
+    return out.reshape(n, k // 256 * 210).contiguous()
