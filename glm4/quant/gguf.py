@@ -23,12 +23,12 @@ renaming plus three re-layouts:
 Quantized linear weights (q8_0, q4_0, q4_1, q4_K, q5_K, q6_K) become `QuantLinear` modules holding the file's
 codes and scales (glm4/quant/gguf_quants.py): never expanded to fp32. A quantized token embedding stays as the
 file holds it too (`QuantEmbedding`: the looked-up rows are dequantized), and a tied output projection is the
-same quantized table. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are quantized
-(gate and up of one type; down may differ, as in Q4_K_M) gets a `StreamExperts` (glm4/quant/experts.py) holding
-the file's codes, [E, 2I, H] gate|up and [E, H, I] down (K-quant types in their blocks, as KQuantLinear holds
-them), in place of its StackedExperts; experts that mix types
-or float and quantized tensors are dequantized into the stacked tensors (with a warning). f32 / f16 / bf16
-tensors are copied into the requested dtype. The config comes from the metadata (glm4/quant/gguf_config.py).
+same quantized table. Quantized MoE experts stay quantized too: a glm4moe layer whose ffn_{gate,up,down}_exps are
+quantized (gate and up of one type; down may differ, as in Q4_K_M) gets a `StreamExperts` (glm4/quant/experts.py)
+holding the file's codes, [E, 2I, H] gate|up and [E, H, I] down (K-quant types in their blocks, as KQuantLinear
+holds them), in place of its StackedExperts; experts that mix types or float and quantized tensors are dequantized
+into the stacked tensors (with a warning). f32 / f16 / bf16 tensors are copied into the requested dtype. The file
+is read, not mapped (_TensorBytes). The config comes from the metadata (glm4/quant/gguf_config.py).
 """
 
 from __future__ import annotations

@@ -113,9 +113,8 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
 // out = x's values as bf16 bits when every one of them is a bf16 value (the low 16 bits of its fp32 zero)
 bool bf16_values(const at::Tensor& x, std::vector<uint16_t>& out) {
   const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
-  uint32_t low = 0;
-  for (int64_t i = 0; i < x.numel(); ++i) low |= p[i];
-  if (low & 0xFFFF) return false;
+  for (int64_t i = 0; i < x.numel(); ++i)
+    if (p[i] & 0xFFFF) return false;  // fp32 activations: almost always the first value
   out.resize(x.numel());
   for (int64_t i = 0; i < x.numel(); ++i) out[i] = uint16_t(p[i] >> 16);
   return true;
