@@ -533,6 +533,24 @@ def test_kquant_gguf_matches_dequantized_weights(tmp_path, qtype):
     assert_matches_dequantized(got, ref)
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_dequantize_gives_back_the_embedding_and_a_tied_head(tmp_path, tied):
+    # glm4.quant.dequantize (before an export) turns a quantized embedding back into an nn.Embedding holding the
+    # file's table, and a head that was that same table into a linear tied to it again; logits unchanged
+    from glm4.quant import dequantize as undo
+
+    model = tiny_model("glm4", hidden_size=256, intermediate_size=256, head_dim=64, tie_word_embeddings=tied)
+    held = write_gguf(tmp_path / "m.gguf", model, T.Q8_0)
+    got = load_model(tmp_path / "m.gguf", progress=False)
+    before = logits(got)
+    undo(got)
+    emb, head = got.get_input_embeddings(), got.get_output_embeddings()
+    assert type(emb) is torch.nn.Embedding and torch.equal(emb.weight, held["model.embed_tokens.weight"])
+    assert type(head) is torch.nn.Linear and (head.weight is emb.weight) == tied
+    assert not any(isinstance(m, (QuantLinear, KQuantLinear, QuantEmbedding)) for m in got.modules())
+    assert_close(logits(got), before)
+
+
 @pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_1, T.Q5_0, *KQUANTS], ids=lambda t: t.name)
 def test_quantized_embedding_rows(tmp_path, qtype, monkeypatch):
     # the rows of a quantized token_embd as looked up, in the model's dtype: equal to the file's dequantized table

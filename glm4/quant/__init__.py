@@ -202,13 +202,24 @@ def warn_fallbacks(scheme: str, fallbacks: list[str], stacklevel: int = 2) -> No
 
 @torch.no_grad()
 def dequantize(model: nn.Module) -> nn.Module:
-    """Undo quantize(): every swapped module back to an nn.Linear with its effective weight (in place).
-    Needed before exporting a checkpoint: swapped modules hold buffers, not the `weight` parameter."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, _SWAPPED):
-            parent_name, _, attr = name.rpartition(".")
+    """Undo quantize(): every swapped module back to an nn.Linear with its effective weight (in place), a quantized
+    embedding (a GGUF file's) back to an nn.Embedding, a head tied to it tied again. Needed before exporting a
+    checkpoint: swapped modules hold buffers, not the `weight` parameter."""
+    modules = list(model.named_modules(remove_duplicate=False))  # a tied head is its embedding's table too
+    tables = {f"{name}.table" for name, m in modules if isinstance(m, QuantEmbedding)}
+    tied = False
+    for name, m in modules:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(m, QuantEmbedding):
+            table = m.table.dequantize(m.compute_dtype)
+            setattr(parent, attr, nn.Embedding.from_pretrained(table, freeze=False))
+            tied = tied or m.table is getattr(model, "get_output_embeddings", lambda: None)()
+        elif isinstance(m, _SWAPPED) and name not in tables:
             back = m.to_stacked() if isinstance(m, StreamExperts) else m.to_linear()
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, back)
+            setattr(parent, attr, back)
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model
 
 
