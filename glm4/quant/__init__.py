@@ -119,7 +119,7 @@ def quantize(model: nn.Module, scheme: str | None, *, group_size: int = 128, ski
     head: scheme for the output projection (lm_head / output_layer): "auto" = 6 bits when scheme is int4 or int6
         (4-bit logits cost most accuracy for least size; GGUF's q4 and q6_K files keep theirs in q6_K): q6_K blocks
         where glm4's kernels run and in_features is a multiple of 256 (6.56 bits a weight, groups of 16: 1.8 % rms
-        error against int6 g128's 2.5 %, and streamed ~1.3x as fast, docs/kernels.md), else int6 in groups of 128;
+        error against int6 g128's 2.5 %, and a shorter decode step: docs/kernels.md), else int6 in groups of 128;
         else the same scheme; "q6_K" asks for those blocks; None keeps it nn.Linear.
     dtype: weight dtype for "float" / "packed" (None = each linear's own; torch.bfloat16 halves the bytes of an fp32
         model at ~0.3 % error per matmul).
