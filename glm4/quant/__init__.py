@@ -261,8 +261,9 @@ def quantize_weights_report(model_fp32: nn.Module, model_q: nn.Module, inputs: t
 @torch.no_grad()
 def cast_for_compute(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Activations in `dtype` while swapped modules (linears, StreamExperts) keep their storage: embeddings become
-    CastEmbedding (table as stored, rows returned in `dtype`; a QuantEmbedding's rows too); every other floating parameter and buffer is cast
-    (norms, biases; StackedExperts too: torch's grouped matmul needs one dtype). In place."""
+    CastEmbedding (table as stored, rows returned in `dtype`; a QuantEmbedding's rows too); every other floating
+    parameter and buffer is cast (norms, biases; StackedExperts too: torch's grouped matmul needs one dtype). In
+    place."""
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantEmbedding):
             m.compute_dtype = dtype

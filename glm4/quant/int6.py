@@ -8,7 +8,7 @@ import torch
 
 from .fast_linear import QuantizationError
 
-__all__ = ["quantize_int6"]
+__all__ = ["DIVISORS", "nearest_codes", "quantize_int6"]
 
 GROUP_SIZES = (64, 128, 256)
 
@@ -16,6 +16,24 @@ GROUP_SIZES = (64, 128, 256)
 # scale = -(the group's largest-magnitude weight) / d for each d here, the one with the least squared error kept: codes
 # span -32..31, so the signed extreme lands on -32 exactly, and d > 32 trades a clamped tail for finer steps
 DIVISORS = (31.0, 32.0, 33.0, 34.0, 36.0)
+
+
+def nearest_codes(g: torch.Tensor, candidates) -> tuple[torch.Tensor, torch.Tensor]:
+    """g [..., n] float and candidate scales (each [...]) -> (q [..., n] in -32..31, s [...]): per group the scale
+    whose round-to-nearest codes give the least squared error (the first candidate on ties); a scale of 0 gives
+    codes 0 (an all-zero group: no large term for the zero-point sum to cancel)."""
+    best_err = best_q = best_s = None
+    for s in candidates:
+        q = torch.round(g / torch.where(s != 0, s, torch.ones_like(s))[..., None]).clamp_(-32, 31)
+        err = (q * s[..., None] - g).square_().sum(-1)
+        if best_err is None:
+            best_err, best_q, best_s = err, q, s
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_q = torch.where(better[..., None], q, best_q)
+            best_s = torch.where(better, s, best_s)
+    return best_q, best_s
 
 
 def quantize_int6(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -27,20 +45,12 @@ def quantize_int6(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
         raise QuantizationError(f"int6: in_features {k} must be a multiple of group_size {group_size} in {GROUP_SIZES}")
     g = w.float().reshape(n, k // group_size, group_size)
     extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed; 0 for an all-zero group
-    best_err = best_q = best_s = None
-    for d in DIVISORS:
+
+    def scale(d: float) -> torch.Tensor:
         s = -extreme / d
         h = s.to(torch.float16)
-        s = h.float() if torch.isfinite(h).all() else s
-        # an all-zero group: scale 0, codes 32 (no large term for the zero-point sum to cancel)
-        q = torch.round(g / torch.where(s != 0, s, torch.ones_like(s))[..., None]).clamp_(-32, 31)
-        err = (q * s[..., None] - g).square_().sum(-1)
-        if best_err is None:
-            best_err, best_q, best_s = err, q, s
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_q = torch.where(better[..., None], q, best_q)
-            best_s = torch.where(better, s, best_s)
+        return h.float() if torch.isfinite(h).all() else s
+
+    best_q, best_s = nearest_codes(g, (scale(d) for d in DIVISORS))
     fp16 = torch.isfinite(best_s.to(torch.float16)).all()
     return best_q.add_(32).to(torch.uint8).reshape(n, k), best_s.to(torch.float16) if fp16 else best_s

@@ -19,6 +19,7 @@ import torch
 
 from . import kernels
 from .fast_linear import QuantizationError
+from .int6 import DIVISORS, nearest_codes
 from .qlinear import StreamingLinear
 
 __all__ = ["BLOCK_BYTES", "KQuantLinear", "quantize_q6k"]
@@ -50,11 +51,9 @@ class KQuantLinear(StreamingLinear):
 
     @classmethod
     @torch.no_grad()
-    def from_linear(cls, linear, ggml_type: int = Q6_K) -> KQuantLinear:
+    def from_linear(cls, linear) -> KQuantLinear:
         """A float linear quantized to q6_K blocks (quantize_q6k), a row chunk at a time: the output head of
         glm4's int4 / int6 schemes, which this kernel streams faster than QuantLinear's int6 (docs/kernels.md)."""
-        if ggml_type != Q6_K:
-            raise QuantizationError(f"K-quant blocks are made here for q6_K (14) only, not {ggml_type}")
         w = linear.weight.detach()
         m = cls(linear.in_features, linear.out_features, Q6_K, bias=linear.bias is not None)
         for i in range(0, w.shape[0], _QUANT_ROWS):
@@ -107,38 +106,21 @@ class KQuantLinear(StreamingLinear):
                 f"bias={self.bias is not None}")
 
 
-# q6_K blocks from float weights: per group of 16 an int8 scale, per 256 an fp16 d, W = d * sc * (q - 32) with q in
-# 0..63, rounded to nearest at each step. The group's scale is the one of these divisors of its signed extreme with
-# the least squared error (int6's choice, glm4/quant/int6.py); d = the block's largest |extreme| / 32 / 127.
-_DIVISORS = (31.0, 32.0, 33.0, 34.0, 36.0)
-
-
 def quantize_q6k(w: torch.Tensor) -> torch.Tensor:
-    """w [N, K] float (K a multiple of 256) -> uint8 [N, K / 256 * 210]: ql[128], qh[64], sc int8[16], d fp16, the
-    layout of gguf-py's Q6_K (glm4/quant/csrc/kquant.h)."""
+    """w [N, K] float (K a multiple of 256) -> q6_K blocks uint8 [N, K / 256 * 210] (ql[128], qh[64], sc int8[16],
+    d fp16: gguf-py's Q6_K layout, glm4/quant/csrc/kquant.h). W = d * sc * (q - 32), q in 0..63, rounded to nearest;
+    d = the block's largest |extreme| / 32 / 127, and each group of 16 takes the int8 scale of int6's divisors of its
+    signed extreme with the least squared error (glm4/quant/int6.py)."""
     n, k = w.shape
     if k % 256:
         raise QuantizationError(f"q6_K: in_features {k} must be a multiple of 256")
     g = w.float().reshape(n, k // 256, 16, 16)  # [N, blocks, groups, 16]
     extreme = g.gather(-1, g.abs().argmax(-1, keepdim=True)).squeeze(-1)  # signed, [N, B, 16]
-    # the block's d from its largest group scale (amax / 32): int8 scales span -128..127
-    amax_scale = extreme.abs().amax(-1) / 32  # [N, B]
-    d = (amax_scale / 127).to(torch.float16).float()
-    safe_d = torch.where(d > 0, d, torch.ones_like(d))
-    best = None
-    for div in _DIVISORS:
-        sc = torch.round(-extreme / div / safe_d[..., None]).clamp_(-128, 127)  # [N, B, 16]
-        s = sc * d[..., None]
-        q = torch.round(g / torch.where(s != 0, s, torch.ones_like(s))[..., None]).clamp_(-32, 31)
-        err = (q * s[..., None] - g).square_().sum(-1)
-        if best is None:
-            best = [err, q, sc]
-        else:
-            better = err < best[0]
-            best = [torch.where(better, err, best[0]), torch.where(better[..., None], q, best[1]),
-                    torch.where(better, sc, best[2])]
-    q = (best[1] + 32).to(torch.uint8).reshape(n, k // 256, 2, 128)  # two halves of 128
-    sc = best[2].to(torch.int8)
+    d = (extreme.abs().amax(-1) / 32 / 127).to(torch.float16).float()  # [N, B]: int8 scales span -128..127
+    safe_d = torch.where(d > 0, d, torch.ones_like(d))[..., None]
+    q, s = nearest_codes(g, (torch.round(-extreme / div / safe_d).clamp_(-128, 127) * d[..., None] for div in DIVISORS))
+    sc = torch.round(s / safe_d).to(torch.int8)  # s = sc * d exactly
+    q = (q + 32).to(torch.uint8).reshape(n, k // 256, 2, 128)  # two halves of 128
     # per half: ql[l] = q[l] & 15 | (q[64 + l] & 15) << 4 (l < 64); qh[l] = q[l] >> 4 | q[32 + l] >> 4 << 2 |
     # q[64 + l] >> 4 << 4 | q[96 + l] >> 4 << 6 (l < 32)
     lo, hi = q & 15, q >> 4

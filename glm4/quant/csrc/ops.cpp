@@ -110,8 +110,10 @@ std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
   return sizes;
 }
 
-// out = x's values as bf16 bits when every one of them is a bf16 value (the low 16 bits of its fp32 zero)
-bool bf16_values(const at::Tensor& x, std::vector<uint16_t>& out) {
+// bf16 weights against activations that are all bf16 values (a bf16 model's, widened by the caller), on a CPU whose
+// AVX512_BF16 dot kernel runs: true, with x's values as bf16 bits in `out`
+bool bf16_dot_activations(const at::Tensor& x, int wtype, std::vector<uint16_t>& out) {
+  if (wtype != glm4k::kBF16 || !use_avx512() || !has_avx512_bf16() || x.size(-1) % 32) return false;
   const uint32_t* p = reinterpret_cast<const uint32_t*>(x.data_ptr<float>());
   for (int64_t i = 0; i < x.numel(); ++i)
     if (p[i] & 0xFFFF) return false;  // fp32 activations: almost always the first value
@@ -136,8 +138,8 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   auto wc = w.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
   const int64_t K = x.size(1);
-  std::vector<uint16_t> xbf16;  // bf16 activations (a bf16 model's, widened by the caller): AVX512_BF16's dot kernel
-  if (a.wtype == glm4k::kBF16 && use_avx512() && has_avx512_bf16() && K % 32 == 0 && bf16_values(xc, xbf16)) {
+  std::vector<uint16_t> xbf16;
+  if (bf16_dot_activations(xc, a.wtype, xbf16)) {
     a.xbf16 = xbf16.data();
   } else if (a.wtype == glm4k::kBF16 && use_avx512() && K % 32 == 0) {  // x in the bf16 kernel's column order
     at::Tensor xp = at::empty_like(xc);
@@ -348,8 +350,8 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     int wtype = w.scalar_type() == at::kFloat ? glm4k::kF32 : w.scalar_type() == at::kBFloat16 ? glm4k::kBF16 : glm4k::kF16;
     TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
                 "expert_mm: dense w must be float32, bfloat16 or float16");
-    std::vector<uint16_t> xbf16;  // bf16 activations against bf16 experts: AVX512_BF16's dot kernel (dense_mm's)
-    const bool dot = wtype == glm4k::kBF16 && use_avx512() && has_avx512_bf16() && K % 32 == 0 && bf16_values(xc, xbf16);
+    std::vector<uint16_t> xbf16;
+    const bool dot = bf16_dot_activations(xc, wtype, xbf16);  // bf16 experts: dense_mm's dot kernel
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& tk = tasks[t];
