@@ -128,10 +128,6 @@ class _Prefill:
 
 
 MASK_ELEMENTS = 1 << 22  # largest [queries, keys] mask built at once for a chunk after cached context
-# Longest decode context handed to a fused decode kernel: glm4.quant.fused's beats gather + SDPA at every length
-# tried with head_dim 64 and up to ~512 keys with 128 (one thread, Zen 5: 8 vs 21 us at 64 keys, 64 vs 63 us at 512
-# with head_dim 128, 264 vs 224 us at 2048), where SDPA's GEMM over the gathered keys wins.
-FUSED_DECODE_MAX_KEYS = 512
 
 
 class PagedAttention:
@@ -160,8 +156,8 @@ class PagedAttention:
               ) -> PagedAttention:
         """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
         `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
-        -> [Bd, Hq, D]` attends decodes of up to FUSED_DECODE_MAX_KEYS keys straight from the cache, instead of
-        gather + SDPA; the caller passes one only for a float cache of the activations' dtype. `qkv_kernel`
+        -> [Bd, Hq, D]` attends decodes straight from the cache, instead of gather + SDPA (glm4.quant.fused's is
+        faster at every context length); the caller passes one only for a float cache of the activations' dtype. `qkv_kernel`
         (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`.
         `prefill_kernel(q [T, Hq, D], k, v [T, Hkv, D]) -> [T, Hq, D] or None` attends prompts without cached
         context (glm4.quant.fused.prefill_attention; None from it: SDPA)."""
@@ -170,7 +166,7 @@ class PagedAttention:
         maxb = max(len(t) for t in block_tables)
         padded = [t + [0] * (maxb - len(t)) for t in block_tables]
         fused = decode_kernel is not None and not cache.quantized
-        if fused and max(ctx_lens) < FUSED_DECODE_MAX_KEYS and all(q == 1 for q in q_lens):
+        if fused and all(q == 1 for q in q_lens):
             # decode-only step for the kernel: the metadata in plain Python, three small tensors
             out = cls(cache, torch.tensor([t[c // bs] * bs + c % bs for t, c in zip(block_tables, ctx_lens)],
                                           device=device), None, None, None, [], B)
@@ -211,7 +207,7 @@ class PagedAttention:
         out = cls(cache, slot_mapping.to(device), decode_idx, decode_slots, decode_mask, prefills, N)
         out.prefill_kernel = prefill_kernel
         out.positions = cols  # [N] position of each packed token (CPU)
-        if dec_rows and fused and lmax <= FUSED_DECODE_MAX_KEYS:
+        if dec_rows and fused:
             out.decode_kernel, out.decode_tables = decode_kernel, bt[torch.tensor(dec_rows)].to(device)
             out.decode_lens = torch.tensor(dec_lens, device=device)
         return out

@@ -210,22 +210,47 @@ inline void softmax(float* s, int64_t L) {
   for (; l < L; ++l) s[l] *= 1.0f / total;
 }
 
+constexpr int64_t kValueTileBytes = 16384;
+
+// s0 / s1 [8 N] += sum over l in [l0, l1) of p0[l] / p1[l] * v[rows[l] * D + j0 ..]: two heads' weighted sums of
+// N vectors of value dims, 2 N independent FMA chains in registers (N a compile-time count, or the accumulators
+// would live on the stack)
+template <int DT, int N>
+inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0, int64_t l0, int64_t l1,
+                       const float* p0, const float* p1, float* s0, float* s1) {
+  __m256 acc0[N], acc1[N];
+  for (int i = 0; i < N; ++i) acc0[i] = _mm256_loadu_ps(s0 + 8 * i), acc1[i] = _mm256_loadu_ps(s1 + 8 * i);
+  for (int64_t l = l0; l < l1; ++l) {
+    const void* vp = at(v, rows[l] * D + j0, DT);
+    const __m256 w0 = _mm256_set1_ps(p0[l]), w1 = _mm256_set1_ps(p1[l]);
+    for (int i = 0; i < N; ++i) {
+      const __m256 vv = load8<DT>(at(vp, 8 * i, DT));
+      acc0[i] = _mm256_fmadd_ps(w0, vv, acc0[i]);
+      acc1[i] = _mm256_fmadd_ps(w1, vv, acc1[i]);
+    }
+  }
+  for (int i = 0; i < N; ++i) _mm256_storeu_ps(s0 + 8 * i, acc0[i]), _mm256_storeu_ps(s1 + 8 * i, acc1[i]);
+}  // value rows a tile of the weighted sums (half of L1 or less)
+
 // Scores in blocks of 8 query heads (a key row is loaded once per block, the 8 dot products reduced together);
 // then each head's weighted sum of the value rows, 32 dims at a time in registers. Needs D % 8 == 0.
 template <int DT>
 void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
   const int64_t D = a.D, G = a.Hq / a.Hkv, GB = (G + 7) / 8 * 8;
-  std::vector<float> scores, qf(size_t(GB * D), 0.0f);
+  std::vector<float> scores, qf(size_t(GB * D), 0.0f), sums(size_t(G * D));
+  std::vector<int64_t> rows;  // per position l, the cache row of this KV head: worked out once, not once per pass
   for (int64_t u = u0; u < u1; ++u) {
     const int64_t b = u / a.Hkv, kvh = u % a.Hkv, L = a.lens[b];
     const int64_t* table = a.block_table + b * a.bt_stride;
     const int64_t bs = a.block_size;
-    auto slot = [&](int64_t l) { return table[l / bs] * bs + l % bs; };
+    rows.resize(size_t(L));
+    for (int64_t blk = 0, l = 0; l < L; ++blk)
+      for (int64_t i = 0; i < bs && l < L; ++i, ++l) rows[l] = (table[blk] * bs + i) * a.Hkv + kvh;
     scores.resize(size_t(GB * L));
     for (int64_t g = 0; g < G; ++g)  // the G query heads of this KV head in fp32, scaled; heads >= G stay 0
       for (int64_t j = 0; j < D; ++j) qf[g * D + j] = load1<DT>(a.q, (b * a.Hq + kvh * G + g) * D + j) * a.scale;
     for (int64_t l = 0; l < L; ++l) {
-      const void* kp = at(a.k, (slot(l) * a.Hkv + kvh) * D, DT);
+      const void* kp = at(a.k, rows[l] * D, DT);
       for (int64_t g0 = 0; g0 < GB; g0 += 8) {
         __m256 acc[8];
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
@@ -239,31 +264,32 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
       }
     }
     for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * L, L);
-    for (int64_t g0 = 0; g0 < G; g0 += 2) {  // two heads at a time: 8 independent FMA chains per value row
-      const int64_t g1 = std::min(g0 + 1, G - 1);  // an odd last head pairs with itself
-      const float* p0 = scores.data() + g0 * L;
-      const float* p1 = scores.data() + g1 * L;
-      for (int64_t j0 = 0; j0 < D; j0 += 32) {
-        const int n = int(std::min<int64_t>(32, D - j0) / 8);
-        __m256 acc0[4], acc1[4];
-        for (int i = 0; i < 4; ++i) acc0[i] = acc1[i] = _mm256_setzero_ps();
-        for (int64_t l = 0; l < L; ++l) {
-          const void* vp = at(a.v, (slot(l) * a.Hkv + kvh) * D + j0, DT);
-          const __m256 w0 = _mm256_set1_ps(p0[l]), w1 = _mm256_set1_ps(p1[l]);
-          for (int i = 0; i < n; ++i) {
-            const __m256 vv = load8<DT>(at(vp, 8 * i, DT));
-            acc0[i] = _mm256_fmadd_ps(w0, vv, acc0[i]);
-            acc1[i] = _mm256_fmadd_ps(w1, vv, acc1[i]);
+    // The weighted sums, a tile of value rows at a time: each head reads the tile from L1 rather than every value
+    // row from memory (or L3) once per head pair. Each output's FMA chain still runs over l in order, its partial
+    // sums parked in `sums` between tiles (fp32 stores and loads are exact): the same values as one pass over l.
+    const int64_t tile = std::max<int64_t>(8, kValueTileBytes / (D * int64_t(kSize[DT])));
+    std::fill(sums.begin(), sums.end(), 0.0f);
+    for (int64_t l0 = 0; l0 < L; l0 += tile) {
+      const int64_t l1 = std::min(L, l0 + tile);
+      for (int64_t g0 = 0; g0 < G; g0 += 2) {  // two heads at a time: 8 independent FMA chains per value row
+        const int64_t g1 = std::min(g0 + 1, G - 1);  // an odd last head pairs with itself
+        const float* p0 = scores.data() + g0 * L;
+        const float* p1 = scores.data() + g1 * L;
+        for (int64_t j0 = 0; j0 < D; j0 += 32) {
+          float* s0 = sums.data() + g0 * D + j0;
+          float* s1 = sums.data() + g1 * D + j0;
+          switch (std::min<int64_t>(32, D - j0) / 8) {  // the vectors of this chunk, known at compile time
+            case 4: value_sums<DT, 4>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
+            case 3: value_sums<DT, 3>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
+            case 2: value_sums<DT, 2>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
+            default: value_sums<DT, 1>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
           }
-        }
-        void* o0 = at(a.out, (b * a.Hq + kvh * G + g0) * D + j0, DT);
-        void* o1 = at(a.out, (b * a.Hq + kvh * G + g1) * D + j0, DT);
-        for (int i = 0; i < n; ++i) {
-          store8<DT>(at(o0, 8 * i, DT), acc0[i]);
-          store8<DT>(at(o1, 8 * i, DT), acc1[i]);
         }
       }
     }
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < D; j += 8)
+        store8<DT>(at(a.out, (b * a.Hq + kvh * G + g) * D + j, DT), _mm256_loadu_ps(sums.data() + g * D + j));
   }
 }
 
