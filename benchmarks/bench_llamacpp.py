@@ -304,6 +304,7 @@ def measure_llamacpp(gguf_path: str, threads: int = 2, batches: tuple[int, ...] 
         cp = L.llama_context_default_params()
         cp.n_ctx = n_seq * (-(-n_ctx_seq // 256) * 256)
         cp.n_seq_max, cp.n_threads, cp.n_threads_batch = n_seq, threads, threads
+        cp.n_batch = max(cp.n_batch, cp.n_ctx)  # a long decode prompt is one llama_decode call
         cp.no_perf = False  # llama.cpp's own timings, a cross-check of ours
         ctx = L.llama_init_from_model(model, cp)
         if not ctx:
@@ -415,7 +416,9 @@ def measure_glm4(checkpoint: str, fmt_class: str, threads: int = 2, batches: tup
     def decode_rate(b: int, n_tokens: int, rep: int) -> float:
         for p in _prompts(seed + 1000 * rep + b, b, decode_prompt):
             eng.add_request(None, p, sp(n_tokens))
-        eng.step()  # prefills every prompt, samples the first token
+        first = eng.stats["generated_tokens"] + b
+        while eng.stats["generated_tokens"] < first:  # prefills every prompt (in chunks when long), first tokens
+            eng.step()
         t, steps = time.perf_counter(), 0
         while eng.has_unfinished_requests():
             eng.step()
