@@ -210,17 +210,26 @@ inline void softmax(float* s, int64_t L) {
   for (; l < L; ++l) s[l] *= 1.0f / total;
 }
 
-constexpr int64_t kValueTileBytes = 16384;
+// every cache line of the `bytes` at p, into L1: the cache rows of a long context come from memory (the weights
+// streamed since evicted them), in blocks of block_size rows scattered over the cache, which the hardware
+// prefetchers follow late (from memory the kernel read 4-10 GB/s of keys and values without these)
+inline void prefetch_row(const char* p, int64_t bytes) {
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+}
+
+constexpr int64_t kKeysAhead = 8;  // the score loop's prefetch distance in keys
+constexpr int64_t kValueTileBytes = 16384;  // value rows a tile of the weighted sums (half of L1 or less)
 
 // s0 / s1 [8 N] += sum over l in [l0, l1) of p0[l] / p1[l] * v[rows[l] * D + j0 ..]: two heads' weighted sums of
 // N vectors of value dims, 2 N independent FMA chains in registers (N a compile-time count, or the accumulators
 // would live on the stack)
 template <int DT, int N>
 inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0, int64_t l0, int64_t l1,
-                       const float* p0, const float* p1, float* s0, float* s1) {
+                       const float* p0, const float* p1, float* s0, float* s1, int64_t ahead) {
   __m256 acc0[N], acc1[N];
   for (int i = 0; i < N; ++i) acc0[i] = _mm256_loadu_ps(s0 + 8 * i), acc1[i] = _mm256_loadu_ps(s1 + 8 * i);
   for (int64_t l = l0; l < l1; ++l) {
+    if (l < ahead) prefetch_row(at(v, rows[l + (l1 - l0)] * D, DT), D * kSize[DT]);  // the next tile's row
     const void* vp = at(v, rows[l] * D + j0, DT);
     const __m256 w0 = _mm256_set1_ps(p0[l]), w1 = _mm256_set1_ps(p1[l]);
     for (int i = 0; i < N; ++i) {
@@ -230,10 +239,10 @@ inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0
     }
   }
   for (int i = 0; i < N; ++i) _mm256_storeu_ps(s0 + 8 * i, acc0[i]), _mm256_storeu_ps(s1 + 8 * i, acc1[i]);
-}  // value rows a tile of the weighted sums (half of L1 or less)
+}
 
-// Scores in blocks of 8 query heads (a key row is loaded once per block, the 8 dot products reduced together);
-// then each head's weighted sum of the value rows, 32 dims at a time in registers. Needs D % 8 == 0.
+// Scores in blocks of 2 keys x 4 query heads (each loaded key row and query feeds two FMAs; the 8 dot products
+// reduced together), then each head's weighted sum of the value rows, 32 dims at a time in registers. Needs D % 8 == 0.
 template <int DT>
 void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
   const int64_t D = a.D, G = a.Hq / a.Hkv, GB = (G + 7) / 8 * 8;
@@ -249,18 +258,30 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
     scores.resize(size_t(GB * L));
     for (int64_t g = 0; g < G; ++g)  // the G query heads of this KV head in fp32, scaled; heads >= G stay 0
       for (int64_t j = 0; j < D; ++j) qf[g * D + j] = load1<DT>(a.q, (b * a.Hq + kvh * G + g) * D + j) * a.scale;
-    for (int64_t l = 0; l < L; ++l) {
-      const void* kp = at(a.k, rows[l] * D, DT);
-      for (int64_t g0 = 0; g0 < GB; g0 += 8) {
-        __m256 acc[8];
+    for (int64_t l = 0; l < L; l += 2) {  // two keys x 4 heads a block: each query load feeds both keys
+      const void* kp0 = at(a.k, rows[l] * D, DT);
+      const void* kp1 = at(a.k, rows[std::min(l + 1, L - 1)] * D, DT);  // an odd last key pairs with itself
+      for (int64_t t = l + kKeysAhead; t < std::min(L, l + kKeysAhead + 2); ++t) prefetch_row(at(a.k, rows[t] * D, DT), D * kSize[DT]);
+      if (l + 2 >= L)  // the first value tile, while the scores finish
+        for (int64_t t = 0; t < std::min(L, kValueTileBytes / (D * int64_t(kSize[DT]))); ++t)
+          prefetch_row(at(a.v, rows[t] * D, DT), D * kSize[DT]);
+      for (int64_t g0 = 0; g0 < GB; g0 += 4) {
+        __m256 acc[8];  // head g0 + i, key l + t at 2 i + t
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
         for (int64_t j = 0; j < D; j += 8) {
-          const __m256 kv = load8<DT>(at(kp, j, DT));
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(_mm256_loadu_ps(&qf[(g0 + i) * D + j]), kv, acc[i]);
+          const __m256 k0 = load8<DT>(at(kp0, j, DT)), k1 = load8<DT>(at(kp1, j, DT));
+          for (int i = 0; i < 4; ++i) {
+            const __m256 qv = _mm256_loadu_ps(&qf[(g0 + i) * D + j]);
+            acc[2 * i] = _mm256_fmadd_ps(qv, k0, acc[2 * i]);
+            acc[2 * i + 1] = _mm256_fmadd_ps(qv, k1, acc[2 * i + 1]);
+          }
         }
         float s8[8];
         _mm256_storeu_ps(s8, hsum8x8(acc));
-        for (int i = 0; i < 8; ++i) scores[(g0 + i) * L + l] = s8[i];
+        for (int i = 0; i < 4; ++i) {
+          scores[(g0 + i) * L + l] = s8[2 * i];
+          if (l + 1 < L) scores[(g0 + i) * L + l + 1] = s8[2 * i + 1];
+        }
       }
     }
     for (int64_t g = 0; g < G; ++g) softmax(scores.data() + g * L, L);
@@ -278,11 +299,12 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
         for (int64_t j0 = 0; j0 < D; j0 += 32) {
           float* s0 = sums.data() + g0 * D + j0;
           float* s1 = sums.data() + g1 * D + j0;
+          const int64_t ahead = g0 == 0 && j0 == 0 ? L - tile : 0;  // the tile's first pass fetches the next tile
           switch (std::min<int64_t>(32, D - j0) / 8) {  // the vectors of this chunk, known at compile time
-            case 4: value_sums<DT, 4>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
-            case 3: value_sums<DT, 3>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
-            case 2: value_sums<DT, 2>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
-            default: value_sums<DT, 1>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1); break;
+            case 4: value_sums<DT, 4>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            case 3: value_sums<DT, 3>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            case 2: value_sums<DT, 2>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            default: value_sums<DT, 1>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
           }
         }
       }
