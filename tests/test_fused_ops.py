@@ -72,20 +72,22 @@ def _gather_sdpa(q, k, v, tables, lens, block_size):
     return torch.stack(out)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])  # last: kv_cache_dtype="bfloat16"
 @pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 64), (12, 1, 128), (4, 2, 48), (20, 2, 8)])  # G = 8, 12, 2, 10
 @pytest.mark.parametrize("block_size", [16, 1, 5])
-def test_decode_attention_matches_float64(dtype, Hq, Hkv, D, block_size):
+def test_decode_attention_matches_float64(dtype, cache_dtype, Hq, Hkv, D, block_size):
     g = torch.Generator().manual_seed(Hq + D + block_size)
     blocks, B = 1200 // block_size, 4
-    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(cache_dtype) for _ in range(2))
     q = torch.randn(B, Hq, D, generator=g).to(dtype)
     lens = torch.tensor([1, 7, 200, 1100])  # 1100: value rows in several of the kernel's tiles at every D
     tables = torch.stack([torch.randperm(blocks, generator=g)[:(1100 + block_size - 1) // block_size]
                           for _ in range(B)])  # blocks in any order, as a paged cache hands them out
     got = fused.decode_attention(q, k, v, tables, lens, block_size)
-    want = _gather_sdpa(q, k, v, tables, lens, block_size)
+    want = _gather_sdpa(q, k, v, tables, lens, block_size)  # the cache's values, exactly (bf16 widens exactly)
     tol = dict(rtol=1e-5, atol=2e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=4e-3)  # bf16: output rounding
+    assert got.dtype == dtype
     torch.testing.assert_close(got.double(), want, **tol)
 
 
@@ -122,11 +124,11 @@ def test_decode_attention_refuses_bad_tables_and_lengths():
         fused.decode_attention(q, k, v, torch.tensor([[0, 1]]), torch.tensor([9]), 4)
 
 
-def _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g):
+def _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g, cache_dtype=None):
     """A decode step of 3 sequences: the fused projection's output, RoPE tables, a paged cache and its metadata."""
     blocks, lens = 120 // block_size, torch.tensor([1, 9, 100])
     N = len(lens)
-    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(dtype) for _ in range(2))
+    k, v = (torch.randn(blocks * block_size, Hkv, D, generator=g).to(cache_dtype or dtype) for _ in range(2))
     tables = torch.stack([torch.randperm(blocks, generator=g)[:(100 + block_size - 1) // block_size] for _ in range(N)])
     pos = lens - 1  # the new token's position: its slot is where the cache stores it
     slots = tables[torch.arange(N), pos // block_size] * block_size + pos % block_size
@@ -135,22 +137,23 @@ def _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g):
     return qkv, cs, k, v, slots, tables, lens
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float32, torch.bfloat16)])
 @pytest.mark.parametrize("interleaved", [True, False])
 @pytest.mark.parametrize("Hq,Hkv,D,R", [(16, 2, 64, 32), (12, 1, 128, 128), (4, 2, 48, 6), (2, 2, 8, 8)])
 @pytest.mark.parametrize("block_size", [16, 5])
-def test_decode_qkv_attention_equals_the_separate_ops(dtype, interleaved, Hq, Hkv, D, R, block_size):
-    """One op = split, RoPE of q and k, the cache write (index_copy_) and decode_attention: the same output and
-    the same cache, to the bit."""
+def test_decode_qkv_attention_equals_the_separate_ops(dtype, cache_dtype, interleaved, Hq, Hkv, D, R, block_size):
+    """One op = split, RoPE of q and k, the cache write (index_copy_ of k / v as the cache's dtype: PagedKVCache.write)
+    and decode_attention: the same output and the same cache, to the bit."""
     g = torch.Generator().manual_seed(Hq * D + R + block_size)
-    qkv, cs, k, v, slots, tables, lens = _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g)
+    qkv, cs, k, v, slots, tables, lens = _qkv_case(dtype, Hq, Hkv, D, R, interleaved, block_size, g, cache_dtype)
     N = qkv.shape[1]
     q, kn, vn = qkv[0].split([Hq * D, Hkv * D, Hkv * D], dim=-1)
     q = fused.rope(q.reshape(1, N, Hq, D), cs)[0]
     kn = fused.rope(kn.reshape(1, N, Hkv, D), cs)[0]
     k_want, v_want = k.clone(), v.clone()
-    k_want.index_copy_(0, slots, kn)
-    v_want.index_copy_(0, slots, vn.reshape(N, Hkv, D))
+    k_want.index_copy_(0, slots, kn.to(cache_dtype))
+    v_want.index_copy_(0, slots, vn.reshape(N, Hkv, D).to(cache_dtype))
     want = fused.decode_attention(q, k_want, v_want, tables, lens, block_size).reshape(1, N, Hq * D)
     got = fused.decode_qkv_attention(qkv, cs, k, v, slots, tables, lens, block_size, Hq)
     assert torch.equal(k, k_want) and torch.equal(v, v_want)
@@ -163,6 +166,7 @@ def test_decode_qkv_attention_declines_what_it_does_not_take_and_refuses_bad_slo
     no_rope = CosSin(cs.cos[..., :0], cs.sin[..., :0], 0, False)
     assert fused.decode_qkv_attention(qkv, no_rope, k, v, slots, tables, lens, 4, 4) is None
     assert fused.decode_qkv_attention(qkv.double(), cs, k, v, slots, tables, lens, 4, 4) is None
+    assert fused.decode_qkv_attention(qkv, cs, k.half(), v.half(), slots, tables, lens, 4, 4) is None  # fp16 cache
     with pytest.raises(RuntimeError, match="slot"):
         fused.decode_qkv_attention(qkv, cs, k, v, slots + k.shape[0], tables, lens, 4, 4)
 
@@ -252,6 +256,29 @@ def test_engine_decode_steps_take_the_one_op_attention(kind, hf_checkpoint, tmp_
         assert bool(calls) == one_op
     assert runs[0] == runs[1]
     assert [ids for ids, _ in runs[0]] == reference(model(), prompts, new=12)
+
+
+def test_engine_bf16_cache_under_fp32_activations_runs_the_fused_kernels():
+    """kv_cache_dtype="bfloat16" with fp32 activations (half the cache's bytes): decodes run the fused kernels on
+    the bf16 cache, tokens equal to the unfused engine's on the same cache (gather + SDPA), log-probabilities
+    within float rounding of them."""
+    prompts = make_prompts([1, 5, 33, 70])
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+    runs = []
+    for on in (True, False):
+        llm = LLM.from_model(tiny_model("glm4"), fused_ops=on, kv_cache_dtype="bfloat16")
+        assert llm.engine.runner.cache.dtype == torch.bfloat16 and llm.engine.runner.dtype == torch.float32
+        calls = []
+        if on:
+            llm.engine.runner.qkv_kernel = _recording(llm.engine.runner.qkv_kernel, calls, 6)
+        else:
+            assert llm.engine.runner.decode_kernel is None
+        outs = llm.generate(prompts, params)
+        runs.append([(o.outputs[0].token_ids, [e["logprob"] for e in o.outputs[0].logprobs]) for o in outs])
+        assert bool(calls) == on
+    assert [ids for ids, _ in runs[0]] == [ids for ids, _ in runs[1]]
+    for (_, a), (_, b) in zip(*runs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("V", [1, 7, 8, 31, 32, 33, 100, 151552])  # tails past the last 32 / 8

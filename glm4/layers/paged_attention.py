@@ -157,7 +157,8 @@ class PagedAttention:
         """Metadata for a packed batch: sequence i has `ctx_lens[i]` cached tokens and feeds `q_lens[i]` new ones.
         `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
         -> [Bd, Hq, D]` attends decodes straight from the cache, instead of gather + SDPA (glm4.quant.fused's is
-        faster at every context length); the caller passes one only for a float cache of the activations' dtype. `qkv_kernel`
+        faster at every context length); the caller passes one only for a float cache it reads (the activations'
+        dtype, or bf16 under fp32 activations). `qkv_kernel`
         (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`.
         `prefill_kernel(q [T, Hq, D], k, v [T, Hkv, D]) -> [T, Hq, D] or None` attends prompts without cached
         context (glm4.quant.fused.prefill_attention; None from it: SDPA)."""

@@ -45,6 +45,11 @@ def have_fused_ops() -> bool:
     return kernels.has_streaming_kernels() and hasattr(torch.ops.glm4, "rms_norm")
 
 
+def _cache_takes(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The decode ops read a cache in the activations' dtype, or bf16 under fp32 activations."""
+    return k.dtype == v.dtype and (k.dtype == x.dtype or (x.dtype, k.dtype) == (torch.float32, torch.bfloat16))
+
+
 def _takes(x: torch.Tensor, *others: torch.Tensor) -> bool:
     """The ops take CPU fp32 / bf16 tensors of one dtype, and have no backward."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *others)):
@@ -95,7 +100,7 @@ def decode_qkv_attention(qkv: torch.Tensor, cs: CosSin, k: torch.Tensor, v: torc
     """A decode step's attention from the fused q/k/v projection in one op: qkv [B, T, (Hq + 2 Hkv) D] -> [B, T, Hq D]
     (RoPE of q and k, k / v stored at `slots` of the layer's cache k / v [S, Hkv, D], then `decode_attention`); the
     values of the separate ops. None where the op does not take the inputs (the caller runs the separate ops)."""
-    if cs.two_d or cs.rotary_dim == 0 or not _takes(qkv, cs.cos, cs.sin, k, v):
+    if cs.two_d or cs.rotary_dim == 0 or not _takes(qkv, cs.cos, cs.sin) or not _cache_takes(qkv, k, v):
         return None
     return kernels.ops.decode_qkv_attention(qkv, cs.cos, cs.sin, cs.interleaved, k, v, slots, block_table, lens,
                                             block_size, n_heads)

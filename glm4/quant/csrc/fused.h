@@ -34,17 +34,18 @@ void rope_rows_avx2(const RopeArgs& a, int64_t t0, int64_t t1);
 
 // units [u0, u1) (u = b * Hkv + kv_head) of out [B, Hq, D] = softmax(q k^T / sqrt(D)) v over the first lens[b]
 // positions of sequence b, position l at cache slot block_table[b][l / block_size] * block_size + l % block_size;
-// the G = Hq / Hkv query heads of a KV head share its keys; fp32 scores and accumulation
+// the G = Hq / Hkv query heads of a KV head share its keys; fp32 scores and accumulation. The cache is in the
+// activations' dtype, or bf16 under fp32 activations (kv_dtype).
 struct DecodeArgs {
   const void* q;  // [B, Hq, D] contiguous
-  const void* k;  // [S, Hkv, D] contiguous (one layer of the paged cache)
+  const void* k;  // [S, Hkv, D] contiguous (one layer of the paged cache), kv_dtype
   const void* v;
   const int64_t* block_table;  // [B, bt_stride]
   const int64_t* lens;         // [B]
   void* out;                   // [B, Hq, D]
   int64_t Hq, Hkv, D, bt_stride, block_size;
   float scale;
-  int dtype;
+  int dtype, kv_dtype;
 };
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
 

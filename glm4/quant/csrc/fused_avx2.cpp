@@ -223,17 +223,17 @@ constexpr int64_t kValueTileBytes = 16384;  // value rows a tile of the weighted
 // s0 / s1 [8 N] += sum over l in [l0, l1) of p0[l] / p1[l] * v[rows[l] * D + j0 ..]: two heads' weighted sums of
 // N vectors of value dims, 2 N independent FMA chains in registers (N a compile-time count, or the accumulators
 // would live on the stack)
-template <int DT, int N>
+template <int KT, int N>
 inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0, int64_t l0, int64_t l1,
                        const float* p0, const float* p1, float* s0, float* s1, int64_t ahead) {
   __m256 acc0[N], acc1[N];
   for (int i = 0; i < N; ++i) acc0[i] = _mm256_loadu_ps(s0 + 8 * i), acc1[i] = _mm256_loadu_ps(s1 + 8 * i);
   for (int64_t l = l0; l < l1; ++l) {
-    if (l < ahead) prefetch_row(at(v, rows[l + (l1 - l0)] * D, DT), D * kSize[DT]);  // the next tile's row
-    const void* vp = at(v, rows[l] * D + j0, DT);
+    if (l < ahead) prefetch_row(at(v, rows[l + (l1 - l0)] * D, KT), D * kSize[KT]);  // the next tile's row
+    const void* vp = at(v, rows[l] * D + j0, KT);
     const __m256 w0 = _mm256_set1_ps(p0[l]), w1 = _mm256_set1_ps(p1[l]);
     for (int i = 0; i < N; ++i) {
-      const __m256 vv = load8<DT>(at(vp, 8 * i, DT));
+      const __m256 vv = load8<KT>(at(vp, 8 * i, KT));
       acc0[i] = _mm256_fmadd_ps(w0, vv, acc0[i]);
       acc1[i] = _mm256_fmadd_ps(w1, vv, acc1[i]);
     }
@@ -243,7 +243,7 @@ inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0
 
 // Scores in blocks of 2 keys x 4 query heads (each loaded key row and query feeds two FMAs; the 8 dot products
 // reduced together), then each head's weighted sum of the value rows, 32 dims at a time in registers. Needs D % 8 == 0.
-template <int DT>
+template <int DT, int KT>  // activations (q, out), cache (k, v)
 void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
   const int64_t D = a.D, G = a.Hq / a.Hkv, GB = (G + 7) / 8 * 8;
   std::vector<float> scores, qf(size_t(GB * D), 0.0f), sums(size_t(G * D));
@@ -259,17 +259,17 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
     for (int64_t g = 0; g < G; ++g)  // the G query heads of this KV head in fp32, scaled; heads >= G stay 0
       for (int64_t j = 0; j < D; ++j) qf[g * D + j] = load1<DT>(a.q, (b * a.Hq + kvh * G + g) * D + j) * a.scale;
     for (int64_t l = 0; l < L; l += 2) {  // two keys x 4 heads a block: each query load feeds both keys
-      const void* kp0 = at(a.k, rows[l] * D, DT);
-      const void* kp1 = at(a.k, rows[std::min(l + 1, L - 1)] * D, DT);  // an odd last key pairs with itself
-      for (int64_t t = l + kKeysAhead; t < std::min(L, l + kKeysAhead + 2); ++t) prefetch_row(at(a.k, rows[t] * D, DT), D * kSize[DT]);
+      const void* kp0 = at(a.k, rows[l] * D, KT);
+      const void* kp1 = at(a.k, rows[std::min(l + 1, L - 1)] * D, KT);  // an odd last key pairs with itself
+      for (int64_t t = l + kKeysAhead; t < std::min(L, l + kKeysAhead + 2); ++t) prefetch_row(at(a.k, rows[t] * D, KT), D * kSize[KT]);
       if (l + 2 >= L)  // the first value tile, while the scores finish
-        for (int64_t t = 0; t < std::min(L, kValueTileBytes / (D * int64_t(kSize[DT]))); ++t)
-          prefetch_row(at(a.v, rows[t] * D, DT), D * kSize[DT]);
+        for (int64_t t = 0; t < std::min(L, kValueTileBytes / (D * int64_t(kSize[KT]))); ++t)
+          prefetch_row(at(a.v, rows[t] * D, KT), D * kSize[KT]);
       for (int64_t g0 = 0; g0 < GB; g0 += 4) {
         __m256 acc[8];  // head g0 + i, key l + t at 2 i + t
         for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
         for (int64_t j = 0; j < D; j += 8) {
-          const __m256 k0 = load8<DT>(at(kp0, j, DT)), k1 = load8<DT>(at(kp1, j, DT));
+          const __m256 k0 = load8<KT>(at(kp0, j, KT)), k1 = load8<KT>(at(kp1, j, KT));
           for (int i = 0; i < 4; ++i) {
             const __m256 qv = _mm256_loadu_ps(&qf[(g0 + i) * D + j]);
             acc[2 * i] = _mm256_fmadd_ps(qv, k0, acc[2 * i]);
@@ -288,7 +288,7 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
     // The weighted sums, a tile of value rows at a time: each head reads the tile from L1 rather than every value
     // row from memory (or L3) once per head pair. Each output's FMA chain still runs over l in order, its partial
     // sums parked in `sums` between tiles (fp32 stores and loads are exact): the same values as one pass over l.
-    const int64_t tile = std::max<int64_t>(8, kValueTileBytes / (D * int64_t(kSize[DT])));
+    const int64_t tile = std::max<int64_t>(8, kValueTileBytes / (D * int64_t(kSize[KT])));
     std::fill(sums.begin(), sums.end(), 0.0f);
     for (int64_t l0 = 0; l0 < L; l0 += tile) {
       const int64_t l1 = std::min(L, l0 + tile);
@@ -301,10 +301,10 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
           float* s1 = sums.data() + g1 * D + j0;
           const int64_t ahead = g0 == 0 && j0 == 0 ? L - tile : 0;  // the tile's first pass fetches the next tile
           switch (std::min<int64_t>(32, D - j0) / 8) {  // the vectors of this chunk, known at compile time
-            case 4: value_sums<DT, 4>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
-            case 3: value_sums<DT, 3>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
-            case 2: value_sums<DT, 2>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
-            default: value_sums<DT, 1>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            case 4: value_sums<KT, 4>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            case 3: value_sums<KT, 3>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            case 2: value_sums<KT, 2>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
+            default: value_sums<KT, 1>(a.v, rows.data(), D, j0, l0, l1, p0, p1, s0, s1, ahead); break;
           }
         }
       }
@@ -367,8 +367,9 @@ void rope_rows_avx2(const RopeArgs& a, int64_t t0, int64_t t1) {
 }
 
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1) {
-  if (a.dtype == kActF32) decode_attention<kActF32>(a, u0, u1);
-  else decode_attention<kActBF16>(a, u0, u1);
+  if (a.dtype == kActBF16) decode_attention<kActBF16, kActBF16>(a, u0, u1);
+  else if (a.kv_dtype == kActBF16) decode_attention<kActF32, kActBF16>(a, u0, u1);  // a bf16 cache, fp32 activations
+  else decode_attention<kActF32, kActF32>(a, u0, u1);
 }
 
 }  // namespace glm4k

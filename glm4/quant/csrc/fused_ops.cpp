@@ -77,8 +77,10 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
               "decode_attention: block_table [B, blocks] and lens [B], int64");
   TORCH_CHECK(block_size >= 1, "decode_attention: block_size >= 1");
   TORCH_CHECK(k.is_contiguous() && v.is_contiguous(), "decode_attention: k/v contiguous");
-  check_same(q, k, "decode_attention");
-  check_same(q, v, "decode_attention");
+  check_same(k, v, "decode_attention");
+  TORCH_CHECK(k.scalar_type() == q.scalar_type() || (q.scalar_type() == at::kFloat && k.scalar_type() == at::kBFloat16),
+              "decode_attention: the cache in the activations' dtype, or bfloat16 under float32 ones (not ",
+              k.scalar_type(), " under ", q.scalar_type(), ")");
   auto qc = q.contiguous(), tc = block_table.contiguous(), lc = lens.contiguous();
   const int64_t B = q.size(0), blocks = tc.size(1), S = k.size(0);
   const int64_t* lp = lc.data_ptr<int64_t>();
@@ -93,7 +95,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   auto out = at::empty(q.sizes(), q.options());
   glm4k::DecodeArgs a{qc.data_ptr(), k.data_ptr(), v.data_ptr(), tp, lp, out.data_ptr(),
                       q.size(1), k.size(1), q.size(2), blocks, block_size, float(1.0 / std::sqrt(double(q.size(2)))),
-                      act_type(q, "decode_attention")};
+                      act_type(q, "decode_attention"), act_type(k, "decode_attention")};
   at::parallel_for(0, B * k.size(1), 1, [&](int64_t u0, int64_t u1) { glm4k::decode_attention_avx2(a, u0, u1); });
   return out;
 }
@@ -123,8 +125,10 @@ at::Tensor decode_qkv_attention(const at::Tensor& qkv_in, const at::Tensor& cos,
               "decode_qkv_attention: slots [N] int64");
   check_same(qkv, cos, "decode_qkv_attention");
   check_same(qkv, sin, "decode_qkv_attention");
-  check_same(qkv, k, "decode_qkv_attention");
-  check_same(qkv, v, "decode_qkv_attention");
+  check_same(k, v, "decode_qkv_attention");
+  const bool narrow = k.scalar_type() != qkv.scalar_type();  // a bf16 cache under fp32 activations
+  TORCH_CHECK(!narrow || (qkv.scalar_type() == at::kFloat && k.scalar_type() == at::kBFloat16),
+              "decode_qkv_attention: the cache in the activations' dtype, or bfloat16 under float32 ones");
   auto sc = slots.contiguous();
   const int64_t* sp = sc.data_ptr<int64_t>();
   for (int64_t t = 0; t < N; ++t)
@@ -140,12 +144,16 @@ at::Tensor decode_qkv_attention(const at::Tensor& qkv_in, const at::Tensor& cos,
                      int(interleaved), dtype};
   glm4k::rope_rows_avx2(qa, 0, N);
   glm4k::rope_rows_avx2(ka, 0, N);
-  const int64_t kv_bytes = Hkv * D * esize;
+  // the new k / v rows as the cache stores them: a bf16 cache gets them rounded as .to(bfloat16) does
+  const at::Tensor kw = narrow ? kr.to(k.scalar_type()) : kr;
+  const at::Tensor vw = (narrow ? qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).to(k.scalar_type())
+                                : qkv.narrow(1, (Hq + Hkv) * D, Hkv * D)).contiguous();
+  const int64_t kv_bytes = Hkv * D * k.element_size();
   char* kc = static_cast<char*>(k.data_ptr());
   char* vc = static_cast<char*>(v.data_ptr());
   for (int64_t t = 0; t < N; ++t) {
-    std::memcpy(kc + sp[t] * kv_bytes, static_cast<const char*>(kr.data_ptr()) + t * kv_bytes, kv_bytes);
-    std::memcpy(vc + sp[t] * kv_bytes, base + (t * row + (Hq + Hkv) * D) * esize, kv_bytes);
+    std::memcpy(kc + sp[t] * kv_bytes, static_cast<const char*>(kw.data_ptr()) + t * kv_bytes, kv_bytes);
+    std::memcpy(vc + sp[t] * kv_bytes, static_cast<const char*>(vw.data_ptr()) + t * kv_bytes, kv_bytes);
   }
   auto out = decode_attention(q, k, v, block_table, lens, block_size);
   auto sizes = qkv_in.sizes().vec();
