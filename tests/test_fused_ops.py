@@ -93,18 +93,22 @@ def test_decode_attention_matches_float64(dtype, cache_dtype, Hq, Hkv, D, block_
 
 @pytest.mark.parametrize("isa", ["avx2", "avx512_vnni"])
 @pytest.mark.parametrize("T", [1, 15, 33, 300])  # tails past a task's 16 queries and a score step's 32 keys
+@pytest.mark.parametrize("ctx", [0, 7, 500])  # a fresh prompt, chunks after cached context
 @pytest.mark.parametrize("Hq,Hkv,D", [(16, 2, 64), (12, 1, 128), (4, 2, 48), (6, 6, 16)])  # G = 8, 12, 2, 1
-def test_prefill_attention_matches_float64(isa, T, Hq, Hkv, D):
-    """The prompts' causal attention against scaled_dot_product_attention in float64, with each kernel set the CPU
-    has (AVX-512 takes D % 64 == 0, AVX2 the rest); torch's own fp32 SDPA is as far from float64."""
+def test_prefill_attention_matches_float64(isa, T, ctx, Hq, Hkv, D):
+    """A prompt chunk's causal attention (queries at the last T of ctx + T positions) against
+    scaled_dot_product_attention in float64 with the offset-causal mask, with each kernel set the CPU has (AVX-512
+    takes D % 64 == 0, AVX2 the rest); torch's own fp32 SDPA is as far from float64."""
     from glm4.quant import kernels
 
     if isa == "avx512_vnni" and not {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= kernels.cpu_features():
         pytest.skip("the CPU lacks AVX-512 VNNI")
-    g = torch.Generator().manual_seed(T + Hq + D)
-    q, k, v = torch.randn(T, Hq, D, generator=g), torch.randn(T, Hkv, D, generator=g), torch.randn(T, Hkv, D, generator=g)
+    g = torch.Generator().manual_seed(T + ctx + Hq + D)
+    S = ctx + T
+    q, k, v = torch.randn(T, Hq, D, generator=g), torch.randn(S, Hkv, D, generator=g), torch.randn(S, Hkv, D, generator=g)
     heads = lambda t: t.transpose(0, 1)[None]  # noqa: E731  [T, H, D] -> [1, H, T, D]
-    want = F.scaled_dot_product_attention(heads(q.double()), heads(k.double()), heads(v.double()), is_causal=True,
+    mask = torch.arange(S)[None, :] <= torch.arange(ctx, S)[:, None]  # [T, S]: query i sees keys 0 .. ctx + i
+    want = F.scaled_dot_product_attention(heads(q.double()), heads(k.double()), heads(v.double()), attn_mask=mask,
                                           enable_gqa=True)[0].transpose(0, 1)
     before = torch.ops.glm4.set_isa(isa)
     try:
@@ -178,9 +182,9 @@ def _recording(kernel, longest: list[int], lens_at: int):
     return run
 
 
-def _recording_prompts(kernel, lens: list[int]):
+def _recording_prompts(kernel, chunks: list[tuple[int, int]]):
     def run(q, k, v):
-        lens.append(q.shape[0])
+        chunks.append((q.shape[0], k.shape[0]))  # (queries, keys): keys > queries after cached context
         return kernel(q, k, v)
     return run
 
@@ -224,7 +228,8 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         assert [o.outputs[0].token_ids for o in outs] == refs
         if on:
             assert max(longest + qkv_longest) > 532  # the long prompt's decodes too (glm4_moe: no one-op path)
-            assert {5, 33} <= set(prompt_lens)  # prompts (or a long one's first chunk) without cached context
+            assert {5, 33} <= {t for t, s in prompt_lens if s == t}  # fresh prompts (and a long one's first chunk)
+            assert any(s > t for t, s in prompt_lens)  # a long prompt's later chunks, over their cached context
 
 
 @pytest.mark.parametrize("kind", ["glm", "glm4", "chatglm"])

@@ -63,7 +63,7 @@ class ModelRunner:
         fused_cache = self.cache.dtype == self.dtype or (self.cache.dtype, self.dtype) == (torch.bfloat16, torch.float32)
         self.decode_kernel = getattr(model, "decode_attention_kernel", None) if fused_cache else None
         self.qkv_kernel = getattr(model, "decode_qkv_kernel", None) if self.decode_kernel is not None else None
-        self.prefill_kernel = getattr(model, "prefill_attention_kernel", None)  # fresh prompts' attention (fp32)
+        self.prefill_kernel = getattr(model, "prefill_attention_kernel", None)  # prompt chunks' attention (fp32)
         self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)
 
     def commit_kv_cache(self) -> None:

@@ -148,7 +148,7 @@ class PagedAttention:
         self.decode_tables: torch.Tensor | None = None  # [Bd, blocks] int64 block tables of the decodes (kernel)
         self.decode_lens: torch.Tensor | None = None  # [Bd] int64 keys of each decode (kernel)
         self.qkv_kernel = None  # decode-only steps: RoPE, cache write and attention in one op (see attend_qkv)
-        self.prefill_kernel = None  # prompts without cached context: causal attention by one op, or None (SDPA)
+        self.prefill_kernel = None  # prompt chunks (fresh or after cached context): attention by one op, or None (SDPA)
 
     @classmethod
     def build(cls, cache: PagedKVCache, block_tables: list[list[int]], ctx_lens: list[int], q_lens: list[int],
@@ -160,8 +160,8 @@ class PagedAttention:
         faster at every context length); the caller passes one only for a float cache it reads (the activations'
         dtype, or bf16 under fp32 activations). `qkv_kernel`
         (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`.
-        `prefill_kernel(q [T, Hq, D], k, v [T, Hkv, D]) -> [T, Hq, D] or None` attends prompts without cached
-        context (glm4.quant.fused.prefill_attention; None from it: SDPA)."""
+        `prefill_kernel(q [T, Hq, D], k, v [S, Hkv, D]) -> [T, Hq, D] or None` attends prompt chunks, the queries
+        at the last T of S positions (glm4.quant.fused.prefill_attention; None from it: SDPA)."""
         bs = cache.block_size
         B = len(block_tables)
         maxb = max(len(t) for t in block_tables)
@@ -248,6 +248,11 @@ class PagedAttention:
                 out[p.start:p.end] = o[0].transpose(0, 1)
                 continue
             ki, vi = self.cache.gather(layer_idx, p.slots, q.dtype)  # [S, Hkv, D]
+            if self.prefill_kernel is not None:  # the chunk's queries over its context and itself, offset-causal
+                o = self.prefill_kernel(q[p.start:p.end], ki, vi)
+                if o is not None:
+                    out[p.start:p.end] = o
+                    continue
             ki, vi = ki.transpose(0, 1)[None], vi.transpose(0, 1)[None]  # [1, Hkv, S, D]
             T = p.end - p.start
             qb = max(1, min(T, MASK_ELEMENTS // (p.ctx + T)))  # queries per block

@@ -12,7 +12,7 @@ by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.qua
   gather + SDPA's time from 256 to 8,192 keys, 2 threads, Zen 5); `decode_qkv_attention` does a
   decode-only step's RoPE, cache write and attention from the fused q/k/v projection in one call (~20 torch calls
   and their Python a layer otherwise: ~3 us apiece, which a small model's batch-1 step feels);
-- and `prefill_attention` for prompts without cached context (fp32): causal attention by one op, the keys
+- and `prefill_attention` for prompt chunks (fp32; a fresh prompt or one after cached context): causal attention by one op, the keys
   transposed once, 4 query rows x 2 vectors of keys a step (torch's CPU flash kernel calls MKL's sgemm, which
   takes a generic path on AMD: 1.45x / 1.75x its speed with the AVX2 / AVX-512 set, 512 tokens, one thread, Zen 5);
 - a MoE router's logits for few tokens by glm4's dense kernel (`router_logits`; MKL's sgemv there, on AMD, took
@@ -107,10 +107,11 @@ def decode_qkv_attention(qkv: torch.Tensor, cs: CosSin, k: torch.Tensor, v: torc
 
 
 def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """Causal attention over a fresh prompt: q [T, Hq, D], k / v [T, Hkv, D] -> [T, Hq, D] (scale 1/sqrt(D)), as
-    scaled_dot_product_attention(is_causal=True) gives it (fp32 sums in another order; 1.45x / 1.75x its speed
-    with the AVX2 / AVX-512 set at T = 512, D = 64, one thread). None where the op does not take the inputs
-    (fp32 only): the caller runs SDPA."""
+    """Causal attention of a prompt chunk: q [T, Hq, D] at the last T of the S positions of k / v [S, Hkv, D] (a
+    fresh prompt: S = T; a chunk after cached context: the gathered context and the chunk) -> [T, Hq, D] (scale
+    1/sqrt(D)), as scaled_dot_product_attention with the offset-causal mask gives it (fp32 sums in another order;
+    1.45x / 1.75x its speed with the AVX2 / AVX-512 set at T = 512, D = 64, one thread). None where the op does not
+    take the inputs (fp32 only): the caller runs SDPA."""
     if q.dtype != torch.float32 or q.device.type != "cpu" or q.shape[-1] % 16:
         return None
     return kernels.ops.prefill_attention(q, k.float(), v.float())
@@ -163,7 +164,7 @@ def describe_fused(model: nn.Module) -> str:
     if getattr(model, "decode_attention_kernel", None) is not None:
         ops.append("decode_attention")
     if getattr(model, "prefill_attention_kernel", None) is not None:
-        ops.append("prefill_attention (fp32 prompts without cached context)")
+        ops.append("prefill_attention (fp32 prompt chunks)")
     if any(isinstance(m, Glm4MoeRouter) and m.matmul is router_logits for m in model.modules()):
         ops.append("router_logits (<= 16 tokens)")
     return ", ".join(ops)

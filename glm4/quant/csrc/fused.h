@@ -50,8 +50,9 @@ struct DecodeArgs {
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
 
 // tasks [t0, t1) (t: one query head x 16 query positions, prefill_attn.h) of out [T, Hq, D] = causal
-// softmax(q k^T * scale) v over a fresh prompt, fp32; q / k / v / out contiguous [T, H, D]; kt: k transposed to
-// [Hkv, D, Tp] with zero columns from T to Tp (a multiple of 32). AVX-512 needs D % 64 == 0, AVX2 D % 16 == 0.
+// softmax(q k^T * scale) v over a prompt chunk of T positions after ctx cached ones, fp32; q / out contiguous
+// [T, Hq, D], k / v [ctx + T, Hkv, D]; kt: k transposed to [Hkv, D, Tp] with zero columns from ctx + T to Tp (a
+// multiple of 32). AVX-512 needs D % 64 == 0, AVX2 D % 16 == 0.
 struct PrefillAttnArgs {
   const float* q;
   const float* k;
@@ -59,6 +60,7 @@ struct PrefillAttnArgs {
   float* out;
   int64_t T, Hq, Hkv, D, Tp;
   float scale;
+  int64_t ctx;  // cached positions before the T queries: query i at position ctx + i sees keys [0, ctx + i]
 };
 // whether the AVX-512 kernels run now (the CPU has them and set_isa allows them; ops.cpp)
 bool avx512_kernels();

@@ -178,28 +178,28 @@ at::Tensor argmax(const at::Tensor& x) {
 
 }  // namespace
 
-// q [T, Hq, D], k / v [T, Hkv, D] fp32 (a fresh prompt: positions 0..T-1) -> causal attention out [T, Hq, D],
-// scale 1/sqrt(D): the prefill's, as scaled_dot_product_attention(is_causal=True) computes it (fp32 sums in another
-// order). AVX-512 where the kernels run it (D % 64 == 0), else AVX2 (D % 16 == 0).
+// q [T, Hq, D], k / v [S, Hkv, D] fp32 (a prompt chunk at positions S - T .. S - 1 after S - T cached ones; a fresh
+// prompt: S = T) -> causal attention out [T, Hq, D], scale 1/sqrt(D): the prefill's, as scaled_dot_product_attention
+// with the offset-causal mask (is_causal=True for a fresh prompt) computes it (fp32 sums in another order). AVX-512 where the kernels run it (D % 64 == 0), else AVX2 (D % 16 == 0).
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(has_avx2(), "glm4.prefill_attention needs AVX2 + FMA");
-  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) == k.size(0) &&
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) <= k.size(0) &&
                   q.size(2) == k.size(2),
-              "prefill_attention: q [T, Hq, D], k / v [T, Hkv, D]");
+              "prefill_attention: q [T, Hq, D], k / v [S, Hkv, D], S >= T");
   TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
               "prefill_attention: float32 q, k, v");
-  const int64_t T = q.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
+  const int64_t T = q.size(0), S = k.size(0), Hq = q.size(1), Hkv = k.size(1), D = q.size(2);
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % 16 == 0, "prefill_attention: Hq a multiple of Hkv, D of 16");
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto out = at::empty({T, Hq, D}, q.options());
-  const int64_t Tp = (T + 31) / 32 * 32;  // the kernels' score steps: 2 vectors of keys
+  const int64_t Tp = (S + 31) / 32 * 32;  // the kernels' score steps: 2 vectors of keys
   std::vector<float> kt(size_t(Hkv * D * Tp), 0.0f);  // [Hkv, D, Tp]: a row of keys per dim
   const float* kp = kc.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t)
+  for (int64_t t = 0; t < S; ++t)
     for (int64_t h = 0; h < Hkv; ++h)
       for (int64_t d = 0; d < D; ++d) kt[size_t((h * D + d) * Tp + t)] = kp[(t * Hkv + h) * D + d];
   const glm4k::PrefillAttnArgs a{qc.data_ptr<float>(), kp, vc.data_ptr<float>(), out.data_ptr<float>(),
-                                 T, Hq, Hkv, D, Tp, float(1.0 / std::sqrt(double(D)))};
+                                 T, Hq, Hkv, D, Tp, float(1.0 / std::sqrt(double(D))), S - T};
   const bool wide = glm4k::avx512_kernels() && D % 64 == 0;
   const int64_t tasks = Hq * ((T + 15) / 16);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {

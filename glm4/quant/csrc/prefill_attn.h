@@ -1,5 +1,6 @@
-// Causal attention over a fresh prompt (no cached context), fp32, for the prefill: out [T, Hq, D] =
-// softmax(q k^T / sqrt(D) + causal mask) v, the G = Hq / Hkv query heads of a KV head sharing its keys. Included by
+// Causal attention of a prompt chunk (a fresh prompt, or one after ctx cached positions), fp32, for the prefill:
+// out [T, Hq, D] = softmax(q k^T / sqrt(D) + offset-causal mask) v, the G = Hq / Hkv query heads of a KV head sharing
+// its keys. Included by
 // prefill_attn_avx2.cpp / prefill_attn_avx512.cpp after their target pragma, each with its own vector type (Vec below:
 // W lanes; load, store, set1, fmadd, max, exp, reductions), so each instantiation is compiled for its own set.
 // One task = one query head x kQB query positions: scores row by row against the keys transposed once per call
@@ -28,7 +29,7 @@ void prefill_attention_tasks(const PrefillAttnArgs& a, const float* kt, int64_t 
   for (int64_t t = t0; t < t1; ++t) {
     // tasks ordered cheap / dear in turn (block 0, last, 1, second last...), so that contiguous ranges balance
     const int64_t h = t % Hq, k = t / Hq, blk = k % 2 == 0 ? k / 2 : nb - 1 - k / 2;
-    const int64_t i0 = blk * kQB, i1 = std::min(T, i0 + kQB), R = i1 - i0, L = i1;  // keys [0, L) cover the block
+    const int64_t i0 = blk * kQB, i1 = std::min(T, i0 + kQB), R = i1 - i0, L = a.ctx + i1;  // keys [0, L) cover the block
     const int64_t kvh = h / G, Lp = (L + W - 1) / W * W;
     const float* ktk = kt + kvh * D * Tp;
     for (int64_t r = 0; r < R; ++r)
@@ -48,9 +49,9 @@ void prefill_attention_tasks(const PrefillAttnArgs& a, const float* kt, int64_t 
         for (int r = 0; r < 4; ++r) Vec::store(&s[(r0 + r) * Tp + j], acc[r][0]), Vec::store(&s[(r0 + r) * Tp + j + W], acc[r][1]);
       }
     }
-    for (int64_t r = 0; r < R; ++r) {  // softmax over keys [0, i0 + r], zero beyond (to Lp)
+    for (int64_t r = 0; r < R; ++r) {  // softmax over keys [0, ctx + i0 + r], zero beyond (to Lp)
       float* row = &s[r * Tp];
-      const int64_t n = i0 + r + 1;
+      const int64_t n = a.ctx + i0 + r + 1;
       V mv = Vec::set1(-INFINITY);
       int64_t j = 0;
       for (; j + W <= n; j += W) mv = Vec::max(mv, Vec::load(row + j));
@@ -66,7 +67,7 @@ void prefill_attention_tasks(const PrefillAttnArgs& a, const float* kt, int64_t 
     }
     for (int64_t r0 = 0; r0 < R; r0 += 4) {  // out rows: sum_j p[r, j] v[j], kCH vectors of dims at a time
       const int rows = int(std::min<int64_t>(4, R - r0));
-      const int64_t n = i0 + r0 + rows;  // keys any of these rows sees
+      const int64_t n = a.ctx + i0 + r0 + rows;  // keys any of these rows sees
       for (int64_t d0 = 0; d0 < D; d0 += CH * W) {
         V acc[4][CH];
         for (int r = 0; r < 4; ++r)
