@@ -50,10 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         pos = torch.arange(L)
         rows = table[0, pos // bs] * bs + pos % bs
 
-        def kernel():
+        def kernel(q=q, table=table, lens=lens):
             return fused.decode_attention(q, k, v, table, lens, bs)
 
-        def sdpa():
+        def sdpa(q=q, rows=rows, L=L):
             ks, vs = (t.index_select(0, rows).float().view(1, L, Hkv, D).transpose(1, 2) for t in (k, v))
             return F.scaled_dot_product_attention(q.view(1, Hkv, Hq // Hkv, D), ks, vs).reshape(1, Hq, D)
 
