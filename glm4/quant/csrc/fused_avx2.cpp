@@ -242,7 +242,8 @@ inline void value_sums(const void* v, const int64_t* rows, int64_t D, int64_t j0
 }
 
 // Scores in blocks of 2 keys x 4 query heads (each loaded key row and query feeds two FMAs; the 8 dot products
-// reduced together), then each head's weighted sum of the value rows, 32 dims at a time in registers. Needs D % 8 == 0.
+// reduced together), then each head's weighted sum of the value rows, 32 dims at a time in registers, a tile of
+// rows at a time. Needs D % 8 == 0.
 template <int DT, int KT>  // activations (q, out), cache (k, v)
 void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
   const int64_t D = a.D, G = a.Hq / a.Hkv, GB = (G + 7) / 8 * 8;
@@ -261,7 +262,8 @@ void decode_attention(const DecodeArgs& a, int64_t u0, int64_t u1) {
     for (int64_t l = 0; l < L; l += 2) {  // two keys x 4 heads a block: each query load feeds both keys
       const void* kp0 = at(a.k, rows[l] * D, KT);
       const void* kp1 = at(a.k, rows[std::min(l + 1, L - 1)] * D, KT);  // an odd last key pairs with itself
-      for (int64_t t = l + kKeysAhead; t < std::min(L, l + kKeysAhead + 2); ++t) prefetch_row(at(a.k, rows[t] * D, KT), D * kSize[KT]);
+      for (int64_t t = l + kKeysAhead; t < std::min(L, l + kKeysAhead + 2); ++t)
+        prefetch_row(at(a.k, rows[t] * D, KT), D * kSize[KT]);
       if (l + 2 >= L)  // the first value tile, while the scores finish
         for (int64_t t = 0; t < std::min(L, kValueTileBytes / (D * int64_t(kSize[KT]))); ++t)
           prefetch_row(at(a.v, rows[t] * D, KT), D * kSize[KT]);

@@ -180,7 +180,8 @@ at::Tensor argmax(const at::Tensor& x) {
 
 // q [T, Hq, D], k / v [S, Hkv, D] fp32 (a prompt chunk at positions S - T .. S - 1 after S - T cached ones; a fresh
 // prompt: S = T) -> causal attention out [T, Hq, D], scale 1/sqrt(D): the prefill's, as scaled_dot_product_attention
-// with the offset-causal mask (is_causal=True for a fresh prompt) computes it (fp32 sums in another order). AVX-512 where the kernels run it (D % 64 == 0), else AVX2 (D % 16 == 0).
+// with the offset-causal mask (is_causal=True for a fresh prompt) computes it (fp32 sums in another order). AVX-512
+// where the kernels run it (D % 64 == 0), else AVX2 (D % 16 == 0).
 at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   TORCH_CHECK(has_avx2(), "glm4.prefill_attention needs AVX2 + FMA");
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && k.sizes() == v.sizes() && q.size(0) <= k.size(0) &&

@@ -1,8 +1,9 @@
 // Causal attention of a prompt chunk (a fresh prompt, or one after ctx cached positions), fp32, for the prefill:
 // out [T, Hq, D] = softmax(q k^T / sqrt(D) + offset-causal mask) v, the G = Hq / Hkv query heads of a KV head sharing
-// its keys. Included by
-// prefill_attn_avx2.cpp / prefill_attn_avx512.cpp after their target pragma, each with its own vector type (Vec below:
-// W lanes; load, store, set1, fmadd, max, exp, reductions), so each instantiation is compiled for its own set.
+// its keys. Included by prefill_attn_avx2.cpp / prefill_attn_avx512.cpp after their target pragma, each with its own
+// vector type (Vec below: W lanes; load, store, set1, fmadd, max, exp, reductions), so each instantiation is
+// compiled for its own set. A row's values do not depend on where its chunk starts: its keys are indexed from 0
+// and the ones it must not see weigh exactly 0 (finite inputs).
 // One task = one query head x kQB query positions: scores row by row against the keys transposed once per call
 // ([Hkv, D, Tp]: 4 queries x W keys per step, one key load feeding 4 FMAs), a softmax per row over its visible
 // keys (Cephes' expf), then the value rows weighed into 4 query rows at a time, kCH vectors of dims in registers.
