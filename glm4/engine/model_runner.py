@@ -11,6 +11,7 @@ from glm4.engine.sampler import Sampler
 from glm4.engine.scheduler import ScheduledBatch
 from glm4.engine.sequence import Sequence
 from glm4.layers.paged_attention import PagedAttention, PagedKVCache
+from glm4.quant.fused import reads_cache
 
 
 def available_memory(device: torch.device) -> int:
@@ -58,10 +59,9 @@ class ModelRunner:
                                   cfg.head_dim, cache_dtype or self.dtype, self.device)
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
         self.lora = None  # glm4.engine.lora.LoRAAdapters when the engine serves adapters (LLMEngine.add_lora)
-        # fused decode attention (glm4.quant.fused, set by optimize_model) reads the cache as it is stored: in the
-        # activations' dtype, or bf16 under fp32 activations
-        fused_cache = self.cache.dtype == self.dtype or (self.cache.dtype, self.dtype) == (torch.bfloat16, torch.float32)
-        self.decode_kernel = getattr(model, "decode_attention_kernel", None) if fused_cache else None
+        # fused decode attention (glm4.quant.fused, set by optimize_model) reads the cache as it is stored
+        self.decode_kernel = (getattr(model, "decode_attention_kernel", None) if reads_cache(self.dtype, self.cache.dtype)
+                              else None)
         self.qkv_kernel = getattr(model, "decode_qkv_kernel", None) if self.decode_kernel is not None else None
         self.prefill_kernel = getattr(model, "prefill_attention_kernel", None)  # prompt chunks' attention (fp32)
         self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)

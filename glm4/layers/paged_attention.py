@@ -197,19 +197,21 @@ class PagedAttention:
             dec_lens = [ctx_lens[i] + 1 for i in dec_rows]
             lmax = max(dec_lens)
             rows_t = torch.tensor(dec_rows)
-            decode_slots = all_slots[rows_t, :lmax]
-            if min(dec_lens) != lmax:
-                valid = torch.arange(lmax)[None, :] < torch.tensor(dec_lens)[:, None]  # [Bd, lmax]
-                decode_slots = torch.where(valid, decode_slots, cache.null_slot)
-                decode_mask = valid[:, None, None, :].to(device)
-            decode_slots = decode_slots.to(device)
+            if not fused:  # gather + SDPA: every decode's slots, padded to the longest and masked
+                decode_slots = all_slots[rows_t, :lmax]
+                if min(dec_lens) != lmax:
+                    valid = torch.arange(lmax)[None, :] < torch.tensor(dec_lens)[:, None]  # [Bd, lmax]
+                    decode_slots = torch.where(valid, decode_slots, cache.null_slot)
+                    decode_mask = valid[:, None, None, :].to(device)
+                decode_slots = decode_slots.to(device)
             if dec_rows != list(range(len(dec_rows))):  # decodes are not the first Bd packed tokens
                 decode_idx = starts[rows_t].to(device)
         out = cls(cache, slot_mapping.to(device), decode_idx, decode_slots, decode_mask, prefills, N)
         out.prefill_kernel = prefill_kernel
         out.positions = cols  # [N] position of each packed token (CPU)
-        if dec_rows and fused:
-            out.decode_kernel, out.decode_tables = decode_kernel, bt[torch.tensor(dec_rows)].to(device)
+        if dec_rows and fused:  # the kernel walks the block tables
+            out.num_decodes = len(dec_rows)
+            out.decode_kernel, out.decode_tables = decode_kernel, bt[rows_t].to(device)
             out.decode_lens = torch.tensor(dec_lens, device=device)
         return out
 

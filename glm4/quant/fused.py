@@ -35,7 +35,7 @@ from glm4.models.glm4_moe import Glm4MoeRouter
 from . import kernels
 
 __all__ = ["FusedRMSNorm", "decode_attention", "decode_qkv_attention", "describe_fused", "have_fused_ops",
-           "prefill_attention", "rope", "router_logits", "use_fused_ops"]
+           "prefill_attention", "reads_cache", "rope", "router_logits", "use_fused_ops"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -45,9 +45,13 @@ def have_fused_ops() -> bool:
     return kernels.has_streaming_kernels() and hasattr(torch.ops.glm4, "rms_norm")
 
 
+def reads_cache(activations: torch.dtype, cache: torch.dtype) -> bool:
+    """The decode ops read a float KV cache in the activations' dtype, or bf16 under fp32 activations."""
+    return cache == activations or (activations, cache) == (torch.float32, torch.bfloat16)
+
+
 def _cache_takes(x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The decode ops read a cache in the activations' dtype, or bf16 under fp32 activations."""
-    return k.dtype == v.dtype and (k.dtype == x.dtype or (x.dtype, k.dtype) == (torch.float32, torch.bfloat16))
+    return k.dtype == v.dtype and reads_cache(x.dtype, k.dtype)
 
 
 def _takes(x: torch.Tensor, *others: torch.Tensor) -> bool:

@@ -144,16 +144,19 @@ at::Tensor decode_qkv_attention(const at::Tensor& qkv_in, const at::Tensor& cos,
                      int(interleaved), dtype};
   glm4k::rope_rows_avx2(qa, 0, N);
   glm4k::rope_rows_avx2(ka, 0, N);
-  // the new k / v rows as the cache stores them: a bf16 cache gets them rounded as .to(bfloat16) does
+  // the new k / v rows as the cache stores them: a bf16 cache gets them rounded as .to(bfloat16) does (the rows of
+  // v then from a copy, else straight from qkv)
   const at::Tensor kw = narrow ? kr.to(k.scalar_type()) : kr;
-  const at::Tensor vw = (narrow ? qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).to(k.scalar_type())
-                                : qkv.narrow(1, (Hq + Hkv) * D, Hkv * D)).contiguous();
+  const at::Tensor vw =
+      narrow ? qkv.narrow(1, (Hq + Hkv) * D, Hkv * D).to(k.scalar_type()).contiguous() : at::Tensor();
+  const char* vsrc = narrow ? static_cast<const char*>(vw.data_ptr()) : base + (Hq + Hkv) * D * esize;
+  const int64_t vstride = narrow ? Hkv * D * k.element_size() : row * esize;  // bytes from one token's v to the next
   const int64_t kv_bytes = Hkv * D * k.element_size();
   char* kc = static_cast<char*>(k.data_ptr());
   char* vc = static_cast<char*>(v.data_ptr());
   for (int64_t t = 0; t < N; ++t) {
     std::memcpy(kc + sp[t] * kv_bytes, static_cast<const char*>(kw.data_ptr()) + t * kv_bytes, kv_bytes);
-    std::memcpy(vc + sp[t] * kv_bytes, static_cast<const char*>(vw.data_ptr()) + t * kv_bytes, kv_bytes);
+    std::memcpy(vc + sp[t] * kv_bytes, vsrc + t * vstride, kv_bytes);
   }
   auto out = decode_attention(q, k, v, block_table, lens, block_size);
   auto sizes = qkv_in.sizes().vec();
