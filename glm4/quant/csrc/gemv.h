@@ -13,7 +13,7 @@ struct DenseArgs {
   float* y;
   int64_t M, N, K;
   int wtype;
-  int xperm;  // bf16 on AVX-512: x permuted within each 32 columns (perm32_bf16 below)
+  int xperm;  // bf16: x permuted within each 32 columns (kPermBf16x32, AVX-512) or 16 (kPermBf16x16, AVX2), else 0
   const uint16_t* xbf16;  // bf16 weights and activations on AVX512_BF16: x [M, K] as bf16 (gemv_bf16.cpp), else null
 };
 
@@ -82,6 +82,10 @@ constexpr int kInt16Act = 32639;
 // The bf16 AVX-512 kernel widens 32 weights (one 64-byte load) with in-lane 16-bit unpacks under zero, which
 // yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
 inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c % 4; }
+// The bf16 AVX2 kernel widens 16 weights (one 32-byte load) as the even columns (each 32-bit lane shifted left by
+// 16) and the odd ones (the lane's high half masked): fp32 lanes 0..7 <- columns 0, 2, .., 14, lanes 8..15 <- 1, .., 15.
+inline int64_t perm16_bf16(int64_t c) { return c % 2 * 8 + c / 2; }
+enum BF16Order { kPermBf16x32 = 1, kPermBf16x16 = 2 };
 
 // Rows [r0, r1) of W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g] into out (fp32 or bf16, one of the
 // two set) at row n - r0: the large-M path's weight, equal to QuantLinear.dequantize bit for bit.

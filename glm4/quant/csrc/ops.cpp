@@ -81,7 +81,7 @@ std::string set_activations(const std::string& name) {
 
 void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
   if (a.xbf16) glm4k::dense_rows_bf16dot(a, n0, n1);
-  else if (a.xperm || use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
+  else if (a.xperm == glm4k::kPermBf16x32 || use_avx512()) glm4k::dense_rows_avx512(a, n0, n1);
   else glm4k::dense_rows_avx2(a, n0, n1);
 }
 
@@ -141,13 +141,16 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   std::vector<uint16_t> xbf16;
   if (bf16_dot_activations(xc, a.wtype, xbf16)) {
     a.xbf16 = xbf16.data();
-  } else if (a.wtype == glm4k::kBF16 && use_avx512() && K % 32 == 0) {  // x in the bf16 kernel's column order
+  } else if (a.wtype == glm4k::kBF16 && K % (use_avx512() ? 32 : 16) == 0) {  // x in the bf16 kernel's column order
     at::Tensor xp = at::empty_like(xc);
     const float* src = xc.data_ptr<float>();
     float* dst = xp.data_ptr<float>();
-    for (int64_t i = 0; i < xc.numel(); ++i) dst[i / 32 * 32 + glm4k::perm32_bf16(i % 32)] = src[i];
+    if (use_avx512())
+      for (int64_t i = 0; i < xc.numel(); ++i) dst[i / 32 * 32 + glm4k::perm32_bf16(i % 32)] = src[i];
+    else
+      for (int64_t i = 0; i < xc.numel(); ++i) dst[i / 16 * 16 + glm4k::perm16_bf16(i % 16)] = src[i];
     xc = xp;
-    a.xperm = 1;
+    a.xperm = use_avx512() ? glm4k::kPermBf16x32 : glm4k::kPermBf16x16;
   }
   a.x = xc.data_ptr<float>();
   a.w = wc.data_ptr();
@@ -192,7 +195,9 @@ struct ActPrep {
     const bool lanes = bits == 8 && int16_act && use_avx512() && max_m == 1 && !exact_activations() &&
                        (group == 16 || group == 32) && K % 64 == 0;
     if (lanes) B = K % 256 == 0 ? 256 : K % 128 == 0 ? 128 : 64;
-    if (bits == 8 && !(use_avx512() && B % 64 == 0)) B = 0;
+    // 8-bit on AVX2: one int16 term only (kHi); exact activations keep its fp32 FMA kernel, which two int16 terms
+    // do not beat
+    if (bits == 8 && !(use_avx512() ? B % 64 == 0 : !exact_activations())) B = 0;
     if (!B) return;
     // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
