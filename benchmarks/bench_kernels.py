@@ -3,6 +3,7 @@
     python benchmarks/bench_kernels.py                      # M = 1, 8, 32 on the four GLM shapes
     python benchmarks/bench_kernels.py --m 1 8 32 128 512 --shapes qkv --write /tmp/kernels.md
     python benchmarks/bench_kernels.py --model /path/to/checkpoint   # greedy decode tokens/s per scheme
+    python benchmarks/bench_kernels.py --sequence                    # a 400M model's linears from memory, per format
 
 GB/s = bytes of the kernel's weight storage / time of one call (the weight is streamed once per call).
 """
@@ -150,6 +151,51 @@ def bench_model(args: BenchArgs) -> str:
     return "\n".join(lines)
 
 
+# the ~400M GLM checkpoint of bench_llamacpp.py: its linears in decode order, 8 layers then the LM head
+SEQUENCE = [("qkv", 1280, 1024), ("o", 1024, 1024), ("gate_up", 6144, 1024), ("down", 1024, 3072)]
+SEQUENCE_FORMATS = ("fp32", "bf16", "int8", "int6", "int4")
+
+
+def bench_sequence(formats: list[str], repeat: int = 6) -> str:
+    """One token through every linear of the 400M model in turn (each a fresh matrix: weights come from memory, as
+    in a decode step), glm4's kernels per format: time and GB/s, in all and per linear kind (best of `repeat`)."""
+    from glm4.quant import FloatLinear, quant_linear
+
+    def make(fmt: str, lin: nn.Linear) -> nn.Module:
+        if fmt in ("fp32", "bf16"):
+            return FloatLinear.from_base(lin, torch.float32 if fmt == "fp32" else torch.bfloat16)
+        return quant_linear(lin, 8, 0) if fmt == "int8" else quant_linear(lin, int(fmt[3:]), 128)
+
+    lines = ["| format | MB | ms a token | GB/s | " + " | ".join(f"{n} GB/s" for n, _, _ in SEQUENCE) + " | head GB/s |",
+             "|---" * (len(SEQUENCE) + 5) + "|"]
+    with torch.inference_mode():
+        for fmt in formats:
+            mods = [(n, make(fmt, nn.Linear(k, o, bias=False))) for _ in range(8) for n, o, k in SEQUENCE]
+            mods.append(("head", make(fmt, nn.Linear(1024, 151552, bias=False))))
+            xs = {k: torch.randn(1, k) for k in (1024, 3072)}
+            nbytes: dict[str, int] = {}
+            for n, m in mods:
+                nbytes[n] = nbytes.get(n, 0) + sum(t.numel() * t.element_size() for t in (*m.parameters(), *m.buffers()))
+            best, best_per = float("inf"), {}
+            for _ in range(repeat):
+                per: dict[str, float] = {}
+                t_all = time.perf_counter()
+                for n, m in mods:
+                    t = time.perf_counter()
+                    m(xs[m.in_features])
+                    per[n] = per.get(n, 0.0) + time.perf_counter() - t
+                t_all = time.perf_counter() - t_all
+                if t_all < best:
+                    best, best_per = t_all, per
+            total = sum(nbytes.values())
+            lines.append(f"| {fmt} | {total / 1e6:.1f} | {best * 1e3:.2f} | {total / best / 1e9:.1f} | "
+                         + " | ".join(f"{nbytes[n] / best_per[n] / 1e9:.1f}" for n in nbytes) + " |")
+            print(lines[-1], flush=True)
+            del mods
+            gc.collect()
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = BenchArgs()
@@ -161,8 +207,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default=None, help="checkpoint folder: benchmark whole-model decode per scheme instead")
     p.add_argument("--schemes", nargs="+", default=d.schemes, choices=["none", "packed", "int8", "int4"])
     p.add_argument("--new-tokens", type=int, default=d.new_tokens)
-    args = BenchArgs(**vars(p.parse_args(argv)))
+    p.add_argument("--sequence", nargs="*", default=None, choices=SEQUENCE_FORMATS,
+                   help="the 400M model's linears from memory, one token, per format (all when none named)")
+    ns = vars(p.parse_args(argv))
+    sequence = ns.pop("sequence")
+    args = BenchArgs(**ns)
     torch.manual_seed(0)
+    if sequence is not None:
+        print(bench_sequence(sequence or list(SEQUENCE_FORMATS)))
+        return
     if args.model:
         print(bench_model(args))
         return
