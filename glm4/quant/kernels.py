@@ -142,8 +142,9 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
 def activations() -> str:
     """How the integer kernels here carry activations: "exact" (two int16 terms a column, ~31 bits: fp32's result;
     GLM4_ACTIVATIONS=exact) or "int16" (the default: one 16-bit integer a column and an fp32 scale per block, each
-    within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x (Zen 3),
-    the AVX-512 ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32 activations, exact either way)."""
+    within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x
+    (Zen 3), the AVX-512 ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32
+    activations, exact either way)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 

@@ -1,9 +1,9 @@
 // How every streaming kernel walks rows [n0, n1) of y: in tiles of RB weight rows x MT activation rows, one call of
 // Tile::run<RB, MT>(a, n, m0) each. One token: RB1 rows a tile, 4 where each activation load (or its int16 terms)
-// feeding 4 rows pays, 1 where one sequential stream of weights per thread pays more (the dense kernels and q6_K:
-// 4 rows read at once are 4 streams of memory a thread; AVX2's 8-bit codes against int16 activations); more tokens: 2 rows x up to 4 tokens (each widened weight
-// feeds 4 tokens). Tile types live in each kernel file's anonymous namespace, so every instantiation is that
-// file's own, compiled for its instruction set.
+// feeding 4 rows pays, 1 where one sequential stream of weights per thread pays more (the dense kernels, q6_K and
+// AVX2's 8-bit codes against int16 activations: 4 rows read at once are 4 streams of memory a thread); more tokens:
+// 2 rows x up to 4 tokens (each widened weight feeds 4 tokens). Tile types live in each kernel file's anonymous
+// namespace, so every instantiation is that file's own, compiled for its instruction set.
 #pragma once
 #include <cstdint>
 
