@@ -60,8 +60,8 @@ class ModelRunner:
         self.sampler = Sampler(sample_vocab or cfg.vocab_size, eos_token_ids, seed)
         self.lora = None  # glm4.engine.lora.LoRAAdapters when the engine serves adapters (LLMEngine.add_lora)
         # fused decode attention (glm4.quant.fused, set by optimize_model) reads the cache as it is stored
-        self.decode_kernel = (getattr(model, "decode_attention_kernel", None) if reads_cache(self.dtype, self.cache.dtype)
-                              else None)
+        reads = reads_cache(self.dtype, self.cache.dtype)
+        self.decode_kernel = getattr(model, "decode_attention_kernel", None) if reads else None
         self.qkv_kernel = getattr(model, "decode_qkv_kernel", None) if self.decode_kernel is not None else None
         self.prefill_kernel = getattr(model, "prefill_attention_kernel", None)  # prompt chunks' attention (fp32)
         self.max_encoder_bytes: int | None = None  # vision models: activations per tower call (LLMEngine sets it)

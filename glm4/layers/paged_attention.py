@@ -158,8 +158,8 @@ class PagedAttention:
         `decode_kernel(q [Bd, Hq, D], k, v [slots, Hkv, D], block_tables [Bd, blocks], lens [Bd], block_size)
         -> [Bd, Hq, D]` attends decodes straight from the cache, instead of gather + SDPA (glm4.quant.fused's is
         faster at every context length); the caller passes one only for a float cache it reads (the activations'
-        dtype, or bf16 under fp32 activations). `qkv_kernel`
-        (glm4.quant.fused.decode_qkv_attention) serves `attend_qkv` on decode-only steps that run `decode_kernel`.
+        dtype, or bf16 under fp32 activations). `qkv_kernel` (glm4.quant.fused.decode_qkv_attention) serves
+        `attend_qkv` on decode-only steps that run `decode_kernel`.
         `prefill_kernel(q [T, Hq, D], k, v [S, Hkv, D]) -> [T, Hq, D] or None` attends prompt chunks, the queries
         at the last T of S positions (glm4.quant.fused.prefill_attention; None from it: SDPA)."""
         bs = cache.block_size

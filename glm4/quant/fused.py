@@ -12,9 +12,10 @@ by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.qua
   gather + SDPA's time from 256 to 8,192 keys, 2 threads, Zen 5); `decode_qkv_attention` does a
   decode-only step's RoPE, cache write and attention from the fused q/k/v projection in one call (~20 torch calls
   and their Python a layer otherwise: ~3 us apiece, which a small model's batch-1 step feels);
-- and `prefill_attention` for prompt chunks (fp32; a fresh prompt or one after cached context): causal attention by one op, the keys
-  transposed once, 4 query rows x 2 vectors of keys a step (torch's CPU flash kernel calls MKL's sgemm, which
-  takes a generic path on AMD: 1.45x / 1.75x its speed with the AVX2 / AVX-512 set, 512 tokens, one thread, Zen 5);
+- and `prefill_attention` for prompt chunks (fp32; a fresh prompt or one after cached context): causal attention
+  by one op, the keys transposed once, 4 query rows x 2 vectors of keys a step (torch's CPU flash kernel calls
+  MKL's sgemm, which takes a generic path on AMD: 1.45x / 1.75x its speed with the AVX2 / AVX-512 set, 512
+  tokens, one thread, Zen 5);
 - a MoE router's logits for few tokens by glm4's dense kernel (`router_logits`; MKL's sgemv there, on AMD, took
   33 us of a decode step's ~170 us MoE layer for the 697M MoE's 64 x 1024 router).
 

@@ -83,7 +83,7 @@ constexpr int kInt16Act = 32639;
 // yield fp32 lanes in the order u * 16 + j * 4 + t <- column 8 j + 4 u + t (u: low / high unpack, j: lane, t: 0..3).
 inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c % 4; }
 // The bf16 AVX2 kernel widens 16 weights (one 32-byte load) as the even columns (each 32-bit lane shifted left by
-// 16) and the odd ones (the lane's high half masked): fp32 lanes 0..7 <- columns 0, 2, .., 14, lanes 8..15 <- 1, .., 15.
+// 16) and the odd ones (the lane's high half masked): fp32 lanes 0..7 <- columns 0, 2, .., 14; 8..15 <- 1, .., 15.
 inline int64_t perm16_bf16(int64_t c) { return c % 2 * 8 + c / 2; }
 enum BF16Order { kPermBf16x32 = 1, kPermBf16x16 = 2 };
 

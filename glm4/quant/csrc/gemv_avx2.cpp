@@ -61,7 +61,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     __m256 xv[MT];
     for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
-      // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory: 16.0 / 17.1 / 14.0 -> 17.0 / 18.0 / 16.9 GB/s)
+      // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory, three tries: 16.0 / 17.1 / 14.0 ->
+      // 17.0 / 18.0 / 16.9 GB/s)
       if ((k * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + k) * kBytes[WT],
                                                2 * RB * K * kBytes[WT]);
       __m256 wv = load8<WT>(a.w, (n + r) * K + k);

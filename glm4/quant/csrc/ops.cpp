@@ -197,9 +197,9 @@ struct ActPrep {
     const bool lanes = bits == 8 && int16_act && use_avx512() && max_m == 1 && !exact_activations() &&
                        (group == 16 || group == 32) && K % 64 == 0;
     if (lanes) B = K % 256 == 0 ? 256 : K % 128 == 0 ? 128 : 64;
-    // 8-bit on AVX2: one int16 term only (kHi); exact activations keep its fp32 FMA kernel, which two int16 terms
-    // do not beat
-    if (bits == 8 && !(use_avx512() ? B % 64 == 0 : !exact_activations())) B = 0;
+    // 8-bit codes: AVX-512 in blocks of 64k columns; AVX2 one int16 term only (kHi), so exact activations keep its
+    // fp32 FMA kernel, which two int16 terms do not beat
+    if (bits == 8 && (use_avx512() ? B % 64 != 0 : exact_activations())) B = 0;
     if (!B) return;
     // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster

@@ -30,7 +30,8 @@ void prefill_attention_tasks(const PrefillAttnArgs& a, const float* kt, int64_t 
   for (int64_t t = t0; t < t1; ++t) {
     // tasks ordered cheap / dear in turn (block 0, last, 1, second last...), so that contiguous ranges balance
     const int64_t h = t % Hq, k = t / Hq, blk = k % 2 == 0 ? k / 2 : nb - 1 - k / 2;
-    const int64_t i0 = blk * kQB, i1 = std::min(T, i0 + kQB), R = i1 - i0, L = a.ctx + i1;  // keys [0, L) cover the block
+    // keys [0, L) cover the block
+    const int64_t i0 = blk * kQB, i1 = std::min(T, i0 + kQB), R = i1 - i0, L = a.ctx + i1;
     const int64_t kvh = h / G, Lp = (L + W - 1) / W * W;
     const float* ktk = kt + kvh * D * Tp;
     for (int64_t r = 0; r < R; ++r)
