@@ -208,9 +208,13 @@ def test_gemm_matches_float64(dtype):
 @needs_kernels
 @pytest.mark.parametrize("bits,group", [(4, 32), (6, 64), (8, 96)])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
-def test_quant_linear_large_m_equals_its_dequantized_weight(bits, group, act):
-    """Above max_m the weight is widened a chunk at a time into one GEMM; bf16 activations stay bf16 where the CPU
-    computes in bf16 (the chunk rounded to bf16), else the GEMM is fp32."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_quant_linear_large_m_equals_its_dequantized_weight(bits, group, act, chunked, monkeypatch):
+    """Above max_m the weight is widened into a GEMM, whole or (chunked: 64 rows, the last 44) a chunk at a time;
+    bf16 activations stay bf16 where the CPU computes in bf16 (the chunk rounded to bf16), else the GEMM is fp32."""
+    if chunked:
+        monkeypatch.setattr(kernels, "_GEMM_WHOLE", 0)
+        monkeypatch.setattr(kernels, "_GEMM_CHUNK", 64 * 384)
     g = torch.Generator().manual_seed(bits + group)
     N, K, M = 300, 384, kernels.max_m(None) + 9
     q = torch.randint(0, 1 << bits, (N, K), generator=g)
@@ -289,7 +293,11 @@ def test_an_all_zero_row_gives_exactly_zero(scheme, isa):
 
 @pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the widened-GEMM path
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
-def test_float_linear_equals_its_stored_weight(M, storage):
+@pytest.mark.parametrize("chunked", [False, True])  # the widened weight whole, or 16 rows at a time
+def test_float_linear_equals_its_stored_weight(M, storage, chunked, monkeypatch):
+    if chunked:
+        monkeypatch.setattr(kernels, "_GEMM_WHOLE", 0)
+        monkeypatch.setattr(kernels, "_GEMM_CHUNK", 16 * 96)
     torch.manual_seed(0)
     base = nn.Linear(96, 80)
     lin = FloatLinear.from_base(base, storage)

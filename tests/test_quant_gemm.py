@@ -90,13 +90,17 @@ def test_engine_rejects_unknown_quant_gemm():
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gemm_dtype", [torch.float32, torch.bfloat16])
-def test_expert_pack_prefill_equals_its_experts_one_by_one(bits, act, gemm_dtype):
+@pytest.mark.parametrize("chunked", [False, True])  # each expert's weight dequantized whole, or 16 rows at a time
+def test_expert_pack_prefill_equals_its_experts_one_by_one(bits, act, gemm_dtype, chunked, monkeypatch):
     """The pack's many-tokens path (one cast, one reused dequantization buffer, one output) gives the values each
     expert's QuantLinear view gives on its own rows, bit for bit, busy experts with few tokens included."""
     model = tiny_model("glm4_moe")
     quantize(model, f"int{bits}", group_size=32)
     pack = next(m for m in model.modules() if isinstance(m, StreamExperts)).gate_up
     pack.gemm_dtype = gemm_dtype
+    if chunked:
+        monkeypatch.setattr(kernels, "_GEMM_WHOLE", 0)
+        monkeypatch.setattr(kernels, "_GEMM_CHUNK", 16 * pack.in_features)
     counts = torch.zeros(pack.num_experts, dtype=torch.long)
     counts[:4] = torch.tensor([40, 3, 0, 25])[: pack.num_experts]  # 3: below the streaming kernel's limit
     xs = torch.randn(int(counts.sum()), pack.in_features, generator=torch.Generator().manual_seed(5)).to(act)

@@ -22,7 +22,7 @@ from . import kernels
 from .fast_linear import QuantizationError
 from .kquant import BLOCK_BYTES as KQUANT_BLOCK_BYTES
 from .kquant import KQuantLinear
-from .qlinear import _GEMM_ELEMS, QuantLinear, dequant_gemm
+from .qlinear import QuantLinear, dequant_gemm
 
 __all__ = ["ExpertPack", "StreamExperts"]
 
@@ -106,7 +106,7 @@ class ExpertPack(nn.Module):
         reused buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes."""
         x = xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(self.gemm_dtype)
         y = xs.new_empty(xs.shape[0], self.out_features)
-        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
+        rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
         buf = x.new_empty(rows, self.in_features)  # fp32 or bf16: the op rounds as .to(bf16) rounds
         start = 0
         for e, n in enumerate(c):
@@ -117,7 +117,9 @@ class ExpertPack(nn.Module):
             if n <= kernels.max_m(self):
                 ye.copy_(mm(xs[start:start + n].float()))
             else:
-                dequant_gemm(xe, ye, fill, buf)
+                out = dequant_gemm(xe, self.out_features, fill, buf, ye)
+                if out is not ye:  # one GEMM's own output
+                    ye.copy_(out)
             start += n
         return y
 

@@ -16,7 +16,6 @@ from .fast_linear import QuantizationError, plain_linear
 
 __all__ = ["CastEmbedding", "FloatLinear"]
 
-_GEMM_ELEMS = 1 << 21  # weights widened per GEMM on the large-M path: an 8 MB fp32 chunk
 STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -65,8 +64,10 @@ class FloatLinear(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _widened_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype, the weight widened ~_GEMM_ELEMS at a time (bf16 storage, fp32 x)."""
-        rows = max(16, _GEMM_ELEMS // self.in_features)
+        """x [M, K] -> [M, N] in x's dtype, the weight widened kernels.gemm_chunk_rows at a time (bf16 storage, fp32 x)."""
+        rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
+        if rows == self.out_features:
+            return kernels.gemm(x, self.weight.to(x.dtype))
         y = x.new_empty(x.shape[0], self.out_features)
         for i in range(0, self.out_features, rows):
             y[:, i:i + rows] = kernels.gemm(x, self.weight[i:i + rows].to(x.dtype))

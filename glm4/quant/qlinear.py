@@ -30,7 +30,6 @@ __all__ = ["QuantEmbedding", "QuantLinear", "StreamingLinear", "dequant_gemm", "
 BITS = (4, 6, 8)
 MIN_GROUP = {4: 32, 6: 64, 8: 8}  # group sizes are multiples of this (the kernels' column steps)
 
-_GEMM_ELEMS = 1 << 21  # weights dequantized per GEMM on the large-M path: an 8 MB fp32 chunk
 _CODE_ROWS = 1024  # rows of codes converted and packed at a time (from_codes)
 
 
@@ -77,20 +76,26 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(qweight) if bits == 4 else unpack_int6(qweight) if bits == 6 else qweight
 
 
-def dequant_gemm(x: torch.Tensor, y: torch.Tensor, fill, buf: torch.Tensor) -> None:
-    """y [M, N] = x [M, K] @ W^T a chunk of W at a time: fill(row0, w) writes W's rows row0.. into the view w of
-    `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each."""
-    n_out, rows = y.shape[1], buf.shape[0]
+def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ W^T for W [n_out, K], a chunk of W at a time: fill(row0, w) writes W's rows row0.. into the view w
+    of `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each, into y [M, n_out] (allocated when
+    None). A buffer holding all of W makes one GEMM whose output is returned as it is (y, if given, then unused)."""
+    rows = buf.shape[0]
+    if rows >= n_out:
+        fill(0, buf[:n_out])
+        return kernels.gemm(x, buf[:n_out])
+    y = x.new_empty(x.shape[0], n_out) if y is None else y
     for i in range(0, n_out, rows):
         j = min(i + rows, n_out)
         w = buf[: j - i]
         fill(i, w)
         y[:, i:j] = kernels.gemm(x, w)
+    return y
 
 
 class StreamingLinear(nn.Module):
     """What every weight-only quantized linear run by glm4's kernels shares: y = x @ W.T + bias, small M through
-    the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing ~_GEMM_ELEMS weights at a time
+    the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing kernels.gemm_chunk_rows rows at a time
     (`_dequantize_rows`, the values of `dequantize()`) into a GEMM in `gemm_dtype` (fp32; bf16 activations stay bf16
     where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too). Subclasses hold
     in_features, out_features, bias and their storage."""
@@ -130,12 +135,10 @@ class StreamingLinear(nn.Module):
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] fp32 or bf16 -> [M, N] in x's dtype, a chunk of dequantized rows (fp32, rounded to x's dtype) at
         a time into one reused buffer."""
-        rows = min(max(16, _GEMM_ELEMS // self.in_features), self.out_features)
-        y = x.new_empty(x.shape[0], self.out_features)
+        rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
         fill = self._dequantize_rows if kernels.has_streaming_kernels() else (
             lambda i, w: w.copy_(self.dequantize(torch.float32, slice(i, i + w.shape[0]))))
-        dequant_gemm(x, y, fill, x.new_empty(rows, self.in_features))
-        return y
+        return dequant_gemm(x, self.out_features, fill, x.new_empty(rows, self.in_features))
 
 
 class QuantLinear(StreamingLinear):
