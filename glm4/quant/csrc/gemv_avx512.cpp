@@ -48,34 +48,47 @@ inline __m512 load16_tail(const void* w, int64_t i, int n) {
   }
 }
 
-// y[m, n..n+RB) for m in [0, MT): RB weight rows share each activation load, MT activation rows share each weight
+// y[m, n..n+RB) for m in [0, MT): RB weight rows share each activation load, MT activation rows share each weight.
+// A one-row, one-token tile keeps two accumulators (even / odd steps of 16 columns), two FMA chains instead of one
+// (as the AVX2 kernel, where one chain held one thread to 8 B / cycle).
 template <int WT, int RB, int MT>
 inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
+  constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
   const int64_t K = a.K;
-  __m512 acc[RB][MT];
+  __m512 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m)
+      for (int u = 0; u < U; ++u) acc[r][m][u] = _mm512_setzero_ps();
   const float* x = a.x + m0 * K;
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 xv[MT];
-    for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
-    for (int r = 0; r < RB; ++r) {
-      if ((k * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + k) * kBytes[WT],
-                                               RB * K * kBytes[WT]);
-      __m512 wv = load16<WT>(a.w, (n + r) * K + k);
-      for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_fmadd_ps(wv, xv[m], acc[r][m]);
+  for (; k + 16 * U <= K; k += 16 * U) {
+#pragma GCC unroll 2
+    for (int u = 0; u < U; ++u) {
+      const int64_t ku = k + 16 * u;
+      __m512 xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + ku);
+      for (int r = 0; r < RB; ++r) {
+        if ((ku * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT],
+                                                  RB * K * kBytes[WT]);
+        __m512 wv = load16<WT>(a.w, (n + r) * K + ku);
+        for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm512_fmadd_ps(wv, xv[m], acc[r][m][u]);
+      }
     }
   }
-  if (k < K) {  // the last K % 16 columns, masked
-    const int t = int(K - k);
+  for (; k < K; k += 16) {  // U = 2: a last full step of 16 columns; then the last K % 16 columns, masked
+    const int t = K - k >= 16 ? 16 : int(K - k);
+    const __mmask16 mk = __mmask16((1u << t) - 1);
     for (int m = 0; m < MT; ++m) {
-      const __m512 xv = _mm512_maskz_loadu_ps(__mmask16((1u << t) - 1), x + m * K + k);
-      for (int r = 0; r < RB; ++r) acc[r][m] = _mm512_fmadd_ps(load16_tail<WT>(a.w, (n + r) * K + k, t), xv, acc[r][m]);
+      const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
+      for (int r = 0; r < RB; ++r)
+        acc[r][m][0] = _mm512_fmadd_ps(load16_tail<WT>(a.w, (n + r) * K + k, t), xv, acc[r][m][0]);
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MT; ++m) {
+      if constexpr (U == 2) acc[r][m][0] = _mm512_add_ps(acc[r][m][0], acc[r][m][1]);
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m][0]);
+    }
 }
 
 // bf16 weights against x in the perm32_bf16 order (K a multiple of 32): a bf16 is the high half of its fp32, so
@@ -83,9 +96,9 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
 template <int RB, int MT>
 inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K;
-  __m512 acc[RB][MT];
+  __m512 acc[RB][MT][2];  // low / high unpacks: two FMA chains, not one of two FMAs per 64 bytes
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m) acc[r][m][0] = acc[r][m][1] = _mm512_setzero_ps();
   const float* x = a.x + m0 * K;
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 32) {
@@ -98,13 +111,14 @@ inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
       const __m512 wlo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
       const __m512 whi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
       for (int m = 0; m < MT; ++m) {
-        acc[r][m] = _mm512_fmadd_ps(wlo, xlo[m], acc[r][m]);
-        acc[r][m] = _mm512_fmadd_ps(whi, xhi[m], acc[r][m]);
+        acc[r][m][0] = _mm512_fmadd_ps(wlo, xlo[m], acc[r][m][0]);
+        acc[r][m][1] = _mm512_fmadd_ps(whi, xhi[m], acc[r][m][1]);
       }
     }
   }
   for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]);
+    for (int m = 0; m < MT; ++m)
+      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(_mm512_add_ps(acc[r][m][0], acc[r][m][1]));
 }
 
 template <int WT>
