@@ -64,7 +64,8 @@ class FloatLinear(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _widened_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype, the weight widened kernels.gemm_chunk_rows at a time (bf16 storage, fp32 x)."""
+        """x [M, K] -> [M, N] in x's dtype, the weight widened whole or kernels.gemm_chunk_rows rows at a time (bf16
+        storage, fp32 x)."""
         rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
         if rows == self.out_features:
             return kernels.gemm(x, self.weight.to(x.dtype))

@@ -44,8 +44,8 @@ class _Ops:
 ops = _Ops()
 
 __all__ = ["HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
-           "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m", "native_bf16", "ops", "quant_isa",
-           "quant_mm"]
+           "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m", "native_bf16",
+           "ops", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",

@@ -95,10 +95,10 @@ def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor, y: torch.
 
 class StreamingLinear(nn.Module):
     """What every weight-only quantized linear run by glm4's kernels shares: y = x @ W.T + bias, small M through
-    the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing kernels.gemm_chunk_rows rows at a time
-    (`_dequantize_rows`, the values of `dequantize()`) into a GEMM in `gemm_dtype` (fp32; bf16 activations stay bf16
-    where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too). Subclasses hold
-    in_features, out_features, bias and their storage."""
+    the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing kernels.gemm_chunk_rows rows at a
+    time (`_dequantize_rows`, the values of `dequantize()`) into a GEMM in `gemm_dtype` (fp32; bf16 activations stay
+    bf16 where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too). Subclasses
+    hold in_features, out_features, bias and their storage."""
 
     gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
 
