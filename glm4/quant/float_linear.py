@@ -64,15 +64,11 @@ class FloatLinear(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _widened_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x [M, K] -> [M, N] in x's dtype, the weight widened whole or kernels.gemm_chunk_rows rows at a time (bf16
-        storage, fp32 x)."""
+        """x [M, K] -> [M, N] in x's dtype, the weight widened to it (bf16 storage, fp32 x) as kernels.dequant_gemm
+        does: whole, or kernels.gemm_chunk_rows rows at a time."""
         rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
-        if rows == self.out_features:
-            return kernels.gemm(x, self.weight.to(x.dtype))
-        y = x.new_empty(x.shape[0], self.out_features)
-        for i in range(0, self.out_features, rows):
-            y[:, i:i + rows] = kernels.gemm(x, self.weight[i:i + rows].to(x.dtype))
-        return y
+        return kernels.dequant_gemm(x, self.out_features, lambda i, w: w.copy_(self.weight[i:i + w.shape[0]]),
+                                    x.new_empty(rows, self.in_features))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -44,8 +44,8 @@ class _Ops:
 ops = _Ops()
 
 __all__ = ["HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
-           "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m", "native_bf16",
-           "ops", "quant_isa", "quant_mm"]
+           "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m",
+           "native_bf16", "ops", "quant_isa", "quant_mm"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -232,6 +232,22 @@ def gemm_chunk_rows(out_features: int, in_features: int) -> int:
     if out_features * in_features <= _GEMM_WHOLE:
         return out_features
     return min(max(16, _GEMM_CHUNK // in_features), out_features)
+
+
+def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W^T -> [M, n_out] for W [n_out, K] widened into `buf` (x's dtype; `gemm_chunk_rows` rows) by
+    fill(row0, w), which writes W's rows row0.. into the view w: all of W at once, one GEMM whose output is the result,
+    or a chunk at a time, each GEMM copied into its columns of the result."""
+    rows = buf.shape[0]
+    if rows >= n_out:
+        fill(0, buf[:n_out])
+        return gemm(x, buf[:n_out])
+    y = x.new_empty(x.shape[0], n_out)
+    for i in range(0, n_out, rows):
+        j = min(i + rows, n_out)
+        fill(i, buf[: j - i])
+        y[:, i:j] = gemm(x, buf[: j - i])
+    return y
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 from . import kernels
 from .fast_linear import QuantizationError, plain_linear
 
-__all__ = ["QuantEmbedding", "QuantLinear", "StreamingLinear", "dequant_gemm", "pack_int4", "pack_int6", "unpack_int4",
+__all__ = ["QuantEmbedding", "QuantLinear", "StreamingLinear", "pack_int4", "pack_int6", "unpack_int4",
            "unpack_int6"]
 
 BITS = (4, 6, 8)
@@ -76,23 +76,6 @@ def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
     return unpack_int4(qweight) if bits == 4 else unpack_int6(qweight) if bits == 6 else qweight
 
 
-def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-    """x [M, K] @ W^T for W [n_out, K], a chunk of W at a time: fill(row0, w) writes W's rows row0.. into the view w
-    of `buf` (x's dtype: fp32, or bf16 rounded as .to(bf16) rounds), one GEMM each, into y [M, n_out] (allocated when
-    None). A buffer holding all of W makes one GEMM whose output is returned as it is (y, if given, then unused)."""
-    rows = buf.shape[0]
-    if rows >= n_out:
-        fill(0, buf[:n_out])
-        return kernels.gemm(x, buf[:n_out])
-    y = x.new_empty(x.shape[0], n_out) if y is None else y
-    for i in range(0, n_out, rows):
-        j = min(i + rows, n_out)
-        w = buf[: j - i]
-        fill(i, w)
-        y[:, i:j] = kernels.gemm(x, w)
-    return y
-
-
 class StreamingLinear(nn.Module):
     """What every weight-only quantized linear run by glm4's kernels shares: y = x @ W.T + bias, small M through
     the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing kernels.gemm_chunk_rows rows at a
@@ -138,7 +121,7 @@ class StreamingLinear(nn.Module):
         rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
         fill = self._dequantize_rows if kernels.has_streaming_kernels() else (
             lambda i, w: w.copy_(self.dequantize(torch.float32, slice(i, i + w.shape[0]))))
-        return dequant_gemm(x, self.out_features, fill, x.new_empty(rows, self.in_features))
+        return kernels.dequant_gemm(x, self.out_features, fill, x.new_empty(rows, self.in_features))
 
 
 class QuantLinear(StreamingLinear):
