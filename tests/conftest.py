@@ -35,6 +35,23 @@ def kernel_activations(mode: str):
         torch.ops.glm4.set_activations(before)
 
 
+def _isas() -> list:
+    """The kernel sets to test: AVX2 wherever the kernels run, AVX-512 VNNI where the CPU has it."""
+    from glm4.quant import kernels
+
+    avx512 = kernels.HAVE_EXT and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= kernels.cpu_features()
+    return ["avx2", pytest.param("avx512_vnni", marks=pytest.mark.skipif(not avx512, reason="the CPU lacks AVX-512 VNNI"))]
+
+
+@pytest.fixture(params=_isas())
+def isa(request):
+    """Runs the test with glm4's kernels of one instruction set (ops.cpp picks per call; set_isa narrows it)."""
+    before = torch.ops.glm4.set_isa(request.param)
+    assert torch.ops.glm4.isa() == request.param
+    yield request.param
+    torch.ops.glm4.set_isa(before)
+
+
 @pytest.fixture
 def exact_activations():
     """glm4's integer kernels with exact activations for the test: by default they take them at int16 precision

@@ -22,21 +22,6 @@ needs_kernels = pytest.mark.skipif(not kernels.has_streaming_kernels(),
                                    reason="glm4.quant._C not built or the CPU lacks AVX2+FMA")
 
 
-def _isas() -> list:
-    """The kernel sets to test: AVX2 wherever the kernels run, AVX-512 VNNI where the CPU has it."""
-    avx512 = kernels.HAVE_EXT and {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"} <= kernels.cpu_features()
-    return ["avx2", pytest.param("avx512_vnni", marks=pytest.mark.skipif(not avx512, reason="the CPU lacks AVX-512 VNNI"))]
-
-
-@pytest.fixture(params=_isas())
-def isa(request):
-    """Runs the test with the kernels of one instruction set (ops.cpp picks per call; set_isa narrows it)."""
-    before = torch.ops.glm4.set_isa(request.param)
-    assert torch.ops.glm4.isa() == request.param
-    yield request.param
-    torch.ops.glm4.set_isa(before)
-
-
 def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
 

@@ -127,7 +127,7 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
     if not isa:
         return ""
     block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
-    int16 = activations() == "int16"
+    int16 = activations() in ("int16", "int8")  # "int8": AVX2's 4- / 6-bit kernels only, the others int16
     if isa == "AVX-512":
         k = in_features or 0
         lanes = (bits == 4 and block == 32 and k % 128 == 0) or (
@@ -136,15 +136,19 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
             return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
         if bits == 8 and group_size % 16 == 0:
             return "AVX-512"
+    if activations() == "int8" and bits in (4, 6) and block:
+        return "AVX2 (int8 activations)"
     return "AVX2 (int16 activations)" if int16 and (bits in (4, 6) or block) else "AVX2"
 
 
 def activations() -> str:
     """How the integer kernels here carry activations: "exact" (two int16 terms a column, ~31 bits: fp32's result;
-    GLM4_ACTIVATIONS=exact) or "int16" (the default: one 16-bit integer a column and an fp32 scale per block, each
+    GLM4_ACTIVATIONS=exact), "int16" (the default: one 16-bit integer a column and an fp32 scale per block, each
     within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x
     (Zen 3), the AVX-512 ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32
-    activations, exact either way)."""
+    activations, exact either way) or "int8" (GLM4_ACTIVATIONS=int8, llama.cpp's precision: one 8-bit integer a
+    column, within 1 / 254 of its block's largest, for AVX2's 4- and 6-bit and q6_K kernels; every other kernel
+    takes int16 then)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 

@@ -24,6 +24,8 @@ struct QuantArgs {
   const int16_t* xq;     // 4-bit path: x [M, K] = xscale * (xq + xq_lo / 65534) per block of xblock columns
   const int16_t* xq_lo;  // nullptr: xq alone, the AVX2 4-bit kernel at int16 precision (x = xscale * xq)
   const int8_t* xq8;     // AVX2 6-bit kernel at int16 precision: [M, K / 64, 2, 64]: xq = 256 a + b, a then b, perm64
+  int xq8_terms;         // 2, or 1 at int8 precision (a only, xscale / 256: b unread)
+  const int8_t* xi8;     // AVX2 4-bit kernel at int8 precision: x [M, K] = xscale * xi8 per block, columns in order
   const float* xscale;  // [M, K/xblock]
   int64_t xblock;     // divides group
   int xperm;          // AVX-512 int16 activations: kOrderPerm128 (4- / 6-bit: xq / xq_lo permuted within each
@@ -111,6 +113,10 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, int order, int16_t*
 // into v (int16, in the ActOrder `order`) and / or bytes (the AVX2 6-bit kernel's a / b terms, QuantArgs.xq8);
 // either may be null
 void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* v, int8_t* bytes, float* scale);
+
+// x [total] in blocks of B -> x ~ scale[b] * v per block, scale = amax / 127, v int8 rounded to nearest even (fp32),
+// columns in order (llama.cpp's q8_0 / q8_K precision)
+void act_int8_avx2(const float* x, int64_t total, int64_t B, int8_t* v, float* scale);
 
 // rows [n0, n1) of y; quant_rows_avx512 needs xq (int16 activations) with xblock a multiple of 64, or 8-bit
 // codes in groups of 16k columns (fp32 activations)

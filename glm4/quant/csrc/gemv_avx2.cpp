@@ -251,7 +251,18 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
 //  - kInt8Pair (6-bit, int16 precision): the same v as two int8 terms, v = 256 a + b (|a| <= 127, -128 <= b <= 127),
 //    64 columns a step (one 48-byte block of codes6.h unpacked in 256-bit registers), in the perm64 column order
 //    (gemv.h); 63 * 32639 * 256 < 2^31. The same integer sums as kHi would give.
-enum ActKind { kHiLo, kHi, kInt8Pair };
+//  - kInt8One (6-bit, int8 precision): kInt8Pair's a terms alone, x = xscale * 256 a (|a| <= 127): half its
+//    vpmaddubsw.
+//  - kI8 (4-bit, int8 precision, llama.cpp's): x = xscale * v, |v| <= 127, columns in order. One 16-byte load
+//    broadcast to both lanes, one 64-bit shift by 0 / 4 and a mask give 32 codes as bytes in column order, and one
+//    vpmaddubsw multiplies them by 32 activations: per 32 codes 4 instructions against kHi's 7. Its int16 pair sums
+//    (<= 2 * 15 * 127) add up over 128 columns (<= 15240) before one vpmaddwd widens them (Zen 3, one thread, int4
+//    g128, alternated with kHi: 1.45x in L2, two threads from memory 1.6x).
+enum ActKind { kHiLo, kHi, kInt8Pair, kI8, kInt8One };
+
+// The 4-bit kernels prefetch 4 tiles of rows ahead, not 1 (Zen 3, two threads from memory, alternated: kHi 1.03 ->
+// 1.08-1.11x, kI8 1.09-1.16 -> 1.27x the session's starting kernel)
+constexpr int64_t kAhead4 = 4;
 
 // sum over columns [b0, b0 + B) of codes * integer activations, as fp32, for RB rows x MT tokens (kHiLo, kHi)
 template <int BITS, int KIND, int RB, int MT>
@@ -283,7 +294,7 @@ inline void block_dot_i16(const QuantArgs& a, int64_t n, int64_t b0, const int16
         whi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
       } else {
         const uint8_t* q = q4[r] + uint64_t(k - b0) / 2;
-        if (k % 128 == 0) prefetch(q, RB * K / 2);
+        if (k % 128 == 0) prefetch(q, kAhead4 * RB * K / 2);
         // the 16 bytes widened once: each int16 holds one byte, its low nibble column k + j, its high k + 16 + j
         const __m256i w16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
         wlo = _mm256_and_si256(w16, nibble16), whi = _mm256_srli_epi16(w16, 4);
@@ -309,8 +320,8 @@ inline void block_dot_i16(const QuantArgs& a, int64_t n, int64_t b0, const int16
 }
 
 // the same for 6-bit codes against two int8 terms (kInt8Pair): x8 holds, per 64 columns, a's 64 bytes then b's, each
-// in the perm64 order, which is the order the 256-bit unpack yields the codes in
-template <int RB, int MT>
+// in the perm64 order, which is the order the 256-bit unpack yields the codes in; TWO false: a's terms only (kInt8One)
+template <int RB, int MT, bool TWO>
 inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const int8_t* x8, __m256 out[RB][MT]) {
   const int64_t K = a.K;
   const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
@@ -337,9 +348,13 @@ inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const in
         // each int16 sum of two maddubs is at most 2 * 2 * 63 * 128 < 32767: exact
         const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
                                             _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
-        const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
-                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
-        p[r][m] = _mm256_add_epi32(p[r][m], _mm256_add_epi32(_mm256_madd_epi16(sa, c256), _mm256_madd_epi16(sb, ones)));
+        if constexpr (TWO) {
+          const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
+                                              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
+          p[r][m] = _mm256_add_epi32(p[r][m], _mm256_add_epi32(_mm256_madd_epi16(sa, c256), _mm256_madd_epi16(sb, ones)));
+        } else {
+          p[r][m] = _mm256_add_epi32(p[r][m], _mm256_madd_epi16(sa, c256));
+        }
       }
     }
   }
@@ -347,10 +362,95 @@ inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const in
     for (int m = 0; m < MT; ++m) out[r][m] = _mm256_cvtepi32_ps(p[r][m]);
 }
 
+// the same for 4-bit codes against int8 activations (kI8), STEPS steps of 32 columns per int16 sum (4: blocks of
+// 128k columns, 1 otherwise); compile-time steps keep the sums in registers
+template <int RB, int MT, int STEPS>
+inline void block_dot_i8(const QuantArgs& a, int64_t n, int64_t b0, const int8_t* x8, __m256 out[RB][MT]) {
+  const int64_t K = a.K;
+  const __m256i low4 = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1), shift = _mm256_setr_epi64x(0, 0, 4, 4);
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) out[r][m] = _mm256_setzero_ps();
+  const uint8_t* q4[RB];
+  for (int r = 0; r < RB; ++r) q4[r] = static_cast<const uint8_t*>(a.q) + (n + r) * (K / 2) + b0 / 2;
+  for (int64_t c0 = 0; c0 < a.xblock; c0 += 32 * STEPS) {
+    __m256i p16[RB][MT];
+    for (int r = 0; r < RB; ++r)
+      for (int m = 0; m < MT; ++m) p16[r][m] = _mm256_setzero_si256();
+    for (int st = 0; st < STEPS; ++st) {
+      const int64_t c = c0 + 32 * st;
+      __m256i xv[MT];
+      for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x8 + m * K + b0 + c));
+      for (int r = 0; r < RB; ++r) {
+        const uint8_t* q = q4[r] + c / 2;
+        if (c % 128 == 0) prefetch(q, kAhead4 * RB * K / 2);
+        // lane 0: the low nibbles (columns c..c+15), lane 1: the high ones (c+16..c+31)
+        const __m256i u = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+        const __m256i w = _mm256_and_si256(_mm256_srlv_epi64(u, shift), low4);
+        for (int m = 0; m < MT; ++m) p16[r][m] = _mm256_add_epi16(p16[r][m], _mm256_maddubs_epi16(w, xv[m]));
+      }
+    }
+    for (int r = 0; r < RB; ++r)  // exact in fp32: a block's sum stays below 256 * 15 * 127 < 2^24
+      for (int m = 0; m < MT; ++m)
+        out[r][m] = _mm256_add_ps(out[r][m], _mm256_cvtepi32_ps(_mm256_madd_epi16(p16[r][m], ones)));
+  }
+}
+
 // y[m, n] = sum_blocks s[n, g] * xscale[m, block] * (block's integer sum)  +  sum_g (mins - zp * s) * xsum[m, g]
+// 8 scales (or mins) of one row from group gi, as fp32
+inline __m256 load_scales8(const void* s, int f16, int64_t i) {
+  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + i)))
+             : _mm256_loadu_ps(static_cast<const float*>(s) + i);
+}
+
+template <int BITS, int KIND, int RB, int MT>
+inline void block_dot(const QuantArgs& a, int64_t n, int64_t b0, int64_t m0, __m256 p[RB][MT]) {
+  const int64_t K = a.K;
+  if constexpr (KIND == kInt8Pair || KIND == kInt8One) block_dot_bytes6<RB, MT, KIND == kInt8Pair>(a, n, b0, a.xq8 + m0 * 2 * K, p);
+  else if constexpr (KIND == kI8) {
+    if (a.xblock % 128 == 0) block_dot_i8<RB, MT, 4>(a, n, b0, a.xi8 + m0 * K, p);
+    else block_dot_i8<RB, MT, 1>(a, n, b0, a.xi8 + m0 * K, p);
+  } else {
+    block_dot_i16<BITS, KIND, RB, MT>(a, n, b0, a.xq + m0 * K, KIND == kHiLo ? a.xq_lo + m0 * K : nullptr, p);
+  }
+}
+
+// q_tile_int for one token where each group is one activation block and the groups come in eights (int4 g128,
+// GGUF q4_0 and kin): per 8 groups one vector load of each row's scales (and mins), one product with the 8
+// activation scales and one FMA of the group terms, instead of per group a scalar scale load, conversion and
+// product and a scalar group term (per 128 codes these were as many instructions as the dot product itself)
+template <int BITS, int KIND, int RB>
+inline void q_tile_int8g(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, g = a.group, G = K / g;
+  __m256 acc[RB][1];  // the group terms go in too: every lane ends in the one sum
+  for (int r = 0; r < RB; ++r) acc[r][0] = _mm256_setzero_ps();
+  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
+  const bool shifted = a.mins || a.zero_point;
+  for (int64_t g8 = 0; g8 < G; g8 += 8) {
+    __m256 ss[RB];  // s[n + r, g8 + j] * xscale[g8 + j] in lane j
+    const __m256 xsc = _mm256_loadu_ps(a.xscale + m0 * G + g8);
+    for (int r = 0; r < RB; ++r) {
+      const __m256 sv = load_scales8(a.scales, a.scale_f16, (n + r) * G + g8);
+      ss[r] = _mm256_mul_ps(sv, xsc);
+      if (shifted) {  // (mins - zero_point * s) * xsum
+        const __m256 mn = a.mins ? load_scales8(a.mins, a.scale_f16, (n + r) * G + g8) : _mm256_setzero_ps();
+        acc[r][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(a.xsum + m0 * G + g8), acc[r][0]);
+      }
+    }
+    for (int j = 0; j < 8; ++j) {
+      __m256 p[RB][1];
+      block_dot<BITS, KIND, RB, 1>(a, n, (g8 + j) * g, m0, p);
+      const __m256i lane = _mm256_set1_epi32(j);
+      for (int r = 0; r < RB; ++r) acc[r][0] = _mm256_fmadd_ps(p[r][0], _mm256_permutevar8x32_ps(ss[r], lane), acc[r][0]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r][0]);
+}
+
 template <int BITS, int KIND, int RB, int MT>
 inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
+  if constexpr (MT == 1)
+    if (B == g && G % 8 == 0) return q_tile_int8g<BITS, KIND, RB>(a, n, m0);
   __m256 acc[RB][MT];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
@@ -368,8 +468,7 @@ inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
       }
     for (int64_t b0 = gi * g, bi = gi * (g / B); b0 < (gi + 1) * g; b0 += B, ++bi) {  // bi: the block b0 / B
       __m256 p[RB][MT];
-      if constexpr (KIND == kInt8Pair) block_dot_bytes6<RB, MT>(a, n, b0, a.xq8 + m0 * 2 * K, p);
-      else block_dot_i16<BITS, KIND, RB, MT>(a, n, b0, a.xq + m0 * K, KIND == kHiLo ? a.xq_lo + m0 * K : nullptr, p);
+      block_dot<BITS, KIND, RB, MT>(a, n, b0, m0, p);
       for (int r = 0; r < RB; ++r)
         for (int m = 0; m < MT; ++m)
           acc[r][m] = _mm256_fmadd_ps(p[r][m], _mm256_set1_ps(s[r] * xsc[m * NB + bi]), acc[r][m]);
@@ -415,9 +514,11 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 // compute-bound on Zen 3), but 1 for 8-bit codes against int16 activations, which outrun the memory there and read
 // it faster as one stream a thread (Zen 3, the 400M model's int8 linears from memory: 10.6 -> 13.5-15.9 GB/s)
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
+  if (a.bits == 4 && a.xi8) tile_rows<IntTile<4, kI8>, 2>(a, n0, n1);  // 2 rows a tile: 1.1x 4 (one thread)
+  else if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
   else if (a.bits == 4 && a.xq) tile_rows<IntTile<4, kHi>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8 && a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>>(a, n0, n1);
   else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>>(a, n0, n1);
   else if (a.bits == 6 && a.xq) tile_rows<IntTile<6, kHiLo>>(a, n0, n1);
   else if (a.bits == 6) tile_rows<QuantTile<6>>(a, n0, n1);

@@ -33,6 +33,8 @@ struct KQuantArgs {
   const uint8_t* blocks;  // [N, K / 256 * block bytes]
   const int16_t* xq;      // [M, K]: x = xscale * (xq + xq_lo / 65534) per 256 columns, in the kernel's ActOrder
   const int16_t* xq_lo;   // nullptr: int16 precision (x = xscale * xq)
+  const int8_t* x8;       // AVX2 q6_K at int8 precision: x = xscale * x8 per 256 columns, in order (xq unused)
+  const int16_t* x8sum;   // [M, K / 16]: the sums of x8 per group of 16 (its - 32 term, in integers)
   const float* xscale;    // [M, K / 256]
   const float* xsum;      // [M, K / group]: sum of x per group (q6_K's - 32, q4_K's mins)
   float* y;               // [M, N]
@@ -41,6 +43,7 @@ struct KQuantArgs {
 
 bool avx512_kernels();            // ops.cpp: the AVX-512 set runs (the CPU has it and set_isa allows it)
 bool exact_kernel_activations();  // ops.cpp: activations() is "exact"
+bool int8_kernel_activations();   // ops.cpp: activations() is "int8"
 
 // The activation order a kernel reads (gemv.h ActOrder): AVX-512 q6_K lanes8, q4_K / q5_K q4k128; AVX2 lanes16
 int kquant_order(int type, bool avx512);
@@ -54,7 +57,8 @@ void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 
 // The activations of M rows as the K-quant kernels of one type read them (int16 per 256 columns in the kernel's
-// order, the exact low terms when activations() is "exact", the sums per scale group), computed once for every
+// order, the exact low terms when activations() is "exact", int8 for AVX2's q6_K when it is "int8", the sums per
+// scale group), computed once for every
 // weight they meet: kquant_mm's one weight, or every busy expert of expert_mm (rows row0.. of them).
 class KQuantActs {
  public:
@@ -64,9 +68,11 @@ class KQuantActs {
 
  private:
   int64_t K_, group_;
-  bool exact_;
+  bool exact_, int8_;
   void (*rows_)(const KQuantArgs&, int64_t, int64_t);
   std::vector<int16_t> hi_, lo_;
+  std::vector<int8_t> i8_;
+  std::vector<int16_t> i8sum_;
   std::vector<float> scale_, xsum_;
 };
 

@@ -53,29 +53,37 @@ std::string set_isa(const std::string& name) {
 // The integer kernels take activations at int16 precision (one 16-bit integer per column and a scale per block):
 // the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
 // (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
-// them two int16 terms, ~31 bits: fp32's result.
-std::atomic<bool> exact_act{[] {
+// them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4-bit and q6_K
+// kernels one 8-bit integer a column, llama.cpp's precision (vpmaddubsw: 1.6x / 1.1-1.3x the int16 kernels' speed,
+// one thread, Zen 3), the other kernels int16.
+enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2 };
+const char* const kActNames[] = {"int16", "exact", "int8"};
+
+std::atomic<int> act_mode{[] {
   const char* env = std::getenv("GLM4_ACTIVATIONS");
-  return env && std::string(env) == "exact";
+  const std::string e = env ? env : "";
+  return e == "exact" ? kActExact : e == "int8" ? kActInt8 : kActInt16;
 }()};
 
-bool exact_activations() { return exact_act.load(std::memory_order_relaxed); }
+bool exact_activations() { return act_mode.load(std::memory_order_relaxed) == kActExact; }
+bool int8_activations() { return act_mode.load(std::memory_order_relaxed) == kActInt8; }
 
-std::string activations() { return exact_activations() ? "exact" : "int16"; }
+std::string activations() { return kActNames[act_mode.load(std::memory_order_relaxed)]; }
 }  // namespace
 
 namespace glm4k {  // for the other op files (fused_ops.cpp, kquant_ops.cpp)
 bool avx512_kernels() { return use_avx512(); }
 bool exact_kernel_activations() { return exact_activations(); }
+bool int8_kernel_activations() { return int8_activations(); }
 }  // namespace glm4k
 
 namespace {
 
-// "exact" or "int16": the integer kernels' activations from now on; returns what ran before
+// "exact", "int16" or "int8": the integer kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
-  TORCH_CHECK(name == "exact" || name == "int16", "set_activations: exact or int16, not ", name);
-  const std::string before = exact_activations() ? "exact" : "int16";
-  exact_act = name == "exact";
+  TORCH_CHECK(name == "exact" || name == "int16" || name == "int8", "set_activations: exact, int16 or int8, not ", name);
+  const std::string before = activations();
+  act_mode = name == "exact" ? kActExact : name == "int8" ? kActInt8 : kActInt16;
   return before;
 }
 
@@ -88,7 +96,7 @@ void dense_rows(const glm4k::DenseArgs& a, int64_t n0, int64_t n1) {
 void quant_rows(const glm4k::QuantArgs& a, int64_t n0, int64_t n1) {
   // AVX-512: int16 activations in blocks of 64k columns, or 8-bit codes in groups of 16k against fp32 ones;
   // int8 terms (xq8) are the AVX2 6-bit kernel's
-  if (!a.xq8 && (a.xperm || (use_avx512() && (a.xq ? a.xblock % 64 == 0 : a.bits == 4 || a.group % 16 == 0))))
+  if (!a.xq8 && !a.xi8 && (a.xperm || (use_avx512() && (a.xq ? a.xblock % 64 == 0 : a.bits == 4 || a.group % 16 == 0))))
     glm4k::quant_rows_avx512(a, n0, n1);
   else glm4k::quant_rows_avx2(a, n0, n1);
 }
@@ -175,6 +183,8 @@ struct ActPrep {
   std::vector<float> xsum;  // [M, G]
   std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534); lo empty at int16 precision
   std::vector<int8_t> bytes;    // [M, 2K]: the AVX2 6-bit kernel's int8 terms at int16 precision (QuantArgs.xq8)
+  std::vector<int8_t> i8;       // [M, K]: the AVX2 4-bit kernel's int8 activations (QuantArgs.xi8)
+  int bytes_terms = 2;          // 1: `bytes` holds the 6-bit kernel's a terms only (int8 precision)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
   int order = glm4k::kOrderColumns;  // hi / lo in an AVX-512 kernel's column order (glm4k::ActOrder)
@@ -201,6 +211,27 @@ struct ActPrep {
     // fp32 FMA kernel, which two int16 terms do not beat
     if (bits == 8 && (use_avx512() ? B % 64 != 0 : exact_activations())) B = 0;
     if (!B) return;
+    if (int8_activations() && (bits == 4 || bits == 6) && !use_avx512()) {  // llama.cpp's precision
+      if (bits == 6) B = act_block(group, 64);  // the 6-bit kernel's blocks
+      i8.resize(M * K), scale.resize(M * K / B);
+      glm4k::act_int8_avx2(x, M * K, B, i8.data(), scale.data());
+      for (int64_t i = 0; i < M * (K / group); ++i) {  // the group sums of what the kernel sees
+        float acc = 0.f;
+        for (int64_t b0 = i * group; b0 < (i + 1) * group; b0 += B) {
+          int32_t t = 0;
+          for (int64_t k = 0; k < B; ++k) t += i8[b0 + k];
+          acc += scale[b0 / B] * float(t);
+        }
+        xsum[i] = acc;
+      }
+      if (bits == 6) {  // as the a terms of QuantArgs.xq8 (perm64 order), x = scale / 256 * (256 a)
+        bytes.resize(2 * M * K);
+        for (int64_t c = 0; c < M * K; ++c) bytes[c / 64 * 128 + glm4k::perm64(c % 64)] = i8[c];
+        for (float& s : scale) s /= 256.f;
+        i8.clear(), bytes_terms = 1;
+      }
+      return;
+    }
     // 4-bit on AVX-512: the perm128 kernels for blocks of 128k columns and of 32 (GGUF q4_0 and kin); blocks of
     // 64 (and K not a multiple of 128) stay in column order, where the plain kernel is faster
     // 6-bit: the perm128 kernel for blocks of 128k columns, the plain one otherwise
@@ -228,6 +259,8 @@ struct ActPrep {
     a.xq = B && !hi.empty() ? hi.data() + row0 * K : nullptr;
     a.xq_lo = B && !lo.empty() ? lo.data() + row0 * K : nullptr;
     a.xq8 = B && !bytes.empty() ? bytes.data() + row0 * 2 * K : nullptr;
+    a.xq8_terms = bytes_terms;
+    a.xi8 = B && !i8.empty() ? i8.data() + row0 * K : nullptr;
     a.xscale = B ? scale.data() + row0 * (K / B) : nullptr;
     a.xblock = B;
     a.xperm = order;

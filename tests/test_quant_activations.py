@@ -1,0 +1,141 @@
+"""The integer kernels' activation paths. Activations at int8 precision (GLM4_ACTIVATIONS=int8, llama.cpp's): AVX2's
+4- and 6-bit and q6_K kernels take one 8-bit integer a column and an fp32 scale per block; every other kernel (and
+AVX-512's) takes int16 then. They are checked against a float64 product of the weights with the activations rounded
+as the kernel rounds them, so the only error left is fp32 rounding. And AVX2's one-token tiles for groups that come
+in eights (their scales and group terms eight groups at a time) in every activation mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import kernel_activations
+from test_kernels import _kquant_blocks, needs_kernels, rel_err
+
+from glm4.quant import QuantLinear, kernel_of, kernels
+
+
+def rounded_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x [M, K] as the kernels see it at int8 precision, in float64: per block of `block` columns scale = amax / 127
+    and v = round-half-even(x * (127 / amax)), both in fp32 as act_int8_avx2 computes them; x = scale * v."""
+    xb = x.float().reshape(x.shape[0], -1, block)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros(()))
+    v = torch.round(xb * inv)
+    assert v.abs().max() <= 127
+    return ((amax / 127).double() * v.double()).reshape(x.shape)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (4, 256), (6, 64), (6, 128), (6, 256)])
+@pytest.mark.parametrize("with_mins", [False, True])
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 3, 7, 16])
+def test_int8_activations_4_and_6_bit(bits, group, with_mins, scale_dtype, M, isa):
+    g = torch.Generator().manual_seed(bits + group + M + with_mins)
+    N, K = 70, 512
+    q = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = torch.rand(N, K // group, generator=g).to(scale_dtype)
+    mins = torch.randn(N, K // group, generator=g).to(scale_dtype) if with_mins else None
+    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=1 << (bits - 1))
+    w = lin.dequantize(torch.float64)
+    x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 4  # uneven magnitudes across blocks
+    with kernel_activations("int8"):
+        assert torch.ops.glm4.activations() == "int8"
+        y = kernels.quant_mm(x, lin)
+        label = kernels.quant_isa(bits, group, K)
+        # the MoE dispatch of quantized experts prepares the same activations: an expert's rows equal quant_mm's
+        ye = torch.ops.glm4.expert_mm(x, torch.tensor([0, M]), torch.stack([lin.qweight.flip(0), lin.qweight]),
+                                      torch.stack([lin.scales, lin.scales]),
+                                      None if mins is None else torch.stack([lin.mins, lin.mins]), bits, group,
+                                      lin.zero_point)
+    assert torch.equal(ye, y)
+    with kernel_activations("int16"):
+        y16 = kernels.quant_mm(x, lin)
+    if isa != "avx2":  # AVX-512 keeps its int16 kernels in int8 mode
+        assert torch.equal(y, y16) and "int8" not in label
+        return
+    assert label == "AVX2 (int8 activations)"
+    step = 64 if bits == 6 else 32  # the 6-bit kernel's blocks are of 64k columns
+    block = next(b for b in range(256, step - 1, -step) if group % b == 0)
+    ref = rounded_int8(x, block) @ w.T
+    assert rel_err(y, ref) < 1e-5  # the integer sums are exact: fp32 rounding only
+    assert rel_err(y, x.double() @ w.T) > 1e-4  # 8-bit activations, not the int16 kernel's
+
+
+@needs_kernels
+@pytest.mark.parametrize("ggml_type", [12, 13, 14], ids=["q4_K", "q5_K", "q6_K"])
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("K", [256, 768])
+def test_int8_activations_kquant(ggml_type, M, K, isa):
+    gguf_quants = pytest.importorskip("gguf.quants")
+    from glm4.quant import KQuantLinear
+
+    N = 70
+    lin = KQuantLinear(K, N, ggml_type)
+    lin.blocks = _kquant_blocks(ggml_type, N, K, seed=K + M + 1)
+    w = torch.from_numpy(gguf_quants.dequantize(lin.blocks.numpy(), ggml_type)).double()
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
+    with kernel_activations("int8"), torch.no_grad():
+        y = lin(x)
+        label = kernel_of(lin)
+    with kernel_activations("int16"), torch.no_grad():
+        y16 = lin(x)
+    assert ("int8 activations" in label) == (isa == "avx2" and ggml_type == 14), label
+    if isa != "avx2" or ggml_type != 14:  # AVX2's q6_K only; the rest take int16
+        assert torch.equal(y, y16)
+        return
+    assert rel_err(y, rounded_int8(x, 256) @ w.T) < 1e-5
+    assert rel_err(y, x.double() @ w.T) > 1e-4
+
+
+@needs_kernels
+def test_int8_activations_are_named_and_refused_elsewhere():
+    with kernel_activations("int8"):
+        assert kernels.activations() == "int8"
+        assert torch.ops.glm4.set_activations("int8") == "int8"
+    with pytest.raises(RuntimeError, match="exact, int16 or int8"):
+        torch.ops.glm4.set_activations("int4")
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (6, 64), (6, 128), (8, 32), (8, 128)])
+@pytest.mark.parametrize("mins_dtype", [None, torch.float16, torch.float32])
+@pytest.mark.parametrize("M", [1, 5])  # 5: the fifth token takes a one-token tile at m0 = 4
+@pytest.mark.parametrize("mode", ["exact", "int16", "int8"])
+def test_groups_in_eights(bits, group, mins_dtype, M, mode, isa):
+    g = torch.Generator().manual_seed(bits * 1000 + group + M)
+    N, K = 38, 1024  # K / group = 32, 16 or 8 groups: the eights path; 38 rows: tiles of 4 (or 2) and a remainder
+    scale_dtype = mins_dtype or torch.float16
+    q = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = torch.rand(N, K // group, generator=g).to(scale_dtype)
+    mins = torch.randn(N, K // group, generator=g).to(mins_dtype) if mins_dtype else None
+    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=(1 << bits) // 2 - 1)
+    w = lin.dequantize(torch.float64)
+    x = torch.randn(M, K, generator=g) * torch.rand(1, K, generator=g) * 4
+    with kernel_activations(mode):
+        y = kernels.quant_mm(x, lin)
+    ref = x.double() @ w.T
+    if mode == "exact":
+        assert rel_err(y, ref) < 1e-5
+    elif mode == "int8" and bits < 8 and isa == "avx2":
+        assert rel_err(y, rounded_int8(x, group) @ w.T) < 1e-5
+    else:  # int16 (what int8 mode gives the other kernels): within int16 precision of the exact product
+        step = x.abs().amax(dim=1, keepdim=True).double() / (2 * 32639)
+        assert ((y.double() - ref).abs() <= step @ w.abs().sum(dim=1)[None] + 1e-6 * ref.abs().max()).all()
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group,K", [(4, 32, 128), (4, 128, 256), (6, 64, 128), (6, 896, 896), (8, 32, 128),
+                                          (8, 128, 256)])
+def test_int8_label_names_the_kernels_that_take_them(bits, group, K, isa):
+    # describe() (kernels.quant_isa) says "int8 activations" exactly where int8 mode moves the result off int16 mode's
+    g = torch.Generator().manual_seed(K + group + bits)
+    lin = QuantLinear.from_codes(torch.randint(0, 1 << bits, (32, K), generator=g), torch.rand(32, K // group, generator=g),
+                                 bits=bits, group_size=group, zero_point=1)
+    x = torch.randn(1, K, generator=g)
+    with kernel_activations("int16"):
+        y16 = kernels.quant_mm(x, lin)
+    with kernel_activations("int8"):
+        label = kernels.quant_isa(bits, group, K)
+        moved = not torch.equal(kernels.quant_mm(x, lin), y16)
+    assert ("int8 activations" in label) == moved == (isa == "avx2" and bits < 8), label
