@@ -256,8 +256,8 @@ inline void quant_tile(const QuantArgs& a, int64_t n, int64_t m0) {
 //  - kI8 (4-bit, int8 precision, llama.cpp's): x = xscale * v, |v| <= 127, columns in order. One 16-byte load
 //    broadcast to both lanes, one 64-bit shift by 0 / 4 and a mask give 32 codes as bytes in column order, and one
 //    vpmaddubsw multiplies them by 32 activations: per 32 codes 4 instructions against kHi's 7. Its int16 pair sums
-//    (<= 2 * 15 * 127) add up over 128 columns (<= 15240) before one vpmaddwd widens them (Zen 3, one thread, int4
-//    g128, alternated with kHi: 1.45x in L2, two threads from memory 1.6x).
+//    (<= 2 * 15 * 127) add up over 128 columns (<= 15240) before one vpmaddwd widens them (Zen 3, int4 g128,
+//    alternated with the session's starting kHi: one thread in L2 1.47-1.49x, two threads from memory 1.27x).
 enum ActKind { kHiLo, kHi, kInt8Pair, kI8, kInt8One };
 
 // The 4-bit kernels prefetch 4 tiles of rows ahead, not 1 (Zen 3, two threads from memory, alternated: kHi 1.03 ->
@@ -395,7 +395,6 @@ inline void block_dot_i8(const QuantArgs& a, int64_t n, int64_t b0, const int8_t
   }
 }
 
-// y[m, n] = sum_blocks s[n, g] * xscale[m, block] * (block's integer sum)  +  sum_g (mins - zp * s) * xsum[m, g]
 // 8 scales (or mins) of one row from group gi, as fp32
 inline __m256 load_scales8(const void* s, int f16, int64_t i) {
   return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + i)))
@@ -446,6 +445,7 @@ inline void q_tile_int8g(const QuantArgs& a, int64_t n, int64_t m0) {
   for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r][0]);
 }
 
+// y[m, n] = sum_blocks s[n, g] * xscale[m, block] * (block's integer sum)  +  sum_g (mins - zp * s) * xsum[m, g]
 template <int BITS, int KIND, int RB, int MT>
 inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
@@ -514,7 +514,7 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 // compute-bound on Zen 3), but 1 for 8-bit codes against int16 activations, which outrun the memory there and read
 // it faster as one stream a thread (Zen 3, the 400M model's int8 linears from memory: 10.6 -> 13.5-15.9 GB/s)
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.bits == 4 && a.xi8) tile_rows<IntTile<4, kI8>, 2>(a, n0, n1);  // 2 rows a tile: 1.1x 4 (one thread)
+  if (a.bits == 4 && a.xi8) tile_rows<IntTile<4, kI8>, 2>(a, n0, n1);  // 2 rows a tile (4: 0.56x, harness at -O2)
   else if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
   else if (a.bits == 4 && a.xq) tile_rows<IntTile<4, kHi>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);

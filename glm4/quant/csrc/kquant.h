@@ -58,8 +58,8 @@ void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 
 // The activations of M rows as the K-quant kernels of one type read them (int16 per 256 columns in the kernel's
 // order, the exact low terms when activations() is "exact", int8 for AVX2's q6_K when it is "int8", the sums per
-// scale group), computed once for every
-// weight they meet: kquant_mm's one weight, or every busy expert of expert_mm (rows row0.. of them).
+// scale group), computed once for every weight they meet: kquant_mm's one weight, or every busy expert of
+// expert_mm (rows row0.. of them).
 class KQuantActs {
  public:
   KQuantActs(const float* x, int64_t M, int64_t K, int type);

@@ -53,9 +53,9 @@ std::string set_isa(const std::string& name) {
 // The integer kernels take activations at int16 precision (one 16-bit integer per column and a scale per block):
 // the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
 // (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
-// them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4-bit and q6_K
-// kernels one 8-bit integer a column, llama.cpp's precision (vpmaddubsw: 1.6x / 1.1-1.3x the int16 kernels' speed,
-// one thread, Zen 3), the other kernels int16.
+// them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4- and 6-bit and q6_K
+// kernels one 8-bit integer a column, llama.cpp's precision (Zen 3, one thread, int4 in L2: 1.5x the int16 kernel;
+// q6_K 1.1x), the other kernels int16.
 enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2 };
 const char* const kActNames[] = {"int16", "exact", "int8"};
 
@@ -183,7 +183,7 @@ struct ActPrep {
   std::vector<float> xsum;  // [M, G]
   std::vector<int16_t> hi, lo;  // [M, K]: x = scale * (hi + lo / 65534); lo empty at int16 precision
   std::vector<int8_t> bytes;    // [M, 2K]: the AVX2 6-bit kernel's int8 terms at int16 precision (QuantArgs.xq8)
-  std::vector<int8_t> i8;       // [M, K]: the AVX2 4-bit kernel's int8 activations (QuantArgs.xi8)
+  std::vector<int8_t> i8;       // [M, K]: the AVX2 4-bit kernel's int8 activations (QuantArgs.xi8), columns in order
   int bytes_terms = 2;          // 1: `bytes` holds the 6-bit kernel's a terms only (int8 precision)
   std::vector<float> scale;     // [M, K / B]
   int64_t B = 0;
