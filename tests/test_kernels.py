@@ -145,20 +145,21 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
 @pytest.mark.parametrize("bits,group,K", [(4, 32, 128), (4, 32, 96), (4, 64, 128), (4, 128, 256), (6, 64, 128),
                                           (6, 896, 896), (8, 8, 64), (8, 16, 64), (8, 16, 48), (8, 32, 128),
                                           (8, 96, 192), (8, 128, 256)])
-def test_quant_isa_names_the_kernel_that_runs(bits, group, K, isa):
-    # describe() says which kernels take int16 activations for one token (kernels.quant_isa); they are exactly the
-    # ones whose int16-mode result moves off the exact one (ops.cpp's dispatch, not a copy of it, decides)
+@pytest.mark.parametrize("mode,against", [("int16", "exact"), ("int8", "int16")])
+def test_quant_isa_names_the_kernel_that_runs(bits, group, K, mode, against, isa):
+    # describe() says which kernels take int16 (int8) activations for one token (kernels.quant_isa); they are exactly
+    # the ones whose result in that mode moves off the exact (int16) one: ops.cpp's dispatch, not a copy of it, decides
     g = torch.Generator().manual_seed(K + group)
     lin = QuantLinear.from_codes(torch.randint(0, 1 << bits, (32, K), generator=g), torch.rand(32, K // group, generator=g),
                                  bits=bits, group_size=group, zero_point=1)
     x = torch.randn(1, K, generator=g)
-    with kernel_activations("exact"):
-        exact = kernels.quant_mm(x, lin)
-    with kernel_activations("int16"):
+    with kernel_activations(against):
+        before = kernels.quant_mm(x, lin)
+    with kernel_activations(mode):
         label = kernels.quant_isa(bits, group, K)
-        moved = not torch.equal(kernels.quant_mm(x, lin), exact)
+        moved = not torch.equal(kernels.quant_mm(x, lin), before)
     assert label.startswith("AVX2") or isa == "avx512_vnni"
-    assert ("int16 activations" in label) == moved, label
+    assert (f"{mode} activations" in label) == moved, label
 
 
 @needs_kernels

@@ -123,19 +123,3 @@ def test_groups_in_eights(bits, group, mins_dtype, M, mode, isa):
         step = x.abs().amax(dim=1, keepdim=True).double() / (2 * 32639)
         assert ((y.double() - ref).abs() <= step @ w.abs().sum(dim=1)[None] + 1e-6 * ref.abs().max()).all()
 
-
-@needs_kernels
-@pytest.mark.parametrize("bits,group,K", [(4, 32, 128), (4, 128, 256), (6, 64, 128), (6, 896, 896), (8, 32, 128),
-                                          (8, 128, 256)])
-def test_int8_label_names_the_kernels_that_take_them(bits, group, K, isa):
-    # describe() (kernels.quant_isa) says "int8 activations" exactly where int8 mode moves the result off int16 mode's
-    g = torch.Generator().manual_seed(K + group + bits)
-    lin = QuantLinear.from_codes(torch.randint(0, 1 << bits, (32, K), generator=g), torch.rand(32, K // group, generator=g),
-                                 bits=bits, group_size=group, zero_point=1)
-    x = torch.randn(1, K, generator=g)
-    with kernel_activations("int16"):
-        y16 = kernels.quant_mm(x, lin)
-    with kernel_activations("int8"):
-        label = kernels.quant_isa(bits, group, K)
-        moved = not torch.equal(kernels.quant_mm(x, lin), y16)
-    assert ("int8 activations" in label) == moved == (isa == "avx2" and bits < 8), label
