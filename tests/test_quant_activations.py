@@ -123,3 +123,28 @@ def test_groups_in_eights(bits, group, mins_dtype, M, mode, isa):
         step = x.abs().amax(dim=1, keepdim=True).double() / (2 * 32639)
         assert ((y.double() - ref).abs() <= step @ w.abs().sum(dim=1)[None] + 1e-6 * ref.abs().max()).all()
 
+
+
+def test_engine_activations_argument():
+    """LLM(activations=...) / --activations set the integer kernels' mode process-wide; describe() names it; a
+    value outside exact / int16 / int8 is refused before anything loads."""
+    from test_engine import tiny_model
+
+    from glm4.engine import LLM, SamplingParams
+    from glm4.serve.chat_cli import build_parser
+
+    before = kernels.activations()
+    try:
+        llm = LLM.from_model(tiny_model("glm4"), quantization="int4", activations="int8")
+        out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+        assert len(out[0].outputs[0].token_ids) == 4
+        if kernels.HAVE_EXT:
+            assert kernels.activations() == "int8"
+            assert ("int8 activations" in llm.describe()) == (kernels.dense_isa() == "AVX2")
+            LLM.from_model(tiny_model("glm4"), quantization="int4", activations="int16")
+            assert kernels.activations() == "int16" and "int8 activations" not in llm.describe()
+    finally:
+        kernels.set_activations(before)
+    with pytest.raises(ValueError, match="activations must be"):
+        LLM.from_model(tiny_model("glm4"), quantization="int4", activations="int4")
+    assert build_parser().parse_args(["--activations", "int8"]).activations == "int8"

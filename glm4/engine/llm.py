@@ -251,6 +251,10 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
         quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params, fallbacks=fallbacks)
     if on_cpu:
         _set_quant_gemm(model, args.quant_gemm)
+        if args.activations is not None:
+            from glm4.quant import kernels
+
+            kernels.set_activations(args.activations)
     if compute != p.dtype:
         from glm4.quant import cast_for_compute
 

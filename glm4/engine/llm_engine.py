@@ -55,6 +55,10 @@ class EngineArgs:
     # bf16 (AVX512_BF16 / AMX: ~1.5x prefill), else float32 (exact to the stored weights); "bfloat16" for both widths
     # (glm4.quant.set_gemm_dtype)
     quant_gemm: str = "auto"
+    # activations of glm4's integer CPU kernels, process-wide (torch.ops.glm4.set_activations): None keeps what runs
+    # (GLM4_ACTIVATIONS, else "int16"); "exact", "int16" or "int8" (llama.cpp's precision for AVX2's 4- / 6-bit and
+    # q6_K kernels; glm4.quant.kernels.activations)
+    activations: str | None = None
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)
     fused_ops: bool = True  # CPU: RMSNorm, RoPE and decode attention as one op each (glm4.quant.fused)
@@ -75,6 +79,8 @@ class EngineArgs:
             raise ValueError(f"linear must be 'auto', 'packed' or 'torch', got {args.linear!r}")
         if args.quant_gemm not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"quant_gemm must be 'auto', 'float32' or 'bfloat16', got {args.quant_gemm!r}")
+        if args.activations not in (None, "exact", "int16", "int8"):
+            raise ValueError(f"activations must be None, 'exact', 'int16' or 'int8', got {args.activations!r}")
         if args.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {args.kv_cache_dtype!r}")

@@ -45,7 +45,7 @@ ops = _Ops()
 
 __all__ = ["HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
            "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m",
-           "native_bf16", "ops", "quant_isa", "quant_mm"]
+           "native_bf16", "ops", "quant_isa", "quant_mm", "set_activations"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
@@ -150,6 +150,14 @@ def activations() -> str:
     column, within 1 / 254 of its block's largest, for AVX2's 4- and 6-bit and q6_K kernels; every other kernel
     takes int16 then)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
+
+
+def set_activations(mode: str) -> str:
+    """The integer kernels' activations from now on, process-wide ("exact", "int16" or "int8", as activations()
+    describes them); returns what ran before. Without the extension there are no integer kernels: "exact" stays."""
+    if mode not in ("exact", "int16", "int8"):
+        raise ValueError(f"activations must be 'exact', 'int16' or 'int8', got {mode!r}")
+    return torch.ops.glm4.set_activations(mode) if HAVE_EXT else "exact"
 
 
 @functools.cache

@@ -343,6 +343,9 @@ def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
     ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="prefill GEMM of quantized weights: auto = bf16 for int4 / int6 on CPUs with native bf16 "
                          "(~1.5x), float32 = exact to the stored weights")
+    ap.add_argument("--activations", default=None, choices=["exact", "int16", "int8"],
+                    help="activations of the integer CPU kernels: int16 (the default), int8 = llama.cpp's precision "
+                         "for AVX2's 4- / 6-bit and q6_K kernels (faster decode), exact = fp32's result")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
@@ -368,7 +371,7 @@ def build_session(args: argparse.Namespace, tools: list[dict] | None = None) -> 
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("kv_cache_dtype", args.kv_cache_dtype),
                                      ("quantization", args.quantization), ("quant_gemm", args.quant_gemm),
-                                     ("lora", lora or None)) if v is not None}
+                                     ("activations", args.activations), ("lora", lora or None)) if v is not None}
     llm = LLM(model, **engine_args)
     from glm4.engine.chat import chat_layer_for
 

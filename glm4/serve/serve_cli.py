@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="prefill GEMM of quantized weights: auto = bf16 for int4 / int6 on CPUs with native bf16 "
                          "(~1.5x), float32 = exact to the stored weights")
+    ap.add_argument("--activations", default=None, choices=["exact", "int16", "int8"],
+                    help="activations of the integer CPU kernels: int16 (the default), int8 = llama.cpp's precision "
+                         "for AVX2's 4- / 6-bit and q6_K kernels (faster decode), exact = fp32's result")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")
@@ -129,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     engine_args = {k: v for k, v in (("max_model_len", args.max_model_len), ("device", args.device),
                                      ("dtype", args.dtype), ("num_threads", threads),
                                      ("kv_cache_dtype", args.kv_cache_dtype), ("quantization", args.quantization),
-                                     ("quant_gemm", args.quant_gemm), ("lora", lora or None),
+                                     ("quant_gemm", args.quant_gemm), ("activations", args.activations),
+                                     ("lora", lora or None),
                                      ("max_encoder_mb", args.max_encoder_mb))
                    if v is not None}
     companion = None
