@@ -1,5 +1,5 @@
 """The integer kernels' activation paths. Activations at int8 precision (GLM4_ACTIVATIONS=int8, llama.cpp's): AVX2's
-4- and 6-bit and q6_K kernels take one 8-bit integer a column and an fp32 scale per block; every other kernel (and
+4- and 6-bit and K-quant kernels take one 8-bit integer a column and an fp32 scale per block; every other kernel (and
 AVX-512's) takes int16 then. They are checked against a float64 product of the weights with the activations rounded
 as the kernel rounds them, so the only error left is fp32 rounding. And AVX2's one-token tiles for groups that come
 in eights (their scales and group terms eight groups at a time) in every activation mode."""
@@ -11,7 +11,8 @@ import torch
 from conftest import kernel_activations
 from test_kernels import _kquant_blocks, needs_kernels, rel_err
 
-from glm4.quant import QuantLinear, kernel_of, kernels
+from glm4.quant import QuantLinear, describe_linears, kernel_of, kernels
+from glm4.quant.experts import ExpertPack, StreamExperts
 
 
 def rounded_int8(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -80,11 +81,17 @@ def test_int8_activations_kquant(ggml_type, M, K, isa):
         label = kernel_of(lin)
     with kernel_activations("int16"), torch.no_grad():
         y16 = lin(x)
-    assert ("int8 activations" in label) == (isa == "avx2" and ggml_type == 14), label
-    if isa != "avx2" or ggml_type != 14:  # AVX2's q6_K only; the rest take int16
+    assert ("int8 activations" in label) == (isa == "avx2"), label
+    # MoE experts of these blocks say the same in describe()
+    packs = [ExpertPack(blocks=torch.stack([_kquant_blocks(ggml_type, n, k, seed=e) for e in range(2)]), ggml_type=ggml_type)
+             for n, k in ((512, 256), (256, 256))]
+    with kernel_activations("int8"):
+        (kind, _, desc), = describe_linears(torch.nn.ModuleDict({"experts": StreamExperts(*packs)}))
+    assert kind == "experts" and ("int8 activations" in desc) == (isa == "avx2"), desc
+    if isa != "avx2":  # AVX-512 takes int16
         assert torch.equal(y, y16)
         return
-    assert rel_err(y, rounded_int8(x, 256) @ w.T) < 1e-5
+    assert rel_err(y, rounded_int8(x, 256) @ w.T) < 1e-5  # q4_K / q5_K: the mins too
     assert rel_err(y, x.double() @ w.T) > 1e-4
 
 

@@ -57,7 +57,7 @@ class EngineArgs:
     quant_gemm: str = "auto"
     # activations of glm4's integer CPU kernels, process-wide (torch.ops.glm4.set_activations): None keeps what runs
     # (GLM4_ACTIVATIONS, else "int16"); "exact", "int16" or "int8" (llama.cpp's precision for AVX2's 4- / 6-bit and
-    # q6_K kernels; glm4.quant.kernels.activations)
+    # K-quant kernels; glm4.quant.kernels.activations)
     activations: str | None = None
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)

@@ -300,10 +300,10 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
     return n
 
 
-def _kquant_isa(ggml_type: int) -> str:
+def _kquant_isa() -> str:
     isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
-    mode = kernels.activations()  # every M it runs; int8 for AVX2's q6_K only (the others take int16 then)
-    if mode == "int8" and not (isa == "AVX2" and ggml_type == 14):
+    mode = kernels.activations()  # every M it runs; int8 on AVX2 only (AVX-512 takes int16 then)
+    if mode == "int8" and isa != "AVX2":
         mode = "int16"
     return isa + (f" ({mode} activations)" if mode != "exact" else "")
 
@@ -317,7 +317,7 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {_kquant_isa(m.ggml_type)} kquant_mm (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {_kquant_isa()} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):

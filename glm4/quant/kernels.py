@@ -147,7 +147,7 @@ def activations() -> str:
     within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x
     (Zen 3), the AVX-512 ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32
     activations, exact either way) or "int8" (GLM4_ACTIVATIONS=int8, llama.cpp's precision: one 8-bit integer a
-    column, within 1 / 254 of its block's largest, for AVX2's 4- and 6-bit and q6_K kernels; every other kernel
+    column, within 1 / 254 of its block's largest, for AVX2's 4- and 6-bit and K-quant kernels; every other kernel
     takes int16 then)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 

@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                          "(~1.5x), float32 = exact to the stored weights")
     ap.add_argument("--activations", default=None, choices=["exact", "int16", "int8"],
                     help="activations of the integer CPU kernels: int16 (the default), int8 = llama.cpp's precision "
-                         "for AVX2's 4- / 6-bit and q6_K kernels (faster decode), exact = fp32's result")
+                         "for AVX2's 4- / 6-bit and K-quant kernels (faster decode), exact = fp32's result")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")

@@ -33,8 +33,8 @@ struct KQuantArgs {
   const uint8_t* blocks;  // [N, K / 256 * block bytes]
   const int16_t* xq;      // [M, K]: x = xscale * (xq + xq_lo / 65534) per 256 columns, in the kernel's ActOrder
   const int16_t* xq_lo;   // nullptr: int16 precision (x = xscale * xq)
-  const int8_t* x8;       // AVX2 q6_K at int8 precision: x = xscale * x8 per 256 columns, in order (xq unused)
-  const int16_t* x8sum;   // [M, K / 16]: the sums of x8 per group of 16 (its - 32 term, in integers)
+  const int8_t* x8;       // AVX2 at int8 precision: x = xscale * x8 per 256 columns, in order (xq unused)
+  const int16_t* x8sum;   // [M, K / group]: the sums of x8 per scale group (q6_K's - 32, q4_K's mins, in integers)
   const float* xscale;    // [M, K / 256]
   const float* xsum;      // [M, K / group]: sum of x per group (q6_K's - 32, q4_K's mins)
   float* y;               // [M, N]
@@ -57,7 +57,7 @@ void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 
 // The activations of M rows as the K-quant kernels of one type read them (int16 per 256 columns in the kernel's
-// order, the exact low terms when activations() is "exact", int8 for AVX2's q6_K when it is "int8", the sums per
+// order, the exact low terms when activations() is "exact", int8 on AVX2 when it is "int8", the sums per
 // scale group), computed once for every weight they meet: kquant_mm's one weight, or every busy expert of
 // expert_mm (rows row0.. of them).
 class KQuantActs {

@@ -196,6 +196,65 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]) - hsum(corr[r][m]);
 }
 
+// q4_K / q5_K against int8 activations (llama.cpp's q8_K precision, x = xscale * x8 per 256 columns, in order): each
+// 32-byte load of nibbles is groups 2 i (low) and 2 i + 1 (high) as bytes in column order, one vpmaddubsw each
+// (pair sums <= 2 * 31 * 127), weighed by the group's 6-bit scale in vpmaddwd; the mins in integers as well,
+// m . (x8's sums per group of 32), one vpmaddwd of 8 groups a super-block.
+template <bool Q5, int RB, int MT>
+inline void q4k_tile_i8(const KQuantArgs& a, int64_t n, int64_t m0) {
+  constexpr int64_t kBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;
+  const int64_t K = a.K, row_bytes = K / 256 * kBytes, NB = K / 256, G = K / 32;
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  __m256 acc[RB][MT];
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) acc[r][m] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < NB; ++sb) {
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
+      _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
+      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + RB * row_bytes), _MM_HINT_T0);
+      const __m128i sm = q4k_scale_min(b + 4);  // bytes 0..7 sc, 8..15 m
+      const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  // sc[0..7] as int16, both lanes
+      const __m128i m16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
+      const __m256i qh = Q5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
+      __m256i is[MT];
+      for (int m = 0; m < MT; ++m) is[m] = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {
+        const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + kQs + 32 * i));
+        __m256i regs[2] = {_mm256_and_si256(q, low4), _mm256_and_si256(_mm256_srli_epi16(q, 4), low4)};
+        if constexpr (Q5)
+          for (int j = 0; j < 2; ++j) regs[j] = _mm256_or_si256(regs[j], fifth_bit(qh, 2 * i + j));
+        for (int j = 0; j < 2; ++j) {  // group 2 i + j: its scale as int16 in every lane
+          const int g = 2 * i + j;
+          const __m256i sc = _mm256_shuffle_epi8(sc16, _mm256_set1_epi16(int16_t((2 * g + 1) << 8 | 2 * g)));
+          for (int m = 0; m < MT; ++m) {
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.x8 + (m0 + m) * K + sb * 256 + 32 * g));
+            is[m] = _mm256_add_epi32(is[m], _mm256_madd_epi16(_mm256_maddubs_epi16(regs[j], xv), sc));
+          }
+        }
+      }
+      const float d = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b)), dmin = _cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 2));
+      for (int m = 0; m < MT; ++m) {
+        const float xs = a.xscale[(m0 + m) * NB + sb];
+        const __m128i mins = _mm_madd_epi16(m16, _mm_loadu_si128(reinterpret_cast<const __m128i*>(a.x8sum + (m0 + m) * G + sb * 8)));
+        acc[r][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is[m]), _mm256_set1_ps(d * xs), acc[r][m]);
+        const __m256i mins8 = _mm256_inserti128_si256(_mm256_setzero_si256(), mins, 0);  // upper lanes zero
+        acc[r][m] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(mins8), _mm256_set1_ps(dmin * xs), acc[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r)
+    for (int m = 0; m < MT; ++m) a.y[(m0 + m) * a.N + n + r] = hsum(acc[r][m]);
+}
+
+template <bool Q5>
+struct Q45KTileI8 {
+  template <int RB, int MT>
+  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q4k_tile_i8<Q5, RB, MT>(a, n, m0); }
+};
+
 template <bool Q5, bool LO>
 struct Q45KTile {
   template <int RB, int MT>
@@ -224,9 +283,15 @@ void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
   else tile_rows_lo<Q6KTile, 1>(a, n0, n1);
 }
 
-void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q4KTile>(a, n0, n1); }
+void q4k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.x8) tile_rows<Q45KTileI8<false>>(a, n0, n1);
+  else tile_rows_lo<Q4KTile>(a, n0, n1);
+}
 
-void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
+void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.x8) tile_rows<Q45KTileI8<true>>(a, n0, n1);
+  else tile_rows_lo<Q5KTile>(a, n0, n1);
+}
 
 // w = s * (q - 32) (q6_K), w = s * q - dmin m (q4_K, q5_K), each product and difference rounded on its own as gguf-py's
 // numpy does: no FMA contraction in this function (GCC's intrinsics are vector arithmetic it would contract)

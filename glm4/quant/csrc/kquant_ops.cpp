@@ -37,18 +37,18 @@ int kquant_order(int type, bool avx512) {
 KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type)
     : K_(K), group_(kquant_group(type)), exact_(exact_kernel_activations()) {
   const bool wide = avx512_kernels();
-  int8_ = int8_kernel_activations() && !wide && type == kQ6K;  // llama.cpp's precision (q8_K)
+  int8_ = int8_kernel_activations() && !wide;  // llama.cpp's precision (q8_K)
   rows_ = wide ? (type == kQ6K ? q6k_rows_avx512 : type == kQ5K ? q5k_rows_avx512 : q4k_rows_avx512)
                : (type == kQ6K ? q6k_rows_avx2 : type == kQ5K ? q5k_rows_avx2 : q4k_rows_avx2);
   const int order = kquant_order(type, wide);
   scale_.resize(M * K / 256), xsum_.resize(M * K / group_);
-  if (int8_) {  // the sums per group of 16 of what the kernel sees, as integers
-    i8_.resize(M * K), i8sum_.resize(M * K / 16);
+  if (int8_) {  // the sums per scale group (16 or 32 columns) of what the kernel sees, as integers
+    i8_.resize(M * K), i8sum_.resize(M * K / group_);
     act_int8_avx2(x, M * K, 256, i8_.data(), scale_.data());
-    for (int64_t g = 0; g < M * K / 16; ++g) {
+    for (int64_t g = 0; g < M * K / group_; ++g) {
       int32_t t = 0;
-      for (int64_t j = 0; j < 16; ++j) t += i8_[g * 16 + j];
-      i8sum_[g] = int16_t(t);  // |t| <= 16 * 127
+      for (int64_t j = 0; j < group_; ++j) t += i8_[g * group_ + j];
+      i8sum_[g] = int16_t(t);  // |t| <= 32 * 127
     }
     return;
   }
@@ -65,7 +65,7 @@ KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type)
 void KQuantActs::rows(const uint8_t* blocks, int64_t row0, int64_t M, float* y, int64_t N, int64_t n0,
                       int64_t n1) const {
   const KQuantArgs a{blocks, int8_ ? nullptr : hi_.data() + row0 * K_, exact_ ? lo_.data() + row0 * K_ : nullptr,
-                     int8_ ? i8_.data() + row0 * K_ : nullptr, int8_ ? i8sum_.data() + row0 * (K_ / 16) : nullptr,
+                     int8_ ? i8_.data() + row0 * K_ : nullptr, int8_ ? i8sum_.data() + row0 * (K_ / group_) : nullptr,
                      scale_.data() + row0 * (K_ / 256),
                      xsum_.data() + row0 * (K_ / group_), y, M, N, K_};
   rows_(a, n0, n1);
@@ -74,8 +74,8 @@ void KQuantActs::rows(const uint8_t* blocks, int64_t row0, int64_t M, float* y, 
 
 namespace {
 
-// x [..., K] fp32 -> [..., N]: activations per 256 columns at int16 precision (one term), exact (two) or, for
-// AVX2's q6_K, int8, as the other integer kernels take them (activations())
+// x [..., K] fp32 -> [..., N]: activations per 256 columns at int16 precision (one term), exact (two) or, on AVX2,
+// int8, as the other integer kernels take them (activations())
 at::Tensor kquant_mm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t K, int64_t type) {
   check_blocks(blocks, type, K, "kquant_mm");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K && x_in.scalar_type() == at::kFloat,

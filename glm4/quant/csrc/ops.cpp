@@ -53,7 +53,7 @@ std::string set_isa(const std::string& name) {
 // The integer kernels take activations at int16 precision (one 16-bit integer per column and a scale per block):
 // the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
 // (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
-// them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4- and 6-bit and q6_K
+// them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4- and 6-bit and K-quant
 // kernels one 8-bit integer a column, llama.cpp's precision (Zen 3, one thread, int4 in L2: 1.5x the int16 kernel;
 // q6_K 1.1x), the other kernels int16.
 enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2 };
