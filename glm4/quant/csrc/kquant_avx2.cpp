@@ -96,8 +96,8 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
 // multiplies a register of 32 codes (0..63) by 32 activations with no unpacking (pair sums <= 2 * 63 * 127 fit int16)
 // and vpmaddwd weighs each pair sum by its group's int8 scale, both groups of the register at once (lane 0: sc[2 t],
 // lane 1: sc[2 t + 1]). The - 32 goes in as integers too: 32 * sc . (x8's sums per group), one vpmaddwd a
-// super-block. Its int32 sums (<= 256 * 64 * 127 * 128 < 2^31) become fp32 once. 1.1-1.2x the int16 tile (Zen 3,
-// one thread, alternated; in L2 and from memory).
+// super-block. Its int32 sums (<= 256 * 64 * 127 * 128 < 2^31) become fp32 once. 1.10-1.13x the int16 tile (Zen 3,
+// alternated in one process: one thread in L2, two from memory; before the integer - 32).
 template <int RB, int MT>
 inline void q6k_tile_i8(const KQuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16;
