@@ -146,6 +146,13 @@ inline __m256i fifth_bit(__m256i qh, int g) {
   return _mm256_and_si256(v, _mm256_set1_epi8(0x10));
 }
 
+// the cache lines of the q4_K / q5_K block at b (the same block RB rows on: the next tile's)
+template <bool Q5>
+inline void prefetch_q45k(const uint8_t* b) {
+  for (int64_t off : {0, 64, 128}) _mm_prefetch(reinterpret_cast<const char*>(b + off), _MM_HINT_T0);
+  if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + 175), _MM_HINT_T0);
+}
+
 // Q5: q5_K (the 5th bits from qh), else q4_K
 template <bool Q5, bool LO, int RB, int MT>
 inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
@@ -160,10 +167,7 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
       const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
-      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + RB * row_bytes), _MM_HINT_T0);
+      prefetch_q45k<Q5>(b + RB * row_bytes);
       const __m256i qh = Q5 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16)) : _mm256_setzero_si256();
       const __m256 s8 = q4k_scales(b, false), m8 = q4k_scales(b, true);
       for (int m = 0; m < MT; ++m) {
@@ -211,10 +215,7 @@ inline void q4k_tile_i8(const KQuantArgs& a, int64_t n, int64_t m0) {
   for (int64_t sb = 0; sb < NB; ++sb) {
     for (int r = 0; r < RB; ++r) {
       const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(b + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + RB * row_bytes), _MM_HINT_T0);
-      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + RB * row_bytes), _MM_HINT_T0);
+      prefetch_q45k<Q5>(b + RB * row_bytes);
       const __m128i sm = q4k_scale_min(b + 4);  // bytes 0..7 sc, 8..15 m
       const __m256i sc16 = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(sm));  // sc[0..7] as int16, both lanes
       const __m128i m16 = _mm_cvtepu8_epi16(_mm_srli_si128(sm, 8));
