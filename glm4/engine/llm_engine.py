@@ -79,8 +79,12 @@ class EngineArgs:
             raise ValueError(f"linear must be 'auto', 'packed' or 'torch', got {args.linear!r}")
         if args.quant_gemm not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"quant_gemm must be 'auto', 'float32' or 'bfloat16', got {args.quant_gemm!r}")
-        if args.activations not in (None, "exact", "int16", "int8"):
-            raise ValueError(f"activations must be None, 'exact', 'int16' or 'int8', got {args.activations!r}")
+        if args.activations is not None:
+            from glm4.quant.kernels import ACTIVATIONS
+
+            if args.activations not in ACTIVATIONS:
+                raise ValueError(f"activations must be None or one of {', '.join(map(repr, ACTIVATIONS))}, "
+                                 f"got {args.activations!r}")
         if args.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, "
                              f"got {args.kv_cache_dtype!r}")

@@ -43,7 +43,7 @@ class _Ops:
 
 ops = _Ops()
 
-__all__ = ["HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
+__all__ = ["ACTIVATIONS", "HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
            "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m",
            "native_bf16", "ops", "quant_isa", "quant_mm", "set_activations"]
 
@@ -152,11 +152,14 @@ def activations() -> str:
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 
+ACTIVATIONS = ("exact", "int16", "int8")  # the modes activations() names
+
+
 def set_activations(mode: str) -> str:
-    """The integer kernels' activations from now on, process-wide ("exact", "int16" or "int8", as activations()
-    describes them); returns what ran before. Without the extension there are no integer kernels: "exact" stays."""
-    if mode not in ("exact", "int16", "int8"):
-        raise ValueError(f"activations must be 'exact', 'int16' or 'int8', got {mode!r}")
+    """The integer kernels' activations from now on, process-wide (one of ACTIVATIONS, as activations() describes
+    them); returns what ran before. Without the extension there are no integer kernels: "exact" stays."""
+    if mode not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(map(repr, ACTIVATIONS))}, got {mode!r}")
     return torch.ops.glm4.set_activations(mode) if HAVE_EXT else "exact"
 
 

@@ -420,8 +420,8 @@ inline void block_dot(const QuantArgs& a, int64_t n, int64_t b0, int64_t m0, __m
 template <int BITS, int KIND, int RB>
 inline void q_tile_int8g(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g;
-  __m256 acc[RB][1];  // the group terms go in too: every lane ends in the one sum
-  for (int r = 0; r < RB; ++r) acc[r][0] = _mm256_setzero_ps();
+  __m256 acc[RB];  // the group terms go in too: every lane ends in the one sum
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
   const __m256 zp = _mm256_set1_ps(float(a.zero_point));
   const bool shifted = a.mins || a.zero_point;
   for (int64_t g8 = 0; g8 < G; g8 += 8) {
@@ -432,17 +432,17 @@ inline void q_tile_int8g(const QuantArgs& a, int64_t n, int64_t m0) {
       ss[r] = _mm256_mul_ps(sv, xsc);
       if (shifted) {  // (mins - zero_point * s) * xsum
         const __m256 mn = a.mins ? load_scales8(a.mins, a.scale_f16, (n + r) * G + g8) : _mm256_setzero_ps();
-        acc[r][0] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(a.xsum + m0 * G + g8), acc[r][0]);
+        acc[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(a.xsum + m0 * G + g8), acc[r]);
       }
     }
     for (int j = 0; j < 8; ++j) {
       __m256 p[RB][1];
       block_dot<BITS, KIND, RB, 1>(a, n, (g8 + j) * g, m0, p);
       const __m256i lane = _mm256_set1_epi32(j);
-      for (int r = 0; r < RB; ++r) acc[r][0] = _mm256_fmadd_ps(p[r][0], _mm256_permutevar8x32_ps(ss[r], lane), acc[r][0]);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(p[r][0], _mm256_permutevar8x32_ps(ss[r], lane), acc[r]);
     }
   }
-  for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r][0]);
+  for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r]);
 }
 
 // y[m, n] = sum_blocks s[n, g] * xscale[m, block] * (block's integer sum)  +  sum_g (mins - zp * s) * xsum[m, g]
