@@ -69,11 +69,13 @@ GLM4_FORMATS = {
     "int6-g128": dict(dtype="float32", quantization="int6", quant_group_size=128),
     "int4-g128": dict(dtype="float32", quantization="int4", quant_group_size=128),
     "int4-g32": dict(dtype="float32", quantization="int4", quant_group_size=32),
-    # the prefill GEMM of quantized weights in the other dtype than quant_gemm="auto" picks on a CPU with native bf16
-    # (auto: bf16 for int4 and int6, fp32 for int8)
+    # the prefill GEMM of quantized weights in another dtype than quant_gemm="auto" picks (auto: bf16 for int4 and
+    # int6 on a CPU with native bf16, elsewhere int8 activations; fp32 for int8 weights)
     "int8-gemm-bf16": dict(dtype="float32", quantization="int8", quant_gemm="bfloat16"),
     "int4-g128-gemm-fp32": dict(dtype="float32", quantization="int4", quant_group_size=128, quant_gemm="float32"),
     "int6-g128-gemm-fp32": dict(dtype="float32", quantization="int6", quant_group_size=128, quant_gemm="float32"),
+    "int4-g128-gemm-int8": dict(dtype="float32", quantization="int4", quant_group_size=128, quant_gemm="int8"),
+    "int6-g128-gemm-int8": dict(dtype="float32", quantization="int6", quant_group_size=128, quant_gemm="int8"),
 }
 REFERENCE = "fp32"
 # GGUF files: name -> converter --outtype, or the llama_ftype llama_model_quantize makes from the bf16 file

@@ -1,4 +1,5 @@
-"""The prefill GEMM of int8 / int4 weights in bf16 (glm4.quant.set_gemm_dtype, EngineArgs.quant_gemm)."""
+"""The prefill GEMM of int8 / int4 weights in bf16 (glm4.quant.set_gemm_dtype, EngineArgs.quant_gemm); its int8
+activations for 4- / 6-bit codes: test_gemm_int8.py."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_set_gemm_dtype_reaches_expert_packs_and_refuses_other_dtypes():
     assert packs and all(p.gate_up.gemm_dtype == torch.bfloat16 and p.down.gemm_dtype == torch.bfloat16 for p in packs)
     assert packs[0].gate_up.expert(0).gemm_dtype == torch.bfloat16  # the per-expert QuantLinear view
     assert n == sum(isinstance(m, QuantLinear) for m in model.modules()) + 2 * len(packs)
-    with pytest.raises(ValueError, match="float32 or bfloat16"):
+    with pytest.raises(ValueError, match="float32, bfloat16 or int8"):
         set_gemm_dtype(model, torch.float16)
 
 
@@ -68,8 +69,10 @@ def test_set_gemm_dtype_reaches_expert_packs_and_refuses_other_dtypes():
 def test_engine_quant_gemm_choice(choice, scheme):
     llm = LLM.from_model(tiny_model("glm4"), quantization=scheme, quant_gemm=choice)
     bf16 = choice == "bfloat16" or (choice == "auto" and scheme != "int8" and kernels.native_bf16())
+    # auto without native bf16: glm4's int8-activation GEMM for 4- / 6-bit codes (test_gemm_int8.py)
+    int8 = choice == "auto" and scheme != "int8" and not kernels.native_bf16() and kernels.has_streaming_kernels()
     dtypes = {m.gemm_dtype for m in llm.model.modules() if isinstance(m, QuantLinear) and m.bits == int(scheme[3:])}
-    assert dtypes == {torch.bfloat16 if bf16 else torch.float32}
+    assert dtypes == {torch.bfloat16 if bf16 else torch.int8 if int8 else torch.float32}
     assert ("dequantize + bf16 " in llm.describe()) == bf16 or not kernels.has_streaming_kernels()
 
 

@@ -272,13 +272,17 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
 def _set_quant_gemm(model: torch.nn.Module, choice: str) -> None:
     """EngineArgs.quant_gemm -> glm4.quant.set_gemm_dtype: "auto" takes bf16 for 4-, 5- and 6-bit weights (5: GGUF
     q5_K) where the CPU computes in bf16 (their own error swamps bf16's rounding: int6 KL to fp32 3.5e-3 -> 3.6e-3 on
-    the shipped model, prefill ~1.5x; 8-bit weights stay exact, see set_gemm_dtype)."""
+    the shipped model, prefill ~1.5x; 8-bit weights stay exact, see set_gemm_dtype), elsewhere glm4's int8-activation
+    GEMM for 4- and 6-bit codes of its own layout (llama.cpp's precision for its quantized prefill, ~2x the fp32 GEMM
+    on a Zen 3; docs/benchmarks.md gives the quality)."""
     from glm4.quant import kernels, set_gemm_dtype
 
     set_gemm_dtype(model, torch.float32)
     if choice == "bfloat16":
         set_gemm_dtype(model, torch.bfloat16)
-    elif choice == "auto" and kernels.native_bf16():
+    elif choice == "int8" or (choice == "auto" and not kernels.native_bf16()):
+        set_gemm_dtype(model, torch.int8, bits=(4, 6))
+    elif choice == "auto":
         set_gemm_dtype(model, torch.bfloat16, bits=(4, 5, 6))
 
 

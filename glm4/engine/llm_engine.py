@@ -51,9 +51,10 @@ class EngineArgs:
     linear: str = "auto"  # CPU linear kernel: "auto" (prepacked oneDNN for bf16 and big fp32 linears), "packed" (all), "torch" (F.linear)
     quantization: str | None = None  # weight-only "int8" | "int6" | "int4" (glm4.quant), CPU
     quant_group_size: int = 128
-    # prefill GEMM of int8 / int4 weights under fp32 activations: "auto" = bfloat16 for int4 where the CPU computes in
-    # bf16 (AVX512_BF16 / AMX: ~1.5x prefill), else float32 (exact to the stored weights); "bfloat16" for both widths
-    # (glm4.quant.set_gemm_dtype)
+    # prefill GEMM of quantized weights under fp32 activations: "auto" = bfloat16 for 4- / 5- / 6-bit weights where the
+    # CPU computes in bf16 (AVX512_BF16 / AMX: ~1.5x prefill), elsewhere "int8" for glm4's 4- / 6-bit codes (int8
+    # activations, llama.cpp's precision: ~2x on a Zen 3); "float32" = exact to the stored weights; "bfloat16" for
+    # every width (glm4.quant.set_gemm_dtype)
     quant_gemm: str = "auto"
     # activations of glm4's integer CPU kernels, process-wide (torch.ops.glm4.set_activations): None keeps what runs
     # (GLM4_ACTIVATIONS, else "int16"); "exact", "int16" or "int8" (llama.cpp's precision for AVX2's 4- / 6-bit and
@@ -77,8 +78,8 @@ class EngineArgs:
         args = cls(**kw)
         if args.linear not in ("auto", "packed", "torch"):
             raise ValueError(f"linear must be 'auto', 'packed' or 'torch', got {args.linear!r}")
-        if args.quant_gemm not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"quant_gemm must be 'auto', 'float32' or 'bfloat16', got {args.quant_gemm!r}")
+        if args.quant_gemm not in ("auto", "float32", "bfloat16", "int8"):
+            raise ValueError(f"quant_gemm must be 'auto', 'float32', 'bfloat16' or 'int8', got {args.quant_gemm!r}")
         if args.activations is not None:
             from glm4.quant.kernels import ACTIVATIONS
 

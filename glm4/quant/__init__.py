@@ -289,15 +289,26 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
     GEMM (fp32 accumulation, the output widened back), ~1.5x the fp32 GEMM's prefill where the CPU has native bf16.
     Measured on the shipped model (docs/benchmarks.md): with 4-bit weights it changes nothing their own error does
     not swamp (KL to fp32 1.5e-2 either way); with 8-bit weights it adds ~27 % to their KL (5.6e-4 -> 7.1e-4).
+    int8 (4- and 6-bit codes of QuantLinears and expert packs; the others keep their GEMM): glm4's GEMM of the
+    codes against int8 activations, one 8-bit integer a column per block of up to 256 (llama.cpp's precision for
+    its quantized prefill), ~2x the fp32 GEMM on a Zen 3 (gemm_i8_avx2.cpp).
     Decode (the streaming kernels) is unchanged. Returns how many modules were set."""
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"the quantized GEMM runs in float32 or bfloat16, not {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"the quantized GEMM runs in float32, bfloat16 or int8, not {dtype}")
     n = 0
     for m in model.modules():
         if (isinstance(m, StreamingLinear) or (isinstance(m, ExpertPack) and m.bits)) and m.bits in bits:
+            if dtype == torch.int8 and not _int8_gemm_runs(m):
+                continue
             m.gemm_dtype = dtype
             n += 1
     return n
+
+
+def _int8_gemm_runs(m: nn.Module) -> bool:
+    """Whether glm4's int8 GEMM runs module m's large-M path: 4- / 6-bit codes of its own layout, on this CPU."""
+    own = isinstance(m, QuantLinear) or (isinstance(m, ExpertPack) and not m.ggml_type)
+    return own and m.bits in (4, 6) and kernels.has_streaming_kernels()
 
 
 def _kquant_isa() -> str:
@@ -323,10 +334,12 @@ def kernel_of(m: nn.Module) -> str:
     if isinstance(m, QuantLinear):
         group = "per-channel" if m.group_size == m.in_features else f"g{m.group_size}"
         fmt = f"int{m.bits} {group}{' +mins' if m.mins is not None else ''} {dt(m.scales)} scales"
-        gemm = (f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
-                kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else ""))
+        int8 = m.gemm_dtype == torch.int8 and kernels.int8_gemm()
+        gemm = ("glm4 AVX2 GEMM, int8 activations" if int8 else "dequantize + " + (
+            f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
+            kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else "")))
         return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size, m.in_features)} stream (M<={kernels.max_m(m)}); "
-                f"dequantize + {gemm} above"
+                f"{gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):
         return f"{str(m.dtype).removeprefix('torch.')} weights: oneDNN prepacked" + (
@@ -336,6 +349,13 @@ def kernel_of(m: nn.Module) -> str:
     if isinstance(m, WeightOnlyInt4Linear):
         return f"int4 g{m.group_size}: torch _weight_int4pack_mm_for_cpu (bf16 activations)"
     return f"{dt(m.weight)} weights: F.linear"
+
+
+def _gemm_words(pack: ExpertPack) -> str:
+    dtype = pack.gemm_dtype if pack.bits else torch.float32
+    if dtype == torch.int8 and not kernels.int8_gemm():
+        dtype = torch.float32
+    return {torch.bfloat16: "bf16 GEMM", torch.int8: "glm4 int8-activation GEMM"}.get(dtype, "GEMM")
 
 
 def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
@@ -357,8 +377,7 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
             fmt += f" (down {dn_fmt})" if dn_fmt != fmt else ""
             key = ("experts", f"{fmt}: glm4 {isa} expert_glu, the dispatch "
                               f"in one op (<= {kernels.dense_max_m()} tokens a call); a "
-                              f"{'bf16 ' if gu.bits and gu.gemm_dtype == torch.bfloat16 else ''}GEMM per busy expert "
-                              "above")
+                              f"{_gemm_words(gu)} per busy expert above")
         elif isinstance(m, StackedExperts):
             key = ("experts", f"{str(m.gate_up_proj.dtype).removeprefix('torch.')}: torch grouped matmul")
         elif isinstance(m, (nn.Linear, *_SWAPPED)):

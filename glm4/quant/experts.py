@@ -103,8 +103,11 @@ class ExpertPack(nn.Module):
     def _dequant_experts_mm(self, xs: torch.Tensor, c: list[int]) -> torch.Tensor:
         """Many tokens per expert (prefill), quantized: QuantLinear's (KQuantLinear's) arithmetic without a module per
         expert. The activations are cast to the GEMM's dtype once, each busy expert's weight is dequantized into one
-        reused buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes."""
-        x = xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(self.gemm_dtype)
+        reused buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes.
+        gemm_dtype int8 (4- / 6-bit codes, set_gemm_dtype): each busy expert's codes against int8 activations."""
+        int8 = self.gemm_dtype == torch.int8 and kernels.int8_gemm()
+        gemm_dtype = torch.bfloat16 if self.gemm_dtype == torch.bfloat16 else torch.float32  # int8's fallback: fp32
+        x = xs.float() if int8 else xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(gemm_dtype)
         y = xs.new_empty(xs.shape[0], self.out_features)
         rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
         buf = x.new_empty(rows, self.in_features)  # fp32 or bf16: the op rounds as .to(bf16) rounds
@@ -116,6 +119,8 @@ class ExpertPack(nn.Module):
             mm, fill = self._expert_kernels(e)
             if n <= kernels.max_m(self):
                 ye.copy_(mm(xs[start:start + n].float()))
+            elif int8:
+                ye.copy_(kernels.ops.quant_gemm_i8(xe, *self._expert_args(e)))
             else:
                 ye.copy_(kernels.dequant_gemm(xe, self.out_features, fill, buf))
             start += n
@@ -128,9 +133,13 @@ class ExpertPack(nn.Module):
             b, t = self.blocks[e], self.ggml_type
             return (lambda x: kernels.ops.kquant_mm(x, b, self.in_features, t),
                     functools.partial(kernels.ops.kquant_dequantize_rows, b, t))
-        args = (self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e], self.bits,
-                self.group_size, self.zero_point)
+        args = self._expert_args(e)
         return lambda x: kernels.ops.quant_mm(x, *args), functools.partial(kernels.ops.dequantize_rows, *args)
+
+    def _expert_args(self, e: int) -> tuple:
+        """(codes, scales, mins, bits, group, zero point) of expert e, as glm4's ops take them."""
+        return (self.qweight[e], self.scales[e], None if self.mins is None else self.mins[e], self.bits,
+                self.group_size, self.zero_point)
 
     def _expert_mm(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """x [n, K] through expert e: a QuantLinear view of its codes (streaming kernel for few tokens, else

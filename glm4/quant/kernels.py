@@ -44,7 +44,7 @@ class _Ops:
 ops = _Ops()
 
 __all__ = ["ACTIVATIONS", "HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
-           "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "max_m",
+           "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "int8_gemm", "max_m",
            "native_bf16", "ops", "quant_isa", "quant_mm", "set_activations"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
@@ -153,6 +153,12 @@ def activations() -> str:
 
 
 ACTIVATIONS = ("exact", "int16", "int8")  # the modes activations() names
+
+
+def int8_gemm() -> bool:
+    """Whether modules set to the int8-activation prefill GEMM (glm4.quant.set_gemm_dtype) run it now: not under
+    "exact" activations, which keep every kernel at fp32's result (they take the fp32 GEMM then)."""
+    return activations() != "exact"
 
 
 def set_activations(mode: str) -> str:

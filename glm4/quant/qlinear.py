@@ -80,8 +80,9 @@ class StreamingLinear(nn.Module):
     """What every weight-only quantized linear run by glm4's kernels shares: y = x @ W.T + bias, small M through
     the streaming kernel of this CPU (`_stream_mm`), large M (prefill) dequantizing kernels.gemm_chunk_rows rows at a
     time (`_dequantize_rows`, the values of `dequantize()`) into a GEMM in `gemm_dtype` (fp32; bf16 activations stay
-    bf16 where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too). Subclasses
-    hold in_features, out_features, bias and their storage."""
+    bf16 where the CPU computes in bf16; `set_gemm_dtype` makes fp32 activations take the bf16 GEMM too), or, with
+    gemm_dtype int8 (4- / 6-bit QuantLinears), glm4's GEMM of the codes against int8 activations (`_int8_mm`).
+    Subclasses hold in_features, out_features, bias and their storage."""
 
     gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
 
@@ -106,14 +107,20 @@ class StreamingLinear(nn.Module):
         in_dtype = x.dtype
         if x.numel() <= kernels.max_m(self) * self.in_features:  # [..., K] -> [..., N] fp32
             y = self._stream_mm(x if in_dtype == torch.float32 else x.float())
+        elif self.gemm_dtype == torch.int8 and kernels.int8_gemm():  # int8 activations against the codes
+            y = self._int8_mm(x.reshape(-1, self.in_features).float()).reshape(*x.shape[:-1], self.out_features)
         else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
             shape = x.shape
             x = x.reshape(-1, self.in_features)
-            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(self.gemm_dtype)
+            gemm_dtype = torch.bfloat16 if self.gemm_dtype == torch.bfloat16 else torch.float32  # int8's fallback: fp32
+            x = x if x.dtype == torch.bfloat16 and kernels.native_bf16() else x.to(gemm_dtype)
             y = self._dequant_mm(x).reshape(*shape[:-1], self.out_features)
         if self.bias is not None:
             y = y + self.bias.float()
         return y if y.dtype == in_dtype else y.to(in_dtype)
+
+    def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [M, K] -> [M, N]: set_gemm_dtype(int8) only
+        raise NotImplementedError
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
         """x [M, K] fp32 or bf16 -> [M, N] in x's dtype, a chunk of dequantized rows (fp32, rounded to x's dtype) at
@@ -253,6 +260,10 @@ class QuantLinear(StreamingLinear):
     def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
         torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
                                        self.zero_point, row0, w)
+
+    def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.glm4.quant_gemm_i8(x, self.qweight, self.scales, self.mins, self.bits, self.group_size,
+                                            self.zero_point)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

@@ -73,9 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, help=DTYPE_HELP)
     ap.add_argument("--quantization", default=None, choices=["int8", "int6", "int4"], help="weight-only quantization at load")
-    ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16"],
+    ap.add_argument("--quant-gemm", default="auto", choices=["auto", "float32", "bfloat16", "int8"],
                     help="prefill GEMM of quantized weights: auto = bf16 for int4 / int6 on CPUs with native bf16 "
-                         "(~1.5x), float32 = exact to the stored weights")
+                         "(~1.5x), else int8 (int8 activations, llama.cpp's precision: ~2x); float32 = exact to the "
+                         "stored weights")
     ap.add_argument("--activations", default=None, choices=["exact", "int16", "int8"],
                     help="activations of the integer CPU kernels: int16 (the default), int8 = llama.cpp's precision "
                          "for AVX2's 4- / 6-bit and K-quant kernels (faster decode), exact = fp32's result")

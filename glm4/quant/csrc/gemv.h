@@ -122,6 +122,9 @@ void act_int8_avx2(const float* x, int64_t total, int64_t B, int8_t* v, float* s
 // codes in groups of 16k columns (fp32 activations)
 void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1);
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
+// rows [n0, n1) of the large-M (prefill) GEMM: 4- / 6-bit codes against int8 activations (a.xi8 [M, K], a.xscale
+// per block of a.xblock columns, a.xsum the group sums of the rounded activations); gemm_i8_avx2.cpp
+void gemm_i8_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
 void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1);  // a.xbf16 set: AVX512_BF16's dot product
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);

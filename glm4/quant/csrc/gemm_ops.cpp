@@ -1,0 +1,83 @@
+// torch.ops.glm4.quant_gemm_i8: the large-M (prefill) path of 4- / 6-bit QuantLinears at int8 activation precision
+// (gemm_i8_avx2.cpp). Baseline x86-64; callers check the CPU has AVX2 (torch.ops.glm4.isa() is not "none").
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "gemv.h"
+
+namespace {
+
+constexpr int64_t kPanel = 16;  // rows a task: gemm_i8_avx2.cpp's panel
+
+// the activation block: the largest multiple of 32 up to 256 dividing the group (the int8 decode kernels' blocks)
+int64_t i8_block(int64_t group) {
+  for (int64_t b = 256; b >= 32; b -= 32)
+    if (group % b == 0) return b;
+  return 0;
+}
+
+at::Tensor quant_gemm_i8(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
+                         const std::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t zero_point) {
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"),
+              "glm4.quant_gemm_i8 needs AVX2 + FMA + F16C");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "quant_gemm_i8: x must be float32 [M, K]");
+  TORCH_CHECK(bits == 4 || bits == 6, "quant_gemm_i8: bits must be 4 or 6");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
+  const int64_t B = i8_block(group);
+  TORCH_CHECK(group > 0 && K % group == 0 && B > 0 && (bits == 4 || K % 64 == 0), "quant_gemm_i8: bad group size");
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && q.size(1) == (bits == 4 ? K / 2 : K / 64 * 48),
+              "quant_gemm_i8: q shape / dtype does not match K");
+  TORCH_CHECK(scales.dim() == 2 && scales.size(0) == N && scales.size(1) == K / group &&
+                  (scales.scalar_type() == at::kHalf || scales.scalar_type() == at::kFloat),
+              "quant_gemm_i8: scales [N, K / group] float16 or float32");
+  if (mins) TORCH_CHECK(mins->sizes() == scales.sizes() && mins->scalar_type() == scales.scalar_type(),
+                        "quant_gemm_i8: mins must match scales");
+  const at::Tensor qc = q.contiguous(), sc = scales.contiguous();
+  const at::Tensor mc = mins ? mins->contiguous() : at::Tensor();
+  const int64_t G = K / group, NB = K / B;
+  // x -> int8 per block (llama.cpp's q8_0 rounding, act_int8_avx2) and the group sums of what the kernel multiplies
+  std::vector<int8_t> xi8(M * K);
+  std::vector<float> xscale(M * NB), xsum(M * G);
+  const float* xp = x.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    glm4k::act_int8_avx2(xp + m0 * K, (m1 - m0) * K, B, xi8.data() + m0 * K, xscale.data() + m0 * NB);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t gi = 0; gi < G; ++gi) {
+        float acc = 0.f;
+        for (int64_t b0 = gi * group; b0 < (gi + 1) * group; b0 += B) {
+          int32_t t = 0;
+          const int8_t* v = xi8.data() + m * K + b0;
+          for (int64_t k = 0; k < B; ++k) t += v[k];
+          acc += xscale[m * NB + b0 / B] * float(t);
+        }
+        xsum[m * G + gi] = acc;
+      }
+  });
+  auto y = at::empty({M, N}, x.options());
+  glm4k::QuantArgs a{};
+  a.x = xp;
+  a.xi8 = xi8.data(), a.xscale = xscale.data(), a.xsum = xsum.data(), a.xblock = B;
+  a.q = qc.data_ptr();
+  a.scales = sc.data_ptr();
+  a.mins = mins ? mc.data_ptr() : nullptr;
+  a.y = y.data_ptr<float>();
+  a.M = M, a.N = N, a.K = K, a.group = group;
+  a.bits = int(bits), a.scale_f16 = scales.scalar_type() == at::kHalf, a.zero_point = int(zero_point);
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    glm4k::gemm_i8_rows_avx2(a, p0 * kPanel, std::min(N, p1 * kPanel));
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(glm4, m) {
+  m.def("quant_gemm_i8(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point) -> Tensor",
+        &quant_gemm_i8);
+}
