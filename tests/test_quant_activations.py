@@ -147,9 +147,10 @@ def test_engine_activations_argument():
         assert len(out[0].outputs[0].token_ids) == 4
         if kernels.HAVE_EXT:
             assert kernels.activations() == "int8"
-            assert ("int8 activations" in llm.describe()) == (kernels.dense_isa() == "AVX2")
+            # the streaming kernels' label (the prefill GEMM's, "GEMM, int8 activations", is quant_gemm's)
+            assert ("(int8 activations)" in llm.describe()) == (kernels.dense_isa() == "AVX2")
             LLM.from_model(tiny_model("glm4"), quantization="int4", activations="int16")
-            assert kernels.activations() == "int16" and "int8 activations" not in llm.describe()
+            assert kernels.activations() == "int16" and "(int8 activations)" not in llm.describe()
     finally:
         kernels.set_activations(before)
     with pytest.raises(ValueError, match="activations must be"):
