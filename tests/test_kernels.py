@@ -145,7 +145,7 @@ def test_quant_mm_matches_dequantized_float64(bits, group, scale_dtype, with_min
 @pytest.mark.parametrize("bits,group,K", [(4, 32, 128), (4, 32, 96), (4, 64, 128), (4, 128, 256), (6, 64, 128),
                                           (6, 896, 896), (8, 8, 64), (8, 16, 64), (8, 16, 48), (8, 32, 128),
                                           (8, 96, 192), (8, 128, 256)])
-@pytest.mark.parametrize("mode,against", [("int16", "exact"), ("int8", "int16")])
+@pytest.mark.parametrize("mode,against", [("int16", "exact"), ("int8", "int16"), ("auto", "int16")])
 def test_quant_isa_names_the_kernel_that_runs(bits, group, K, mode, against, isa):
     # describe() says which kernels take int16 (int8) activations for one token (kernels.quant_isa); they are exactly
     # the ones whose result in that mode moves off the exact (int16) one: ops.cpp's dispatch, not a copy of it, decides
@@ -159,7 +159,9 @@ def test_quant_isa_names_the_kernel_that_runs(bits, group, K, mode, against, isa
         label = kernels.quant_isa(bits, group, K)
         moved = not torch.equal(kernels.quant_mm(x, lin), before)
     assert label.startswith("AVX2") or isa == "avx512_vnni"
-    assert (f"{mode} activations" in label) == moved, label
+    assert (f"{'int8' if mode == 'auto' else mode} activations" in label) == moved, label
+    if mode == "auto":  # int8 for AVX2's 4-bit codes only
+        assert moved == (bits == 4 and isa == "avx2")
 
 
 @needs_kernels

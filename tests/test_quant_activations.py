@@ -96,12 +96,61 @@ def test_int8_activations_kquant(ggml_type, M, K, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("kind", ["int4", "int6", "q4_K", "q5_K", "q6_K"])
+def test_auto_activations_are_int8_up_to_5_bits(kind, isa):
+    """"auto" (the default): AVX2's kernels of codes of up to 5 bits take int8 activations, the others int16 — the
+    results equal those modes' bit for bit, and describe() names what runs."""
+    from glm4.quant import KQuantLinear
+
+    K, N = 512, 48
+    if kind.startswith("q"):
+        ggml_type = {"q4_K": 12, "q5_K": 13, "q6_K": 14}[kind]
+        lin = KQuantLinear(K, N, ggml_type)
+        lin.blocks = _kquant_blocks(ggml_type, N, K, seed=3)
+        bits = lin.bits
+    else:
+        bits = int(kind[3:])
+        g = torch.Generator().manual_seed(bits)
+        lin = QuantLinear.from_codes(torch.randint(0, 1 << bits, (N, K), generator=g),
+                                     torch.rand(N, K // 128, generator=g), bits=bits, group_size=128,
+                                     zero_point=1 << (bits - 1))
+    x = torch.randn(3, K, generator=torch.Generator().manual_seed(1))
+    out = {}
+    for mode in ("auto", "int8", "int16"):
+        with kernel_activations(mode), torch.no_grad():
+            out[mode], label = lin(x), kernel_of(lin)
+            if mode == "auto":
+                auto_label = label
+    int8 = bits <= 5 and isa == "avx2"
+    assert torch.equal(out["auto"], out["int8" if int8 else "int16"])
+    assert ("(int8 activations)" in auto_label) == int8, auto_label
+
+
+@needs_kernels
 def test_int8_activations_are_named_and_refused_elsewhere():
     with kernel_activations("int8"):
         assert kernels.activations() == "int8"
         assert torch.ops.glm4.set_activations("int8") == "int8"
-    with pytest.raises(RuntimeError, match="exact, int16 or int8"):
+    with pytest.raises(RuntimeError, match="auto, exact, int16 or int8"):
         torch.ops.glm4.set_activations("int4")
+    with kernel_activations("auto"):
+        assert kernels.activations() == "auto"
+
+
+def test_auto_is_the_default_mode():
+    """A fresh process without GLM4_ACTIVATIONS runs "auto"; GLM4_ACTIVATIONS picks another."""
+    import os
+    import subprocess
+    import sys
+
+    code = "from glm4.quant import kernels; print(kernels.activations() if kernels.HAVE_EXT else 'auto')"
+    env = {k: v for k, v in os.environ.items() if k != "GLM4_ACTIVATIONS"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "auto"
+    if kernels.HAVE_EXT:
+        out = subprocess.run([sys.executable, "-c", code], env={**env, "GLM4_ACTIVATIONS": "int16"},
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "int16"
 
 
 @needs_kernels

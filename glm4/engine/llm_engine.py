@@ -57,8 +57,8 @@ class EngineArgs:
     # every width (glm4.quant.set_gemm_dtype)
     quant_gemm: str = "auto"
     # activations of glm4's integer CPU kernels, process-wide (torch.ops.glm4.set_activations): None keeps what runs
-    # (GLM4_ACTIVATIONS, else "int16"); "exact", "int16" or "int8" (llama.cpp's precision for AVX2's 4- / 6-bit and
-    # K-quant kernels; glm4.quant.kernels.activations)
+    # (GLM4_ACTIVATIONS, else "auto": int8 for AVX2's kernels of up to 5-bit codes, int16 for the others); "exact",
+    # "int16" or "int8" (llama.cpp's precision for AVX2's 4- / 6-bit and K-quant kernels; glm4.quant.kernels.activations)
     activations: str | None = None
     compile: bool = False  # torch.compile the dense MLPs (glm4.engine.llm.compile_model); slower on CPU, see docs/benchmarks.md
     fuse_projections: bool = True  # q/k/v and gate/up as one matmul each (glm4.models.glm.fuse_projections)

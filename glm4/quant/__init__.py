@@ -311,11 +311,10 @@ def _int8_gemm_runs(m: nn.Module) -> bool:
     return own and m.bits in (4, 6) and kernels.has_streaming_kernels()
 
 
-def _kquant_isa() -> str:
+def _kquant_isa(bits: int) -> str:
+    """The K-quant kernels' instruction set and activations (every M they run), for blocks of `bits`-bit codes."""
     isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
-    mode = kernels.activations()  # every M it runs; int8 on AVX2 only (AVX-512 takes int16 then)
-    if mode == "int8" and isa != "AVX2":
-        mode = "int16"
+    mode = "exact" if kernels.activations() == "exact" else "int8" if kernels.int8_activations(bits) else "int16"
     return isa + (f" ({mode} activations)" if mode != "exact" else "")
 
 
@@ -328,7 +327,7 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {_kquant_isa()} kquant_mm (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {_kquant_isa(m.bits)} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
@@ -371,7 +370,7 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
             key = ("lm_head (tied to the embedding)", kernel_of(m))
         elif isinstance(m, StreamExperts):
             gu, dn = m.gate_up, m.down
-            isa = (_kquant_isa() if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features)
+            isa = (_kquant_isa(gu.bits) if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features)
                    if gu.bits else kernels.dense_isa())
             fmt, dn_fmt = (p.extra_repr().split(", ", 3)[-1] for p in (gu, dn))
             fmt += f" (down {dn_fmt})" if dn_fmt != fmt else ""

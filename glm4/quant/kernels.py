@@ -44,7 +44,8 @@ class _Ops:
 ops = _Ops()
 
 __all__ = ["ACTIVATIONS", "HAVE_EXT", "activations", "argmax", "cpu_features", "cpu_summary", "cpu_vendor", "dense_isa", "dense_max_m",
-           "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "int8_gemm", "max_m",
+           "dequant_gemm", "gemm", "gemm_chunk_rows", "gemm_kernel", "gemm_rows", "has_streaming_kernels", "int8_activations",
+           "int8_gemm", "max_m",
            "native_bf16", "ops", "quant_isa", "quant_mm", "set_activations"]
 
 # flags that decide kernels, as /proc/cpuinfo spells them
@@ -127,7 +128,7 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
     if not isa:
         return ""
     block = next((b for b in range(256, 31, -32) if group_size % b == 0), 0)
-    int16 = activations() in ("int16", "int8")  # "int8": AVX2's 4- / 6-bit kernels only, the others int16
+    int16 = activations() != "exact"  # int8 only where int8_activations says, the other kernels int16
     if isa == "AVX-512":
         k = in_features or 0
         lanes = (bits == 4 and block == 32 and k % 128 == 0) or (
@@ -136,23 +137,33 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
             return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
         if bits == 8 and group_size % 16 == 0:
             return "AVX-512"
-    if activations() == "int8" and bits in (4, 6) and block:
+    if bits in (4, 6) and block and int8_activations(bits):
         return "AVX2 (int8 activations)"
     return "AVX2 (int16 activations)" if int16 and (bits in (4, 6) or block) else "AVX2"
 
 
 def activations() -> str:
     """How the integer kernels here carry activations: "exact" (two int16 terms a column, ~31 bits: fp32's result;
-    GLM4_ACTIVATIONS=exact), "int16" (the default: one 16-bit integer a column and an fp32 scale per block, each
-    within 1 / 65278 of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x
-    (Zen 3), the AVX-512 ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32
-    activations, exact either way) or "int8" (GLM4_ACTIVATIONS=int8, llama.cpp's precision: one 8-bit integer a
-    column, within 1 / 254 of its block's largest, for AVX2's 4- and 6-bit and K-quant kernels; every other kernel
-    takes int16 then)."""
+    GLM4_ACTIVATIONS=exact), "int16" (one 16-bit integer a column and an fp32 scale per block, each within 1 / 65278
+    of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x (Zen 3), the AVX-512
+    ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32 activations, exact
+    either way), "int8" (GLM4_ACTIVATIONS=int8, llama.cpp's precision: one 8-bit integer a column, within 1 / 254 of
+    its block's largest, for AVX2's 4- and 6-bit and K-quant kernels; every other kernel takes int16 then) or "auto"
+    (the default): int8 for AVX2's kernels of codes of up to 5 bits (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K),
+    int16 for the others (int8_activations)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 
-ACTIVATIONS = ("exact", "int16", "int8")  # the modes activations() names
+ACTIVATIONS = ("auto", "exact", "int16", "int8")  # the modes activations() names
+
+
+def int8_activations(bits: int) -> bool:
+    """Whether AVX2's kernels of `bits`-bit codes (4 / 6: glm4's, 5: GGUF q5_K; 6 also q6_K) take int8 activations
+    now: every width under "int8", up to 5 bits under "auto" (4-bit codes' own error swamps the activations' rounding:
+    the shipped model's int4 KL to fp32 1.7e-2 at int16 and at int8; int6 3.5e-3 -> 3.9e-3, so 6 bits keep int16).
+    AVX-512's kernels take int16 either way."""
+    mode = activations()
+    return dense_isa() == "AVX2" and (mode == "int8" or (mode == "auto" and bits <= 5))
 
 
 def int8_gemm() -> bool:

@@ -344,9 +344,10 @@ def build_parser(prog: str = "glm4 chat") -> argparse.ArgumentParser:
                     help="prefill GEMM of quantized weights: auto = bf16 for int4 / int6 on CPUs with native bf16 "
                          "(~1.5x), else int8 (int8 activations, llama.cpp's precision: ~2x); float32 = exact to the "
                          "stored weights")
-    ap.add_argument("--activations", default=None, choices=["exact", "int16", "int8"],
-                    help="activations of the integer CPU kernels: int16 (the default), int8 = llama.cpp's precision "
-                         "for AVX2's 4- / 6-bit and K-quant kernels (faster decode), exact = fp32's result")
+    ap.add_argument("--activations", default=None, choices=["auto", "exact", "int16", "int8"],
+                    help="activations of the integer CPU kernels: auto (the default: int8 for AVX2's kernels of up to "
+                         "5-bit codes, int16 for the others), int8 = llama.cpp's precision for AVX2's 4- / 6-bit and "
+                         "K-quant kernels (faster decode), int16, exact = fp32's result")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")

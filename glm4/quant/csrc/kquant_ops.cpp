@@ -37,7 +37,7 @@ int kquant_order(int type, bool avx512) {
 KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type)
     : K_(K), group_(kquant_group(type)), exact_(exact_kernel_activations()) {
   const bool wide = avx512_kernels();
-  int8_ = int8_kernel_activations() && !wide;  // llama.cpp's precision (q8_K)
+  int8_ = int8_kernel_activations(type == kQ6K ? 6 : type == kQ5K ? 5 : 4) && !wide;  // llama.cpp's precision (q8_K)
   rows_ = wide ? (type == kQ6K ? q6k_rows_avx512 : type == kQ5K ? q5k_rows_avx512 : q4k_rows_avx512)
                : (type == kQ6K ? q6k_rows_avx2 : type == kQ5K ? q5k_rows_avx2 : q4k_rows_avx2);
   const int order = kquant_order(type, wide);

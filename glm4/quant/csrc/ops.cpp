@@ -55,18 +55,27 @@ std::string set_isa(const std::string& name) {
 // (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
 // them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4- and 6-bit and K-quant
 // kernels one 8-bit integer a column, llama.cpp's precision (Zen 3, one thread, int4 in L2: 1.5x the int16 kernel;
-// q6_K 1.1x), the other kernels int16.
-enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2 };
-const char* const kActNames[] = {"int16", "exact", "int8"};
+// q6_K 1.1x), the other kernels int16. "auto" (the default) gives int8 to the AVX2 kernels of codes of up to 5 bits
+// (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K), whose own rounding swamps the activations' (the shipped model's
+// int4 KL to fp32 1.7e-2 at int16 and int8 alike; int6 3.5e-3 -> 3.9e-3 at int8, so 6-bit codes keep int16).
+enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2, kActAuto = 3 };
+const char* const kActNames[] = {"int16", "exact", "int8", "auto"};
+
+int act_mode_of(const std::string& e) {
+  return e == "exact" ? kActExact : e == "int8" ? kActInt8 : e == "int16" ? kActInt16 : kActAuto;
+}
 
 std::atomic<int> act_mode{[] {
   const char* env = std::getenv("GLM4_ACTIVATIONS");
-  const std::string e = env ? env : "";
-  return e == "exact" ? kActExact : e == "int8" ? kActInt8 : kActInt16;
+  return act_mode_of(env ? env : "");
 }()};
 
 bool exact_activations() { return act_mode.load(std::memory_order_relaxed) == kActExact; }
-bool int8_activations() { return act_mode.load(std::memory_order_relaxed) == kActInt8; }
+// whether the AVX2 kernels of `bits`-bit codes take int8 activations now (4 / 6: glm4's; 5: GGUF q5_K)
+bool int8_activations(int bits) {
+  const int mode = act_mode.load(std::memory_order_relaxed);
+  return mode == kActInt8 || (mode == kActAuto && bits <= 5);
+}
 
 std::string activations() { return kActNames[act_mode.load(std::memory_order_relaxed)]; }
 }  // namespace
@@ -74,16 +83,17 @@ std::string activations() { return kActNames[act_mode.load(std::memory_order_rel
 namespace glm4k {  // for the other op files (fused_ops.cpp, kquant_ops.cpp)
 bool avx512_kernels() { return use_avx512(); }
 bool exact_kernel_activations() { return exact_activations(); }
-bool int8_kernel_activations() { return int8_activations(); }
+bool int8_kernel_activations(int bits) { return int8_activations(bits); }
 }  // namespace glm4k
 
 namespace {
 
-// "exact", "int16" or "int8": the integer kernels' activations from now on; returns what ran before
+// "auto", "exact", "int16" or "int8": the integer kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
-  TORCH_CHECK(name == "exact" || name == "int16" || name == "int8", "set_activations: exact, int16 or int8, not ", name);
+  TORCH_CHECK(name == "auto" || name == "exact" || name == "int16" || name == "int8",
+              "set_activations: auto, exact, int16 or int8, not ", name);
   const std::string before = activations();
-  act_mode = name == "exact" ? kActExact : name == "int8" ? kActInt8 : kActInt16;
+  act_mode = act_mode_of(name);
   return before;
 }
 
@@ -211,7 +221,7 @@ struct ActPrep {
     // fp32 FMA kernel, which two int16 terms do not beat
     if (bits == 8 && (use_avx512() ? B % 64 != 0 : exact_activations())) B = 0;
     if (!B) return;
-    if (int8_activations() && (bits == 4 || bits == 6) && !use_avx512()) {  // llama.cpp's precision
+    if ((bits == 4 || bits == 6) && int8_activations(int(bits)) && !use_avx512()) {  // llama.cpp's precision
       if (bits == 6) B = act_block(group, 64);  // the 6-bit kernel's blocks
       i8.resize(M * K), scale.resize(M * K / B);
       glm4k::act_int8_avx2(x, M * K, B, i8.data(), scale.data());
