@@ -296,7 +296,8 @@ def test_int4_int6_head_auto_is_q6k_blocks_where_they_fit():
         assert isinstance(qm.lm_head, KQuantLinear) and qm.lm_head.ggml_type == 14
         assert torch.equal(qm.lm_head.dequantize(),
                            torch.from_numpy(gguf_quants.dequantize(quantize_q6k(ref.lm_head.weight).numpy(), 14)))
-        assert quantize_weights_report(ref, qm, ids)["top1_agreement"] >= 0.75
+        with kernel_activations("exact"):  # the weights' error alone (activation modes: test_quant_activations.py)
+            assert quantize_weights_report(ref, qm, ids)["top1_agreement"] >= 0.75
     with pytest.raises(QuantizationError, match="q6_K needs"):
         quantize(tiny_model(hidden_size=64), "int4", head="q6_K")
 
