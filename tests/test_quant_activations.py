@@ -137,6 +137,41 @@ def test_int8_activations_are_named_and_refused_elsewhere():
         assert kernels.activations() == "auto"
 
 
+@needs_kernels
+@pytest.mark.parametrize("head", ["q6_K", "int6"])
+def test_a_4_bit_models_6_bit_head_rounds_as_its_body(head, isa):
+    """The engine tells each quantized linear its model's coarsest code width (set_activation_bits): under "auto" an
+    int4 model's 6-bit head (q6_K blocks, or int6 where they do not fit) takes int8 activations on AVX2 as its body
+    does — bit for bit what the int8 mode gives it — and describe() says so; an int6 model keeps int16 throughout."""
+    from test_engine import tiny_model
+
+    from glm4.engine import LLM
+    from glm4.quant import KQuantLinear, set_activation_bits
+
+    hidden = 256 if head == "q6_K" else 192  # q6_K blocks need rows of 256k
+    with kernel_activations("auto"):
+        llm = LLM.from_model(tiny_model("glm4", hidden_size=hidden), quantization="int4", quant_group_size=64)
+        lm_head = llm.model.lm_head
+        assert isinstance(lm_head, KQuantLinear) if head == "q6_K" else (lm_head.bits, lm_head.group_size) == (6, 64)
+        assert lm_head.activation_bits == 4
+        assert all(m.activation_bits == 0 for m in llm.model.modules() if isinstance(m, QuantLinear) and m.bits == 4)
+        x = torch.randn(2, hidden, generator=torch.Generator().manual_seed(5)) * 3
+        with torch.no_grad():
+            y_auto, label = lm_head(x), kernel_of(lm_head)
+            with kernel_activations("int8"):
+                y8 = lm_head(x)
+            lm_head.activation_bits = 0  # its own width: int16
+            y_own = lm_head(x)
+            with kernel_activations("int16"):
+                y16 = lm_head(x)
+        assert torch.equal(y_own, y16)
+        assert torch.equal(y_auto, y8 if isa == "avx2" else y16)
+        assert torch.equal(y_auto, y16) == (isa != "avx2")  # AVX-512 keeps int16
+        assert ("(int8 activations)" in label) == (isa == "avx2"), label
+        int6 = LLM.from_model(tiny_model("glm4", hidden_size=hidden), quantization="int6")
+        assert set_activation_bits(int6.model) == 6 and "(int8 activations)" not in int6.describe()
+
+
 def test_auto_is_the_default_mode():
     """A fresh process without GLM4_ACTIVATIONS runs "auto"; GLM4_ACTIVATIONS picks another."""
     import os

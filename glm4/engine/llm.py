@@ -250,7 +250,10 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
 
         quantize(model, scheme, group_size=args.quant_group_size, min_params=min_params, fallbacks=fallbacks)
     if on_cpu:
+        from glm4.quant import set_activation_bits
+
         _set_quant_gemm(model, args.quant_gemm)
+        set_activation_bits(model)  # "auto" activations: a 4-bit model's 6-bit head rounds them as its body does
         if args.activations is not None:
             from glm4.quant import kernels
 

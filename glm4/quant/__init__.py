@@ -33,7 +33,7 @@ from .qlinear import QuantEmbedding, QuantLinear, StreamingLinear
 __all__ = ["HEAD_NAMES", "SCHEMES", "CastEmbedding", "FloatLinear", "KQuantLinear", "PackedLinear", "QuantEmbedding",
            "QuantLinear", "StreamExperts",
            "QuantizationError", "WeightOnlyInt4Linear", "WeightOnlyInt8Linear", "dequantize", "quantize",
-           "quantize_weights_report", "set_gemm_dtype", "warn_fallbacks"]
+           "quantize_weights_report", "set_activation_bits", "set_gemm_dtype", "warn_fallbacks"]
 
 _SWAPPED = (PackedLinear, WeightOnlyInt8Linear, WeightOnlyInt4Linear, QuantLinear, KQuantLinear, FloatLinear,
             StreamExperts)
@@ -305,6 +305,20 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
     return n
 
 
+def set_activation_bits(model: nn.Module) -> int:
+    """Tell each quantized linear of `model` its coarsest code width (QuantLinear / KQuantLinear / expert pack bits),
+    where that is below the linear's own: under activations "auto" an AVX2 kernel rounds its activations to int8 for
+    codes of up to 5 bits, and with this a 6-bit linear of a 4-bit model does too (an int4 model's q6_K / int6 head:
+    llama.cpp's q8_K precision for every tensor of a q4 file), where the body's error swamps the rounding; a model of
+    6- or 8-bit codes keeps int16 throughout. Returns the coarsest width (0: no quantized linear)."""
+    coded = [m for m in model.modules() if isinstance(m, (StreamingLinear, ExpertPack)) and getattr(m, "bits", 0)]
+    coarsest = min((m.bits for m in coded), default=0)
+    for m in coded:
+        if isinstance(m, StreamingLinear):
+            m.activation_bits = coarsest if coarsest < m.bits else 0
+    return coarsest
+
+
 def _int8_gemm_runs(m: nn.Module) -> bool:
     """Whether glm4's int8 GEMM runs module m's large-M path: 4- / 6-bit codes of its own layout, on this CPU."""
     own = isinstance(m, QuantLinear) or (isinstance(m, ExpertPack) and not m.ggml_type)
@@ -327,7 +341,7 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {_kquant_isa(m.bits)} kquant_mm (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {_kquant_isa(m.activation_bits or m.bits)} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
@@ -337,7 +351,7 @@ def kernel_of(m: nn.Module) -> str:
         gemm = ("glm4 AVX2 GEMM, int8 activations" if int8 else "dequantize + " + (
             f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
             kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else "")))
-        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size, m.in_features)} stream (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size, m.in_features, m.activation_bits)} stream (M<={kernels.max_m(m)}); "
                 f"{gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):

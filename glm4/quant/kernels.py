@@ -117,13 +117,14 @@ def dense_isa() -> str:
     return {"avx512_vnni": "AVX-512", "avx2": "AVX2"}.get(isa, "")
 
 
-def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str:
+def quant_isa(bits: int, group_size: int, in_features: int | None = None, act_bits: int = 0) -> str:
     """Same for int8 / int6 / int4 weights, as ops.cpp decides for one token: the AVX-512 VNNI kernels take activation
     blocks of 64 columns or more (the largest multiple of 32 <= 256 dividing the group), 4-bit groups of 32 when
     the width is a multiple of 128 (GGUF q4_0 / q4_K), and 8-bit groups of 16 / 32 when it is a multiple of 64
     (q8_0, q6_K, q5_*: the lanes8 kernel, int16 activations only); other 8-bit groups of 16k columns run AVX-512
     FMA kernels on fp32 activations, the rest AVX2's. Unless activations() is "exact", the AVX2 4- / 6-bit kernels
-    and its 8-bit ones in groups of 32k take activations at int16 precision, and the AVX-512 ones for one token."""
+    and its 8-bit ones in groups of 32k take activations at int16 precision, and the AVX-512 ones for one token
+    (int8 where int8_activations says, for act_bits where given: glm4.quant.set_activation_bits)."""
     isa = dense_isa()
     if not isa:
         return ""
@@ -137,7 +138,7 @@ def quant_isa(bits: int, group_size: int, in_features: int | None = None) -> str
             return "AVX-512 VNNI (int16 activations at M=1)" if int16 else "AVX-512 VNNI"
         if bits == 8 and group_size % 16 == 0:
             return "AVX-512"
-    if bits in (4, 6) and block and int8_activations(bits):
+    if bits in (4, 6) and block and int8_activations(act_bits or bits):
         return "AVX2 (int8 activations)"
     return "AVX2 (int16 activations)" if int16 and (bits in (4, 6) or block) else "AVX2"
 
@@ -200,7 +201,7 @@ def max_m(module) -> int:
 
 def quant_mm(x: torch.Tensor, m) -> torch.Tensor:
     """x [..., K] fp32 -> [..., N] fp32 through the streaming kernel for a QuantLinear `m`."""
-    return ops.quant_mm(x, m.qweight, m.scales, m.mins, m.bits, m.group_size, m.zero_point)
+    return ops.quant_mm(x, m.qweight, m.scales, m.mins, m.bits, m.group_size, m.zero_point, True, m.activation_bits)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:

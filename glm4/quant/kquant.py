@@ -96,7 +96,7 @@ class KQuantLinear(StreamingLinear):
         return w
 
     def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.glm4.kquant_mm(x, self.blocks, self.in_features, self.ggml_type)
+        return torch.ops.glm4.kquant_mm(x, self.blocks, self.in_features, self.ggml_type, self.activation_bits)
 
     def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
         torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, row0, w)

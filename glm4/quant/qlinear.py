@@ -85,6 +85,7 @@ class StreamingLinear(nn.Module):
     Subclasses hold in_features, out_features, bias and their storage."""
 
     gemm_dtype = torch.float32  # of the large-M GEMM for fp32 activations (glm4.quant.set_gemm_dtype)
+    activation_bits = 0  # the code width the kernels round activations for; 0: its own (glm4.quant.set_activation_bits)
 
     def _stream_mm(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [..., K] -> fp32 [..., N]
         raise NotImplementedError

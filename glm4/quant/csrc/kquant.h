@@ -62,7 +62,8 @@ void q5k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);
 // expert_mm (rows row0.. of them).
 class KQuantActs {
  public:
-  KQuantActs(const float* x, int64_t M, int64_t K, int type);
+  // act_bits: the bits "auto" rounds the activations for (0: the type's own; a model's coarsest: set_activation_bits)
+  KQuantActs(const float* x, int64_t M, int64_t K, int type, int act_bits = 0);
   // y rows [n0, n1) of M activation rows from row0 against `blocks` [N, K / 256 * block bytes]; y [M, N]
   void rows(const uint8_t* blocks, int64_t row0, int64_t M, float* y, int64_t N, int64_t n0, int64_t n1) const;
 

@@ -34,10 +34,11 @@ int kquant_order(int type, bool avx512) {
   return !avx512 ? kOrderLanes16 : type == kQ6K ? kOrderLanes8 : kOrderQ4K128;
 }
 
-KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type)
+KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type, int act_bits)
     : K_(K), group_(kquant_group(type)), exact_(exact_kernel_activations()) {
   const bool wide = avx512_kernels();
-  int8_ = int8_kernel_activations(type == kQ6K ? 6 : type == kQ5K ? 5 : 4) && !wide;  // llama.cpp's precision (q8_K)
+  const int bits = act_bits ? act_bits : type == kQ6K ? 6 : type == kQ5K ? 5 : 4;
+  int8_ = int8_kernel_activations(bits) && !wide;  // llama.cpp's precision (q8_K)
   rows_ = wide ? (type == kQ6K ? q6k_rows_avx512 : type == kQ5K ? q5k_rows_avx512 : q4k_rows_avx512)
                : (type == kQ6K ? q6k_rows_avx2 : type == kQ5K ? q5k_rows_avx2 : q4k_rows_avx2);
   const int order = kquant_order(type, wide);
@@ -76,13 +77,14 @@ namespace {
 
 // x [..., K] fp32 -> [..., N]: activations per 256 columns at int16 precision (one term), exact (two) or, on AVX2,
 // int8, as the other integer kernels take them (activations())
-at::Tensor kquant_mm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t K, int64_t type) {
+at::Tensor kquant_mm(const at::Tensor& x_in, const at::Tensor& blocks, int64_t K, int64_t type,
+                     int64_t act_bits) {
   check_blocks(blocks, type, K, "kquant_mm");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.size(-1) == K && x_in.scalar_type() == at::kFloat,
               "kquant_mm: x float32 [..., K]");
   const at::Tensor x = x_in.reshape({-1, K}).contiguous();
   const int64_t M = x.size(0), N = blocks.size(0);
-  const glm4k::KQuantActs acts(x.data_ptr<float>(), M, K, int(type));
+  const glm4k::KQuantActs acts(x.data_ptr<float>(), M, K, int(type), int(act_bits));
   auto y = at::empty({M, N}, x.options());
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) {
     acts.rows(blocks.data_ptr<uint8_t>(), 0, M, y.data_ptr<float>(), N, b0 * 16, std::min(N, b1 * 16));
@@ -112,6 +114,6 @@ void kquant_dequantize_rows(const at::Tensor& blocks, int64_t type, int64_t r0, 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glm4, m) {
-  m.def("kquant_mm(Tensor x, Tensor blocks, int K, int type) -> Tensor", &kquant_mm);
+  m.def("kquant_mm(Tensor x, Tensor blocks, int K, int type, int act_bits=0) -> Tensor", &kquant_mm);
   m.def("kquant_dequantize_rows(Tensor blocks, int type, int r0, Tensor(a!) out) -> ()", &kquant_dequantize_rows);
 }

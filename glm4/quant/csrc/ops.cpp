@@ -58,6 +58,8 @@ std::string set_isa(const std::string& name) {
 // q6_K 1.1x), the other kernels int16. "auto" (the default) gives int8 to the AVX2 kernels of codes of up to 5 bits
 // (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K), whose own rounding swamps the activations' (the shipped model's
 // int4 KL to fp32 1.7e-2 at int16 and int8 alike; int6 3.5e-3 -> 3.9e-3 at int8, so 6-bit codes keep int16).
+// A linear's act_bits (the ops' argument) puts it in a coarser class: the engine passes the model's coarsest code
+// bits (glm4.quant.set_activation_bits), so an int4 model's 6-bit head rounds its activations as the body does.
 enum ActMode { kActInt16 = 0, kActExact = 1, kActInt8 = 2, kActAuto = 3 };
 const char* const kActNames[] = {"int16", "exact", "int8", "auto"};
 
@@ -200,7 +202,9 @@ struct ActPrep {
   int order = glm4k::kOrderColumns;  // hi / lo in an AVX-512 kernel's column order (glm4k::ActOrder)
 
   // max_m: the most activation rows one kernel call gets (M, or the busiest expert's tokens)
-  ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act, int64_t max_m)
+  // act_bits: the bits "auto" rounds the activations for (0: the codes' own; a model's coarsest, set_activation_bits)
+  ActPrep(const float* x, int64_t M, int64_t K, int64_t group, int64_t bits, bool int16_act, int64_t max_m,
+          int64_t act_bits = 0)
       : xsum(M * (K / group)) {
     for (int64_t i = 0; i < M * (K / group); ++i) {
       float acc = 0.f;
@@ -221,7 +225,7 @@ struct ActPrep {
     // fp32 FMA kernel, which two int16 terms do not beat
     if (bits == 8 && (use_avx512() ? B % 64 != 0 : exact_activations())) B = 0;
     if (!B) return;
-    if ((bits == 4 || bits == 6) && int8_activations(int(bits)) && !use_avx512()) {  // llama.cpp's precision
+    if ((bits == 4 || bits == 6) && int8_activations(int(act_bits ? act_bits : bits)) && !use_avx512()) {  // llama.cpp's precision
       if (bits == 6) B = act_block(group, 64);  // the 6-bit kernel's blocks
       i8.resize(M * K), scale.resize(M * K / B);
       glm4k::act_int8_avx2(x, M * K, B, i8.data(), scale.data());
@@ -296,7 +300,7 @@ void check_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
 
 at::Tensor quant_mm(const at::Tensor& x_in, const at::Tensor& q, const at::Tensor& scales,
                     const std::optional<at::Tensor>& mins, int64_t bits, int64_t group, int64_t zero_point,
-                    bool int16_act) {
+                    bool int16_act, int64_t act_bits) {
   TORCH_CHECK(has_avx2(), "glm4.quant_mm needs AVX2 + FMA");
   TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "quant_mm: x must be float32 [..., K]");
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
@@ -305,7 +309,7 @@ at::Tensor quant_mm(const at::Tensor& x_in, const at::Tensor& q, const at::Tenso
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   auto xc = x.contiguous(), qc = q.contiguous(), sc = scales.contiguous();
   at::Tensor mc = mins ? mins->contiguous() : at::Tensor();
-  const ActPrep prep(xc.data_ptr<float>(), M, K, group, bits, int16_act, M);
+  const ActPrep prep(xc.data_ptr<float>(), M, K, group, bits, int16_act, M, act_bits);
   auto y = at::empty({M, N}, x.options());
   glm4k::QuantArgs a{};
   a.x = xc.data_ptr<float>();
@@ -530,7 +534,7 @@ TORCH_LIBRARY(glm4, m) {
   m.def("set_activations(str name) -> str", &set_activations);
   m.def("dense_mm(Tensor x, Tensor w) -> Tensor", &dense_mm);
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
-        "bool int16_act=True) -> Tensor",
+        "bool int16_act=True, int act_bits=0) -> Tensor",
         &quant_mm);
   m.def("dequantize_rows(Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, int r0, "
         "Tensor(a!) out) -> ()",
