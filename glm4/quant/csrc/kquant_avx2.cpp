@@ -47,6 +47,10 @@ inline __m256 q4k_scales(const uint8_t* block, bool mins) {
                        _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(block + (mins ? 2 : 0)))));
 }
 
+// q6_K rows are prefetched 4 tiles ahead, not 1: on a Zen 3 reading 36 GB/s (2 threads), the 400M model's q6_K head
+// from memory (151552 x 1024, best of 8): int16 activations 24.7-25.6 -> 26.5-26.6 GB/s, int8 30.7-31.2 -> 34.0-35.0
+constexpr int64_t kAheadQ6K = 4;
+
 template <bool LO, int RB, int MT>
 inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16;
@@ -60,8 +64,8 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
       const int64_t k = sb * 256 + h * 128;
       for (int r = 0; r < RB; ++r) {
         const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * int64_t(210);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + RB * row_bytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + kAheadQ6K * RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + kAheadQ6K * RB * row_bytes), _MM_HINT_T0);
         __m256i c[4];
         q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
         const __m256 s8 = q6k_scales(b, h);
@@ -115,8 +119,8 @@ inline void q6k_tile_i8(const KQuantArgs& a, int64_t n, int64_t m0) {
       }
       for (int h = 0; h < 2; ++h) {
         const int64_t k = sb * 256 + h * 128;
-        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + RB * row_bytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + kAheadQ6K * RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + kAheadQ6K * RB * row_bytes), _MM_HINT_T0);
         __m256i c[4];
         q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
         // the half's 8 scales as int16, each twice in its 32-bit lane: lane i holds group i's
