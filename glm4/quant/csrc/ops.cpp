@@ -225,7 +225,8 @@ struct ActPrep {
     // fp32 FMA kernel, which two int16 terms do not beat
     if (bits == 8 && (use_avx512() ? B % 64 != 0 : exact_activations())) B = 0;
     if (!B) return;
-    if ((bits == 4 || bits == 6) && int8_activations(int(act_bits ? act_bits : bits)) && !use_avx512()) {  // llama.cpp's precision
+    // llama.cpp's precision
+    if ((bits == 4 || bits == 6) && int8_activations(int(act_bits ? act_bits : bits)) && !use_avx512()) {
       if (bits == 6) B = act_block(group, 64);  // the 6-bit kernel's blocks
       i8.resize(M * K), scale.resize(M * K / B);
       glm4k::act_int8_avx2(x, M * K, B, i8.data(), scale.data());
