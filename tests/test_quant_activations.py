@@ -172,6 +172,37 @@ def test_a_4_bit_models_6_bit_head_rounds_as_its_body(head, isa):
         assert set_activation_bits(int6.model) == 6 and "(int8 activations)" not in int6.describe()
 
 
+@needs_kernels
+def test_a_q4_K_M_moes_q6_K_experts_round_as_the_rest(isa):
+    """Expert packs take the model's coarsest width too: q4_K gate_up with q6_K down (as llama.cpp's q4_K_M writes some
+    layers), under "auto" the down projection's int8 activations as the int8 mode gives them, bit for bit — in the
+    one-op decode dispatch (expert_glu) and in expert_mm."""
+    from glm4.quant import set_activation_bits
+
+    E, H, inter = 4, 256, 256
+    gu = ExpertPack(blocks=torch.stack([_kquant_blocks(12, 2 * inter, H, seed=e) for e in range(E)]), ggml_type=12)
+    dn = ExpertPack(blocks=torch.stack([_kquant_blocks(14, H, inter, seed=10 + e) for e in range(E)]), ggml_type=14)
+    experts = StreamExperts(gu, dn)
+    assert set_activation_bits(torch.nn.ModuleDict({"experts": experts})) == 4
+    assert (gu.activation_bits, dn.activation_bits) == (0, 4)
+    g = torch.Generator().manual_seed(2)
+    x, h = torch.randn(3, H, generator=g), torch.randn(5, inter, generator=g)
+    indices = torch.tensor([[0, 2], [1, 2], [3, 0]])
+    weights = torch.rand(3, 2, generator=g)
+    counts = torch.tensor([2, 1, 1, 1])
+    out = {}
+    with torch.no_grad():
+        for mode, bits in (("auto", 4), ("int8", 4), ("auto", 0), ("int16", 0)):
+            dn.activation_bits = bits
+            with kernel_activations(mode):
+                out[mode, bits] = experts(x, indices, weights), dn(h, counts)
+    for a, b in zip(out["auto", 4], out["int8", 4]):
+        assert torch.equal(a, b)
+    for a, b in zip(out["auto", 4], out["auto", 0]):  # q6_K's own width under auto: int16
+        assert torch.equal(a, b) == (isa != "avx2")
+    assert torch.equal(out["auto", 0][1], out["int16", 0][1])
+
+
 def test_auto_is_the_default_mode():
     """A fresh process without GLM4_ACTIVATIONS runs "auto"; GLM4_ACTIVATIONS picks another."""
     import os

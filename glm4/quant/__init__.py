@@ -306,16 +306,15 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
 
 
 def set_activation_bits(model: nn.Module) -> int:
-    """Tell each quantized linear of `model` its coarsest code width (QuantLinear / KQuantLinear / expert pack bits),
-    where that is below the linear's own: under activations "auto" an AVX2 kernel rounds its activations to int8 for
+    """Tell each quantized linear and expert pack of `model` its coarsest code width (QuantLinear / KQuantLinear /
+    ExpertPack bits), where that is below its own: under activations "auto" an AVX2 kernel rounds its activations to int8 for
     codes of up to 5 bits, and with this a 6-bit linear of a 4-bit model does too (an int4 model's q6_K / int6 head:
     llama.cpp's q8_K precision for every tensor of a q4 file), where the body's error swamps the rounding; a model of
     6- or 8-bit codes keeps int16 throughout. Returns the coarsest width (0: no quantized linear)."""
     coded = [m for m in model.modules() if isinstance(m, (StreamingLinear, ExpertPack)) and getattr(m, "bits", 0)]
     coarsest = min((m.bits for m in coded), default=0)
     for m in coded:
-        if isinstance(m, StreamingLinear):
-            m.activation_bits = coarsest if coarsest < m.bits else 0
+        m.activation_bits = coarsest if coarsest < m.bits else 0
     return coarsest
 
 
@@ -384,7 +383,8 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
             key = ("lm_head (tied to the embedding)", kernel_of(m))
         elif isinstance(m, StreamExperts):
             gu, dn = m.gate_up, m.down
-            isa = (_kquant_isa(gu.bits) if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features)
+            act = gu.activation_bits or gu.bits
+            isa = (_kquant_isa(act) if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features, act)
                    if gu.bits else kernels.dense_isa())
             fmt, dn_fmt = (p.extra_repr().split(", ", 3)[-1] for p in (gu, dn))
             fmt += f" (down {dn_fmt})" if dn_fmt != fmt else ""

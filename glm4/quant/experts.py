@@ -33,6 +33,7 @@ class ExpertPack(nn.Module):
     block bytes] read as in KQuantLinear (bits and group_size then say what the blocks hold: 4 / 5 / 6, 32 / 16)."""
 
     gemm_dtype = torch.float32  # quantized packs: the prefill GEMM's dtype for fp32 activations (QuantLinear's)
+    activation_bits = 0  # as StreamingLinear's (glm4.quant.set_activation_bits)
 
     def __init__(self, weight: torch.Tensor | None = None, *, bits: int = 0, group_size: int = 0, zero_point: int = 0,
                  qweight: torch.Tensor | None = None, scales: torch.Tensor | None = None,
@@ -89,7 +90,7 @@ class ExpertPack(nn.Module):
         c = counts.tolist()
         if kernels.has_streaming_kernels() and xs.device.type == "cpu" and max(c, default=0) <= kernels.dense_max_m():
             y = kernels.ops.expert_mm(xs.float().contiguous(), counts, self.stored, self.scales, self.mins, self.bits,
-                                      self.group_size, self.zero_point, self.ggml_type)
+                                      self.group_size, self.zero_point, self.ggml_type, self.activation_bits)
             return y.to(xs.dtype)
         if self.bits and kernels.has_streaming_kernels() and xs.device.type == "cpu":
             return self._dequant_experts_mm(xs, c)
@@ -131,10 +132,11 @@ class ExpertPack(nn.Module):
         dequantization into w (glm4's ops)."""
         if self.ggml_type:
             b, t = self.blocks[e], self.ggml_type
-            return (lambda x: kernels.ops.kquant_mm(x, b, self.in_features, t),
+            return (lambda x: kernels.ops.kquant_mm(x, b, self.in_features, t, self.activation_bits),
                     functools.partial(kernels.ops.kquant_dequantize_rows, b, t))
         args = self._expert_args(e)
-        return lambda x: kernels.ops.quant_mm(x, *args), functools.partial(kernels.ops.dequantize_rows, *args)
+        return (lambda x: kernels.ops.quant_mm(x, *args, True, self.activation_bits),
+                functools.partial(kernels.ops.dequantize_rows, *args))
 
     def _expert_args(self, e: int) -> tuple:
         """(codes, scales, mins, bits, group, zero point) of expert e, as glm4's ops take them."""
@@ -226,7 +228,8 @@ class StreamExperts(nn.Module):
             gu, dn = self.gate_up, self.down
             y = kernels.ops.expert_glu(x.float(), indices, weights.float(), gu.stored, gu.scales, gu.mins, gu.bits,
                                        gu.group_size, gu.zero_point, dn.stored, dn.scales, dn.mins, dn.bits,
-                                       dn.group_size, dn.zero_point, gu.ggml_type, dn.ggml_type)
+                                       dn.group_size, dn.zero_point, gu.ggml_type, dn.ggml_type,
+                                       gu.activation_bits or dn.activation_bits)  # the model's coarsest width, or 0
             return y.to(x.dtype)
         combine = _moe_combine if kernels.has_streaming_kernels() and x.device.type == "cpu" else None
         return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size, combine)

@@ -356,7 +356,7 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
 // block of rows) is one task: the streaming kernels with M = that expert's tokens.
 at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
                      const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
-                     int64_t group, int64_t zero_point, int64_t ggml_type) {
+                     int64_t group, int64_t zero_point, int64_t ggml_type, int64_t act_bits) {
   TORCH_CHECK(has_avx2(), "glm4.expert_mm needs AVX2 + FMA");
   TORCH_CHECK(xs.dim() == 2 && xs.scalar_type() == at::kFloat, "expert_mm: xs must be float32 [S, K]");
   TORCH_CHECK(w.dim() == 3 && counts.dim() == 1 && counts.size(0) == w.size(0), "expert_mm: w [E, N, K'], counts [E]");
@@ -391,7 +391,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   const auto* wp = static_cast<const char*>(wc.data_ptr());
   const int64_t w_stride = N * wc.size(2) * wc.element_size();  // bytes per expert
   if (ggml_type) {
-    const glm4k::KQuantActs acts(xp, S, K, int(ggml_type));
+    const glm4k::KQuantActs acts(xp, S, K, int(ggml_type), int(act_bits));
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& tk = tasks[t];
@@ -419,7 +419,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   }
   int64_t busiest = 0;
   for (int64_t e = 0; e < E; ++e) busiest = std::max(busiest, start[e + 1] - start[e]);
-  const ActPrep prep(xp, S, K, group, bits, true, busiest);
+  const ActPrep prep(xp, S, K, group, bits, true, busiest, act_bits);
   const int64_t G = K / group, s_stride = N * G * sc.element_size();
   at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
@@ -487,7 +487,7 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
                       int64_t gu_bits, int64_t gu_group, int64_t gu_zero_point, const at::Tensor& dn,
                       const std::optional<at::Tensor>& dn_scales, const std::optional<at::Tensor>& dn_mins,
                       int64_t dn_bits, int64_t dn_group, int64_t dn_zero_point, int64_t gu_ggml_type,
-                      int64_t dn_ggml_type) {
+                      int64_t dn_ggml_type, int64_t act_bits) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "expert_glu: x must be float32 [T, H]");
   TORCH_CHECK(indices.dim() == 2 && indices.size(0) == x.size(0) && weights.sizes() == indices.sizes() &&
                   weights.scalar_type() == at::kFloat,
@@ -509,7 +509,8 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
   auto xs = at::empty({S, H}, x.options());
   for (int64_t p = 0; p < S; ++p)
     std::memcpy(xs.data_ptr<float>() + slot[p] * H, xc.data_ptr<float>() + (p / k) * H, H * sizeof(float));
-  at::Tensor h = expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point, gu_ggml_type);
+  at::Tensor h =
+      expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point, gu_ggml_type, act_bits);
   const int64_t I = h.size(1) / 2;
   auto act = at::empty({S, I}, x.options());
   const float* hp = h.data_ptr<float>();
@@ -519,7 +520,8 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
       const float g = hp[r * 2 * I + i];
       ap[r * I + i] = g / (1.f + std::exp(-g)) * hp[r * 2 * I + I + i];
     }
-  at::Tensor y = expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point, dn_ggml_type);
+  at::Tensor y =
+      expert_mm(act, counts, dn, dn_scales, dn_mins, dn_bits, dn_group, dn_zero_point, dn_ggml_type, act_bits);
   TORCH_CHECK(y.size(1) == H, "expert_glu: down must map back to the hidden size");
   auto out = at::empty({T, H}, x.options());
   combine_rows(y.data_ptr<float>(), slot.data(), wts.data_ptr<float>(), T, k, H, out.data_ptr<float>());
@@ -541,12 +543,12 @@ TORCH_LIBRARY(glm4, m) {
         "Tensor(a!) out) -> ()",
         &dequantize_rows);
   m.def("expert_mm(Tensor xs, Tensor counts, Tensor w, Tensor? scales, Tensor? mins, int bits, int group, "
-        "int zero_point, int ggml_type=0) -> Tensor",
+        "int zero_point, int ggml_type=0, int act_bits=0) -> Tensor",
         &expert_mm);
   m.def("moe_combine(Tensor y, Tensor order, Tensor weights) -> Tensor", &moe_combine);
   m.def("expert_glu(Tensor x, Tensor indices, Tensor weights, Tensor gu, Tensor? gu_scales, Tensor? gu_mins, "
         "int gu_bits, int gu_group, int gu_zero_point, Tensor dn, Tensor? dn_scales, Tensor? dn_mins, int dn_bits, "
-        "int dn_group, int dn_zero_point, int gu_ggml_type=0, int dn_ggml_type=0) -> Tensor",
+        "int dn_group, int dn_zero_point, int gu_ggml_type=0, int dn_ggml_type=0, int act_bits=0) -> Tensor",
         &expert_glu);
 }
 
