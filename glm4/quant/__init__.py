@@ -307,10 +307,11 @@ def set_gemm_dtype(model: nn.Module, dtype: torch.dtype, bits: tuple[int, ...] =
 
 def set_activation_bits(model: nn.Module) -> int:
     """Tell each quantized linear and expert pack of `model` its coarsest code width (QuantLinear / KQuantLinear /
-    ExpertPack bits), where that is below its own: under activations "auto" an AVX2 kernel rounds its activations to int8 for
-    codes of up to 5 bits, and with this a 6-bit linear of a 4-bit model does too (an int4 model's q6_K / int6 head:
-    llama.cpp's q8_K precision for every tensor of a q4 file), where the body's error swamps the rounding; a model of
-    6- or 8-bit codes keeps int16 throughout. Returns the coarsest width (0: no quantized linear)."""
+    ExpertPack bits), where that is below its own: under activations "auto" an AVX2 kernel rounds its activations
+    to int8 for codes of up to 5 bits, and with this a 6-bit linear of a 4-bit model does too (an int4 model's q6_K /
+    int6 head, a q4_K_M file's q6_K tensors and experts: llama.cpp's q8_K precision for every tensor of a q4 file),
+    where the body's error swamps the rounding; a model of 6- or 8-bit codes keeps int16 throughout. Returns the
+    coarsest width (0: no quantized linear)."""
     coded = [m for m in model.modules() if isinstance(m, (StreamingLinear, ExpertPack)) and getattr(m, "bits", 0)]
     coarsest = min((m.bits for m in coded), default=0)
     for m in coded:
@@ -350,8 +351,8 @@ def kernel_of(m: nn.Module) -> str:
         gemm = ("glm4 AVX2 GEMM, int8 activations" if int8 else "dequantize + " + (
             f"bf16 {kernels.gemm_kernel(torch.bfloat16)}" if m.gemm_dtype == torch.bfloat16 else
             kernels.gemm_kernel(torch.float32) + (" (bf16 for bf16 activations)" if kernels.native_bf16() else "")))
-        return (f"{fmt}: glm4 {kernels.quant_isa(m.bits, m.group_size, m.in_features, m.activation_bits)} stream (M<={kernels.max_m(m)}); "
-                f"{gemm} above"
+        isa = kernels.quant_isa(m.bits, m.group_size, m.in_features, m.activation_bits)
+        return (f"{fmt}: glm4 {isa} stream (M<={kernels.max_m(m)}); {gemm} above"
                 if kernels.max_m(m) else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, PackedLinear):
         return f"{str(m.dtype).removeprefix('torch.')} weights: oneDNN prepacked" + (
