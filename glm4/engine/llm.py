@@ -267,6 +267,10 @@ def optimize_model(model: torch.nn.Module, args: EngineArgs, compute: torch.dtyp
         from glm4.quant.fused import use_fused_ops
 
         use_fused_ops(model)  # norms, RoPE, and model.decode_attention_kernel for the runner
+        if not args.compile:
+            from glm4.quant.decode_stack import use_decode_stack
+
+            use_decode_stack(model)  # decode steps through all layers by one call (model.decode_layers_kernel)
     if args.compile:
         compile_model(model)
     return model

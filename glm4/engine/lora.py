@@ -113,6 +113,9 @@ class LoRAAdapters:
     """The adapters loaded next to one model (slot i = `names[i]`) and the row groups of the current step."""
 
     def __init__(self, model: nn.Module):
+        from glm4.quant.decode_stack import drop_decode_stack
+
+        drop_decode_stack(model)  # its linears are about to be wrapped: the stack would run them unadapted
         self.model = model
         p = next(model.parameters())
         self.device, self.dtype = p.device, getattr(model, "compute_dtype", p.dtype)

@@ -134,6 +134,9 @@ class GlmForCausalLM(nn.Module):
 
     config_class = GlmConfig
     decoder_layer_cls = GlmDecoderLayer
+    # (h [B, T, H] embedded, cs, ctx) -> final-norm hidden states or None: every layer of a decode step by one call,
+    # set by glm4.quant.decode_stack (the engine's fused ops); None runs the layers
+    decode_layers_kernel = None
 
     def __init__(self, config):
         super().__init__()
@@ -157,6 +160,10 @@ class GlmForCausalLM(nn.Module):
         ctx = Causal() if ctx is None else ctx
         h = self.model.embed_tokens(input_ids)
         cs = self.rope.cos_sin(positions, h.dtype)
+        if self.decode_layers_kernel is not None and all(a is None for a in layer_args):
+            out = self.decode_layers_kernel(h, cs, ctx)
+            if out is not None:
+                return out
         for layer in self.model.layers:
             h = layer(h, cs, ctx, *layer_args)
         return self.model.norm(h)

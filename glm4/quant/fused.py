@@ -172,4 +172,6 @@ def describe_fused(model: nn.Module) -> str:
         ops.append("prefill_attention (fp32 prompt chunks)")
     if any(isinstance(m, Glm4MoeRouter) and m.matmul is router_logits for m in model.modules()):
         ops.append("router_logits (<= 16 tokens)")
+    if getattr(model, "decode_layers_kernel", None) is not None:
+        ops.append("decode_stack (decode steps of <= 16 tokens: every layer by one call)")
     return ", ".join(ops)

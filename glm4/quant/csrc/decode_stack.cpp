@@ -1,0 +1,217 @@
+// torch.classes.glm4.DecodeStack: a decode step through every decoder layer and the final norm in one call.
+//
+// A batch-1 decode step of a small model makes ~70 glm4 ops and ~700 torch calls, with Python module calls between
+// them: ~2 ms of the 697M MoE's 9 ms step (Zen 3) ran outside the kernels. This class holds the layers' tensors
+// (what glm4.quant.decode_stack reads from the modules) and runs the same ops with the same arguments in the same
+// order as glm.py / glm4.py / glm4_moe.py's layers with glm4's kernels swapped in, so its output equals theirs bit
+// for bit (tests/test_decode_stack.py); only the Python between the ops is gone.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <limits>
+#include <optional>
+#include <vector>
+
+namespace {
+
+using Opt = std::optional<at::Tensor>;
+
+// glm4's own ops, found once by name and called through the dispatcher as Python calls them
+template <class Sig>
+c10::TypedOperatorHandle<Sig> glm4_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+at::Tensor dense_mm(const at::Tensor& x, const at::Tensor& w) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&)>("glm4::dense_mm");
+  return op.call(x, w);
+}
+
+at::Tensor quant_mm(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales, const Opt& mins, int64_t bits,
+                    int64_t group, int64_t zero_point, int64_t act_bits) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const Opt&, int64_t,
+                                      int64_t, int64_t, bool, int64_t)>("glm4::quant_mm");
+  return op.call(x, q, scales, mins, bits, group, zero_point, true, act_bits);
+}
+
+at::Tensor kquant_mm(const at::Tensor& x, const at::Tensor& blocks, int64_t K, int64_t type, int64_t act_bits) {
+  static auto op =
+      glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t, int64_t)>("glm4::kquant_mm");
+  return op.call(x, blocks, K, type, act_bits);
+}
+
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, double)>("glm4::rms_norm");
+  return op.call(x, w, eps);
+}
+
+at::Tensor decode_qkv_attention(const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin, bool interleaved,
+                                const at::Tensor& k, const at::Tensor& v, const at::Tensor& slots,
+                                const at::Tensor& tables, const at::Tensor& lens, int64_t block_size,
+                                int64_t n_heads) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool, const at::Tensor&,
+                                      const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      int64_t, int64_t)>("glm4::decode_qkv_attention");
+  return op.call(qkv, cos, sin, interleaved, k, v, slots, tables, lens, block_size, n_heads);
+}
+
+// One projection as its module runs it for a few tokens: FloatLinear (kind 0: dense_mm over the stored weight),
+// QuantLinear (1: quant_mm over glm4's codes), KQuantLinear (2: kquant_mm over GGUF blocks); then + bias (fp32).
+struct Linear {
+  int64_t kind = 0;
+  at::Tensor w, scales;
+  Opt mins, bias;
+  int64_t bits = 0, group = 0, zero_point = 0, in_features = 0, ggml_type = 0, act_bits = 0;
+
+  at::Tensor operator()(const at::Tensor& x) const {
+    at::Tensor y = kind == 0   ? dense_mm(x, w)
+                   : kind == 1 ? quant_mm(x, w, scales, mins, bits, group, zero_point, act_bits)
+                               : kquant_mm(x, w, in_features, ggml_type, act_bits);
+    return bias ? y + *bias : y;
+  }
+};
+
+struct Norm {
+  at::Tensor w;
+  double eps = 0;
+  at::Tensor operator()(const at::Tensor& x) const { return rms_norm(x, w, eps); }
+};
+
+// glm4_moe's routed experts: the router (glm4.layers.moe.route's arithmetic) and expert_glu's arguments
+struct Moe {
+  at::Tensor router;
+  Opt correction_bias;
+  int64_t top_k = 0, n_group = 1, topk_group = 1;
+  bool sigmoid = true, norm_topk_prob = true;
+  double routed_scaling_factor = 1.0;
+  at::Tensor gu, dn;
+  Opt gu_scales, gu_mins, dn_scales, dn_mins;
+  std::vector<int64_t> ints;  // gu bits, group, zero point; dn bits, group, zero point; gu / dn ggml type; act bits
+
+  // route(): logits [N, E] fp32 -> (indices [N, k], weights [N, k])
+  std::pair<at::Tensor, at::Tensor> route(const at::Tensor& logits) const {
+    const int64_t N = logits.size(0), E = logits.size(1);
+    at::Tensor scores = sigmoid ? logits.sigmoid() : logits.softmax(-1);
+    at::Tensor choice = correction_bias ? scores + *correction_bias : scores;
+    if (n_group > 1 && topk_group < n_group) {
+      at::Tensor grouped = choice.view({N, n_group, E / n_group});
+      at::Tensor group_scores = std::get<0>(grouped.topk(std::min<int64_t>(2, E / n_group), -1)).sum(-1);
+      at::Tensor keep = at::zeros_like(group_scores, group_scores.options().dtype(at::kBool));
+      keep.scatter_(1, std::get<1>(group_scores.topk(topk_group, -1)), true);
+      choice = grouped.masked_fill(~keep.unsqueeze(-1), -std::numeric_limits<double>::infinity()).view({N, E});
+    }
+    at::Tensor indices = std::get<1>(choice.topk(top_k, -1));
+    at::Tensor weights = scores.gather(1, indices);
+    if (norm_topk_prob) weights = weights / (weights.sum(-1, true) + 1e-20);
+    return {indices, weights * routed_scaling_factor};
+  }
+
+  // Glm4MoeMoE's routed part: h [..., H] -> [..., H]
+  at::Tensor operator()(const at::Tensor& h) const {
+    static auto glu = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         const Opt&, const Opt&, int64_t, int64_t, int64_t, const at::Tensor&,
+                                         const Opt&, const Opt&, int64_t, int64_t, int64_t, int64_t, int64_t,
+                                         int64_t)>("glm4::expert_glu");
+    const at::Tensor flat = h.reshape({-1, h.size(-1)});
+    const auto [indices, weights] = route(dense_mm(flat.contiguous(), router));
+    const auto& i = ints;
+    return glu.call(flat, indices, weights, gu, gu_scales, gu_mins, i[0], i[1], i[2], dn, dn_scales, dn_mins, i[3],
+                    i[4], i[5], i[6], i[7], i[8])
+        .view_as(h);
+  }
+};
+
+struct Layer {
+  Norm input, post_attention, post_self_attn, post_mlp;  // the last two: glm4's sandwich norms (else w undefined)
+  int64_t qkv = -1, o = -1, n_heads = 0;
+  int64_t gate_up = -1, down = -1;  // the dense MLP, or a MoE layer's shared experts (-1: none)
+  std::optional<Moe> moe;
+};
+
+struct DecodeStack : torch::CustomClassHolder {
+  std::vector<Linear> linears;
+  std::vector<Layer> layers;
+  Norm final_norm;
+
+  // ints: bits, group, zero point, in_features, ggml type, activation bits
+  int64_t add_linear(int64_t kind, at::Tensor w, Opt scales, Opt mins, Opt bias, std::vector<int64_t> ints) {
+    TORCH_CHECK(0 <= kind && kind <= 2 && ints.size() == 6, "DecodeStack.add_linear: kind 0..2 and 6 ints");
+    TORCH_CHECK(kind != 1 || scales, "DecodeStack.add_linear: codes need scales");
+    Linear l;
+    l.kind = kind, l.w = w, l.scales = scales ? *scales : at::Tensor(), l.mins = mins, l.bias = bias;
+    l.bits = ints[0], l.group = ints[1], l.zero_point = ints[2], l.in_features = ints[3], l.ggml_type = ints[4];
+    l.act_bits = ints[5];
+    linears.push_back(l);
+    return int64_t(linears.size()) - 1;
+  }
+
+  // norms: input, post_attention, and for glm4's layers post_self_attn, post_mlp; ids: qkv, o, n_heads, gate_up, down
+  void add_layer(std::vector<at::Tensor> norms, std::vector<double> eps, std::vector<int64_t> ids) {
+    TORCH_CHECK((norms.size() == 2 || norms.size() == 4) && eps.size() == norms.size() && ids.size() == 5,
+                "DecodeStack.add_layer: 2 or 4 norms with their eps, 5 ids");
+    const auto n = int64_t(linears.size());
+    for (int64_t j : {ids[0], ids[1]}) TORCH_CHECK(0 <= j && j < n, "DecodeStack.add_layer: no linear ", j);
+    for (int64_t j : {ids[3], ids[4]}) TORCH_CHECK(-1 <= j && j < n, "DecodeStack.add_layer: no linear ", j);
+    Layer l;
+    l.input = {norms[0], eps[0]}, l.post_attention = {norms[1], eps[1]};
+    if (norms.size() == 4) l.post_self_attn = {norms[2], eps[2]}, l.post_mlp = {norms[3], eps[3]};
+    l.qkv = ids[0], l.o = ids[1], l.n_heads = ids[2], l.gate_up = ids[3], l.down = ids[4];
+    layers.push_back(l);
+  }
+
+  // the last layer's routed experts. route: top_k, n_group, topk_group, sigmoid (else softmax), norm_topk_prob
+  void set_moe(at::Tensor router, Opt correction_bias, std::vector<int64_t> route, double routed_scaling_factor,
+               at::Tensor gu, Opt gu_scales, Opt gu_mins, at::Tensor dn, Opt dn_scales, Opt dn_mins,
+               std::vector<int64_t> ints) {
+    TORCH_CHECK(!layers.empty() && route.size() == 5 && ints.size() == 9, "DecodeStack.set_moe: a layer first, 5 + 9 ints");
+    Moe m;
+    m.router = router, m.correction_bias = correction_bias;
+    m.top_k = route[0], m.n_group = route[1], m.topk_group = route[2], m.sigmoid = route[3] != 0;
+    m.norm_topk_prob = route[4] != 0, m.routed_scaling_factor = routed_scaling_factor;
+    m.gu = gu, m.gu_scales = gu_scales, m.gu_mins = gu_mins, m.dn = dn, m.dn_scales = dn_scales, m.dn_mins = dn_mins;
+    m.ints = ints;
+    layers.back().moe = m;
+  }
+
+  void set_final_norm(at::Tensor w, double eps) { final_norm = {w, eps}; }
+
+  // h [B, T, H] embedded tokens (B T <= 16, fp32), cos / sin the step's RoPE tables, k / v the paged cache [L, S,
+  // Hkv, D], slots / tables / lens / block_size the decode-only step's metadata (glm4.layers.paged_attention) ->
+  // the final-norm hidden states [B, T, H]
+  at::Tensor run(at::Tensor h, at::Tensor cos, at::Tensor sin, bool interleaved, at::Tensor k, at::Tensor v,
+                 at::Tensor slots, at::Tensor tables, at::Tensor lens, int64_t block_size) {
+    TORCH_CHECK(final_norm.w.defined() && k.size(0) >= int64_t(layers.size()), "DecodeStack.run: incomplete stack");
+    at::Tensor x = h;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& l = layers[i];
+      at::Tensor qkv = linears[l.qkv](l.input(x));
+      at::Tensor a = linears[l.o](decode_qkv_attention(qkv, cos, sin, interleaved, k.select(0, int64_t(i)),
+                                                       v.select(0, int64_t(i)), slots, tables, lens, block_size,
+                                                       l.n_heads));
+      x = x + (l.post_self_attn.w.defined() ? l.post_self_attn(a) : a);
+      const at::Tensor hn = l.post_attention(x);
+      at::Tensor m = l.moe ? (*l.moe)(hn) : at::Tensor();
+      if (l.gate_up >= 0) {  // dense SwiGLU (or the shared experts): silu(gate) * up, then down
+        const auto gate_up = linears[l.gate_up](hn).chunk(2, -1);
+        at::Tensor d = linears[l.down](at::silu(gate_up[0]) * gate_up[1]);
+        m = m.defined() ? m + d : d;
+      }
+      x = x + (l.post_mlp.w.defined() ? l.post_mlp(m) : m);
+    }
+    return final_norm(x);
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(glm4, m) {
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<>())
+      .def("add_linear", &DecodeStack::add_linear)
+      .def("add_layer", &DecodeStack::add_layer)
+      .def("set_moe", &DecodeStack::set_moe)
+      .def("set_final_norm", &DecodeStack::set_final_norm)
+      .def("run", &DecodeStack::run);
+}

@@ -1,0 +1,151 @@
+"""A decode step through all decoder layers by one call: `torch.classes.glm4.DecodeStack` (csrc/decode_stack.cpp).
+
+With glm4's kernels swapped in, a decode step's arithmetic runs in ~70 glm4 ops, but the Python around them (module
+calls, the MoE router's dozen torch ops a layer, ~750 torch calls a step) cost the 697M MoE ~2 ms of a 9 ms batch-1
+step on a Zen 3, and the 400M dense model ~1 ms of 8. `use_decode_stack(model)` (the engine's optimize_model, with
+the fused ops) reads every layer's tensors into one C++ object that runs the same ops with the same arguments in the
+same order, so a step's hidden states equal the modules' bit for bit; `model.decode_layers_kernel` then serves the
+engine's decode-only steps of up to 16 tokens (GlmForCausalLM.hidden_states), and anything else (prefill, other
+dtypes, an int8 KV cache, router logits asked for) runs the modules as before.
+
+Models: `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts), fp32 activations, projections fused
+(qkv_proj, gate_up_proj) and held as FloatLinear / QuantLinear / KQuantLinear, norms FusedRMSNorm, experts
+StreamExperts, no q/k norm. Anything else (chatglm, vision models, LoRA-wrapped linears, act-order GPTQ) keeps the
+module path: `use_decode_stack` returns False. A module swapped in later (LoRA adapters) must drop the stack
+(`drop_decode_stack`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from glm4.models.glm import GlmAttention, GlmDecoderLayer, GlmForCausalLM, GlmMLP
+from glm4.models.glm4 import Glm4DecoderLayer, Glm4ForCausalLM
+from glm4.models.glm4_moe import Glm4MoeDecoderLayer, Glm4MoeForCausalLM, Glm4MoeMLP, Glm4MoeMoE, Glm4MoeRouter
+
+from . import fused, kernels
+from .experts import StreamExperts
+from .float_linear import FloatLinear
+from .kquant import KQuantLinear
+from .qlinear import QuantLinear
+
+__all__ = ["DecodeStackRunner", "drop_decode_stack", "use_decode_stack"]
+
+_MODELS = (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM)
+_LAYERS = (GlmDecoderLayer, Glm4DecoderLayer, Glm4MoeDecoderLayer)
+
+
+class Unsupported(Exception):
+    """A module the stack does not run (the model keeps its module path)."""
+
+
+def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
+    if type(m) is not fused.FusedRMSNorm or m.weight.dtype != torch.float32:
+        raise Unsupported(type(m).__name__)
+    return m.weight.detach(), float(m.eps)
+
+
+def _add_linear(stack, m: nn.Module | None) -> int:
+    """The projection's tensors into `stack` as its module's small-M path reads them; returns its id."""
+    if m is None:
+        raise Unsupported("unfused projection")
+    bias = None if m.bias is None else m.bias.detach().float()
+    if type(m) is FloatLinear and m.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        return stack.add_linear(0, m.weight.detach(), None, None, bias, [0, 0, 0, m.in_features, 0, 0])
+    if type(m) is QuantLinear:
+        return stack.add_linear(1, m.qweight, m.scales, m.mins, bias,
+                                [m.bits, m.group_size, m.zero_point, m.in_features, 0, m.activation_bits])
+    if type(m) is KQuantLinear:
+        return stack.add_linear(2, m.blocks, None, None, bias, [0, 0, 0, m.in_features, m.ggml_type, m.activation_bits])
+    raise Unsupported(type(m).__name__)
+
+
+def _add_moe(stack, moe: Glm4MoeMoE) -> None:
+    router, experts = moe.gate, moe.experts
+    if type(router) is not Glm4MoeRouter or router.matmul is not fused.router_logits or type(experts) is not StreamExperts:
+        raise Unsupported("MoE router / experts")
+    kw = router.kw
+    bias = router.e_score_correction_bias
+    gu, dn = experts.gate_up, experts.down
+    stack.set_moe(router.weight.detach().contiguous(), None if bias is None else bias.float(),
+                  [router.top_k, kw["n_group"], kw["topk_group"], int(kw["scoring_func"] == "sigmoid"),
+                   int(kw["norm_topk_prob"])], float(kw["routed_scaling_factor"]),
+                  gu.stored, gu.scales, gu.mins, dn.stored, dn.scales, dn.mins,
+                  [gu.bits, gu.group_size, gu.zero_point, dn.bits, dn.group_size, dn.zero_point, gu.ggml_type,
+                   dn.ggml_type, gu.activation_bits or dn.activation_bits])
+
+
+def _add_layer(stack, layer: nn.Module) -> None:
+    if type(layer) not in _LAYERS:
+        raise Unsupported(type(layer).__name__)
+    attn: GlmAttention = layer.self_attn
+    if type(attn) is not GlmAttention or attn.use_qk_norm:
+        raise Unsupported("attention with q/k norms")
+    norms = [layer.input_layernorm, layer.post_attention_layernorm]
+    if type(layer) is Glm4DecoderLayer:
+        norms += [layer.post_self_attn_layernorm, layer.post_mlp_layernorm]
+    weights, eps = zip(*map(_norm, norms))
+    qkv, o = _add_linear(stack, attn.qkv_proj), _add_linear(stack, attn.o_proj)
+    mlp = layer.mlp
+    if isinstance(layer, Glm4MoeDecoderLayer) and layer.is_moe:
+        if type(mlp) is not Glm4MoeMoE:
+            raise Unsupported(type(mlp).__name__)
+        dense = mlp.shared_experts
+    else:
+        dense = mlp
+    gate_up = down = -1
+    if dense is not None:
+        if type(dense) not in (GlmMLP, Glm4MoeMLP):
+            raise Unsupported(type(dense).__name__)
+        gate_up, down = _add_linear(stack, dense.gate_up_proj), _add_linear(stack, dense.down_proj)
+    stack.add_layer(list(weights), list(eps), [qkv, o, attn.n_heads, gate_up, down])
+    if dense is not mlp:
+        _add_moe(stack, mlp)
+
+
+class DecodeStackRunner:
+    """model.decode_layers_kernel: (h [B, T, H] embedded, cs, ctx) -> final-norm hidden states, or None where the
+    stack does not take the step (the model runs its layers)."""
+
+    def __init__(self, stack):
+        self.stack = stack
+
+    def __call__(self, h: torch.Tensor, cs, ctx) -> torch.Tensor | None:
+        if getattr(ctx, "qkv_kernel", None) is not fused.decode_qkv_attention:  # decode-only steps, fused kernels
+            return None
+        if (h.dtype != torch.float32 or h.dim() != 3 or h.shape[0] * h.shape[1] > kernels.dense_max_m() or cs.two_d
+                or cs.rotary_dim == 0 or cs.cos.dtype != torch.float32 or torch.is_grad_enabled()):
+            return None
+        cache = ctx.cache
+        if not fused.reads_cache(h.dtype, cache.k.dtype) or cache.k.dtype != cache.v.dtype:
+            return None
+        return self.stack.run(h, cs.cos, cs.sin, cs.interleaved, cache.k, cache.v, ctx.slot_mapping,
+                              ctx.decode_tables, ctx.decode_lens, cache.block_size)
+
+
+def use_decode_stack(model: nn.Module) -> bool:
+    """Build the model's DecodeStack and set `model.decode_layers_kernel` (see the module doc); False (and nothing
+    set) where the model or one of its modules is not one the stack runs, or glm4's fused ops do not run here."""
+    drop_decode_stack(model)
+    if type(model) not in _MODELS or not fused.have_fused_ops():
+        return False
+    try:
+        stack = torch.classes.glm4.DecodeStack()
+    except RuntimeError:  # an extension built before the class existed
+        return False
+    try:
+        for layer in model.model.layers:
+            _add_layer(stack, layer)
+        w, eps = _norm(model.model.norm)
+    except Unsupported:
+        return False
+    stack.set_final_norm(w, eps)
+    model.decode_layers_kernel = DecodeStackRunner(stack)
+    return True
+
+
+def drop_decode_stack(model: nn.Module) -> None:
+    """Back to the module path (after swapping modules the stack holds the old tensors of)."""
+    if isinstance(model, GlmForCausalLM):
+        model.decode_layers_kernel = None

@@ -1,0 +1,116 @@
+"""glm4.quant.decode_stack: a decode step through every layer by one C++ call equals the modules' step bit for bit."""
+
+from __future__ import annotations
+
+import pytest
+from test_engine import make_prompts, reference, tiny_model
+
+from glm4.engine import LLM, SamplingParams
+from glm4.quant import decode_stack, fused, kernels
+from glm4.quant.kquant import KQuantLinear
+
+pytestmark = pytest.mark.skipif(not fused.have_fused_ops(), reason="glm4's fused CPU ops are not built / not on this CPU")
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=True)
+PROMPTS = make_prompts([1, 6, 40, 17])
+
+# MoE variants: GLM-4.5's sigmoid routing with groups and a correction bias; softmax routing; no shared experts
+MOE = dict(use_qk_norm=False)
+VARIANTS = {
+    "glm": ("glm", {}),
+    "glm4": ("glm4", {}),
+    "glm4_moe": ("glm4_moe", MOE),
+    "glm4_moe-softmax": ("glm4_moe", dict(MOE, scoring_func="softmax", n_group=1, topk_group=1)),
+    "glm4_moe-no-shared": ("glm4_moe", dict(MOE, n_shared_experts=0, first_k_dense_replace=0, norm_topk_prob=False)),
+}
+
+
+def _counting(llm) -> list[int]:
+    """Wrap the model's decode_layers_kernel; the list gets one entry per step it ran (the tokens of that step)."""
+    runs = []
+    kernel = llm.model.decode_layers_kernel
+
+    def counted(h, cs, ctx):
+        out = kernel(h, cs, ctx)
+        if out is not None:
+            runs.append(h.shape[0] * h.shape[1])
+        return out
+
+    llm.model.decode_layers_kernel = counted
+    return runs
+
+
+def _generate(llm, prompts=PROMPTS, params=PARAMS):
+    outs = llm.generate(prompts, params)
+    return [(o.outputs[0].token_ids, [e["logprob"] for e in o.outputs[0].logprobs]) for o in outs]
+
+
+def _on_and_off(make_llm, prompts=PROMPTS):
+    """(tokens and log-probabilities with the stack, without it, the stack's step sizes)."""
+    llm = make_llm()
+    runs = _counting(llm)
+    on = _generate(llm, prompts)
+    llm = make_llm()
+    decode_stack.drop_decode_stack(llm.model)
+    return on, _generate(llm, prompts), runs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+def test_decode_steps_through_the_stack_equal_the_modules_to_the_bit(variant, weights):
+    """Tokens and log-probabilities of a batch of four prompts (decode steps of 1-4 tokens, mixed with prefill
+    steps, which the modules run): with the stack equal to the bit those of the modules, whose tokens equal the
+    reference generator's for float weights."""
+    model_type, overrides = VARIANTS[variant]
+    kw = {"dtype": weights} if weights in ("float32", "bfloat16") else {"quantization": weights}
+    make = lambda: LLM.from_model(tiny_model(model_type, **overrides), **kw)  # noqa: E731
+    on, off, runs = _on_and_off(make)
+    assert on == off
+    assert runs and max(runs) == 4 and min(runs) >= 1  # decode steps of the batch took the stack
+    if weights == "float32":
+        assert [ids for ids, _ in on] == reference(tiny_model(model_type, **overrides), PROMPTS, new=10)
+
+
+def test_k_quant_projections_and_head_run_in_the_stack():
+    """GGUF K-quant blocks (KQuantLinear) as the body's projections, q6_K as the attention's and q4_K as the MLP's,
+    int8 activations under auto for the 4-bit ones: the stack equals the modules to the bit."""
+    def make():
+        model = tiny_model("glm", hidden_size=256, intermediate_size=256, num_attention_heads=4, head_dim=64)
+        for layer in model.model.layers:
+            layer.self_attn.fuse()
+            layer.self_attn.qkv_proj = KQuantLinear.from_linear(layer.self_attn.qkv_proj)  # q6_K
+            layer.mlp.down_proj = KQuantLinear.from_linear(layer.mlp.down_proj)
+        return LLM.from_model(model)
+
+    llm = make()
+    kinds = {type(m).__name__ for m in llm.model.model.layers.modules()}
+    assert "KQuantLinear" in kinds and "FloatLinear" in kinds
+    on, off, runs = _on_and_off(make)
+    assert on == off and runs
+
+
+def test_the_stack_declines_what_it_does_not_run():
+    """q/k norms, ChatGLM's layers, a model without the fused ops: no stack (the modules run); LoRA adapters drop
+    it (they wrap the linears it holds)."""
+    assert decode_stack.use_decode_stack(LLM.from_model(tiny_model("glm4_moe")).model) is False  # use_qk_norm
+    assert LLM.from_model(tiny_model("glm4_moe")).model.decode_layers_kernel is None
+    assert LLM.from_model(tiny_model("glm"), fused_ops=False).model.decode_layers_kernel is None
+    llm = LLM.from_model(tiny_model("glm"))
+    assert llm.model.decode_layers_kernel is not None
+    assert "decode_stack" in llm.describe()
+    from glm4.engine.lora import LoRAAdapters
+
+    LoRAAdapters(llm.model)
+    assert llm.model.decode_layers_kernel is None
+
+
+
+def test_chatglm_keeps_its_modules(hf_checkpoint, tmp_path):
+    from conftest import to_chatglm
+
+    import glm4
+
+    folder, _ = hf_checkpoint("glm")
+    llm = LLM.from_model(glm4.load_model(to_chatglm(folder, tmp_path / "chatglm")))
+    assert getattr(llm.model, "decode_layers_kernel", None) is None
+    assert kernels.has_streaming_kernels()
