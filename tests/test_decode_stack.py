@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from test_engine import make_prompts, reference, tiny_model
 
 from glm4.engine import LLM, SamplingParams
@@ -114,3 +115,20 @@ def test_chatglm_keeps_its_modules(hf_checkpoint, tmp_path):
     llm = LLM.from_model(glm4.load_model(to_chatglm(folder, tmp_path / "chatglm")))
     assert getattr(llm.model, "decode_layers_kernel", None) is None
     assert kernels.has_streaming_kernels()
+
+
+@pytest.mark.parametrize("variant", ["glm4", "glm4_moe"])
+@pytest.mark.parametrize("weights", ["bfloat16", "int4"])
+def test_bf16_activations_through_the_stack_equal_the_modules(variant, weights, monkeypatch):
+    """Where the CPU computes in bf16 (AVX512_BF16) a bf16 checkpoint's activations are bf16; forced here on any CPU:
+    the stack's step (its kernels read fp32 activations and round their outputs to bf16, as the modules do) equals
+    the modules' to the bit."""
+    import glm4.engine.llm as llm_module
+
+    monkeypatch.setattr(llm_module, "compute_dtype", lambda storage, device: storage)
+    model_type, overrides = VARIANTS[variant]
+    kw = {"dtype": "bfloat16"} if weights == "bfloat16" else {"quantization": weights}
+    make = lambda: LLM.from_model(tiny_model(model_type, **overrides).to(torch.bfloat16), **kw)  # noqa: E731
+    assert make().engine.runner.dtype == torch.bfloat16
+    on, off, runs = _on_and_off(make)
+    assert on == off and runs

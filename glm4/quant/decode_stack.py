@@ -8,7 +8,8 @@ same order, so a step's hidden states equal the modules' bit for bit; `model.dec
 engine's decode-only steps of up to 16 tokens (GlmForCausalLM.hidden_states), and anything else (prefill, other
 dtypes, an int8 KV cache, router logits asked for) runs the modules as before.
 
-Models: `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts), fp32 activations, projections fused
+Models: `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts), fp32 or bf16 activations (bf16: where
+the CPU computes in bf16, or `optimize_model(compute=torch.bfloat16)`), projections fused
 (qkv_proj, gate_up_proj) and held as FloatLinear / QuantLinear / KQuantLinear, norms FusedRMSNorm, experts
 StreamExperts, no q/k norm. Anything else (chatglm, vision models, LoRA-wrapped linears, act-order GPTQ) keeps the
 module path: `use_decode_stack` returns False. A module swapped in later (LoRA adapters) must drop the stack
@@ -40,8 +41,9 @@ class Unsupported(Exception):
     """A module the stack does not run (the model keeps its module path)."""
 
 
-def _norm(m: nn.Module) -> tuple[torch.Tensor, float]:
-    if type(m) is not fused.FusedRMSNorm or m.weight.dtype != torch.float32:
+def _norm(m: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
+    """A norm's weight and eps; its weight in the activations' dtype (else FusedRMSNorm runs torch's RMSNorm)."""
+    if type(m) is not fused.FusedRMSNorm or m.weight.dtype != dtype:
         raise Unsupported(type(m).__name__)
     return m.weight.detach(), float(m.eps)
 
@@ -76,7 +78,7 @@ def _add_moe(stack, moe: Glm4MoeMoE) -> None:
                    dn.ggml_type, gu.activation_bits or dn.activation_bits])
 
 
-def _add_layer(stack, layer: nn.Module) -> None:
+def _add_layer(stack, layer: nn.Module, dtype: torch.dtype) -> None:
     if type(layer) not in _LAYERS:
         raise Unsupported(type(layer).__name__)
     attn: GlmAttention = layer.self_attn
@@ -85,7 +87,7 @@ def _add_layer(stack, layer: nn.Module) -> None:
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if type(layer) is Glm4DecoderLayer:
         norms += [layer.post_self_attn_layernorm, layer.post_mlp_layernorm]
-    weights, eps = zip(*map(_norm, norms))
+    weights, eps = zip(*(_norm(n, dtype) for n in norms))
     qkv, o = _add_linear(stack, attn.qkv_proj), _add_linear(stack, attn.o_proj)
     mlp = layer.mlp
     if isinstance(layer, Glm4MoeDecoderLayer) and layer.is_moe:
@@ -108,14 +110,14 @@ class DecodeStackRunner:
     """model.decode_layers_kernel: (h [B, T, H] embedded, cs, ctx) -> final-norm hidden states, or None where the
     stack does not take the step (the model runs its layers)."""
 
-    def __init__(self, stack):
-        self.stack = stack
+    def __init__(self, stack, dtype: torch.dtype):
+        self.stack, self.dtype = stack, dtype
 
     def __call__(self, h: torch.Tensor, cs, ctx) -> torch.Tensor | None:
         if getattr(ctx, "qkv_kernel", None) is not fused.decode_qkv_attention:  # decode-only steps, fused kernels
             return None
-        if (h.dtype != torch.float32 or h.dim() != 3 or h.shape[0] * h.shape[1] > kernels.dense_max_m() or cs.two_d
-                or cs.rotary_dim == 0 or cs.cos.dtype != torch.float32 or torch.is_grad_enabled()):
+        if (h.dtype != self.dtype or h.dim() != 3 or h.shape[0] * h.shape[1] > kernels.dense_max_m() or cs.two_d
+                or cs.rotary_dim == 0 or cs.cos.dtype != h.dtype or torch.is_grad_enabled()):
             return None
         cache = ctx.cache
         if not fused.reads_cache(h.dtype, cache.k.dtype) or cache.k.dtype != cache.v.dtype:
@@ -134,14 +136,17 @@ def use_decode_stack(model: nn.Module) -> bool:
         stack = torch.classes.glm4.DecodeStack()
     except RuntimeError:  # an extension built before the class existed
         return False
+    dtype = getattr(model, "compute_dtype", torch.float32)  # the activations' (glm4.engine's optimize_model)
+    if dtype not in (torch.float32, torch.bfloat16):
+        return False
     try:
         for layer in model.model.layers:
-            _add_layer(stack, layer)
-        w, eps = _norm(model.model.norm)
+            _add_layer(stack, layer, dtype)
+        w, eps = _norm(model.model.norm, dtype)
     except Unsupported:
         return False
     stack.set_final_norm(w, eps)
-    model.decode_layers_kernel = DecodeStackRunner(stack)
+    model.decode_layers_kernel = DecodeStackRunner(stack, dtype)
     return True
 
 

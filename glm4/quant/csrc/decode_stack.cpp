@@ -65,11 +65,14 @@ struct Linear {
   Opt mins, bias;
   int64_t bits = 0, group = 0, zero_point = 0, in_features = 0, ggml_type = 0, act_bits = 0;
 
+  // x [..., K] fp32 or bf16 -> [..., N] in x's dtype (the kernels read fp32 activations and write fp32)
   at::Tensor operator()(const at::Tensor& x) const {
-    at::Tensor y = kind == 0   ? dense_mm(x, w)
-                   : kind == 1 ? quant_mm(x, w, scales, mins, bits, group, zero_point, act_bits)
-                               : kquant_mm(x, w, in_features, ggml_type, act_bits);
-    return bias ? y + *bias : y;
+    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    at::Tensor y = kind == 0   ? dense_mm(xf, w)
+                   : kind == 1 ? quant_mm(xf, w, scales, mins, bits, group, zero_point, act_bits)
+                               : kquant_mm(xf, w, in_features, ggml_type, act_bits);
+    if (bias) y = y + *bias;
+    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
   }
 };
 
@@ -115,11 +118,12 @@ struct Moe {
                                          const Opt&, const Opt&, int64_t, int64_t, int64_t, int64_t, int64_t,
                                          int64_t)>("glm4::expert_glu");
     const at::Tensor flat = h.reshape({-1, h.size(-1)});
-    const auto [indices, weights] = route(dense_mm(flat.contiguous(), router));
+    const at::Tensor xf = flat.scalar_type() == at::kFloat ? flat : flat.to(at::kFloat);
+    const auto [indices, weights] = route(dense_mm(xf.contiguous(), router));
     const auto& i = ints;
-    return glu.call(flat, indices, weights, gu, gu_scales, gu_mins, i[0], i[1], i[2], dn, dn_scales, dn_mins, i[3],
-                    i[4], i[5], i[6], i[7], i[8])
-        .view_as(h);
+    const at::Tensor y = glu.call(xf, indices, weights, gu, gu_scales, gu_mins, i[0], i[1], i[2], dn, dn_scales,
+                                  dn_mins, i[3], i[4], i[5], i[6], i[7], i[8]);
+    return (y.scalar_type() == h.scalar_type() ? y : y.to(h.scalar_type())).view_as(h);
   }
 };
 
@@ -177,7 +181,7 @@ struct DecodeStack : torch::CustomClassHolder {
 
   void set_final_norm(at::Tensor w, double eps) { final_norm = {w, eps}; }
 
-  // h [B, T, H] embedded tokens (B T <= 16, fp32), cos / sin the step's RoPE tables, k / v the paged cache [L, S,
+  // h [B, T, H] embedded tokens (B T <= 16; fp32, or bf16 where the model computes in bf16), cos / sin the step's RoPE tables, k / v the paged cache [L, S,
   // Hkv, D], slots / tables / lens / block_size the decode-only step's metadata (glm4.layers.paged_attention) ->
   // the final-norm hidden states [B, T, H]
   at::Tensor run(at::Tensor h, at::Tensor cos, at::Tensor sin, bool interleaved, at::Tensor k, at::Tensor v,
