@@ -193,6 +193,25 @@ def test_gemm_matches_float64(dtype):
     assert rel_err(y, x.double() @ w.double().T) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("M", [100, 511, 512, 700])
+def test_gemm_takes_torchs_from_the_m_this_cpu_runs_it_faster(M):
+    """Where the large-M GEMM is oneDNN's, an AVX2-only AMD CPU (Zen 3) takes torch's (MKL) from M = 512 in fp32:
+    the output is one library's or the other's to the bit, as the rule says."""
+    if not kernels._onednn_gemm(torch.float32):
+        pytest.skip("torch's GEMM at every M on this CPU")
+    g = torch.Generator().manual_seed(M)
+    x, w = torch.randn(M, 1024, generator=g), torch.randn(256, 1024, generator=g)
+    by_torch = torch.nn.functional.linear(x, w)
+    padded = torch.constant_pad_nd(x, (0, 0, 0, kernels.gemm_rows(M) - M))  # the row counts gemm runs oneDNN on
+    by_onednn = torch.ops.mkldnn._linear_pointwise(padded, w, None, "none", [], "")[:M]
+    if torch.equal(by_torch, by_onednn):
+        pytest.skip("the two libraries agree to the bit on this input")
+    from_m = kernels._torch_gemm_from(torch.float32)
+    assert from_m == (512 if "avx512f" not in kernels.cpu_features() and kernels.cpu_vendor() == "AuthenticAMD" else 0)
+    assert torch.equal(kernels.gemm(x, w), by_torch if 0 < from_m <= M else by_onednn)
+    assert ("torch's from M=512" in kernels.gemm_kernel(torch.float32)) == (from_m == 512)
+
+
 @needs_kernels
 @pytest.mark.parametrize("bits,group", [(4, 32), (6, 64), (8, 96)])
 @pytest.mark.parametrize("act", [torch.float32, torch.bfloat16])

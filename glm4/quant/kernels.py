@@ -235,9 +235,24 @@ def _onednn_gemm(dtype: torch.dtype) -> bool:
     return has_op("mkldnn") if dtype == torch.float32 else dtype == torch.bfloat16 and native_bf16()
 
 
+@functools.cache
+def _torch_gemm_from(dtype: torch.dtype) -> int:
+    """The M from which torch's GEMM (MKL) runs where _onednn_gemm takes oneDNN's for smaller M; 0: never. On an
+    AVX2-only AMD CPU in fp32, 512: a real Zen 3 (2 threads, K / N of the 400M's and the MoE's linears) measured MKL
+    at 175-190 GFLOP/s against oneDNN's 148-171 from M = 512 (1.03-1.21x), and slower below (0.63-0.93x at M = 24-64,
+    either way around 256-384); Zen 5 run as an AVX2-only CPU had measured the opposite at M = 512 (189-195 vs
+    229-237), so the rule follows the real CPU."""
+    if dtype == torch.float32 and "avx512f" not in cpu_features() and cpu_vendor() == "AuthenticAMD":
+        return 512
+    return 0
+
+
 def gemm_kernel(dtype: torch.dtype) -> str:
     """Which library runs the large-M GEMM in `dtype` here, in words."""
-    return "oneDNN GEMM" if _onednn_gemm(dtype) else "torch GEMM"
+    if not _onednn_gemm(dtype):
+        return "torch GEMM"
+    m = _torch_gemm_from(dtype)
+    return f"oneDNN GEMM (torch's from M={m})" if m else "oneDNN GEMM"
 
 
 def gemm_rows(m: int) -> int:
@@ -286,8 +301,8 @@ def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor) -> torch.
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ w [N, K]^T in their (common) dtype: the large-M path of the linears (prefill). oneDNN runs
     `gemm_rows(M)` rows (zero rows appended), so that its per-shape caches stay bounded."""
-    if x.device.type == "cpu" and _onednn_gemm(x.dtype):
-        m = x.shape[0]
+    m = x.shape[0]
+    if x.device.type == "cpu" and _onednn_gemm(x.dtype) and not 0 < _torch_gemm_from(x.dtype) <= m:
         rows = gemm_rows(m)
         x = x.contiguous() if rows == m else torch.constant_pad_nd(x, (0, 0, 0, rows - m))  # zero rows below
         y = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
