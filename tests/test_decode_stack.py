@@ -7,7 +7,7 @@ import torch
 from test_engine import make_prompts, reference, tiny_model
 
 from glm4.engine import LLM, SamplingParams
-from glm4.quant import decode_stack, fused, kernels
+from glm4.quant import decode_stack, fused
 from glm4.quant.kquant import KQuantLinear
 
 pytestmark = pytest.mark.skipif(not fused.have_fused_ops(), reason="glm4's fused CPU ops are not built / not on this CPU")
@@ -19,6 +19,7 @@ PROMPTS = make_prompts([1, 6, 40, 17])
 MOE = dict(use_qk_norm=False)
 VARIANTS = {
     "glm": ("glm", {}),
+    "glm4_moe-qk-norm": ("glm4_moe", {}),  # tiny_config's MoE: GLM-4.5's per-head q / k norms
     "glm4": ("glm4", {}),
     "glm4_moe": ("glm4_moe", MOE),
     "glm4_moe-softmax": ("glm4_moe", dict(MOE, scoring_func="softmax", n_group=1, topk_group=1)),
@@ -91,10 +92,8 @@ def test_k_quant_projections_and_head_run_in_the_stack():
 
 
 def test_the_stack_declines_what_it_does_not_run():
-    """q/k norms, ChatGLM's layers, a model without the fused ops: no stack (the modules run); LoRA adapters drop
-    it (they wrap the linears it holds)."""
-    assert decode_stack.use_decode_stack(LLM.from_model(tiny_model("glm4_moe")).model) is False  # use_qk_norm
-    assert LLM.from_model(tiny_model("glm4_moe")).model.decode_layers_kernel is None
+    """Without the fused ops, no stack (the modules run); LoRA adapters drop it (they wrap the linears it holds); a
+    projection the stack does not know keeps the module path for the whole model."""
     assert LLM.from_model(tiny_model("glm"), fused_ops=False).model.decode_layers_kernel is None
     llm = LLM.from_model(tiny_model("glm"))
     assert llm.model.decode_layers_kernel is not None
@@ -103,21 +102,28 @@ def test_the_stack_declines_what_it_does_not_run():
 
     LoRAAdapters(llm.model)
     assert llm.model.decode_layers_kernel is None
+    model = LLM.from_model(tiny_model("glm")).model
+    model.model.layers[1].mlp.down_proj = torch.nn.Identity()
+    assert decode_stack.use_decode_stack(model) is False and model.decode_layers_kernel is None
 
 
-
-def test_chatglm_keeps_its_modules(hf_checkpoint, tmp_path):
+def test_chatglm_decodes_through_the_stack(hf_checkpoint, tmp_path):
+    """glm-4-9b-chat's original layout (fused query_key_value with bias, interleaved RoPE): the stack equals the
+    modules to the bit, fp32 and int4."""
     from conftest import to_chatglm
 
     import glm4
 
     folder, _ = hf_checkpoint("glm")
-    llm = LLM.from_model(glm4.load_model(to_chatglm(folder, tmp_path / "chatglm")))
-    assert getattr(llm.model, "decode_layers_kernel", None) is None
-    assert kernels.has_streaming_kernels()
+    path = to_chatglm(folder, tmp_path / "chatglm")
+    for kw in ({}, {"quantization": "int4"}):
+        make = lambda kw=kw: LLM.from_model(glm4.load_model(path), **kw)  # noqa: E731
+        assert type(make().model).__name__ == "ChatGLMForConditionalGeneration"
+        on, off, runs = _on_and_off(make)
+        assert on == off and runs and max(runs) == 4
 
 
-@pytest.mark.parametrize("variant", ["glm4", "glm4_moe"])
+@pytest.mark.parametrize("variant", ["glm4", "glm4_moe", "glm4_moe-qk-norm"])
 @pytest.mark.parametrize("weights", ["bfloat16", "int4"])
 def test_bf16_activations_through_the_stack_equal_the_modules(variant, weights, monkeypatch):
     """Where the CPU computes in bf16 (AVX512_BF16) a bf16 checkpoint's activations are bf16; forced here on any CPU:

@@ -104,6 +104,10 @@ class ChatGLMForConditionalGeneration(GlmForCausalLM):
         ctx = Causal() if ctx is None else ctx
         h = self.transformer.embedding.word_embeddings(input_ids)
         cs = self.rope.cos_sin(positions, h.dtype)
+        if self.decode_layers_kernel is not None:  # GlmForCausalLM's: every layer of a decode step by one call
+            out = self.decode_layers_kernel(h, cs, ctx)
+            if out is not None:
+                return out
         for layer in self.transformer.encoder.layers:
             h = layer(h, cs, ctx)
         norm = self.transformer.encoder.final_layernorm

@@ -8,11 +8,11 @@ same order, so a step's hidden states equal the modules' bit for bit; `model.dec
 engine's decode-only steps of up to 16 tokens (GlmForCausalLM.hidden_states), and anything else (prefill, other
 dtypes, an int8 KV cache, router logits asked for) runs the modules as before.
 
-Models: `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts), fp32 or bf16 activations (bf16: where
-the CPU computes in bf16, or `optimize_model(compute=torch.bfloat16)`), projections fused
-(qkv_proj, gate_up_proj) and held as FloatLinear / QuantLinear / KQuantLinear, norms FusedRMSNorm, experts
-StreamExperts, no q/k norm. Anything else (chatglm, vision models, LoRA-wrapped linears, act-order GPTQ) keeps the
-module path: `use_decode_stack` returns False. A module swapped in later (LoRA adapters) must drop the stack
+Models: `chatglm`, `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts, GLM-4.5's q/k norms), fp32
+or bf16 activations (bf16: where the CPU computes in bf16, or `optimize_model(compute=torch.bfloat16)`), projections
+fused (qkv_proj, gate_up_proj) and held as FloatLinear / QuantLinear / KQuantLinear, norms FusedRMSNorm, experts
+StreamExperts. Anything else (vision models, LoRA-wrapped linears, act-order GPTQ) keeps the module path:
+`use_decode_stack` returns False. A module swapped in later (LoRA adapters) must drop the stack
 (`drop_decode_stack`).
 """
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from glm4.models.chatglm import ChatGLMForConditionalGeneration, ChatGLMMLP, ChatGLMSelfAttention, GLMBlock
 from glm4.models.glm import GlmAttention, GlmDecoderLayer, GlmForCausalLM, GlmMLP
 from glm4.models.glm4 import Glm4DecoderLayer, Glm4ForCausalLM
 from glm4.models.glm4_moe import Glm4MoeDecoderLayer, Glm4MoeForCausalLM, Glm4MoeMLP, Glm4MoeMoE, Glm4MoeRouter
@@ -33,7 +34,7 @@ from .qlinear import QuantLinear
 
 __all__ = ["DecodeStackRunner", "drop_decode_stack", "use_decode_stack"]
 
-_MODELS = (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM)
+_MODELS = (GlmForCausalLM, Glm4ForCausalLM, Glm4MoeForCausalLM, ChatGLMForConditionalGeneration)
 _LAYERS = (GlmDecoderLayer, Glm4DecoderLayer, Glm4MoeDecoderLayer)
 
 
@@ -50,8 +51,8 @@ def _norm(m: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, float]:
 
 def _add_linear(stack, m: nn.Module | None) -> int:
     """The projection's tensors into `stack` as its module's small-M path reads them; returns its id."""
-    if m is None:
-        raise Unsupported("unfused projection")
+    if type(m) not in (FloatLinear, QuantLinear, KQuantLinear):
+        raise Unsupported("unfused projection" if m is None else type(m).__name__)
     bias = None if m.bias is None else m.bias.detach().float()
     if type(m) is FloatLinear and m.weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
         return stack.add_linear(0, m.weight.detach(), None, None, bias, [0, 0, 0, m.in_features, 0, 0])
@@ -60,7 +61,7 @@ def _add_linear(stack, m: nn.Module | None) -> int:
                                 [m.bits, m.group_size, m.zero_point, m.in_features, 0, m.activation_bits])
     if type(m) is KQuantLinear:
         return stack.add_linear(2, m.blocks, None, None, bias, [0, 0, 0, m.in_features, m.ggml_type, m.activation_bits])
-    raise Unsupported(type(m).__name__)
+    raise Unsupported(f"{type(m).__name__} of {m.weight.dtype}")
 
 
 def _add_moe(stack, moe: Glm4MoeMoE) -> None:
@@ -78,32 +79,51 @@ def _add_moe(stack, moe: Glm4MoeMoE) -> None:
                    dn.ggml_type, gu.activation_bits or dn.activation_bits])
 
 
-def _add_layer(stack, layer: nn.Module, dtype: torch.dtype) -> None:
-    if type(layer) not in _LAYERS:
-        raise Unsupported(type(layer).__name__)
-    attn: GlmAttention = layer.self_attn
-    if type(attn) is not GlmAttention or attn.use_qk_norm:
-        raise Unsupported("attention with q/k norms")
+def _parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module | None, Glm4MoeMoE | None]:
+    """(norms: input, post-attention [, glm4's post-self-attn, post-mlp], attention, dense MLP or shared experts or
+    None, routed experts or None) of a decoder layer the stack runs."""
+    kind = type(layer)
+    if kind is GLMBlock:
+        return [layer.input_layernorm, layer.post_attention_layernorm], layer.self_attention, layer.mlp, None
+    if kind not in _LAYERS:
+        raise Unsupported(kind.__name__)
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
-    if type(layer) is Glm4DecoderLayer:
+    if kind is Glm4DecoderLayer:
         norms += [layer.post_self_attn_layernorm, layer.post_mlp_layernorm]
+    if kind is Glm4MoeDecoderLayer and layer.is_moe:
+        if type(layer.mlp) is not Glm4MoeMoE:
+            raise Unsupported(type(layer.mlp).__name__)
+        return norms, layer.self_attn, layer.mlp.shared_experts, layer.mlp
+    return norms, layer.self_attn, layer.mlp, None
+
+
+def _add_layer(stack, layer: nn.Module, dtype: torch.dtype) -> None:
+    norms, attn, dense, moe = _parts(layer)
     weights, eps = zip(*(_norm(n, dtype) for n in norms))
-    qkv, o = _add_linear(stack, attn.qkv_proj), _add_linear(stack, attn.o_proj)
-    mlp = layer.mlp
-    if isinstance(layer, Glm4MoeDecoderLayer) and layer.is_moe:
-        if type(mlp) is not Glm4MoeMoE:
-            raise Unsupported(type(mlp).__name__)
-        dense = mlp.shared_experts
+    if type(attn) is ChatGLMSelfAttention:
+        qkv, o = _add_linear(stack, attn.query_key_value), _add_linear(stack, attn.dense)
+    elif type(attn) is GlmAttention:
+        qkv, o = _add_linear(stack, attn.qkv_proj), _add_linear(stack, attn.o_proj)
     else:
-        dense = mlp
+        raise Unsupported(type(attn).__name__)
     gate_up = down = -1
-    if dense is not None:
-        if type(dense) not in (GlmMLP, Glm4MoeMLP):
-            raise Unsupported(type(dense).__name__)
+    if type(dense) is ChatGLMMLP:
+        gate_up, down = _add_linear(stack, dense.dense_h_to_4h), _add_linear(stack, dense.dense_4h_to_h)
+    elif type(dense) in (GlmMLP, Glm4MoeMLP):
         gate_up, down = _add_linear(stack, dense.gate_up_proj), _add_linear(stack, dense.down_proj)
+    elif dense is not None:
+        raise Unsupported(type(dense).__name__)
     stack.add_layer(list(weights), list(eps), [qkv, o, attn.n_heads, gate_up, down])
-    if dense is not mlp:
-        _add_moe(stack, mlp)
+    if getattr(attn, "use_qk_norm", False):
+        stack.set_qk_norm(*_norm(attn.q_norm, dtype), *_norm(attn.k_norm, dtype))
+    if moe is not None:
+        _add_moe(stack, moe)
+
+
+def _layers_and_final_norm(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
+    if type(model) is ChatGLMForConditionalGeneration:
+        return model.transformer.encoder.layers, model.transformer.encoder.final_layernorm
+    return model.model.layers, model.model.norm
 
 
 class DecodeStackRunner:
@@ -139,10 +159,11 @@ def use_decode_stack(model: nn.Module) -> bool:
     dtype = getattr(model, "compute_dtype", torch.float32)  # the activations' (glm4.engine's optimize_model)
     if dtype not in (torch.float32, torch.bfloat16):
         return False
+    layers, norm = _layers_and_final_norm(model)
     try:
-        for layer in model.model.layers:
+        for layer in layers:
             _add_layer(stack, layer, dtype)
-        w, eps = _norm(model.model.norm, dtype)
+        w, eps = _norm(norm, dtype) if norm is not None else (None, 0.0)
     except Unsupported:
         return False
     stack.set_final_norm(w, eps)

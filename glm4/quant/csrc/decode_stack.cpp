@@ -57,6 +57,19 @@ at::Tensor decode_qkv_attention(const at::Tensor& qkv, const at::Tensor& cos, co
   return op.call(qkv, cos, sin, interleaved, k, v, slots, tables, lens, block_size, n_heads);
 }
 
+at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, bool interleaved) {
+  static auto op =
+      glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>("glm4::rope");
+  return op.call(x, cos, sin, interleaved);
+}
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& tables,
+                            const at::Tensor& lens, int64_t block_size) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                      const at::Tensor&, int64_t)>("glm4::decode_attention");
+  return op.call(q, k, v, tables, lens, block_size);
+}
+
 // One projection as its module runs it for a few tokens: FloatLinear (kind 0: dense_mm over the stored weight),
 // QuantLinear (1: quant_mm over glm4's codes), KQuantLinear (2: kquant_mm over GGUF blocks); then + bias (fp32).
 struct Linear {
@@ -129,6 +142,7 @@ struct Moe {
 
 struct Layer {
   Norm input, post_attention, post_self_attn, post_mlp;  // the last two: glm4's sandwich norms (else w undefined)
+  Norm q_norm, k_norm;  // GLM-4.5's per-head q / k norms before RoPE (else w undefined)
   int64_t qkv = -1, o = -1, n_heads = 0;
   int64_t gate_up = -1, down = -1;  // the dense MLP, or a MoE layer's shared experts (-1: none)
   std::optional<Moe> moe;
@@ -179,21 +193,50 @@ struct DecodeStack : torch::CustomClassHolder {
     layers.back().moe = m;
   }
 
-  void set_final_norm(at::Tensor w, double eps) { final_norm = {w, eps}; }
+  // the last layer's per-head q / k norms
+  void set_qk_norm(at::Tensor q_w, double q_eps, at::Tensor k_w, double k_eps) {
+    TORCH_CHECK(!layers.empty(), "DecodeStack.set_qk_norm: a layer first");
+    layers.back().q_norm = {q_w, q_eps}, layers.back().k_norm = {k_w, k_eps};
+  }
+
+  // none: the model's last layer is its output (ChatGLM without post_layer_norm)
+  void set_final_norm(std::optional<at::Tensor> w, double eps) {
+    final_norm = {w ? *w : at::Tensor(), eps};
+    complete = true;
+  }
+  bool complete = false;
+
+  // attention of a decode-only step from the fused projection qkv [B, T, (Hq + 2 Hkv) D], layer i of the cache k / v
+  // [L, S, Hkv, D]: one op (RoPE, cache write, attention), or with q / k norms what GlmAttention and
+  // PagedAttention.attend do (split, norms, RoPE, the cache write as index_copy_, decode_attention)
+  at::Tensor attend(const Layer& l, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+                    bool interleaved, const at::Tensor& k, const at::Tensor& v, int64_t i, const at::Tensor& slots,
+                    const at::Tensor& tables, const at::Tensor& lens, int64_t block_size) const {
+    const at::Tensor kc = k.select(0, i), vc = v.select(0, i);
+    if (!l.q_norm.w.defined())
+      return decode_qkv_attention(qkv, cos, sin, interleaved, kc, vc, slots, tables, lens, block_size, l.n_heads);
+    const int64_t B = qkv.size(0), T = qkv.size(1), Hq = l.n_heads, Hkv = k.size(2), D = k.size(3);
+    const auto parts = qkv.split_with_sizes({Hq * D, Hkv * D, Hkv * D}, -1);
+    const at::Tensor q = rope(l.q_norm(parts[0].reshape({B, T, Hq, D})), cos, sin, interleaved);
+    const at::Tensor kr = rope(l.k_norm(parts[1].reshape({B, T, Hkv, D})), cos, sin, interleaved);
+    const at::Tensor vr = parts[2].reshape({B, T, Hkv, D});
+    kc.index_copy_(0, slots, kr.select(0, 0).to(kc.scalar_type()));
+    vc.index_copy_(0, slots, vr.select(0, 0).to(vc.scalar_type()));
+    return decode_attention(q.select(0, 0), kc, vc, tables, lens, block_size).unsqueeze(0).reshape({B, T, Hq * D});
+  }
 
   // h [B, T, H] embedded tokens (B T <= 16; fp32, or bf16 where the model computes in bf16), cos / sin the step's RoPE tables, k / v the paged cache [L, S,
   // Hkv, D], slots / tables / lens / block_size the decode-only step's metadata (glm4.layers.paged_attention) ->
   // the final-norm hidden states [B, T, H]
   at::Tensor run(at::Tensor h, at::Tensor cos, at::Tensor sin, bool interleaved, at::Tensor k, at::Tensor v,
                  at::Tensor slots, at::Tensor tables, at::Tensor lens, int64_t block_size) {
-    TORCH_CHECK(final_norm.w.defined() && k.size(0) >= int64_t(layers.size()), "DecodeStack.run: incomplete stack");
+    TORCH_CHECK(complete && k.size(0) >= int64_t(layers.size()), "DecodeStack.run: incomplete stack");
     at::Tensor x = h;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& l = layers[i];
       at::Tensor qkv = linears[l.qkv](l.input(x));
-      at::Tensor a = linears[l.o](decode_qkv_attention(qkv, cos, sin, interleaved, k.select(0, int64_t(i)),
-                                                       v.select(0, int64_t(i)), slots, tables, lens, block_size,
-                                                       l.n_heads));
+      at::Tensor a =
+          linears[l.o](attend(l, qkv, cos, sin, interleaved, k, v, int64_t(i), slots, tables, lens, block_size));
       x = x + (l.post_self_attn.w.defined() ? l.post_self_attn(a) : a);
       const at::Tensor hn = l.post_attention(x);
       at::Tensor m = l.moe ? (*l.moe)(hn) : at::Tensor();
@@ -204,7 +247,7 @@ struct DecodeStack : torch::CustomClassHolder {
       }
       x = x + (l.post_mlp.w.defined() ? l.post_mlp(m) : m);
     }
-    return final_norm(x);
+    return final_norm.w.defined() ? final_norm(x) : x;
   }
 };
 
@@ -216,6 +259,7 @@ TORCH_LIBRARY_FRAGMENT(glm4, m) {
       .def("add_linear", &DecodeStack::add_linear)
       .def("add_layer", &DecodeStack::add_layer)
       .def("set_moe", &DecodeStack::set_moe)
+      .def("set_qk_norm", &DecodeStack::set_qk_norm)
       .def("set_final_norm", &DecodeStack::set_final_norm)
       .def("run", &DecodeStack::run);
 }
