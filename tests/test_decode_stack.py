@@ -91,6 +91,20 @@ def test_k_quant_projections_and_head_run_in_the_stack():
     assert on == off and runs
 
 
+@pytest.mark.parametrize("variant", ["glm", "glm4_moe", "glm4_moe-qk-norm"])
+def test_separate_projections_run_in_the_stack(variant):
+    """q / k / v and a MoE model's gate / up left apart (projections of different formats do not fuse: a q4_K_M
+    file's q4_K q / k with a q6_K v): the stack runs them as the modules do, equal to the bit."""
+    model_type, overrides = VARIANTS[variant]
+    make = lambda: LLM.from_model(tiny_model(model_type, **overrides), fuse_projections=False)  # noqa: E731
+    model = make().model
+    assert all(layer.self_attn.qkv_proj is None for layer in model.model.layers)
+    if model_type == "glm4_moe":
+        assert model.model.layers[0].mlp.gate_up_proj is None and model.model.layers[1].mlp.shared_experts.gate_proj
+    on, off, runs = _on_and_off(make)
+    assert on == off and runs
+
+
 def test_the_stack_declines_what_it_does_not_run():
     """Without the fused ops, no stack (the modules run); LoRA adapters drop it (they wrap the linears it holds); a
     projection the stack does not know keeps the module path for the whole model."""

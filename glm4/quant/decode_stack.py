@@ -100,20 +100,25 @@ def _parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module | No
 def _add_layer(stack, layer: nn.Module, dtype: torch.dtype) -> None:
     norms, attn, dense, moe = _parts(layer)
     weights, eps = zip(*(_norm(n, dtype) for n in norms))
+    qkv = q = k = v = gate_up = down = gate = up = -1
     if type(attn) is ChatGLMSelfAttention:
         qkv, o = _add_linear(stack, attn.query_key_value), _add_linear(stack, attn.dense)
-    elif type(attn) is GlmAttention:
+    elif type(attn) is GlmAttention and attn.qkv_proj is not None:
         qkv, o = _add_linear(stack, attn.qkv_proj), _add_linear(stack, attn.o_proj)
+    elif type(attn) is GlmAttention:  # projections of different formats (a q4_K_M file's q6_K v) stay apart
+        q, k, v = (_add_linear(stack, getattr(attn, f"{n}_proj")) for n in "qkv")
+        o = _add_linear(stack, attn.o_proj)
     else:
         raise Unsupported(type(attn).__name__)
-    gate_up = down = -1
     if type(dense) is ChatGLMMLP:
         gate_up, down = _add_linear(stack, dense.dense_h_to_4h), _add_linear(stack, dense.dense_4h_to_h)
-    elif type(dense) in (GlmMLP, Glm4MoeMLP):
+    elif type(dense) is GlmMLP or (type(dense) is Glm4MoeMLP and dense.gate_up_proj is not None):
         gate_up, down = _add_linear(stack, dense.gate_up_proj), _add_linear(stack, dense.down_proj)
+    elif type(dense) is Glm4MoeMLP:
+        gate, up, down = (_add_linear(stack, getattr(dense, f"{n}_proj")) for n in ("gate", "up", "down"))
     elif dense is not None:
         raise Unsupported(type(dense).__name__)
-    stack.add_layer(list(weights), list(eps), [qkv, o, attn.n_heads, gate_up, down])
+    stack.add_layer(list(weights), list(eps), [qkv, o, attn.n_heads, gate_up, down, q, k, v, gate, up])
     if getattr(attn, "use_qk_norm", False):
         stack.set_qk_norm(*_norm(attn.q_norm, dtype), *_norm(attn.k_norm, dtype))
     if moe is not None:

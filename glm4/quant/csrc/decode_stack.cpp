@@ -144,7 +144,9 @@ struct Layer {
   Norm input, post_attention, post_self_attn, post_mlp;  // the last two: glm4's sandwich norms (else w undefined)
   Norm q_norm, k_norm;  // GLM-4.5's per-head q / k norms before RoPE (else w undefined)
   int64_t qkv = -1, o = -1, n_heads = 0;
+  int64_t q = -1, k = -1, v = -1;  // projections of their own (qkv -1: one GGUF file's q4_K q / k and q6_K v)
   int64_t gate_up = -1, down = -1;  // the dense MLP, or a MoE layer's shared experts (-1: none)
+  int64_t gate = -1, up = -1;       // gate and up of their own (gate_up -1 with down set)
   std::optional<Moe> moe;
 };
 
@@ -165,17 +167,22 @@ struct DecodeStack : torch::CustomClassHolder {
     return int64_t(linears.size()) - 1;
   }
 
-  // norms: input, post_attention, and for glm4's layers post_self_attn, post_mlp; ids: qkv, o, n_heads, gate_up, down
+  // norms: input, post_attention, and for glm4's layers post_self_attn, post_mlp; ids: qkv, o, n_heads, gate_up,
+  // down, q, k, v, gate, up (-1: none; qkv or q / k / v, and gate_up or gate / up where down is set)
   void add_layer(std::vector<at::Tensor> norms, std::vector<double> eps, std::vector<int64_t> ids) {
-    TORCH_CHECK((norms.size() == 2 || norms.size() == 4) && eps.size() == norms.size() && ids.size() == 5,
-                "DecodeStack.add_layer: 2 or 4 norms with their eps, 5 ids");
+    TORCH_CHECK((norms.size() == 2 || norms.size() == 4) && eps.size() == norms.size() && ids.size() == 10,
+                "DecodeStack.add_layer: 2 or 4 norms with their eps, 10 ids");
     const auto n = int64_t(linears.size());
-    for (int64_t j : {ids[0], ids[1]}) TORCH_CHECK(0 <= j && j < n, "DecodeStack.add_layer: no linear ", j);
-    for (int64_t j : {ids[3], ids[4]}) TORCH_CHECK(-1 <= j && j < n, "DecodeStack.add_layer: no linear ", j);
+    for (size_t j = 0; j < ids.size(); ++j)
+      TORCH_CHECK(j == 2 || (-1 <= ids[j] && ids[j] < n), "DecodeStack.add_layer: no linear ", ids[j]);
+    TORCH_CHECK(ids[1] >= 0 && (ids[0] >= 0 || (ids[5] >= 0 && ids[6] >= 0 && ids[7] >= 0)),
+                "DecodeStack.add_layer: o and qkv or q / k / v");
+    TORCH_CHECK(ids[4] < 0 || ids[3] >= 0 || (ids[8] >= 0 && ids[9] >= 0), "DecodeStack.add_layer: gate / up");
     Layer l;
     l.input = {norms[0], eps[0]}, l.post_attention = {norms[1], eps[1]};
     if (norms.size() == 4) l.post_self_attn = {norms[2], eps[2]}, l.post_mlp = {norms[3], eps[3]};
     l.qkv = ids[0], l.o = ids[1], l.n_heads = ids[2], l.gate_up = ids[3], l.down = ids[4];
+    l.q = ids[5], l.k = ids[6], l.v = ids[7], l.gate = ids[8], l.up = ids[9];
     layers.push_back(l);
   }
 
@@ -206,20 +213,28 @@ struct DecodeStack : torch::CustomClassHolder {
   }
   bool complete = false;
 
-  // attention of a decode-only step from the fused projection qkv [B, T, (Hq + 2 Hkv) D], layer i of the cache k / v
-  // [L, S, Hkv, D]: one op (RoPE, cache write, attention), or with q / k norms what GlmAttention and
-  // PagedAttention.attend do (split, norms, RoPE, the cache write as index_copy_, decode_attention)
-  at::Tensor attend(const Layer& l, const at::Tensor& qkv, const at::Tensor& cos, const at::Tensor& sin,
+  // attention of a decode-only step over the normed input h [B, T, H], layer i of the cache k / v [L, S, Hkv, D]:
+  // from a fused projection, one op (RoPE, cache write, attention); with q / k norms or separate q / k / v
+  // projections what GlmAttention and PagedAttention.attend do (project or split, norms, RoPE, the cache write as
+  // index_copy_, decode_attention)
+  at::Tensor attend(const Layer& l, const at::Tensor& h, const at::Tensor& cos, const at::Tensor& sin,
                     bool interleaved, const at::Tensor& k, const at::Tensor& v, int64_t i, const at::Tensor& slots,
                     const at::Tensor& tables, const at::Tensor& lens, int64_t block_size) const {
     const at::Tensor kc = k.select(0, i), vc = v.select(0, i);
-    if (!l.q_norm.w.defined())
-      return decode_qkv_attention(qkv, cos, sin, interleaved, kc, vc, slots, tables, lens, block_size, l.n_heads);
-    const int64_t B = qkv.size(0), T = qkv.size(1), Hq = l.n_heads, Hkv = k.size(2), D = k.size(3);
-    const auto parts = qkv.split_with_sizes({Hq * D, Hkv * D, Hkv * D}, -1);
-    const at::Tensor q = rope(l.q_norm(parts[0].reshape({B, T, Hq, D})), cos, sin, interleaved);
-    const at::Tensor kr = rope(l.k_norm(parts[1].reshape({B, T, Hkv, D})), cos, sin, interleaved);
-    const at::Tensor vr = parts[2].reshape({B, T, Hkv, D});
+    const int64_t B = h.size(0), T = h.size(1), Hq = l.n_heads, Hkv = k.size(2), D = k.size(3);
+    at::Tensor q, kr, vr;
+    if (l.qkv >= 0) {
+      const at::Tensor qkv = linears[l.qkv](h);
+      if (!l.q_norm.w.defined())
+        return decode_qkv_attention(qkv, cos, sin, interleaved, kc, vc, slots, tables, lens, block_size, l.n_heads);
+      const auto parts = qkv.split_with_sizes({Hq * D, Hkv * D, Hkv * D}, -1);
+      q = parts[0], kr = parts[1], vr = parts[2];
+    } else {
+      q = linears[l.q](h), kr = linears[l.k](h), vr = linears[l.v](h);
+    }
+    q = q.reshape({B, T, Hq, D}), kr = kr.reshape({B, T, Hkv, D}), vr = vr.reshape({B, T, Hkv, D});
+    if (l.q_norm.w.defined()) q = l.q_norm(q), kr = l.k_norm(kr);
+    q = rope(q, cos, sin, interleaved), kr = rope(kr, cos, sin, interleaved);
     kc.index_copy_(0, slots, kr.select(0, 0).to(kc.scalar_type()));
     vc.index_copy_(0, slots, vr.select(0, 0).to(vc.scalar_type()));
     return decode_attention(q.select(0, 0), kc, vc, tables, lens, block_size).unsqueeze(0).reshape({B, T, Hq * D});
@@ -234,15 +249,19 @@ struct DecodeStack : torch::CustomClassHolder {
     at::Tensor x = h;
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& l = layers[i];
-      at::Tensor qkv = linears[l.qkv](l.input(x));
-      at::Tensor a =
-          linears[l.o](attend(l, qkv, cos, sin, interleaved, k, v, int64_t(i), slots, tables, lens, block_size));
+      at::Tensor a = linears[l.o](
+          attend(l, l.input(x), cos, sin, interleaved, k, v, int64_t(i), slots, tables, lens, block_size));
       x = x + (l.post_self_attn.w.defined() ? l.post_self_attn(a) : a);
       const at::Tensor hn = l.post_attention(x);
       at::Tensor m = l.moe ? (*l.moe)(hn) : at::Tensor();
-      if (l.gate_up >= 0) {  // dense SwiGLU (or the shared experts): silu(gate) * up, then down
-        const auto gate_up = linears[l.gate_up](hn).chunk(2, -1);
-        at::Tensor d = linears[l.down](at::silu(gate_up[0]) * gate_up[1]);
+      if (l.down >= 0) {  // dense SwiGLU (or the shared experts): silu(gate) * up, then down
+        at::Tensor d;
+        if (l.gate_up >= 0) {
+          const auto gate_up = linears[l.gate_up](hn).chunk(2, -1);
+          d = linears[l.down](at::silu(gate_up[0]) * gate_up[1]);
+        } else {
+          d = linears[l.down](at::silu(linears[l.gate](hn)) * linears[l.up](hn));
+        }
         m = m.defined() ? m + d : d;
       }
       x = x + (l.post_mlp.w.defined() ? l.post_mlp(m) : m);
