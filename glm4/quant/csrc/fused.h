@@ -50,13 +50,15 @@ struct DecodeArgs {
 void decode_attention_avx2(const DecodeArgs& a, int64_t u0, int64_t u1);
 
 // tasks [t0, t1) (t: one query head x 16 query positions, prefill_attn.h) of out [T, Hq, D] = causal
-// softmax(q k^T * scale) v over a prompt chunk of T positions after ctx cached ones, fp32; q / out contiguous
-// [T, Hq, D], k / v [ctx + T, Hkv, D]; kt: k transposed to [Hkv, D, Tp] with zero columns from ctx + T to Tp (a
-// multiple of 32). AVX-512 needs D % 64 == 0, AVX2 D % 16 == 0.
+// softmax(q k^T * scale) v over a prompt chunk of T positions after ctx cached ones (S = ctx + T keys), fp32; q / out
+// contiguous [T, Hq, D]; kt: the keys in tiles of 2W (the kernel's score step: 16 for AVX2, 32 for AVX-512)
+// transposed, [Hkv, Tp / 2W, D, 2W], zero from key S to Tp (a multiple of 32); vt: the values in chunks of CH W dims
+// (the kernel's output step: 16 / 64), [Hkv, D / (CH W), S, CH W]. Each tile a contiguous stream: the strided reads
+// of [Hkv, D, Tp] keys and [S, Hkv, D] values took 1.34x the time (AVX2, 512 positions, one thread, Zen 3). AVX-512
+// needs D % 64 == 0, AVX2 D % 16 == 0.
 struct PrefillAttnArgs {
   const float* q;
-  const float* k;
-  const float* v;
+  const float* vt;
   float* out;
   int64_t T, Hq, Hkv, D, Tp;
   float scale;

@@ -196,15 +196,21 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0 && D % 16 == 0, "prefill_attention: Hq a multiple of Hkv, D of 16");
   auto qc = q.contiguous(), kc = k.contiguous(), vc = v.contiguous();
   auto out = at::empty({T, Hq, D}, q.options());
+  const bool wide = glm4k::avx512_kernels() && D % 64 == 0;
   const int64_t Tp = (S + 31) / 32 * 32;  // the kernels' score steps: 2 vectors of keys
-  std::vector<float> kt(size_t(Hkv * D * Tp), 0.0f);  // [Hkv, D, Tp]: a row of keys per dim
+  const int64_t kw = wide ? 32 : 16, vw = wide ? 64 : 16;  // a score step's keys, an output step's dims (fused.h)
+  std::vector<float> kt(size_t(Hkv * D * Tp), 0.0f);  // [Hkv, Tp / kw, D, kw]
+  std::vector<float> vt(size_t(Hkv * D * S));         // [Hkv, D / vw, S, vw]
   const float* kp = kc.data_ptr<float>();
+  const float* vp = vc.data_ptr<float>();
   for (int64_t t = 0; t < S; ++t)
     for (int64_t h = 0; h < Hkv; ++h)
-      for (int64_t d = 0; d < D; ++d) kt[size_t((h * D + d) * Tp + t)] = kp[(t * Hkv + h) * D + d];
-  const glm4k::PrefillAttnArgs a{qc.data_ptr<float>(), kp, vc.data_ptr<float>(), out.data_ptr<float>(),
-                                 T, Hq, Hkv, D, Tp, float(1.0 / std::sqrt(double(D))), S - T};
-  const bool wide = glm4k::avx512_kernels() && D % 64 == 0;
+      for (int64_t d = 0; d < D; ++d) {
+        kt[size_t(h * D * Tp + (t / kw * D + d) * kw + t % kw)] = kp[(t * Hkv + h) * D + d];
+        vt[size_t(((h * (D / vw) + d / vw) * S + t) * vw + d % vw)] = vp[(t * Hkv + h) * D + d];
+      }
+  const glm4k::PrefillAttnArgs a{qc.data_ptr<float>(), vt.data(), out.data_ptr<float>(), T, Hq, Hkv, D, Tp,
+                                 float(1.0 / std::sqrt(double(D))), S - T};
   const int64_t tasks = Hq * ((T + 15) / 16);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     wide ? glm4k::prefill_attention_avx512(a, kt.data(), t0, t1) : glm4k::prefill_attention_avx2(a, kt.data(), t0, t1);
