@@ -4,6 +4,7 @@ The extension is optional: without a C++ compiler (or with a torch whose headers
 goes on and glm4 runs its pure-torch paths (glm4.quant.kernels.HAVE_EXT is False).
 """
 
+import glob
 import platform
 
 from setuptools import setup
@@ -25,6 +26,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
              "glm4/quant/csrc/kquant_ops.cpp", "glm4/quant/csrc/kquant_avx2.cpp", "glm4/quant/csrc/kquant_avx512.cpp",
              "glm4/quant/csrc/gemm_ops.cpp", "glm4/quant/csrc/gemm_i8_avx2.cpp",
              "glm4/quant/csrc/decode_stack.cpp"],
+            depends=sorted(glob.glob("glm4/quant/csrc/*.h")),  # a header edit rebuilds the sources (all of them)
             extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function"],  # no -march: kernels pick their ISA
             extra_link_args=["-fopenmp"],
             optional=True,
