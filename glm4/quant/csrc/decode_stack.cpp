@@ -190,7 +190,8 @@ struct DecodeStack : torch::CustomClassHolder {
   void set_moe(at::Tensor router, Opt correction_bias, std::vector<int64_t> route, double routed_scaling_factor,
                at::Tensor gu, Opt gu_scales, Opt gu_mins, at::Tensor dn, Opt dn_scales, Opt dn_mins,
                std::vector<int64_t> ints) {
-    TORCH_CHECK(!layers.empty() && route.size() == 5 && ints.size() == 9, "DecodeStack.set_moe: a layer first, 5 + 9 ints");
+    TORCH_CHECK(!layers.empty() && route.size() == 5 && ints.size() == 9,
+                "DecodeStack.set_moe: a layer first, 5 + 9 ints");
     Moe m;
     m.router = router, m.correction_bias = correction_bias;
     m.top_k = route[0], m.n_group = route[1], m.topk_group = route[2], m.sigmoid = route[3] != 0;
@@ -240,9 +241,9 @@ struct DecodeStack : torch::CustomClassHolder {
     return decode_attention(q.select(0, 0), kc, vc, tables, lens, block_size).unsqueeze(0).reshape({B, T, Hq * D});
   }
 
-  // h [B, T, H] embedded tokens (B T <= 16; fp32, or bf16 where the model computes in bf16), cos / sin the step's RoPE tables, k / v the paged cache [L, S,
-  // Hkv, D], slots / tables / lens / block_size the decode-only step's metadata (glm4.layers.paged_attention) ->
-  // the final-norm hidden states [B, T, H]
+  // h [B, T, H] embedded tokens (B T <= 16; fp32, or bf16 where the model computes in bf16), cos / sin the step's
+  // RoPE tables, k / v the paged cache [L, S, Hkv, D], slots / tables / lens / block_size the decode-only step's
+  // metadata (glm4.layers.paged_attention) -> the final-norm hidden states [B, T, H]
   at::Tensor run(at::Tensor h, at::Tensor cos, at::Tensor sin, bool interleaved, at::Tensor k, at::Tensor v,
                  at::Tensor slots, at::Tensor tables, at::Tensor lens, int64_t block_size) {
     TORCH_CHECK(complete && k.size(0) >= int64_t(layers.size()), "DecodeStack.run: incomplete stack");
@@ -264,6 +265,7 @@ struct DecodeStack : torch::CustomClassHolder {
         }
         m = m.defined() ? m + d : d;
       }
+      TORCH_CHECK(m.defined(), "DecodeStack.run: layer ", i, " has neither an MLP nor experts");
       x = x + (l.post_mlp.w.defined() ? l.post_mlp(m) : m);
     }
     return final_norm.w.defined() ? final_norm(x) : x;
