@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from test_engine import make_prompts, reference, tiny_model
+from test_kernels import _kquant_blocks
 
 from glm4.engine import LLM, SamplingParams
 from glm4.quant import decode_stack, fused
-from glm4.quant.kquant import KQuantLinear
+from glm4.quant.kquant import Q4_K, Q6_K, KQuantLinear
 
 pytestmark = pytest.mark.skipif(not fused.have_fused_ops(), reason="glm4's fused CPU ops are not built / not on this CPU")
 
@@ -73,20 +74,24 @@ def test_decode_steps_through_the_stack_equal_the_modules_to_the_bit(variant, we
         assert [ids for ids, _ in on] == reference(tiny_model(model_type, **overrides), PROMPTS, new=10)
 
 
-def test_k_quant_projections_and_head_run_in_the_stack():
-    """GGUF K-quant blocks (KQuantLinear) as the body's projections, q6_K as the attention's and q4_K as the MLP's,
-    int8 activations under auto for the 4-bit ones: the stack equals the modules to the bit."""
+def test_k_quant_projections_run_in_the_stack():
+    """GGUF K-quant blocks (KQuantLinear) as the body's projections, q6_K as the attention's and q4_K as the MLP's
+    down (so the q6_K ones take the q4_K's activation width: int8 under auto on AVX2): the stack equals the modules
+    to the bit."""
     def make():
         model = tiny_model("glm", hidden_size=256, intermediate_size=256, num_attention_heads=4, head_dim=64)
-        for layer in model.model.layers:
+        for i, layer in enumerate(model.model.layers):
             layer.self_attn.fuse()
             layer.self_attn.qkv_proj = KQuantLinear.from_linear(layer.self_attn.qkv_proj)  # q6_K
-            layer.mlp.down_proj = KQuantLinear.from_linear(layer.mlp.down_proj)
+            down = KQuantLinear(256, 256, Q4_K)
+            down.blocks.copy_(_kquant_blocks(Q4_K, 256, 256, seed=i))
+            layer.mlp.down_proj = down
         return LLM.from_model(model)
 
     llm = make()
-    kinds = {type(m).__name__ for m in llm.model.model.layers.modules()}
-    assert "KQuantLinear" in kinds and "FloatLinear" in kinds
+    kquant = [m for m in llm.model.model.layers.modules() if type(m) is KQuantLinear]
+    assert {m.ggml_type for m in kquant} == {Q4_K, Q6_K}
+    assert all(m.activation_bits == (4 if m.ggml_type == Q6_K else 0) for m in kquant)  # set_activation_bits
     on, off, runs = _on_and_off(make)
     assert on == off and runs
 

@@ -76,7 +76,7 @@ def _add_moe(stack, moe: Glm4MoeMoE) -> None:
                    int(kw["norm_topk_prob"])], float(kw["routed_scaling_factor"]),
                   gu.stored, gu.scales, gu.mins, dn.stored, dn.scales, dn.mins,
                   [gu.bits, gu.group_size, gu.zero_point, dn.bits, dn.group_size, dn.zero_point, gu.ggml_type,
-                   dn.ggml_type, gu.activation_bits or dn.activation_bits])
+                   dn.ggml_type, experts.activation_bits])
 
 
 def _parts(layer: nn.Module) -> tuple[list[nn.Module], nn.Module, nn.Module | None, Glm4MoeMoE | None]:

@@ -220,6 +220,11 @@ class StreamExperts(nn.Module):
             m.down_proj[e] = self.down.weight_of(e, dtype)
         return m
 
+    @property
+    def activation_bits(self) -> int:
+        """The width the decode dispatch rounds activations for: the model's coarsest (set_activation_bits), or 0."""
+        return self.gate_up.activation_bits or self.down.activation_bits
+
     def _mm(self, xs: torch.Tensor, counts: torch.Tensor, which: str) -> torch.Tensor:
         return (self.gate_up if which == "gate_up" else self.down)(xs, counts)
 
@@ -228,8 +233,7 @@ class StreamExperts(nn.Module):
             gu, dn = self.gate_up, self.down
             y = kernels.ops.expert_glu(x.float(), indices, weights.float(), gu.stored, gu.scales, gu.mins, gu.bits,
                                        gu.group_size, gu.zero_point, dn.stored, dn.scales, dn.mins, dn.bits,
-                                       dn.group_size, dn.zero_point, gu.ggml_type, dn.ggml_type,
-                                       gu.activation_bits or dn.activation_bits)  # the model's coarsest width, or 0
+                                       dn.group_size, dn.zero_point, gu.ggml_type, dn.ggml_type, self.activation_bits)
             return y.to(x.dtype)
         combine = _moe_combine if kernels.has_streaming_kernels() and x.device.type == "cpu" else None
         return dispatch_experts(x, indices, weights, self._mm, self.num_experts, self.hidden_size, combine)

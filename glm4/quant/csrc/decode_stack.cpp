@@ -70,6 +70,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return op.call(q, k, v, tables, lens, block_size);
 }
 
+// glm4's streaming kernels read fp32 activations and write fp32: bf16 ones are widened for them, their outputs
+// rounded back, as the modules' .float() / .to(dtype) do
+at::Tensor as_fp32(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
+at::Tensor as_dtype_of(const at::Tensor& y, const at::Tensor& x) {
+  return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+}
+
 // One projection as its module runs it for a few tokens: FloatLinear (kind 0: dense_mm over the stored weight),
 // QuantLinear (1: quant_mm over glm4's codes), KQuantLinear (2: kquant_mm over GGUF blocks); then + bias (fp32).
 struct Linear {
@@ -78,14 +85,14 @@ struct Linear {
   Opt mins, bias;
   int64_t bits = 0, group = 0, zero_point = 0, in_features = 0, ggml_type = 0, act_bits = 0;
 
-  // x [..., K] fp32 or bf16 -> [..., N] in x's dtype (the kernels read fp32 activations and write fp32)
+  // x [..., K] fp32 or bf16 -> [..., N] in x's dtype
   at::Tensor operator()(const at::Tensor& x) const {
-    const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+    const at::Tensor xf = as_fp32(x);
     at::Tensor y = kind == 0   ? dense_mm(xf, w)
                    : kind == 1 ? quant_mm(xf, w, scales, mins, bits, group, zero_point, act_bits)
                                : kquant_mm(xf, w, in_features, ggml_type, act_bits);
     if (bias) y = y + *bias;
-    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+    return as_dtype_of(y, x);
   }
 };
 
@@ -131,12 +138,12 @@ struct Moe {
                                          const Opt&, const Opt&, int64_t, int64_t, int64_t, int64_t, int64_t,
                                          int64_t)>("glm4::expert_glu");
     const at::Tensor flat = h.reshape({-1, h.size(-1)});
-    const at::Tensor xf = flat.scalar_type() == at::kFloat ? flat : flat.to(at::kFloat);
+    const at::Tensor xf = as_fp32(flat);
     const auto [indices, weights] = route(dense_mm(xf.contiguous(), router));
     const auto& i = ints;
     const at::Tensor y = glu.call(xf, indices, weights, gu, gu_scales, gu_mins, i[0], i[1], i[2], dn, dn_scales,
                                   dn_mins, i[3], i[4], i[5], i[6], i[7], i[8]);
-    return (y.scalar_type() == h.scalar_type() ? y : y.to(h.scalar_type())).view_as(h);
+    return as_dtype_of(y, h).view_as(h);
   }
 };
 
@@ -154,6 +161,7 @@ struct DecodeStack : torch::CustomClassHolder {
   std::vector<Linear> linears;
   std::vector<Layer> layers;
   Norm final_norm;
+  bool complete = false;  // set_final_norm was called (the last step of building)
 
   // ints: bits, group, zero point, in_features, ggml type, activation bits
   int64_t add_linear(int64_t kind, at::Tensor w, Opt scales, Opt mins, Opt bias, std::vector<int64_t> ints) {
@@ -212,7 +220,6 @@ struct DecodeStack : torch::CustomClassHolder {
     final_norm = {w ? *w : at::Tensor(), eps};
     complete = true;
   }
-  bool complete = false;
 
   // attention of a decode-only step over the normed input h [B, T, H], layer i of the cache k / v [L, S, Hkv, D]:
   // from a fused projection, one op (RoPE, cache write, attention); with q / k norms or separate q / k / v
