@@ -209,6 +209,23 @@ def test_rope_is_relative(interleaved):
     assert abs(score(7, 3) - score(7, 4)) > 1e-3
 
 
+@pytest.mark.parametrize("interleaved", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_rope_table_rows_equal_the_tables_computed_for_those_positions(interleaved, dtype):
+    # cos_sin looks rows up in tables of every position (grown as positions grow); each row must be, bit for bit,
+    # what computing the tables for that position alone gives (decode: one position a sequence)
+    spec = RopeSpec(head_dim=64, rotary_dim=32, theta=10000.0, interleaved=interleaved, max_position_embeddings=1 << 20)
+    r = Rope(spec)
+    cases = [torch.tensor([[5]]), torch.tensor([[300], [7]]), torch.arange(1000, 1700)[None],
+             torch.tensor([[4095], [0], [65535]]), torch.tensor([[70000]])]  # the last past the tables: computed
+    for pos in cases:
+        got = r.cos_sin(pos, dtype)
+        want = r._compute(pos, spec.rotary_dim, dtype, 0)
+        assert got.cos.shape == want[0].shape == (*pos.shape, 1, 32)
+        assert torch.equal(got.cos, want[0]) and torch.equal(got.sin, want[1])
+    assert r._tables[(32, dtype)][0].shape[0] == 65536  # grown to the largest position looked up
+
+
 def test_model_forward_defaults_and_grad(hf_checkpoint):
     folder, _ = hf_checkpoint("glm")
     model = glm4.load_model(folder)
