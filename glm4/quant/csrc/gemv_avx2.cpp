@@ -4,6 +4,7 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "codes6.h"
@@ -55,6 +56,10 @@ template <int WT, int RB, int MT>
 inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
   const int64_t K = a.K;
+  // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory, three tries: 16.0 / 17.1 / 14.0 -> 17.0 /
+  // 18.0 / 16.9 GB/s), and at least 16 KiB: short rows (MoE experts' down projections, K = 256) read 2 KiB ahead
+  // then (fp32, 8192 x 256 from memory, 2 threads: 17.6-24.0 -> 28.5-30.3 GB/s, with one row a tile)
+  const int64_t ahead = std::max<int64_t>(2 * RB * K * kBytes[WT], 16384);
   __m256 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m)
@@ -68,10 +73,7 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
       __m256 xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + ku);
       for (int r = 0; r < RB; ++r) {
-        // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory, three tries: 16.0 / 17.1 / 14.0 ->
-        // 17.0 / 18.0 / 16.9 GB/s)
-        if ((ku * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT],
-                                                  2 * RB * K * kBytes[WT]);
+        if ((ku * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead);
         __m256 wv = load8<WT>(a.w, (n + r) * K + ku);
         for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm256_fmadd_ps(wv, xv[m], acc[r][m][u]);
       }
@@ -579,7 +581,10 @@ void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
     // fp32: 4 rows a tile (each activation load feeds 4 rows), 1 for the 2-byte types (their widening is the work)
     // (Zen 3 reading 36 GB/s, 2 threads, the 400M model's fp32 linears from memory, two tries: 27.8 / 29.5 -> 31.2 /
     // 33.6 GB/s; bf16 at 4 rows 29.7 / 30.2 -> 25.9 / 27.9)
-    case kF32: tile_rows<DenseTile<kF32>, 4>(a, n0, n1); break;
+    case kF32:  // rows of up to 512 columns one a tile (one stream a thread: see dense_tile)
+      if (a.K <= 512) tile_rows<DenseTile<kF32>, 1>(a, n0, n1);
+      else tile_rows<DenseTile<kF32>, 4>(a, n0, n1);
+      break;
     case kBF16: tile_rows<DenseTile<kBF16>, 1>(a, n0, n1); break;
     default: tile_rows<DenseTile<kF16>, 1>(a, n0, n1); break;
   }
