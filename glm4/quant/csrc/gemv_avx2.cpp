@@ -57,8 +57,9 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
   const int64_t K = a.K;
   // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory, three tries: 16.0 / 17.1 / 14.0 -> 17.0 /
-  // 18.0 / 16.9 GB/s), and at least 16 KiB: short rows (MoE experts' down projections, K = 256) read 2 KiB ahead
-  // then (fp32, 8192 x 256 from memory, 2 threads: 17.6-24.0 -> 28.5-30.3 GB/s, with one row a tile)
+  // 18.0 / 16.9 GB/s), and at least 16 KiB: short rows (MoE experts' down projections, K = 256) had read 8 KiB
+  // ahead, 4 rows a tile (fp32, 8192 x 256 from memory, 2 threads, alternated: 15.9-17.1 -> 23.8-25.0 GB/s with one
+  // row a tile and 16 KiB)
   const int64_t ahead = std::max<int64_t>(2 * RB * K * kBytes[WT], 16384);
   __m256 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
@@ -73,7 +74,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
       __m256 xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = _mm256_loadu_ps(x + m * K + ku);
       for (int r = 0; r < RB; ++r) {
-        if ((ku * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead);
+        if ((ku * kBytes[WT]) % 64 == 0)
+          prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead);
         __m256 wv = load8<WT>(a.w, (n + r) * K + ku);
         for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm256_fmadd_ps(wv, xv[m], acc[r][m][u]);
       }
@@ -429,8 +431,9 @@ inline void q4_i8_group(const uint8_t* (&q)[RB], const int8_t*& x, int64_t ahead
 // One token, 4-bit codes against int8 activations (kI8), groups of 32 STEPS columns (128: glm4's int4 g128; 32: GGUF
 // q4_0 and kin), each group one activation block: RB rows walked by a pointer each, per 8 groups one vector of scales
 // times activation scales per row (and one FMA of the group terms), each group's sums weighed by its lane. The
-// general tile below (through block_dot_i8) made GCC spill its sums and reload its row pointers in the inner loop
-// (Zen 3, one thread, int4 g128 in L2: 3.0 -> 2.0 cycles per 32 codes and row).
+// general tile (q_tile_int through block_dot_i8) made GCC spill its sums and reload its row pointers in the inner
+// loop (Zen 3, one thread, int4 g128 in L2: 3.2 -> 2.6-2.7 cycles per 32 codes and row; two threads from memory
+// 1.15-1.2x; g32 1.45x).
 template <int RB, int STEPS>
 inline void q4_i8_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, G = K / (32 * STEPS), ahead = kAhead4 * RB * K / 2;
@@ -526,7 +529,8 @@ template <int BITS, int KIND, int RB, int MT>
 inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g, B = a.xblock, NB = K / B;
   if constexpr (MT == 1 && KIND == kI8)
-    if (B == g && (g == 128 || g == 32)) return g == 128 ? q4_i8_token_tile<RB, 4>(a, n, m0) : q4_i8_token_tile<RB, 1>(a, n, m0);
+    if (B == g && (g == 128 || g == 32))
+      return g == 128 ? q4_i8_token_tile<RB, 4>(a, n, m0) : q4_i8_token_tile<RB, 1>(a, n, m0);
   if constexpr (MT == 1)
     if (B == g && G % 8 == 0) return q_tile_int8g<BITS, KIND, RB>(a, n, m0);
   __m256 acc[RB][MT];
