@@ -57,10 +57,10 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
   const int64_t K = a.K;
   // two tiles ahead (Zen 3, the 400M model's fp32 linears from memory, three tries: 16.0 / 17.1 / 14.0 -> 17.0 /
-  // 18.0 / 16.9 GB/s), and at least 16 KiB: short rows (MoE experts' down projections, K = 256) had read 8 KiB
-  // ahead, 4 rows a tile (fp32, 8192 x 256 from memory, 2 threads, alternated: 15.9-17.1 -> 23.8-25.0 GB/s with one
-  // row a tile and 16 KiB)
-  const int64_t ahead = std::max<int64_t>(2 * RB * K * kBytes[WT], 16384);
+  // 18.0 / 16.9 GB/s), and at least 16 KiB for fp32 rows of up to 512 columns (MoE experts' down projections,
+  // K = 256), which had read 8 KiB ahead, 4 rows a tile (fp32, 8192 x 256 from memory, 2 threads, alternated:
+  // 15.9-17.1 -> 23.8-25.0 GB/s with one row a tile and 16 KiB)
+  const int64_t ahead = WT == kF32 && K <= 512 ? std::max<int64_t>(2 * RB * K * 4, 16384) : 2 * RB * K * kBytes[WT];
   __m256 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m)
