@@ -52,6 +52,10 @@ inline float load1(const void* w, int64_t i) {
 // y[m, n..n+RB) for m in [0, MT): RB weight rows share each activation load, MT activation rows share each weight.
 // A one-row, one-token tile keeps two accumulators (even / odd steps of 8 columns): with one, each FMA waits for the
 // last (4 cycles on Zen 3), 8 B / cycle a thread for fp32 (one thread, in L2: 22.5 GB/s).
+// fp32 rows of up to this many columns (the MoE experts' down projections) are read one a tile and prefetched at
+// least 16 KiB ahead (dense_tile, dense_rows_avx2)
+constexpr int64_t kShortF32Row = 512;
+
 template <int WT, int RB, int MT>
 inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
@@ -60,7 +64,7 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   // 18.0 / 16.9 GB/s), and at least 16 KiB for fp32 rows of up to 512 columns (MoE experts' down projections,
   // K = 256), which had read 8 KiB ahead, 4 rows a tile (fp32, 8192 x 256 from memory, 2 threads, alternated:
   // 15.9-17.1 -> 23.8-25.0 GB/s with one row a tile and 16 KiB)
-  const int64_t ahead = WT == kF32 && K <= 512 ? std::max<int64_t>(2 * RB * K * 4, 16384) : 2 * RB * K * kBytes[WT];
+  const int64_t ahead = std::max<int64_t>(2 * RB * K * kBytes[WT], WT == kF32 && K <= kShortF32Row ? 16384 : 0);
   __m256 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m)
@@ -133,6 +137,17 @@ inline float load_scale(const void* s, int f16, int64_t i) {
   return f16 ? _cvtsh_ss(static_cast<const uint16_t*>(s)[i]) : static_cast<const float*>(s)[i];
 }
 
+// 8 scales (or mins) of one row from group gi, as fp32
+inline __m256 load_scales8(const void* s, int f16, int64_t i) {
+  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + i)))
+             : _mm256_loadu_ps(static_cast<const float*>(s) + i);
+}
+
+// (mins - zero_point * s) of weight row element i (group term's factor; the scale s already loaded)
+inline float group_shift(const QuantArgs& a, int64_t i, float s) {
+  return (a.mins ? load_scale(a.mins, a.scale_f16, i) : 0.f) - float(a.zero_point) * s;
+}
+
 // sum_g (mins[n, g] - zero_point * s[n, g]) * xsum[m, g] for one weight row n and activation row m
 inline float group_correction(const QuantArgs& a, int64_t n, const float* xs) {
   const int64_t G = a.K / a.group;
@@ -141,20 +156,13 @@ inline float group_correction(const QuantArgs& a, int64_t n, const float* xs) {
   __m256 acc = _mm256_setzero_ps();
   int64_t gi = 0;
   for (; gi + 8 <= G; gi += 8) {
-    __m256 sv, mv = _mm256_setzero_ps();
-    if (a.scale_f16) {
-      sv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.scales) + n * G + gi)));
-      if (a.mins) mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(a.mins) + n * G + gi)));
-    } else {
-      sv = _mm256_loadu_ps(static_cast<const float*>(a.scales) + n * G + gi);
-      if (a.mins) mv = _mm256_loadu_ps(static_cast<const float*>(a.mins) + n * G + gi);
-    }
+    const __m256 sv = load_scales8(a.scales, a.scale_f16, n * G + gi);
+    const __m256 mv = a.mins ? load_scales8(a.mins, a.scale_f16, n * G + gi) : _mm256_setzero_ps();
     acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mv), _mm256_loadu_ps(xs + gi), acc);
   }
   float c = hsum(acc);
   for (; gi < G; ++gi) {
-    const float sc = load_scale(a.scales, a.scale_f16, n * G + gi);
-    c += ((a.mins ? load_scale(a.mins, a.scale_f16, n * G + gi) : 0.f) - float(a.zero_point) * sc) * xs[gi];
+    c += group_shift(a, n * G + gi, load_scale(a.scales, a.scale_f16, n * G + gi)) * xs[gi];
   }
   return c;
 }
@@ -399,10 +407,21 @@ inline void block_dot_i8(const QuantArgs& a, int64_t n, int64_t b0, const int8_t
   }
 }
 
-// 8 scales (or mins) of one row from group gi, as fp32
-inline __m256 load_scales8(const void* s, int f16, int64_t i) {
-  return f16 ? _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(s) + i)))
-             : _mm256_loadu_ps(static_cast<const float*>(s) + i);
+// 8 groups from gi of rows n.. n + RB - 1, one token (activation scales xscale, group sums xsum, each [G] from gi's
+// row): ss[r] = s[n + r, gi + j] * xscale[gi + j] in lane j, and acc[r] += (mins - zero_point * s) * xsum (the group
+// terms) where the codes are shifted
+template <int RB>
+inline void scales8(const QuantArgs& a, int64_t n, int64_t G, int64_t gi, const float* xscale, const float* xsum,
+                    __m256 ss[RB], __m256 acc[RB]) {
+  const __m256 xsc = _mm256_loadu_ps(xscale + gi), zp = _mm256_set1_ps(float(a.zero_point));
+  for (int r = 0; r < RB; ++r) {
+    const __m256 sv = load_scales8(a.scales, a.scale_f16, (n + r) * G + gi);
+    ss[r] = _mm256_mul_ps(sv, xsc);
+    if (a.mins || a.zero_point) {
+      const __m256 mn = a.mins ? load_scales8(a.mins, a.scale_f16, (n + r) * G + gi) : _mm256_setzero_ps();
+      acc[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(xsum + gi), acc[r]);
+    }
+  }
 }
 
 // One group of 32 STEPS columns of RB rows of 4-bit codes against int8 activations (kI8): its integer sums as fp32
@@ -442,22 +461,12 @@ inline void q4_i8_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int8_t* x = a.xi8 + m0 * K;
   const float* xscale = a.xscale + m0 * G;
   const float* xsum = a.xsum + m0 * G;
-  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
-  const bool shifted = a.mins || a.zero_point;
   __m256 acc[RB];  // the group terms go in too: every lane ends in the one sum
   for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
   int64_t gi = 0;
   for (; gi + 8 <= G; gi += 8) {
-    __m256 ss[RB];  // s[n + r, gi + j] * xscale[gi + j] in lane j
-    const __m256 xsc = _mm256_loadu_ps(xscale + gi);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 sv = load_scales8(a.scales, a.scale_f16, (n + r) * G + gi);
-      ss[r] = _mm256_mul_ps(sv, xsc);
-      if (shifted) {  // (mins - zero_point * s) * xsum
-        const __m256 mn = a.mins ? load_scales8(a.mins, a.scale_f16, (n + r) * G + gi) : _mm256_setzero_ps();
-        acc[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(xsum + gi), acc[r]);
-      }
-    }
+    __m256 ss[RB];
+    scales8<RB>(a, n, G, gi, xscale, xsum, ss, acc);
 #pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) {
       __m256 v[RB];
@@ -473,8 +482,7 @@ inline void q4_i8_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int r = 0; r < RB; ++r) {
       const float sc = load_scale(a.scales, a.scale_f16, (n + r) * G + gi);
       acc[r] = _mm256_fmadd_ps(v[r], _mm256_set1_ps(sc * xscale[gi]), acc[r]);
-      if (shifted) tail[r] += ((a.mins ? load_scale(a.mins, a.scale_f16, (n + r) * G + gi) : 0.f) -
-                               float(a.zero_point) * sc) * xsum[gi];
+      if (a.mins || a.zero_point) tail[r] += group_shift(a, (n + r) * G + gi, sc) * xsum[gi];
     }
   }
   for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r]) + tail[r];
@@ -501,19 +509,9 @@ inline void q_tile_int8g(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, g = a.group, G = K / g;
   __m256 acc[RB];  // the group terms go in too: every lane ends in the one sum
   for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
-  const __m256 zp = _mm256_set1_ps(float(a.zero_point));
-  const bool shifted = a.mins || a.zero_point;
   for (int64_t g8 = 0; g8 < G; g8 += 8) {
-    __m256 ss[RB];  // s[n + r, g8 + j] * xscale[g8 + j] in lane j
-    const __m256 xsc = _mm256_loadu_ps(a.xscale + m0 * G + g8);
-    for (int r = 0; r < RB; ++r) {
-      const __m256 sv = load_scales8(a.scales, a.scale_f16, (n + r) * G + g8);
-      ss[r] = _mm256_mul_ps(sv, xsc);
-      if (shifted) {  // (mins - zero_point * s) * xsum
-        const __m256 mn = a.mins ? load_scales8(a.mins, a.scale_f16, (n + r) * G + g8) : _mm256_setzero_ps();
-        acc[r] = _mm256_fmadd_ps(_mm256_fnmadd_ps(zp, sv, mn), _mm256_loadu_ps(a.xsum + m0 * G + g8), acc[r]);
-      }
-    }
+    __m256 ss[RB];
+    scales8<RB>(a, n, G, g8, a.xscale + m0 * G, a.xsum + m0 * G, ss, acc);
     for (int j = 0; j < 8; ++j) {
       __m256 p[RB][1];
       block_dot<BITS, KIND, RB, 1>(a, n, (g8 + j) * g, m0, p);
@@ -545,7 +543,7 @@ inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
     for (int r = 0; r < RB; ++r) s[r] = load_scale(a.scales, a.scale_f16, (n + r) * G + gi);
     if (shifted)
       for (int r = 0; r < RB; ++r) {
-        const float c = (a.mins ? load_scale(a.mins, a.scale_f16, (n + r) * G + gi) : 0.f) - float(a.zero_point) * s[r];
+        const float c = group_shift(a, (n + r) * G + gi, s[r]);
         for (int m = 0; m < MT; ++m) corr[r][m] += c * xs[m * G + gi];
       }
     for (int64_t b0 = gi * g, bi = gi * (g / B); b0 < (gi + 1) * g; b0 += B, ++bi) {  // bi: the block b0 / B
@@ -585,8 +583,8 @@ void dense_rows_avx2(const DenseArgs& a, int64_t n0, int64_t n1) {
     // fp32: 4 rows a tile (each activation load feeds 4 rows), 1 for the 2-byte types (their widening is the work)
     // (Zen 3 reading 36 GB/s, 2 threads, the 400M model's fp32 linears from memory, two tries: 27.8 / 29.5 -> 31.2 /
     // 33.6 GB/s; bf16 at 4 rows 29.7 / 30.2 -> 25.9 / 27.9)
-    case kF32:  // rows of up to 512 columns one a tile (one stream a thread: see dense_tile)
-      if (a.K <= 512) tile_rows<DenseTile<kF32>, 1>(a, n0, n1);
+    case kF32:  // short rows one a tile (one stream a thread: see dense_tile)
+      if (a.K <= kShortF32Row) tile_rows<DenseTile<kF32>, 1>(a, n0, n1);
       else tile_rows<DenseTile<kF32>, 4>(a, n0, n1);
       break;
     case kBF16: tile_rows<DenseTile<kBF16>, 1>(a, n0, n1); break;
