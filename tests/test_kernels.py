@@ -193,10 +193,71 @@ def test_gemm_matches_float64(dtype):
     assert rel_err(y, x.double() @ w.double().T) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+@needs_kernels
+@pytest.mark.parametrize("wtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,N,K", [(1, 16, 8), (7, 33, 70), (13, 50, 1000), (40, 130, 72), (100, 37, 2049)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_gemm_matches_float64(wtype, M, N, K, with_bias):
+    """glm4's large-M GEMM (AVX2; it runs on any CPU with the kernels): ragged rows (M not a multiple of 6), columns
+    (N not of 16), K with a tail past the last 8 and K over several blocks (1000, 2049)."""
+    g = torch.Generator().manual_seed(M * 7 + N + K)
+    x, w = torch.randn(M, K, generator=g), torch.randn(N, K, generator=g).to(wtype)
+    b = torch.randn(N, generator=g) if with_bias else None
+    y = kernels.ops.dense_gemm(x, w, b)
+    ref = x.double() @ w.double().T + (b.double() if with_bias else 0)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert rel_err(y, ref) < 1e-5
+
+
+@needs_kernels
+def test_dense_gemm_rows_and_columns_do_not_depend_on_the_rest():
+    """Each output is summed in one order whatever surrounds it: the ragged edges (through a tile) equal the same
+    rows / columns computed as full tiles, the thread count changes nothing, and the bias is added after the sum
+    (as y + bias would)."""
+    g = torch.Generator().manual_seed(3)
+    x, w, b = torch.randn(12, 900, generator=g), torch.randn(48, 900, generator=g).bfloat16(), torch.randn(48, generator=g)
+    full = kernels.ops.dense_gemm(x, w, None)
+    assert torch.equal(kernels.ops.dense_gemm(x[:9], w, None), full[:9])
+    assert torch.equal(kernels.ops.dense_gemm(x, w[:20], None), full[:, :20])
+    assert torch.equal(kernels.ops.dense_gemm(x, w, b), full + b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernels.ops.dense_gemm(x, w, None)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, full)
+
+
+@needs_kernels
+def test_dense_gemm_rejects_what_it_cannot_run():
+    x = torch.randn(8, 64)
+    with pytest.raises(RuntimeError, match="w must be float32, bfloat16 or float16"):
+        kernels.ops.dense_gemm(x, torch.zeros(16, 64, dtype=torch.int8), None)
+    with pytest.raises(RuntimeError, match=r"w must be \[N, K\]"):
+        kernels.ops.dense_gemm(x, torch.zeros(16, 32), None)
+    with pytest.raises(RuntimeError, match=r"bias must be float32 \[N\]"):
+        kernels.ops.dense_gemm(x, torch.zeros(16, 64), torch.zeros(8))
+    with pytest.raises(RuntimeError, match="x must be float32"):
+        kernels.ops.dense_gemm(x.double(), torch.zeros(16, 64), None)
+
+
+def test_gemm_kernel_names_glm4s_where_it_runs(monkeypatch):
+    """On AVX2-only AMD CPUs fp32 large-M linears run glm4's GEMM (kernels.own_gemm), and say so."""
+    mine = "avx512f" not in kernels.cpu_features() and kernels.cpu_vendor() == "AuthenticAMD"
+    assert kernels.own_gemm() == (mine and kernels.has_streaming_kernels())
+    assert (kernels.gemm_kernel(torch.float32) == "glm4 AVX2 GEMM") == kernels.own_gemm()
+    if kernels.has_streaming_kernels():
+        monkeypatch.setattr(kernels, "own_gemm", lambda: True)
+        x, w = torch.randn(30, 64), torch.randn(20, 64).bfloat16()
+        assert torch.equal(kernels.gemm(x, w), kernels.ops.dense_gemm(x, w, None))
+
+
 @pytest.mark.parametrize("M", [100, 511, 512, 700])
-def test_gemm_takes_torchs_from_the_m_this_cpu_runs_it_faster(M):
-    """Where the large-M GEMM is oneDNN's, an AVX2-only AMD CPU (Zen 3) takes torch's (MKL) from M = 512 in fp32:
-    the output is one library's or the other's to the bit, as the rule says."""
+def test_gemm_takes_torchs_from_the_m_this_cpu_runs_it_faster(M, monkeypatch):
+    """Where the large-M GEMM is oneDNN's (without glm4's own: kernels.own_gemm), an AVX2-only AMD CPU (Zen 3) takes
+    torch's (MKL) from M = 512 in fp32: the output is one library's or the other's to the bit, as the rule says."""
+    monkeypatch.setattr(kernels, "own_gemm", lambda: False)
     if not kernels._onednn_gemm(torch.float32):
         pytest.skip("torch's GEMM at every M on this CPU")
     g = torch.Generator().manual_seed(M)
@@ -298,11 +359,14 @@ def test_an_all_zero_row_gives_exactly_zero(scheme, isa):
         assert (y[:, 5] == 0).all() and (y[:, 4] != 0).all()
 
 
-@pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the widened-GEMM path
+@pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the GEMM path
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunked", [False, True])  # the widened weight whole, or 16 rows at a time
-def test_float_linear_equals_its_stored_weight(M, storage, chunked, monkeypatch):
-    if chunked:
+@pytest.mark.parametrize("chunked", [False, True, "own"])  # torch's GEMM, the weight widened whole or 16 rows at a
+def test_float_linear_equals_its_stored_weight(M, storage, chunked, monkeypatch):  # time; or glm4's (bias in it)
+    if chunked == "own" and not kernels.has_streaming_kernels():
+        pytest.skip("glm4's GEMM needs the kernels")
+    monkeypatch.setattr(kernels, "own_gemm", lambda: chunked == "own")
+    if chunked is True:
         monkeypatch.setattr(kernels, "_GEMM_WHOLE", 0)
         monkeypatch.setattr(kernels, "_GEMM_CHUNK", 16 * 96)
     torch.manual_seed(0)

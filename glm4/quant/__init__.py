@@ -337,7 +337,8 @@ def kernel_of(m: nn.Module) -> str:
     dt = lambda t: str(t.dtype).removeprefix("torch.")  # noqa: E731
     if isinstance(m, FloatLinear):
         return (f"{dt(m.weight)} weights: glm4 {kernels.dense_isa()} stream, fp32 accumulate (M<={kernels.dense_max_m()}); "
-                f"{kernels.gemm_kernel(m.weight.dtype)} above" if kernels.has_streaming_kernels()
+                f"{kernels.gemm_kernel(torch.float32 if kernels.own_gemm() else m.weight.dtype)} above"
+                if kernels.has_streaming_kernels()
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"

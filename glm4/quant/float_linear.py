@@ -21,6 +21,7 @@ STORAGE = (torch.float32, torch.bfloat16, torch.float16)
 
 class FloatLinear(nn.Module):
     """y = x @ weight.T + bias. M <= kernels.dense_max_m(): the streaming kernel (fp32 accumulation); larger M:
+    glm4's GEMM where kernels.own_gemm() (fp32 x; the weight widened as it is packed, the bias added in it), else
     F.linear in the activation dtype, the weight widened a chunk at a time when its storage differs."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32):
@@ -54,6 +55,9 @@ class FloatLinear(nn.Module):
         in_dtype = x.dtype
         if x.numel() <= kernels.dense_max_m() * self.in_features and x.device.type == "cpu":  # [..., K] -> [..., N]
             y = kernels.dense_mm(x if in_dtype == torch.float32 else x.float(), self.weight)
+        elif in_dtype == torch.float32 and x.device.type == "cpu" and kernels.own_gemm():  # bias added in the GEMM
+            return kernels.ops.dense_gemm(x.reshape(-1, self.in_features), self.weight, self.bias).reshape(
+                *x.shape[:-1], self.out_features)
         else:
             shape = x.shape
             x = x.reshape(-1, self.in_features)

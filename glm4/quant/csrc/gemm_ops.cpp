@@ -1,5 +1,7 @@
-// torch.ops.glm4.quant_gemm_i8: the large-M (prefill) path of 4- / 6-bit QuantLinears at int8 activation precision
-// (gemm_i8_avx2.cpp). Baseline x86-64; callers check the CPU has AVX2 (torch.ops.glm4.isa() is not "none").
+// The large-M (prefill) GEMMs of the AVX2 set. Baseline x86-64; callers check the CPU has AVX2
+// (torch.ops.glm4.isa() is not "none").
+// torch.ops.glm4.quant_gemm_i8: 4- / 6-bit QuantLinears at int8 activation precision (gemm_i8_avx2.cpp).
+// torch.ops.glm4.dense_gemm: fp32 / bf16 / fp16 weights in fp32 (gemm_f32_avx2.cpp).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -75,9 +77,43 @@ at::Tensor quant_gemm_i8(const at::Tensor& x_in, const at::Tensor& q, const at::
   return y;
 }
 
+at::Tensor dense_gemm(const at::Tensor& x_in, const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in) {
+  TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"),
+              "glm4.dense_gemm needs AVX2 + FMA + F16C");
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "dense_gemm: x must be float32 [M, K]");
+  TORCH_CHECK(w_in.dim() == 2 && w_in.size(1) == x_in.size(1), "dense_gemm: w must be [N, K]");
+  glm4k::DenseArgs a{};
+  switch (w_in.scalar_type()) {
+    case at::kFloat: a.wtype = glm4k::kF32; break;
+    case at::kBFloat16: a.wtype = glm4k::kBF16; break;
+    case at::kHalf: a.wtype = glm4k::kF16; break;
+    default: TORCH_CHECK(false, "dense_gemm: w must be float32, bfloat16 or float16");
+  }
+  if (bias_in) TORCH_CHECK(bias_in->dim() == 1 && bias_in->size(0) == w_in.size(0) && bias_in->scalar_type() == at::kFloat,
+                           "dense_gemm: bias must be float32 [N]");
+  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const at::Tensor bias = bias_in ? bias_in->contiguous() : at::Tensor();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), P = (M + 5) / 6;
+  auto y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  if (K == 0) return bias_in ? bias.unsqueeze(0).expand({M, N}).contiguous() : y.zero_();
+  std::vector<float> xp(P * 6 * K);
+  const float* xs = x.data_ptr<float>();
+  at::parallel_for(0, P, 8, [&](int64_t p0, int64_t p1) { glm4k::gemm_f32_pack_x_avx2(xs, M, K, p0, p1, xp.data()); });
+  a.x = xs, a.w = w.data_ptr(), a.y = y.data_ptr<float>();
+  a.M = M, a.N = N, a.K = K;
+  const float* b = bias_in ? bias.data_ptr<float>() : nullptr;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    glm4k::gemm_f32_cols_avx2(a, xp.data(), b, p0 * kPanel, std::min(N, p1 * kPanel));
+  });
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(glm4, m) {
   m.def("quant_gemm_i8(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point) -> Tensor",
         &quant_gemm_i8);
+  m.def("dense_gemm(Tensor x, Tensor w, Tensor? bias) -> Tensor", &dense_gemm);
 }

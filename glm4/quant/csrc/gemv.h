@@ -125,6 +125,13 @@ void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
 // rows [n0, n1) of the large-M (prefill) GEMM: 4- / 6-bit codes against int8 activations (a.xi8 [M, K], a.xscale
 // per block of a.xblock columns, a.xsum the group sums of the rounded activations); gemm_i8_avx2.cpp
 void gemm_i8_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
+// The large-M fp32 GEMM for dense weights (gemm_f32_avx2.cpp): x [M, K] is packed once per call into panels of 6
+// rows (gemm_f32_pack_x_avx2 writes panels [p0, p1) of xp, round_up(M, 6) * K floats), then each thread runs
+// columns [n0, n1) of y (n0 a multiple of 16) from xp, the weight widened a block at a time; bias [N] or null.
+// gemm_f32_block: the K block, the same for both.
+int64_t gemm_f32_block(int64_t K);
+void gemm_f32_pack_x_avx2(const float* x, int64_t M, int64_t K, int64_t p0, int64_t p1, float* xp);
+void gemm_f32_cols_avx2(const DenseArgs& a, const float* xp, const float* bias, int64_t n0, int64_t n1);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
 void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1);  // a.xbf16 set: AVX512_BF16's dot product
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);
