@@ -235,11 +235,59 @@ def test_dense_gemm_rejects_what_it_cannot_run():
     with pytest.raises(RuntimeError, match="w must be float32, bfloat16 or float16"):
         kernels.ops.dense_gemm(x, torch.zeros(16, 64, dtype=torch.int8), None)
     with pytest.raises(RuntimeError, match=r"w must be \[N, K\]"):
-        kernels.ops.dense_gemm(x, torch.zeros(16, 32), None)
+        kernels.ops.dense_gemm(x, torch.zeros(16), None)
     with pytest.raises(RuntimeError, match=r"bias must be float32 \[N\]"):
         kernels.ops.dense_gemm(x, torch.zeros(16, 64), torch.zeros(8))
     with pytest.raises(RuntimeError, match="x must be float32"):
         kernels.ops.dense_gemm(x.double(), torch.zeros(16, 64), None)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 128), (6, 64), (8, 8), (8, 96)])
+@pytest.mark.parametrize("with_mins", [False, True])
+@pytest.mark.parametrize("M,N", [(5, 70), (40, 300)])  # N: rows dequantized 128 at a time, the last ragged
+def test_quant_dense_gemm_equals_dense_gemm_on_the_dequantized_weight(bits, group, with_mins, M, N, monkeypatch):
+    """The codes dequantized into glm4's GEMM a few rows at a time give the GEMM of dequantize() bit for bit, and
+    a QuantLinear's large M (glm4's GEMM where kernels.own_gemm) runs it with its bias."""
+    g = torch.Generator().manual_seed(bits * 10 + group + N)
+    K = 384
+    q = torch.randint(0, 1 << bits, (N, K), generator=g)
+    scales = torch.rand(N, K // group, generator=g).half()
+    mins = torch.randn(N, K // group, generator=g).half() if with_mins else None
+    lin = QuantLinear.from_codes(q, scales, mins, bits=bits, group_size=group, zero_point=1 << (bits - 1))
+    lin.bias = torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g)
+    want = kernels.ops.dense_gemm(x, lin.dequantize(torch.float32), lin.bias)
+    got = kernels.ops.quant_dense_gemm(x, lin.qweight, lin.scales, lin.mins, bits, group, lin.zero_point, lin.bias)
+    assert torch.equal(got, want)
+    monkeypatch.setattr(kernels, "own_gemm", lambda: True)
+    lin.gemm_dtype = torch.float32
+    if M > kernels.max_m(lin):
+        assert torch.equal(lin(x), want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("ggml_type", [12, 13, 14])
+def test_kquant_dense_gemm_equals_dense_gemm_on_the_dequantized_weight(ggml_type, monkeypatch):
+    from glm4.quant import KQuantLinear
+
+    N, K, M = 200, 512, 40
+    lin = KQuantLinear(K, N, ggml_type, bias=True)
+    lin.blocks = _kquant_blocks(ggml_type, N, K, seed=ggml_type)
+    lin.bias = torch.randn(N)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(ggml_type))
+    want = kernels.ops.dense_gemm(x, lin.dequantize(), lin.bias)
+    assert torch.equal(kernels.ops.kquant_dense_gemm(x, lin.blocks, ggml_type, lin.bias), want)
+    monkeypatch.setattr(kernels, "own_gemm", lambda: True)
+    with torch.no_grad():
+        assert torch.equal(lin(x), want)
+    with pytest.raises(RuntimeError, match="ggml type 12"):
+        kernels.ops.kquant_dense_gemm(x, lin.blocks, 8, None)
+    with pytest.raises(RuntimeError, match="shapes of q / scales do not match K"):
+        kernels.ops.quant_dense_gemm(x[:, :256], torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 4), None, 8, 128, 0,
+                                     None)
+    with pytest.raises(RuntimeError, match="x has 256 columns, the weight 512"):
+        kernels.ops.dense_gemm(x[:, :256], torch.zeros(N, K), None)
 
 
 def test_gemm_kernel_names_glm4s_where_it_runs(monkeypatch):

@@ -105,13 +105,15 @@ class ExpertPack(nn.Module):
         """Many tokens per expert (prefill), quantized: QuantLinear's (KQuantLinear's) arithmetic without a module per
         expert. The activations are cast to the GEMM's dtype once, each busy expert's weight is dequantized into one
         reused buffer (glm4's op) for one GEMM written into one output; experts with few tokens stream their codes.
-        gemm_dtype int8 (4- / 6-bit codes, set_gemm_dtype): each busy expert's codes against int8 activations."""
+        gemm_dtype int8 (4- / 6-bit codes, set_gemm_dtype): each busy expert's codes against int8 activations; fp32
+        where kernels.own_gemm(): glm4's GEMM, the codes dequantized into it a few rows at a time (no buffer)."""
         int8 = self.gemm_dtype == torch.int8 and kernels.int8_gemm()
         gemm_dtype = torch.bfloat16 if self.gemm_dtype == torch.bfloat16 else torch.float32  # int8's fallback: fp32
         x = xs.float() if int8 else xs if xs.dtype == torch.bfloat16 and kernels.native_bf16() else xs.to(gemm_dtype)
         y = xs.new_empty(xs.shape[0], self.out_features)
+        own = x.dtype == torch.float32 and kernels.own_gemm()
         rows = kernels.gemm_chunk_rows(self.out_features, self.in_features)
-        buf = x.new_empty(rows, self.in_features)  # fp32 or bf16: the op rounds as .to(bf16) rounds
+        buf = None if own else x.new_empty(rows, self.in_features)  # fp32 or bf16: the op rounds as .to(bf16) rounds
         start = 0
         for e, n in enumerate(c):
             if not n:
@@ -122,6 +124,9 @@ class ExpertPack(nn.Module):
                 ye.copy_(mm(xs[start:start + n].float()))
             elif int8:
                 ye.copy_(kernels.ops.quant_gemm_i8(xe, *self._expert_args(e)))
+            elif own:
+                ye.copy_(kernels.ops.kquant_dense_gemm(xe, self.blocks[e], self.ggml_type, None) if self.ggml_type
+                         else kernels.ops.quant_dense_gemm(xe, *self._expert_args(e), None))
             else:
                 ye.copy_(kernels.dequant_gemm(xe, self.out_features, fill, buf))
             start += n

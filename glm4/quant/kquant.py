@@ -101,6 +101,9 @@ class KQuantLinear(StreamingLinear):
     def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
         torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, row0, w)
 
+    def _own_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ops.kquant_dense_gemm(x, self.blocks, self.ggml_type, self.bias)
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.NAMES[self.ggml_type]}, "
                 f"bias={self.bias is not None}")

@@ -110,6 +110,9 @@ class StreamingLinear(nn.Module):
             y = self._stream_mm(x if in_dtype == torch.float32 else x.float())
         elif self.gemm_dtype == torch.int8 and kernels.int8_gemm():  # int8 activations against the codes
             y = self._int8_mm(x.reshape(-1, self.in_features).float()).reshape(*x.shape[:-1], self.out_features)
+        elif self.gemm_dtype != torch.bfloat16 and x.device.type == "cpu" and kernels.own_gemm():
+            y = self._own_gemm(x.reshape(-1, self.in_features).float()).reshape(*x.shape[:-1], self.out_features)
+            return y if in_dtype == torch.float32 else y.to(in_dtype)  # the bias added in the GEMM
         else:  # bf16 activations stay bf16 where the CPU computes in bf16 (the GEMM runs ~2x faster than fp32)
             shape = x.shape
             x = x.reshape(-1, self.in_features)
@@ -121,6 +124,11 @@ class StreamingLinear(nn.Module):
         return y if y.dtype == in_dtype else y.to(in_dtype)
 
     def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:  # fp32 [M, K] -> [M, N]: set_gemm_dtype(int8) only
+        raise NotImplementedError
+
+    def _own_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 [M, K] -> [M, N] + bias by glm4's GEMM (kernels.own_gemm), the rows dequantized into it a few at a
+        time: equal to kernels.gemm on dequantize() bit for bit."""
         raise NotImplementedError
 
     def _dequant_mm(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,6 +269,10 @@ class QuantLinear(StreamingLinear):
     def _dequantize_rows(self, row0: int, w: torch.Tensor) -> None:
         torch.ops.glm4.dequantize_rows(self.qweight, self.scales, self.mins, self.bits, self.group_size,
                                        self.zero_point, row0, w)
+
+    def _own_gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.ops.quant_dense_gemm(x, self.qweight, self.scales, self.mins, self.bits, self.group_size,
+                                            self.zero_point, self.bias)
 
     def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.glm4.quant_gemm_i8(x, self.qweight, self.scales, self.mins, self.bits, self.group_size,

@@ -102,19 +102,20 @@ void transpose8(__m256 r[8]) {
   }
 }
 
-// weight rows n0 .. n0 + rows - 1 (rows <= 16; zero beyond), columns k0 .. k0 + kc, widened into bp [kc, 16]
-void pack_weight(const DenseArgs& g, int64_t n0, int rows, int64_t k0, int64_t kc, float* bp) {
+// rows n0 .. n0 + rows - 1 (rows <= 16; zero beyond) of w [., K] (wtype), columns k0 .. k0 + kc, widened into
+// bp [kc, 16]
+void pack_weight(const void* w, int wtype, int64_t K, int64_t n0, int rows, int64_t k0, int64_t kc, float* bp) {
   int64_t k = 0;
   if (rows == kCols)
     for (; k + 8 <= kc; k += 8)
       for (int h = 0; h < 2; ++h) {
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = load8(g.w, g.wtype, (n0 + 8 * h + i) * g.K + k0 + k);
+        for (int i = 0; i < 8; ++i) r[i] = load8(w, wtype, (n0 + 8 * h + i) * K + k0 + k);
         transpose8(r);
         for (int i = 0; i < 8; ++i) _mm256_store_ps(bp + (k + i) * kCols + 8 * h, r[i]);
       }
   for (; k < kc; ++k)
-    for (int j = 0; j < kCols; ++j) bp[k * kCols + j] = j < rows ? load1(g.w, g.wtype, (n0 + j) * g.K + k0 + k) : 0.f;
+    for (int j = 0; j < kCols; ++j) bp[k * kCols + j] = j < rows ? load1(w, wtype, (n0 + j) * K + k0 + k) : 0.f;
 }
 
 struct AlignedFree {
@@ -145,20 +146,32 @@ void gemm_f32_pack_x_avx2(const float* x, int64_t M, int64_t K, int64_t p0, int6
   }
 }
 
-void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, int64_t n0, int64_t n1) {
+void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, const RowFill* fill, int64_t n0,
+                        int64_t n1) {
   const int64_t M = g.M, N = g.N, K = g.K, P = (M + kRows - 1) / kRows, KC = gemm_f32_block(K);
   std::unique_ptr<float, AlignedFree> buf(
       static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * kCols * kPanels)));
+  std::unique_ptr<float, AlignedFree> rows_buf(
+      fill ? static_cast<float*>(std::aligned_alloc(64, sizeof(float) * K * kCols * kPanels)) : nullptr);
   float* bp = buf.get();
   alignas(32) float tile[kRows * kCols];
   alignas(32) float tail_bias[kCols];
   for (int64_t j0 = n0; j0 < n1; j0 += kCols * kPanels) {
     const int64_t j1 = std::min(n1, j0 + kCols * kPanels);
+    // the weight rows j0 .. j1: the stored ones, or (fill) written as fp32 rows into rows_buf (L2 / L3)
+    const void* w = g.w;
+    int wtype = g.wtype;
+    int64_t row0 = 0;
+    if (fill) {
+      fill->fill(fill->ctx, j0, j1, rows_buf.get());
+      w = rows_buf.get(), wtype = kF32, row0 = j0;
+    }
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = std::min(KC, K - k0);
       const bool add = k0 > 0, last = k0 + kc == K;
       for (int64_t j = j0; j < j1; j += kCols)
-        pack_weight(g, j, int(std::min<int64_t>(kCols, N - j)), k0, kc, bp + (j - j0) / kCols * kc * kCols);
+        pack_weight(w, wtype, K, j - row0, int(std::min<int64_t>(kCols, N - j)), k0, kc,
+                    bp + (j - j0) / kCols * kc * kCols);
       const float* xk = xp + k0 * P * kRows;
       for (int64_t i0 = 0; i0 < P; i0 += kBlockRows / kRows) {
         const int64_t i1 = std::min(P, i0 + kBlockRows / kRows);

@@ -89,6 +89,10 @@ inline int64_t perm32_bf16(int64_t c) { return (c % 8) / 4 * 16 + c / 8 * 4 + c 
 inline int64_t perm16_bf16(int64_t c) { return c % 2 * 8 + c / 2; }
 enum BF16Order { kPermBf16x32 = 1, kPermBf16x16 = 2 };
 
+// the smallest group of `bits`-bit codes the kernels take, and the bytes of a row of K codes
+inline int64_t min_group(int64_t bits) { return bits == 4 ? 32 : bits == 6 ? 64 : 8; }
+inline int64_t row_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 6 ? K / 64 * 48 : K; }
+
 // Rows [r0, r1) of W[n, k] = s[n, k/g] * (q[n, k] - zero_point) + mins[n, k/g] into out (fp32 or bf16, one of the
 // two set) at row n - r0: the large-M path's weight, equal to QuantLinear.dequantize bit for bit.
 struct DequantArgs {
@@ -125,13 +129,20 @@ void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
 // rows [n0, n1) of the large-M (prefill) GEMM: 4- / 6-bit codes against int8 activations (a.xi8 [M, K], a.xscale
 // per block of a.xblock columns, a.xsum the group sums of the rounded activations); gemm_i8_avx2.cpp
 void gemm_i8_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1);
-// The large-M fp32 GEMM for dense weights (gemm_f32_avx2.cpp): x [M, K] is packed once per call into panels of 6
-// rows (gemm_f32_pack_x_avx2 writes panels [p0, p1) of xp, round_up(M, 6) * K floats), then each thread runs
-// columns [n0, n1) of y (n0 a multiple of 16) from xp, the weight widened a block at a time; bias [N] or null.
-// gemm_f32_block: the K block, the same for both.
+// Writes weight rows [n0, n1) as fp32 into out [n1 - n0, K] (a dequantization), ctx its arguments
+struct RowFill {
+  void (*fill)(const void* ctx, int64_t n0, int64_t n1, float* out);
+  const void* ctx;
+};
+
+// The large-M fp32 GEMM (gemm_f32_avx2.cpp): x [M, K] is packed once per call into panels of 6 rows
+// (gemm_f32_pack_x_avx2 writes panels [p0, p1) of xp, round_up(M, 6) * K floats), then each thread runs columns
+// [n0, n1) of y (n0 a multiple of 16) from xp, the weight (a.w / a.wtype, or fill's rows, at most 128 at a time)
+// widened a block at a time; bias [N] or null. gemm_f32_block: the K block, the same for both.
 int64_t gemm_f32_block(int64_t K);
 void gemm_f32_pack_x_avx2(const float* x, int64_t M, int64_t K, int64_t p0, int64_t p1, float* xp);
-void gemm_f32_cols_avx2(const DenseArgs& a, const float* xp, const float* bias, int64_t n0, int64_t n1);
+void gemm_f32_cols_avx2(const DenseArgs& a, const float* xp, const float* bias, const RowFill* fill, int64_t n0,
+                        int64_t n1);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
 void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1);  // a.xbf16 set: AVX512_BF16's dot product
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);

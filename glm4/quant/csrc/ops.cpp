@@ -291,8 +291,8 @@ struct ActPrep {
 };
 
 // group sizes must be multiples of this; bytes per weight row of K columns
-int64_t min_group(int64_t bits) { return bits == 4 ? 32 : bits == 6 ? 64 : 8; }
-int64_t row_bytes(int64_t bits, int64_t K) { return bits == 4 ? K / 2 : bits == 6 ? K / 64 * 48 : K; }
+using glm4k::min_group;
+using glm4k::row_bytes;
 
 void check_quant(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scales,
                  const std::optional<at::Tensor>& mins, int64_t bits, int64_t group) {
