@@ -27,6 +27,7 @@ namespace {
 constexpr int kRows = 6;     // activation rows a microkernel (kRows x 16 sums: 12 registers)
 constexpr int kCols = 16;    // weight rows (output columns) a panel: two registers
 constexpr int kPanels = 8;   // weight panels packed per K block: 8 x 384 x 16 x 4 bytes = 192 KB, in L2
+constexpr int64_t kGroupCols = kCols * kPanels;  // output columns a thread takes at a time
 constexpr int64_t kBlockRows = 96;  // activation rows walked against one weight panel: 96 x 384 x 4 = 144 KB, in L2
 
 #define GLM4_ROW(r) __m256 c##r##0 = _mm256_setzero_ps(), c##r##1 = _mm256_setzero_ps();
@@ -146,8 +147,8 @@ void gemm_f32_pack_x_avx2(const float* x, int64_t M, int64_t K, int64_t p0, int6
   }
 }
 
-void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, const RowFill* fill, int64_t n0,
-                        int64_t n1) {
+void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, const RowFill* fill,
+                        std::atomic<int64_t>& next) {
   const int64_t M = g.M, N = g.N, K = g.K, P = (M + kRows - 1) / kRows, KC = gemm_f32_block(K);
   std::unique_ptr<float, AlignedFree> buf(
       static_cast<float*>(std::aligned_alloc(64, sizeof(float) * KC * kCols * kPanels)));
@@ -156,8 +157,10 @@ void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, 
   float* bp = buf.get();
   alignas(32) float tile[kRows * kCols];
   alignas(32) float tail_bias[kCols];
-  for (int64_t j0 = n0; j0 < n1; j0 += kCols * kPanels) {
-    const int64_t j1 = std::min(n1, j0 + kCols * kPanels);
+  // column groups taken in turn by whichever thread is free: the two cores of a VM do not run at one speed, and
+  // an even split left one waiting (~5 % of the GEMM's samples in OpenMP's barrier)
+  for (int64_t j0; (j0 = next.fetch_add(1) * kGroupCols) < N;) {
+    const int64_t j1 = std::min(N, j0 + kGroupCols);
     // the weight rows j0 .. j1: the stored ones, or (fill) written as fp32 rows into rows_buf (L2 / L3)
     const void* w = g.w;
     int wtype = g.wtype;

@@ -8,6 +8,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <vector>
 
 #include "gemv.h"
@@ -98,14 +100,14 @@ at::Tensor run_f32_gemm(const at::Tensor& x_in, glm4k::DenseArgs a, const std::o
   auto y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
   if (K == 0) return bias_in ? bias.unsqueeze(0).expand({M, N}).contiguous() : y.zero_();
-  std::vector<float> xp(P * 6 * K);
+  std::unique_ptr<float[]> xp(new float[P * 6 * K]);  // every value written by the packing: no zeroing pass
   const float* xs = x.data_ptr<float>();
-  at::parallel_for(0, P, 8, [&](int64_t p0, int64_t p1) { glm4k::gemm_f32_pack_x_avx2(xs, M, K, p0, p1, xp.data()); });
+  at::parallel_for(0, P, 8, [&](int64_t p0, int64_t p1) { glm4k::gemm_f32_pack_x_avx2(xs, M, K, p0, p1, xp.get()); });
   a.x = xs, a.y = y.data_ptr<float>(), a.M = M;
   const float* b = bias_in ? bias.data_ptr<float>() : nullptr;
-  const int64_t panels = (N + kPanel - 1) / kPanel;
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    glm4k::gemm_f32_cols_avx2(a, xp.data(), b, fill, p0 * kPanel, std::min(N, p1 * kPanel));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    glm4k::gemm_f32_cols_avx2(a, xp.get(), b, fill, next);
   });
   return y;
 }

@@ -1,5 +1,6 @@
 // Shared between the op wrappers (ops.cpp, baseline x86-64) and the kernels (one file per instruction set).
 #pragma once
+#include <atomic>
 #include <cstdint>
 
 namespace glm4k {
@@ -136,13 +137,14 @@ struct RowFill {
 };
 
 // The large-M fp32 GEMM (gemm_f32_avx2.cpp): x [M, K] is packed once per call into panels of 6 rows
-// (gemm_f32_pack_x_avx2 writes panels [p0, p1) of xp, round_up(M, 6) * K floats), then each thread runs columns
-// [n0, n1) of y (n0 a multiple of 16) from xp, the weight (a.w / a.wtype, or fill's rows, at most 128 at a time)
-// widened a block at a time; bias [N] or null. gemm_f32_block: the K block, the same for both.
+// (gemm_f32_pack_x_avx2 writes panels [p0, p1) of xp, round_up(M, 6) * K floats), then every thread runs
+// gemm_f32_cols_avx2, which takes groups of 128 columns of y in turn (group next++, from 0) until none is left,
+// the weight (a.w / a.wtype, or fill's rows) widened a block at a time; bias [N] or null. gemm_f32_block: the K
+// block, the same for both.
 int64_t gemm_f32_block(int64_t K);
 void gemm_f32_pack_x_avx2(const float* x, int64_t M, int64_t K, int64_t p0, int64_t p1, float* xp);
-void gemm_f32_cols_avx2(const DenseArgs& a, const float* xp, const float* bias, const RowFill* fill, int64_t n0,
-                        int64_t n1);
+void gemm_f32_cols_avx2(const DenseArgs& a, const float* xp, const float* bias, const RowFill* fill,
+                        std::atomic<int64_t>& next);
 void dense_rows_avx512(const DenseArgs& a, int64_t n0, int64_t n1);
 void dense_rows_bf16dot(const DenseArgs& a, int64_t n0, int64_t n1);  // a.xbf16 set: AVX512_BF16's dot product
 void quant_rows_avx512(const QuantArgs& a, int64_t n0, int64_t n1);
