@@ -264,6 +264,8 @@ def test_quant_dense_gemm_equals_dense_gemm_on_the_dequantized_weight(bits, grou
     lin.gemm_dtype = torch.float32
     if M > kernels.max_m(lin):
         assert torch.equal(lin(x), want)
+        lin.bias = lin.bias.bfloat16()  # a bf16 checkpoint's bias: widened for the GEMM, as y + bias.float() did
+        assert torch.equal(lin(x), kernels.ops.dense_gemm(x, lin.dequantize(torch.float32), lin.bias.float()))
 
 
 @needs_kernels

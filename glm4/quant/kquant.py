@@ -102,7 +102,8 @@ class KQuantLinear(StreamingLinear):
         torch.ops.glm4.kquant_dequantize_rows(self.blocks, self.ggml_type, row0, w)
 
     def _own_gemm(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.ops.kquant_dense_gemm(x, self.blocks, self.ggml_type, self.bias)
+        return kernels.ops.kquant_dense_gemm(x, self.blocks, self.ggml_type,
+                                             None if self.bias is None else self.bias.float())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, {self.NAMES[self.ggml_type]}, "

@@ -272,7 +272,7 @@ class QuantLinear(StreamingLinear):
 
     def _own_gemm(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.ops.quant_dense_gemm(x, self.qweight, self.scales, self.mins, self.bits, self.group_size,
-                                            self.zero_point, self.bias)
+                                            self.zero_point, None if self.bias is None else self.bias.float())
 
     def _int8_mm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.glm4.quant_gemm_i8(x, self.qweight, self.scales, self.mins, self.bits, self.group_size,

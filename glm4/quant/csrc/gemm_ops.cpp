@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "gemv.h"
+#include "weight_type.h"
 #include "kquant.h"
 
 namespace {
@@ -116,12 +117,7 @@ at::Tensor dense_gemm(const at::Tensor& x, const at::Tensor& w_in, const std::op
   TORCH_CHECK(w_in.dim() == 2, "dense_gemm: w must be [N, K]");
   check_gemm_x(x, w_in.size(1), "dense_gemm");
   glm4k::DenseArgs a{};
-  switch (w_in.scalar_type()) {
-    case at::kFloat: a.wtype = glm4k::kF32; break;
-    case at::kBFloat16: a.wtype = glm4k::kBF16; break;
-    case at::kHalf: a.wtype = glm4k::kF16; break;
-    default: TORCH_CHECK(false, "dense_gemm: w must be float32, bfloat16 or float16");
-  }
+  a.wtype = glm4k::dense_weight_type(w_in, "dense_gemm");
   const at::Tensor w = w_in.contiguous();
   a.w = w.data_ptr(), a.N = w.size(0), a.K = w.size(1);
   return run_f32_gemm(x, a, bias, nullptr, "dense_gemm");

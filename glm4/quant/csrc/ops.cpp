@@ -14,6 +14,7 @@
 
 #include "fused.h"
 #include "gemv.h"
+#include "weight_type.h"
 #include "kquant.h"
 
 namespace {
@@ -148,12 +149,7 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "dense_mm: x must be float32");
   const at::Tensor x = x_in.reshape({-1, x_in.size(-1)});
   glm4k::DenseArgs a{};
-  switch (w.scalar_type()) {
-    case at::kFloat: a.wtype = glm4k::kF32; break;
-    case at::kBFloat16: a.wtype = glm4k::kBF16; break;
-    case at::kHalf: a.wtype = glm4k::kF16; break;
-    default: TORCH_CHECK(false, "dense_mm: w must be float32, bfloat16 or float16");
-  }
+  a.wtype = glm4k::dense_weight_type(w, "dense_mm");
   auto xc = x.contiguous();
   auto wc = w.contiguous();
   auto y = at::empty({x.size(0), w.size(0)}, x.options());
@@ -410,9 +406,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     return y;
   }
   if (!bits) {
-    int wtype = w.scalar_type() == at::kFloat ? glm4k::kF32 : w.scalar_type() == at::kBFloat16 ? glm4k::kBF16 : glm4k::kF16;
-    TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 || w.scalar_type() == at::kHalf,
-                "expert_mm: dense w must be float32, bfloat16 or float16");
+    const int wtype = glm4k::dense_weight_type(w, "expert_mm (dense experts)");
     std::vector<uint16_t> xbf16;
     const bool dot = bf16_dot_activations(xc, wtype, xbf16);  // bf16 experts: dense_mm's dot kernel
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
