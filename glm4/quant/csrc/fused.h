@@ -67,6 +67,9 @@ struct PrefillAttnArgs {
 // whether the AVX-512 kernels run now (the CPU has them and set_isa allows them; ops.cpp)
 bool avx512_kernels();
 
+// query positions per task of the prefill attention (tasks: Hq x ceil(T / it)); a multiple of every set's rows per
+// step (AVX2 6, AVX-512 4)
+constexpr int64_t kPrefillQueryBlock = 24;
 void prefill_attention_avx2(const PrefillAttnArgs& a, const float* kt, int64_t t0, int64_t t1);
 void prefill_attention_avx512(const PrefillAttnArgs& a, const float* kt, int64_t t0, int64_t t1);
 

@@ -211,7 +211,7 @@ at::Tensor prefill_attention(const at::Tensor& q, const at::Tensor& k, const at:
       }
   const glm4k::PrefillAttnArgs a{qc.data_ptr<float>(), vt.data(), out.data_ptr<float>(), T, Hq, Hkv, D, Tp,
                                  float(1.0 / std::sqrt(double(D))), S - T};
-  const int64_t tasks = Hq * ((T + 15) / 16);
+  const int64_t tasks = Hq * ((T + glm4k::kPrefillQueryBlock - 1) / glm4k::kPrefillQueryBlock);
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     wide ? glm4k::prefill_attention_avx512(a, kt.data(), t0, t1) : glm4k::prefill_attention_avx2(a, kt.data(), t0, t1);
   });

@@ -1,4 +1,4 @@
-// prefill_attn.h for AVX2 + FMA: 8 lanes, 4 query rows x 2 vectors of dims (16) in registers.
+// prefill_attn.h for AVX2 + FMA: 8 lanes, 6 query rows x 2 vectors of dims (16) in registers.
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -10,7 +10,7 @@ namespace {
 
 struct Vec8 {
   using T = __m256;
-  static constexpr int W = 8, CH = 2;
+  static constexpr int W = 8, CH = 2, QR = 6;
   static T zero() { return _mm256_setzero_ps(); }
   static T load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, T v) { _mm256_storeu_ps(p, v); }

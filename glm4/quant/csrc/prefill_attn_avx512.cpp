@@ -11,7 +11,7 @@ namespace {
 
 struct Vec16 {
   using T = __m512;
-  static constexpr int W = 16, CH = 4;
+  static constexpr int W = 16, CH = 4, QR = 4;
   static T zero() { return _mm512_setzero_ps(); }
   static T load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
