@@ -8,8 +8,8 @@
 // Layout (the usual blocked GEMM): the activations are packed once per call into panels of 6 rows (zero rows past M),
 // each K block of a panel kc x 6 (k-major); a thread packs 16 weight rows at a time into a kc x 16 panel, 8 panels
 // a block; the 6 x 16 microkernel keeps its 12 sums in registers over kc steps of 2 loads, 6 broadcasts, 12 FMAs.
-// Sums are taken in the same order whatever the thread count (threads split N): within a K block k ascending,
-// the blocks added in order, the bias last.
+// Sums are taken in the same order whatever the thread count (threads take groups of 128 columns in turn): within
+// a K block k ascending, the blocks added in order, the bias last.
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
@@ -155,7 +155,7 @@ void gemm_f32_cols_avx2(const DenseArgs& g, const float* xp, const float* bias, 
   std::unique_ptr<float, AlignedFree> rows_buf(
       fill ? static_cast<float*>(std::aligned_alloc(64, sizeof(float) * K * kCols * kPanels)) : nullptr);
   float* bp = buf.get();
-  alignas(32) float tile[kRows * kCols];
+  alignas(32) float tile[kRows * kCols] = {};  // ragged edges: rows / columns past the real ones only ever finite
   alignas(32) float tail_bias[kCols];
   // column groups taken in turn by whichever thread is free: the two cores of a VM do not run at one speed, and
   // an even split left one waiting (~5 % of the GEMM's samples in OpenMP's barrier)
