@@ -240,6 +240,12 @@ def test_dense_gemm_rejects_what_it_cannot_run():
         kernels.ops.dense_gemm(x, torch.zeros(16, 64), torch.zeros(8))
     with pytest.raises(RuntimeError, match="x must be float32"):
         kernels.ops.dense_gemm(x.double(), torch.zeros(16, 64), None)
+    with pytest.raises(RuntimeError, match="x has 64 columns, the weight 128"):
+        kernels.ops.dense_gemm(x, torch.zeros(16, 128), None)
+    with pytest.raises(RuntimeError, match="shapes of q / scales do not match K"):
+        kernels.ops.quant_dense_gemm(x, torch.zeros(16, 128, dtype=torch.int8), torch.ones(16, 1), None, 8, 128, 0, None)
+    with pytest.raises(RuntimeError, match="ggml type 12"):
+        kernels.ops.kquant_dense_gemm(torch.randn(8, 256), torch.zeros(16, 144, dtype=torch.uint8), 8, None)
 
 
 @needs_kernels
@@ -283,13 +289,6 @@ def test_kquant_dense_gemm_equals_dense_gemm_on_the_dequantized_weight(ggml_type
     monkeypatch.setattr(kernels, "own_gemm", lambda: True)
     with torch.no_grad():
         assert torch.equal(lin(x), want)
-    with pytest.raises(RuntimeError, match="ggml type 12"):
-        kernels.ops.kquant_dense_gemm(x, lin.blocks, 8, None)
-    with pytest.raises(RuntimeError, match="shapes of q / scales do not match K"):
-        kernels.ops.quant_dense_gemm(x[:, :256], torch.zeros(N, K, dtype=torch.int8), torch.ones(N, 4), None, 8, 128, 0,
-                                     None)
-    with pytest.raises(RuntimeError, match="x has 256 columns, the weight 512"):
-        kernels.ops.dense_gemm(x[:, :256], torch.zeros(N, K), None)
 
 
 def test_gemm_kernel_names_glm4s_where_it_runs(monkeypatch):
@@ -411,12 +410,13 @@ def test_an_all_zero_row_gives_exactly_zero(scheme, isa):
 
 @pytest.mark.parametrize("M", [1, 5, 40])  # 40: above the streaming kernel's M, the GEMM path
 @pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("chunked", [False, True, "own"])  # torch's GEMM, the weight widened whole or 16 rows at a
-def test_float_linear_equals_its_stored_weight(M, storage, chunked, monkeypatch):  # time; or glm4's (bias in it)
-    if chunked == "own" and not kernels.has_streaming_kernels():
+# torch's GEMM on the weight widened whole or 16 rows at a time, or glm4's (widening as it packs, the bias in it)
+@pytest.mark.parametrize("gemm", ["torch", "torch-chunks", "glm4"])
+def test_float_linear_equals_its_stored_weight(M, storage, gemm, monkeypatch):
+    if gemm == "glm4" and not kernels.has_streaming_kernels():
         pytest.skip("glm4's GEMM needs the kernels")
-    monkeypatch.setattr(kernels, "own_gemm", lambda: chunked == "own")
-    if chunked is True:
+    monkeypatch.setattr(kernels, "own_gemm", lambda: gemm == "glm4")
+    if gemm == "torch-chunks":
         monkeypatch.setattr(kernels, "_GEMM_WHOLE", 0)
         monkeypatch.setattr(kernels, "_GEMM_CHUNK", 16 * 96)
     torch.manual_seed(0)
@@ -534,9 +534,12 @@ def test_stream_experts_of_gguf_8bit_groups_take_int16_activations_for_one_token
 @pytest.mark.usefixtures("exact_activations")  # against the dequantized weight at fp32 tolerance
 @pytest.mark.parametrize("scheme", [None, "int8", "int6", "int4"])
 @pytest.mark.parametrize("tokens", [3, 200])  # 200: more tokens per expert than the streaming kernel takes
-def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, isa):
+@pytest.mark.parametrize("own_gemm", [False, True])  # the large-M GEMM: torch's, or glm4's (any CPU with the kernels)
+def test_stream_experts_equal_stacked_experts_on_their_weights(scheme, tokens, own_gemm, isa, monkeypatch):
     from glm4.layers.moe import StackedExperts, expert_glu
     from glm4.quant.experts import StreamExperts
+
+    monkeypatch.setattr(kernels, "own_gemm", lambda: own_gemm)
 
     torch.manual_seed(3)
     hidden, inter, group = (128, 128, 128) if scheme == "int6" else (64, 96, 32)  # int6: groups of 64k columns

@@ -155,10 +155,7 @@ class ExpertPack(nn.Module):
             return self.expert(e)(x)
         if kernels.has_streaming_kernels() and x.device.type == "cpu" and x.shape[0] <= kernels.dense_max_m():
             return kernels.dense_mm(x.float(), self.weight[e]).to(x.dtype)
-        w = self.weight[e]
-        if x.dtype == torch.float32 and x.device.type == "cpu" and kernels.own_gemm():
-            return kernels.gemm(x, w)  # a bf16 / fp16 weight widened as the GEMM packs it
-        return kernels.gemm(x, w.to(x.dtype))
+        return kernels.gemm(x, self.weight[e])
 
     def extra_repr(self) -> str:
         kind = (f"{str(self.weight.dtype).removeprefix('torch.')}" if self.bits == 0 else

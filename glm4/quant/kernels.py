@@ -311,11 +311,12 @@ def dequant_gemm(x: torch.Tensor, n_out: int, fill, buf: torch.Tensor) -> torch.
 
 
 def gemm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ w [N, K]^T in x's dtype: the large-M path of the linears (prefill). w in x's dtype, or (fp32 x
-    where own_gemm()) fp32 / bf16 / fp16. oneDNN runs `gemm_rows(M)` rows (zero rows appended), so that its
-    per-shape caches stay bounded."""
+    """x [M, K] @ w [N, K]^T in x's dtype: the large-M path of the linears (prefill). w fp32 / bf16 / fp16: glm4's
+    GEMM widens it as it packs it (fp32 x where own_gemm()), else it is cast to x's dtype first. oneDNN runs
+    `gemm_rows(M)` rows (zero rows appended), so that its per-shape caches stay bounded."""
     if x.dtype == torch.float32 and x.device.type == "cpu" and own_gemm():
         return ops.dense_gemm(x, w, None)
+    w = w if w.dtype == x.dtype else w.to(x.dtype)
     m = x.shape[0]
     if x.device.type == "cpu" and _onednn_gemm(x.dtype) and not 0 < _torch_gemm_from(x.dtype) <= m:
         rows = gemm_rows(m)

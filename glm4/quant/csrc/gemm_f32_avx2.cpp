@@ -16,10 +16,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
-#include <cstring>
 #include <memory>
 
 #include "gemv.h"
+#include "widen_avx2.h"
 
 namespace glm4k {
 namespace {
@@ -67,23 +67,6 @@ void micro_6x16(int64_t kc, const float* __restrict a, const float* __restrict b
 #undef GLM4_FMA
 #undef GLM4_OUT
 
-inline __m256 load8(const void* w, int wtype, int64_t i) {
-  if (wtype == kF32) return _mm256_loadu_ps(static_cast<const float*>(w) + i);
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-  if (wtype == kF16) return _mm256_cvtph_ps(h);
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));  // bf16: the high half of an fp32
-}
-
-inline float load1(const void* w, int wtype, int64_t i) {
-  if (wtype == kF32) return static_cast<const float*>(w)[i];
-  const uint16_t h = static_cast<const uint16_t*>(w)[i];
-  if (wtype == kF16) return _cvtsh_ss(h);
-  const uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
 // 8 x 8 fp32 transpose in registers
 void transpose8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -103,20 +86,27 @@ void transpose8(__m256 r[8]) {
   }
 }
 
-// rows n0 .. n0 + rows - 1 (rows <= 16; zero beyond) of w [., K] (wtype), columns k0 .. k0 + kc, widened into
+// rows n0 .. n0 + rows - 1 (rows <= 16; zero beyond) of w [., K] (WT), columns k0 .. k0 + kc, widened into
 // bp [kc, 16]
-void pack_weight(const void* w, int wtype, int64_t K, int64_t n0, int rows, int64_t k0, int64_t kc, float* bp) {
+template <int WT>
+void pack_rows(const void* w, int64_t K, int64_t n0, int rows, int64_t k0, int64_t kc, float* bp) {
   int64_t k = 0;
   if (rows == kCols)
     for (; k + 8 <= kc; k += 8)
       for (int h = 0; h < 2; ++h) {
         __m256 r[8];
-        for (int i = 0; i < 8; ++i) r[i] = load8(w, wtype, (n0 + 8 * h + i) * K + k0 + k);
+        for (int i = 0; i < 8; ++i) r[i] = load8<WT>(w, (n0 + 8 * h + i) * K + k0 + k);
         transpose8(r);
         for (int i = 0; i < 8; ++i) _mm256_store_ps(bp + (k + i) * kCols + 8 * h, r[i]);
       }
   for (; k < kc; ++k)
-    for (int j = 0; j < kCols; ++j) bp[k * kCols + j] = j < rows ? load1(w, wtype, (n0 + j) * K + k0 + k) : 0.f;
+    for (int j = 0; j < kCols; ++j) bp[k * kCols + j] = j < rows ? load1<WT>(w, (n0 + j) * K + k0 + k) : 0.f;
+}
+
+void pack_weight(const void* w, int wtype, int64_t K, int64_t n0, int rows, int64_t k0, int64_t kc, float* bp) {
+  if (wtype == kBF16) pack_rows<kBF16>(w, K, n0, rows, k0, kc, bp);
+  else if (wtype == kF16) pack_rows<kF16>(w, K, n0, rows, k0, kc, bp);
+  else pack_rows<kF32>(w, K, n0, rows, k0, kc, bp);
 }
 
 struct AlignedFree {

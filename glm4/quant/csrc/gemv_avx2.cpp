@@ -11,6 +11,7 @@
 #include "gemv.h"
 #include "tiles.h"
 #include "vec_avx2.h"
+#include "widen_avx2.h"
 
 namespace glm4k {
 namespace {
@@ -20,34 +21,7 @@ namespace {
 // it is reading (`ahead` bytes further in the row-major weight).
 inline void prefetch(const void* p, int64_t ahead) { _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T0); }
 
-inline float bf16_to_f32(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &u, 4);
-  return f;
-}
-
-// 8 weights at element offset i, widened to fp32
 constexpr int kBytes[3] = {4, 2, 2};  // per weight, by WeightType
-
-template <int WT>
-inline __m256 load8(const void* w, int64_t i) {
-  if constexpr (WT == kF32) {
-    return _mm256_loadu_ps(static_cast<const float*>(w) + i);
-  } else if constexpr (WT == kBF16) {
-    __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-  } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i)));
-  }
-}
-
-template <int WT>
-inline float load1(const void* w, int64_t i) {
-  if constexpr (WT == kF32) return static_cast<const float*>(w)[i];
-  else if constexpr (WT == kBF16) return bf16_to_f32(static_cast<const uint16_t*>(w)[i]);
-  else return _cvtsh_ss(static_cast<const uint16_t*>(w)[i]);
-}
 
 // y[m, n..n+RB) for m in [0, MT): RB weight rows share each activation load, MT activation rows share each weight.
 // A one-row, one-token tile keeps two accumulators (even / odd steps of 8 columns): with one, each FMA waits for the
