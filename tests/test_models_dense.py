@@ -138,7 +138,8 @@ def test_left_padded_rows_match_unbatched(hf_checkpoint, model_type):
             assert (batched[i, T - len(r):] - ref_rows[i, T - len(r):]).abs().max().item() <= TOL
 
 
-def test_kv_cache_decoding_equals_full_recompute(hf_checkpoint):
+@pytest.mark.parametrize("last_rows_only", [False, True])
+def test_kv_cache_decoding_equals_full_recompute(hf_checkpoint, last_rows_only):
     folder, _ = hf_checkpoint("glm4")
     model = glm4.load_model(folder)
     cfg = model.config
@@ -147,24 +148,41 @@ def test_kv_cache_decoding_equals_full_recompute(hf_checkpoint):
     cache = KVCache(cfg.num_hidden_layers, 2, 20, cfg.num_key_value_heads, cfg.head_dim)
     with torch.no_grad():
         full = model(ids)
-        step = [model(ids[:, :P], positions=torch.arange(P).expand(2, P), ctx=cache)]
+        if last_rows_only:  # the prompt's last rows only: the last layer's K / V must still cover every position
+            first = model(ids[:, :P], positions=torch.arange(P).expand(2, P), ctx=cache,
+                          logits_indices=torch.tensor([P - 1, 2 * P - 1]))
+            assert (first - full[:, P - 1]).abs().max().item() <= 1e-5
+            step = []
+        else:
+            step = [model(ids[:, :P], positions=torch.arange(P).expand(2, P), ctx=cache)]
         cache.advance(P)
         for t in range(P, 20):
             step.append(model(ids[:, t:t + 1], positions=torch.full((2, 1), t), ctx=cache))
             cache.advance(1)
-    assert (torch.cat(step, dim=1) - full).abs().max().item() <= 1e-5
+    got = torch.cat(step, dim=1)  # [2, 20] or, after the last rows only, the 12 decoded positions
+    assert (got - full[:, -got.shape[1]:]).abs().max().item() <= 1e-5
 
 
-def test_logits_indices(hf_checkpoint):
-    folder, _ = hf_checkpoint("glm")
+@pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe", "chatglm"])
+def test_logits_indices_run_the_last_layer_on_those_rows_only(hf_checkpoint, tmp_path, model_type):
+    folder, _ = hf_checkpoint("glm" if model_type == "chatglm" else model_type)
+    if model_type == "chatglm":
+        folder = to_chatglm(folder, tmp_path / "chatglm")
     model = glm4.load_model(folder)
+    layers = model.transformer.encoder.layers if model_type == "chatglm" else model.model.layers
+    mlp_rows = []  # rows each layer's MLP ran on, in order
+    for layer in layers:
+        layer.mlp.register_forward_pre_hook(lambda m, args: mlp_rows.append(args[0].numel() // args[0].shape[-1]))
     ids = _ids(3, 10)
     idx = torch.tensor([9, 19, 29, 4])
     with torch.no_grad():
         full = model(ids).reshape(30, -1)
+        assert mlp_rows == [30] * len(layers)
+        mlp_rows.clear()
         part = model(ids, logits_indices=idx)
+    assert mlp_rows == [30] * (len(layers) - 1) + [4]
     assert part.shape == (4, 128)
-    assert torch.equal(part, full[idx])
+    torch.testing.assert_close(part, full[idx], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -117,8 +117,8 @@ class ModelRunner:
             return self._run_multimodal(input_ids, spans, ctx, last, sampled)
         extra = [r for _, first, k in prompt_rows for r in range(first, first + k)]
         if not sampled and not extra:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
-            if hasattr(self.model, "hidden_states"):
-                self.model.hidden_states(input_ids, positions, ctx)
+            if hasattr(self.model, "hidden_states"):  # (and the last layer's MLP of all rows but one)
+                self.model.hidden_states(input_ids, positions, ctx, rows=torch.tensor([len(ids) - 1]))
             else:
                 self.model(input_ids, positions=positions, ctx=ctx, logits_indices=torch.tensor([len(ids) - 1]))
             return [], [], []
@@ -136,10 +136,11 @@ class ModelRunner:
         placed into the token embeddings, then the language model."""
         positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
         embeds = multimodal_embeddings(self.model, input_ids, spans, self.max_encoder_bytes)
-        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds)
+        rows = torch.tensor(last if sampled else [len(input_ids[0]) - 1], device=self.device)
+        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds, rows=rows)  # [1, len(rows), H]
         if not sampled:
             return [], [], []
-        logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1])[torch.tensor(last, device=self.device)])
+        logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1]))
         tokens, entries = self.sampler(logits, sampled)
         return sampled, tokens, entries
 

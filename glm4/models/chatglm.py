@@ -14,7 +14,7 @@ from glm4.config import ChatGLMConfig
 from glm4.layers.attention import Causal
 from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin, Rope, apply_rope
-from glm4.models.glm import GlmForCausalLM
+from glm4.models.glm import GlmForCausalLM, run_layers, take_rows
 
 
 class ChatGLMSelfAttention(nn.Module):
@@ -26,18 +26,18 @@ class ChatGLMSelfAttention(nn.Module):
         self.query_key_value = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.add_qkv_bias)
         self.dense = nn.Linear(self.q_size, config.hidden_size, bias=config.add_bias_linear)
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.query_key_value(x)
         attend_qkv = getattr(ctx, "attend_qkv", None)
         out = attend_qkv(self.layer_idx, qkv, cs, self.n_heads) if attend_qkv else None
         if out is not None:  # the engine's decode steps: RoPE, cache write and attention in one op
-            return self.dense(out)
+            return self.dense(take_rows(out, rows))
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = apply_rope(q.view(B, T, self.n_heads, self.head_dim), cs)
         k = apply_rope(k.view(B, T, self.n_kv, self.head_dim), cs)
         out = ctx.attend(self.layer_idx, q, k, v.view(B, T, self.n_kv, self.head_dim))
-        return self.dense(out.reshape(B, T, self.q_size))
+        return self.dense(take_rows(out.reshape(B, T, self.q_size), rows))
 
 
 class ChatGLMMLP(nn.Module):
@@ -60,8 +60,8 @@ class GLMBlock(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.mlp = ChatGLMMLP(config)
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
-        x = x + self.self_attention(self.input_layernorm(x), cs, ctx)
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = take_rows(x, rows) + self.self_attention(self.input_layernorm(x), cs, ctx, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -97,7 +97,8 @@ class ChatGLMForConditionalGeneration(GlmForCausalLM):
             self.transformer.output_layer.weight = self.transformer.embedding.word_embeddings.weight
         self.rope = Rope(config.rope)
 
-    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
+                      rows: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -107,9 +108,8 @@ class ChatGLMForConditionalGeneration(GlmForCausalLM):
         if self.decode_layers_kernel is not None:  # GlmForCausalLM's: every layer of a decode step by one call
             out = self.decode_layers_kernel(h, cs, ctx)
             if out is not None:
-                return out
-        for layer in self.transformer.encoder.layers:
-            h = layer(h, cs, ctx)
+                return take_rows(out, rows)
+        h = run_layers(self.transformer.encoder.layers, h, cs, ctx, rows=rows)
         norm = self.transformer.encoder.final_layernorm
         return norm(h) if norm is not None else h
 

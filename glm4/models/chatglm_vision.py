@@ -25,6 +25,7 @@ from glm4.config import ChatGLMVisionConfig
 from glm4.layers.attention import Causal
 from glm4.layers.eva_clip import EVA2CLIPTower
 from glm4.models.chatglm import ChatGLMForConditionalGeneration
+from glm4.models.glm import run_layers
 
 TEXT, IMAGE = 0, 1  # token types, as glm4.models.glm4v writes them
 
@@ -131,7 +132,7 @@ class ChatGLMVisionForConditionalGeneration(ChatGLMForConditionalGeneration):
 
     # ---- language model ------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None, *layer_args,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """As chatglm's, also from `inputs_embeds`; positions [B, T] or [B, T, 3] (three equal axes, the engine's)."""
         h = self.transformer.embedding.word_embeddings(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
@@ -141,8 +142,7 @@ class ChatGLMVisionForConditionalGeneration(ChatGLMForConditionalGeneration):
             positions = positions[..., 0]
         ctx = Causal() if ctx is None else ctx
         cs = self.rope.cos_sin(positions, h.dtype)
-        for layer in self.transformer.encoder.layers:
-            h = layer(h, cs, ctx)
+        h = run_layers(self.transformer.encoder.layers, h, cs, ctx, rows=rows)
         norm = self.transformer.encoder.final_layernorm
         return norm(h) if norm is not None else h
 
@@ -158,7 +158,7 @@ class ChatGLMVisionForConditionalGeneration(ChatGLMForConditionalGeneration):
             embeds = self.embed(input_ids, pixel_values)
             if positions is None:
                 positions, _ = self.rope_index(input_ids)
-        h = self.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds)
+        h = self.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds, rows=logits_indices)
         if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]  # [K, hidden]
+            h = h.reshape(-1, h.shape[-1])  # [K, hidden]
         return self.transformer.output_layer(h)

@@ -38,6 +38,24 @@ def fuse_linears(*linears: nn.Module) -> nn.Module | None:
     return out.requires_grad_(first.weight.requires_grad)
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """x [..., C] -> [1, len(rows), C]: the flat rows (over every leading dim) a caller wants; x itself for None."""
+    return x if rows is None else x.reshape(-1, x.shape[-1])[rows][None]
+
+
+def run_layers(layers: nn.ModuleList, h: torch.Tensor, cs: CosSin, ctx, layer_args: tuple = (),
+               rows: torch.Tensor | None = None) -> torch.Tensor:
+    """h [B, T, hidden] through every decoder layer. `rows` (flat indices into the B * T rows): only those rows'
+    outputs are wanted (the engine's sampled and scored positions), so the last layer keeps just them after its
+    attention, whose K / V every row still writes, and runs its output projection and MLP on them alone; the result
+    is then [1, len(rows), hidden]. A 512-token prompt to its first token skips most of one layer's matmuls (llama.cpp
+    skips the last layer's FFN rows the same way)."""
+    last = len(layers) - 1
+    for i, layer in enumerate(layers):
+        h = layer(h, cs, ctx, *layer_args, rows=rows) if i == last and rows is not None else layer(h, cs, ctx, *layer_args)
+    return h
+
+
 def fuse_projections(model: nn.Module) -> nn.Module:
     """Inference-time fusion, in place: every module with a `fuse()` (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
     for m in list(model.modules()):
@@ -71,14 +89,15 @@ class GlmAttention(nn.Module):
         if self.qkv_proj is not None:
             del self.q_proj, self.k_proj, self.v_proj
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, hidden] -> [B, T, hidden], or [1, len(rows), hidden]: the output projection of those rows only."""
         B, T, _ = x.shape
         if self.qkv_proj is not None:
             qkv = self.qkv_proj(x)
             attend_qkv = None if self.use_qk_norm else getattr(ctx, "attend_qkv", None)
             out = attend_qkv(self.layer_idx, qkv, cs, self.n_heads) if attend_qkv else None
             if out is not None:  # the engine's decode steps: RoPE, cache write and attention in one op
-                return self.o_proj(out)
+                return self.o_proj(take_rows(out, rows))
             q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim, self.n_kv * self.head_dim],
                                 dim=-1)
         else:
@@ -90,7 +109,7 @@ class GlmAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cs), apply_rope(k, cs)
         out = ctx.attend(self.layer_idx, q, k, v)  # [B, T, Hq, D]
-        return self.o_proj(out.reshape(B, T, self.n_heads * self.head_dim))
+        return self.o_proj(take_rows(out.reshape(B, T, self.n_heads * self.head_dim), rows))
 
 
 class GlmMLP(nn.Module):
@@ -113,8 +132,8 @@ class GlmDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cs, ctx)
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = take_rows(x, rows) + self.self_attn(self.input_layernorm(x), cs, ctx, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,8 +171,9 @@ class GlmForCausalLM(nn.Module):
         return cls(config)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
-                      *layer_args) -> torch.Tensor:
-        """[B, T] -> final-norm hidden states [B, T, hidden]; `layer_args` go to every decoder layer (MoE: router logits)."""
+                      *layer_args, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, T] -> final-norm hidden states [B, T, hidden]; `layer_args` go to every decoder layer (MoE: router
+        logits). `rows` (flat indices): only those rows' states, [1, len(rows), hidden] (`run_layers`)."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
@@ -163,16 +183,14 @@ class GlmForCausalLM(nn.Module):
         if self.decode_layers_kernel is not None and all(a is None for a in layer_args):
             out = self.decode_layers_kernel(h, cs, ctx)
             if out is not None:
-                return out
-        for layer in self.model.layers:
-            h = layer(h, cs, ctx, *layer_args)
-        return self.model.norm(h)
+                return take_rows(out, rows)
+        return self.model.norm(run_layers(self.model.layers, h, cs, ctx, layer_args, rows))
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.hidden_states(input_ids, positions, ctx)
+        h = self.hidden_states(input_ids, positions, ctx, rows=logits_indices)
         if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]  # [K, hidden]
+            h = h.reshape(-1, h.shape[-1])  # [K, hidden]
         return self.get_output_embeddings()(h)
 
     def get_input_embeddings(self) -> nn.Embedding:

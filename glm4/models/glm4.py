@@ -8,7 +8,7 @@ from torch import nn
 from glm4.config import Glm4Config
 from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin
-from glm4.models.glm import GlmAttention, GlmForCausalLM, GlmMLP
+from glm4.models.glm import GlmAttention, GlmForCausalLM, GlmMLP, take_rows
 
 
 class Glm4DecoderLayer(nn.Module):
@@ -22,9 +22,9 @@ class Glm4DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=eps)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps=eps)
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, rows: torch.Tensor | None = None) -> torch.Tensor:
         # each sublayer output is normalized again before the residual add
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cs, ctx))
+        x = take_rows(x, rows) + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), cs, ctx, rows))
         return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
 
 

@@ -23,7 +23,7 @@ from glm4.config import ConfigError, Glm4MoeConfig
 from glm4.layers.moe import StackedExperts, route
 from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin
-from glm4.models.glm import GlmAttention, GlmForCausalLM, fuse_linears
+from glm4.models.glm import GlmAttention, GlmForCausalLM, fuse_linears, take_rows
 
 _LAYER = re.compile(r"model\.(?:language_model\.)?layers\.(\d+)\.")  # glm4v_moe nests the LM
 _FUSED = re.compile(r"(model\.(?:language_model\.)?layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$")
@@ -147,8 +147,9 @@ class Glm4MoeDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cs: CosSin, ctx, router_logits: list | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cs, ctx)
+    def forward(self, x: torch.Tensor, cs: CosSin, ctx, router_logits: list | None = None,
+                rows: torch.Tensor | None = None) -> torch.Tensor:
+        x = take_rows(x, rows) + self.self_attn(self.input_layernorm(x), cs, ctx, rows)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h)
@@ -167,15 +168,19 @@ class Glm4MoeForCausalLM(GlmForCausalLM):
     keep_in_fp32 = ("e_score_correction_bias",)  # read by glm4.weights.empty_model
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
-                      router_logits: list | None = None) -> torch.Tensor:
-        return super().hidden_states(input_ids, positions, ctx, router_logits)
+                      router_logits: list | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        return super().hidden_states(input_ids, positions, ctx, router_logits, rows=rows)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
                 logits_indices: torch.Tensor | None = None, return_router_logits: bool = False):
         router_logits: list | None = [] if return_router_logits else None
-        h = self.hidden_states(input_ids, positions, ctx, router_logits)
+        # router logits asked for: every row's, so every row runs the last layer
+        rows = None if return_router_logits else logits_indices
+        h = self.hidden_states(input_ids, positions, ctx, router_logits, rows=rows)
         if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]  # [K, hidden]
+            h = h.reshape(-1, h.shape[-1])  # [K, hidden]
+            if rows is None:
+                h = h[logits_indices]
         logits = self.get_output_embeddings()(h)
         return (logits, router_logits) if return_router_logits else logits
 

@@ -29,7 +29,7 @@ from glm4.config import Glm4vConfig
 from glm4.layers.attention import Causal
 from glm4.layers.rope import Rope
 from glm4.layers.vision import VisionTower
-from glm4.models.glm import GlmModel
+from glm4.models.glm import GlmModel, run_layers
 from glm4.models.glm4 import Glm4DecoderLayer
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values, as transformers' processor writes them
@@ -162,9 +162,9 @@ class Glm4vForConditionalGeneration(nn.Module):
 
     # ---- language model ------------------------------------------------------------------------------
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None, *layer_args,
-                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+                      inputs_embeds: torch.Tensor | None = None, rows: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states [B, T, hidden]; positions [B, T] (text, or decoding: arange + rope_deltas) or
-        [B, T, 3]."""
+        [B, T, 3]. `rows` (flat indices): only those rows' states, [1, len(rows), hidden] (glm.run_layers)."""
         lm = self.model.language_model
         h = lm.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, T = h.shape[:2]
@@ -172,22 +172,20 @@ class Glm4vForConditionalGeneration(nn.Module):
             positions = torch.arange(T, device=h.device).expand(B, T)
         ctx = Causal() if ctx is None else ctx
         cs = self.rope.cos_sin(positions, h.dtype)
-        for layer in lm.layers:
-            h = layer(h, cs, ctx, *layer_args)
-        return lm.norm(h)
+        return lm.norm(run_layers(lm.layers, h, cs, ctx, layer_args, rows))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, image_grid_thw=None,
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw=None,
                 mm_token_type_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None, ctx=None,
                 logits_indices: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         h = self._hidden(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                         mm_token_type_ids, positions, ctx, attention_mask)
+                         mm_token_type_ids, positions, ctx, attention_mask, rows=logits_indices)
         if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]  # [K, hidden]
+            h = h.reshape(-1, h.shape[-1])  # [K, hidden]
         return self.lm_head(h)
 
     def _hidden(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                mm_token_type_ids, positions, ctx, attention_mask, *layer_args) -> torch.Tensor:
+                mm_token_type_ids, positions, ctx, attention_mask, *layer_args, rows=None) -> torch.Tensor:
         has_media = image_grid_thw is not None or video_grid_thw is not None
         if positions is None and has_media:
             positions, _ = self.rope_index(input_ids, image_grid_thw, video_grid_thw, mm_token_type_ids, attention_mask)
@@ -195,7 +193,7 @@ class Glm4vForConditionalGeneration(nn.Module):
             ctx = Causal(key_mask=attention_mask)
         embeds = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                             mm_token_type_ids)
-        return self.hidden_states(input_ids, positions, ctx, *layer_args, inputs_embeds=embeds)
+        return self.hidden_states(input_ids, positions, ctx, *layer_args, inputs_embeds=embeds, rows=rows)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.language_model.embed_tokens

@@ -29,10 +29,13 @@ class Glm4vMoeForConditionalGeneration(Glm4vForConditionalGeneration):
                 logits_indices: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 return_router_logits: bool = False):
         router_logits: list | None = [] if return_router_logits else None
+        rows = None if return_router_logits else logits_indices  # router logits asked for: of every row
         h = self._hidden(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
-                         mm_token_type_ids, positions, ctx, attention_mask, router_logits)
+                         mm_token_type_ids, positions, ctx, attention_mask, router_logits, rows=rows)
         if logits_indices is not None:
-            h = h.reshape(-1, h.shape[-1])[logits_indices]  # [K, hidden]
+            h = h.reshape(-1, h.shape[-1])  # [K, hidden]
+            if rows is None:
+                h = h[logits_indices]
         logits = self.lm_head(h)
         return (logits, router_logits) if return_router_logits else logits
 
