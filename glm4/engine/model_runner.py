@@ -118,12 +118,16 @@ class ModelRunner:
         extra = [r for _, first, k in prompt_rows for r in range(first, first + k)]
         if not sampled and not extra:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
             if hasattr(self.model, "hidden_states"):  # (and the last layer's MLP of all rows but one)
-                self.model.hidden_states(input_ids, positions, ctx, rows=torch.tensor([len(ids) - 1]))
+                self.model.hidden_states(input_ids, positions, ctx, rows=self._last_layer_rows([len(ids) - 1]))
             else:
                 self.model(input_ids, positions=positions, ctx=ctx, logits_indices=torch.tensor([len(ids) - 1]))
             return [], [], []
-        logits = self.model(input_ids, positions=positions, ctx=ctx,
-                            logits_indices=torch.tensor(last + extra, device=self.device))  # [K + E, V]
+        idx = torch.tensor(last + extra, device=self.device)
+        if self.lora is None:
+            logits = self.model(input_ids, positions=positions, ctx=ctx, logits_indices=idx)  # [K + E, V]
+        else:  # the last layer on every row (see _last_layer_rows)
+            h = self.model.hidden_states(input_ids, positions, ctx)
+            logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1])[idx])
         if extra:
             self._prompt_logprobs(logits[len(last):], prompt_rows)
         if not sampled:
@@ -131,16 +135,22 @@ class ModelRunner:
         tokens, entries = self.sampler(logits[:len(last)], sampled)
         return sampled, tokens, entries
 
+    def _last_layer_rows(self, rows: list[int]) -> torch.Tensor | None:
+        """The rows the last decoder layer keeps (`hidden_states(rows=)`); None (all) with LoRA adapters loaded, whose
+        per-row adapter slots are set for every row of the step (glm4.engine.lora)."""
+        return None if self.lora is not None else torch.tensor(rows, device=self.device)
+
     def _run_multimodal(self, input_ids, spans, ctx, last, sampled):
         """A step holding a request with images / videos (glm4.engine.multimodal): M-RoPE positions, media rows
         placed into the token embeddings, then the language model."""
         positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
         embeds = multimodal_embeddings(self.model, input_ids, spans, self.max_encoder_bytes)
-        rows = torch.tensor(last if sampled else [len(input_ids[0]) - 1], device=self.device)
-        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds, rows=rows)  # [1, len(rows), H]
+        rows = self._last_layer_rows(last if sampled else [len(input_ids[0]) - 1])
+        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds, rows=rows)
         if not sampled:
             return [], [], []
-        logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1]))
+        h = h.reshape(-1, h.shape[-1])  # [len(rows), H], or every row's
+        logits = self.model.get_output_embeddings()(h if rows is not None else h[torch.tensor(last, device=self.device)])
         tokens, entries = self.sampler(logits, sampled)
         return sampled, tokens, entries
 
