@@ -71,8 +71,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
 // bf16 weights against x in the perm16_bf16 order (K a multiple of 16): a bf16 is the high half of its fp32, so a
 // shift widens the even columns and a mask the odd ones (no cross-lane zero-extend and shift per 8 weights, both on
 // Zen 3's two shuffle / shift pipes: LM head from memory, 2 threads, 13.3 -> 18.1 GB/s). One weight row against MT
-// tokens: 2 MT sums and the two widened halves stay in AVX2's 16 registers, the activations are read by the FMAs
-// (2 rows x 4 tokens had kept 16 sums and 8 activation vectors, spilled every step: 0.76 FMAs a cycle on Zen 3).
+// tokens: 2 MT sums and the two widened halves stay in AVX2's 16 registers (2 rows would need 16 sums alone), the
+// activations are read by the FMAs.
 template <int MT>
 inline void bf16_perm_row(const DenseArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K;

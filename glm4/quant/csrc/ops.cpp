@@ -157,7 +157,8 @@ at::Tensor dense_mm(const at::Tensor& x_in, const at::Tensor& w) {
   std::vector<uint16_t> xbf16;
   if (bf16_dot_activations(xc, a.wtype, xbf16)) {
     a.xbf16 = xbf16.data();
-  } else if (a.wtype == glm4k::kBF16 && (use_avx512() ? K % 32 == 0 : K % 16 == 0 && glm4k::bf16_perm_avx2(x.size(0), K))) {
+  } else if (a.wtype == glm4k::kBF16 &&
+             (use_avx512() ? K % 32 == 0 : K % 16 == 0 && glm4k::bf16_perm_avx2(x.size(0), K))) {
     // x in the bf16 kernel's column order
     at::Tensor xp = at::empty_like(xc);
     const float* src = xc.data_ptr<float>();
