@@ -116,18 +116,10 @@ class ModelRunner:
         if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)
             return self._run_multimodal(input_ids, spans, ctx, last, sampled)
         extra = [r for _, first, k in prompt_rows for r in range(first, first + k)]
-        if not sampled and not extra:  # only partial prefill chunks: fill the cache, skip the LM head when the model allows
-            if hasattr(self.model, "hidden_states"):  # (and the last layer's MLP of all rows but one)
-                self.model.hidden_states(input_ids, positions, ctx, rows=self._last_layer_rows([len(ids) - 1]))
-            else:
-                self.model(input_ids, positions=positions, ctx=ctx, logits_indices=torch.tensor([len(ids) - 1]))
+        if not sampled and not extra:  # only partial prefill chunks
+            self._fill_cache(input_ids, positions, ctx)
             return [], [], []
-        idx = torch.tensor(last + extra, device=self.device)
-        if self.lora is None:
-            logits = self.model(input_ids, positions=positions, ctx=ctx, logits_indices=idx)  # [K + E, V]
-        else:  # the last layer on every row (see _last_layer_rows)
-            h = self.model.hidden_states(input_ids, positions, ctx)
-            logits = self.model.get_output_embeddings()(h.reshape(-1, h.shape[-1])[idx])
+        logits = self._logits(input_ids, positions, ctx, last + extra)  # [K + E, V]
         if extra:
             self._prompt_logprobs(logits[len(last):], prompt_rows)
         if not sampled:
@@ -135,22 +127,30 @@ class ModelRunner:
         tokens, entries = self.sampler(logits[:len(last)], sampled)
         return sampled, tokens, entries
 
-    def _last_layer_rows(self, rows: list[int]) -> torch.Tensor | None:
-        """The rows the last decoder layer keeps (`hidden_states(rows=)`); None (all) with LoRA adapters loaded, whose
-        per-row adapter slots are set for every row of the step (glm4.engine.lora)."""
-        return None if self.lora is not None else torch.tensor(rows, device=self.device)
+    def _fill_cache(self, input_ids, positions, ctx, **kw) -> None:
+        """A step with nothing to sample: the layers fill the cache; no LM head, and the last layer's output
+        projection and MLP on one row (every row with LoRA adapters loaded, see _logits)."""
+        rows = torch.tensor([input_ids.shape[1] - 1], device=self.device) if self.lora is None else None
+        self.model.hidden_states(input_ids, positions, ctx, rows=rows, **kw)
+
+    def _logits(self, input_ids, positions, ctx, rows: list[int], **kw) -> torch.Tensor:
+        """Logits [len(rows), V] of those flat rows. The last decoder layer keeps just them (`hidden_states(rows=)`),
+        or every row with LoRA adapters loaded, whose per-row adapter slots cover the whole step (glm4.engine.lora)."""
+        idx = torch.tensor(rows, device=self.device)
+        keep = idx if self.lora is None else None
+        h = self.model.hidden_states(input_ids, positions, ctx, rows=keep, **kw)
+        h = h.reshape(-1, h.shape[-1])  # [len(rows), H], or every row's
+        return self.model.get_output_embeddings()(h if keep is not None else h[idx])
 
     def _run_multimodal(self, input_ids, spans, ctx, last, sampled):
         """A step holding a request with images / videos (glm4.engine.multimodal): M-RoPE positions, media rows
         placed into the token embeddings, then the language model."""
         positions = mrope_positions(spans).to(self.device)  # [1, N, 3]
         embeds = multimodal_embeddings(self.model, input_ids, spans, self.max_encoder_bytes)
-        rows = self._last_layer_rows(last if sampled else [len(input_ids[0]) - 1])
-        h = self.model.hidden_states(input_ids, positions, ctx, inputs_embeds=embeds, rows=rows)
         if not sampled:
+            self._fill_cache(input_ids, positions, ctx, inputs_embeds=embeds)
             return [], [], []
-        h = h.reshape(-1, h.shape[-1])  # [len(rows), H], or every row's
-        logits = self.model.get_output_embeddings()(h if rows is not None else h[torch.tensor(last, device=self.device)])
+        logits = self._logits(input_ids, positions, ctx, last, inputs_embeds=embeds)
         tokens, entries = self.sampler(logits, sampled)
         return sampled, tokens, entries
 
