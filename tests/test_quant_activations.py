@@ -220,13 +220,14 @@ def test_auto_is_the_default_mode():
 
 
 @needs_kernels
-@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (6, 64), (6, 128), (8, 32), (8, 128)])
+@pytest.mark.parametrize("bits,group", [(4, 32), (4, 64), (4, 128), (6, 64), (6, 128), (6, 256), (8, 32), (8, 128)])
 @pytest.mark.parametrize("mins_dtype", [None, torch.float16, torch.float32])
 @pytest.mark.parametrize("M", [1, 5])  # 5: the fifth token takes a one-token tile at m0 = 4
 @pytest.mark.parametrize("mode", ["exact", "int16", "int8"])
 def test_groups_in_eights(bits, group, mins_dtype, M, mode, isa):
     g = torch.Generator().manual_seed(bits * 1000 + group + M)
-    N, K = 38, 1024  # K / group = 32, 16 or 8 groups: the eights path; 38 rows: tiles of 4 (or 2) and a remainder
+    # K / group = 32, 16 or 8 groups: the eights path; 38 rows: tiles of 4 (or 2, or 1) and a remainder
+    N, K = 38, max(1024, 8 * group)
     scale_dtype = mins_dtype or torch.float16
     q = torch.randint(0, 1 << bits, (N, K), generator=g)
     scales = torch.rand(N, K // group, generator=g).to(scale_dtype)

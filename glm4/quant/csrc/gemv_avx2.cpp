@@ -477,6 +477,75 @@ inline void q4_i8_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r]) + tail[r];
 }
 
+// One group of 64 STEPS columns of RB rows of 6-bit codes against int8 terms (kInt8Pair, TWO; kInt8One): its integer
+// sums as fp32, the row pointers and x moved past it. The same sums, in the same order, as block_dot_bytes6.
+template <int RB, int STEPS, bool TWO>
+inline void q6_bytes_group(const uint8_t* (&q)[RB], const int8_t*& x, int64_t ahead, __m256 out[RB]) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+  const __m256i lo_shift = _mm256_setr_epi64x(4, 2, 4, 2), hi_shift = _mm256_setr_epi64x(0, 2, 0, 2);
+  __m256i p[RB];
+  for (int r = 0; r < RB; ++r) p[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int st = 0; st < STEPS; ++st) {
+    const __m256i* xv = reinterpret_cast<const __m256i*>(x + 128 * st);
+    for (int r = 0; r < RB; ++r) {
+      const uint8_t* qr = q[r] + 48 * st;
+      prefetch(qr, ahead);
+      // as block_dot_bytes6: lanes block 0 | block 1, lo = their columns 0..15, hi = 16..31
+      const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr));
+      const __m256i pairs = _mm256_permute4x64_epi64(
+          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 32))), 0x50);
+      const __m256i lo = _mm256_or_si256(_mm256_and_si256(nib, nibble),
+                                         _mm256_and_si256(_mm256_sllv_epi64(pairs, lo_shift), pair));
+      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), nibble),
+                                         _mm256_and_si256(_mm256_srlv_epi64(pairs, hi_shift), pair));
+      const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
+                                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
+      if constexpr (TWO) {
+        const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
+                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
+        p[r] = _mm256_add_epi32(p[r], _mm256_add_epi32(_mm256_madd_epi16(sa, _mm256_set1_epi16(256)),
+                                                       _mm256_madd_epi16(sb, _mm256_set1_epi16(1))));
+      } else {
+        p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(sa, _mm256_set1_epi16(256)));
+      }
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    out[r] = _mm256_cvtepi32_ps(p[r]);
+    q[r] += 48 * STEPS;
+  }
+  x += 128 * STEPS;
+}
+
+// One token, 6-bit codes against int8 terms, groups of 64 STEPS columns, each one activation block, in eights: as
+// q4_i8_token_tile, RB rows walked by a pointer each, prefetched kAhead6 rows ahead. Run one row a tile: from memory
+// the fewer streams a thread read faster (Zen 3, two threads, the 400M's LM head, alternated: q_tile_int8g's 4 rows
+// 17.1-23.2 GB/s, one row here 21.6-25.0; the same speed in L3), and the general tile recomputed each row's address
+// per 64 columns with a signed division and kept its sums on the stack.
+constexpr int64_t kAhead6 = 4;
+
+template <int RB, int STEPS, bool TWO>
+inline void q6_bytes_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
+  const int64_t K = a.K, G = K / (64 * STEPS), ahead = kAhead6 * K / 64 * 48;
+  const uint8_t* q[RB];
+  for (int r = 0; r < RB; ++r) q[r] = static_cast<const uint8_t*>(a.q) + (n + r) * K / 64 * 48;
+  const int8_t* x = a.xq8 + m0 * 2 * K;
+  __m256 acc[RB];
+  for (int r = 0; r < RB; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t g8 = 0; g8 < G; g8 += 8) {
+    __m256 ss[RB];
+    scales8<RB>(a, n, G, g8, a.xscale + m0 * G, a.xsum + m0 * G, ss, acc);
+    for (int j = 0; j < 8; ++j) {
+      __m256 v[RB];
+      q6_bytes_group<RB, STEPS, TWO>(q, x, ahead, v);
+      const __m256i lane = _mm256_set1_epi32(j);
+      for (int r = 0; r < RB; ++r) acc[r] = _mm256_fmadd_ps(v[r], _mm256_permutevar8x32_ps(ss[r], lane), acc[r]);
+    }
+  }
+  for (int r = 0; r < RB; ++r) a.y[m0 * a.N + n + r] = hsum(acc[r]);
+}
+
 template <int BITS, int KIND, int RB, int MT>
 inline void block_dot(const QuantArgs& a, int64_t n, int64_t b0, int64_t m0, __m256 p[RB][MT]) {
   const int64_t K = a.K;
@@ -518,6 +587,12 @@ inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
   if constexpr (MT == 1 && KIND == kI8)
     if (B == g && (g == 128 || g == 32))
       return g == 128 ? q4_i8_token_tile<RB, 4>(a, n, m0) : q4_i8_token_tile<RB, 1>(a, n, m0);
+  if constexpr (MT == 1 && (KIND == kInt8Pair || KIND == kInt8One))
+    if (B == g && G % 8 == 0 && (g == 64 || g == 128 || g == 256)) {
+      constexpr bool two = KIND == kInt8Pair;
+      return g == 64 ? q6_bytes_token_tile<RB, 1, two>(a, n, m0)
+             : g == 128 ? q6_bytes_token_tile<RB, 2, two>(a, n, m0) : q6_bytes_token_tile<RB, 4, two>(a, n, m0);
+    }
   if constexpr (MT == 1)
     if (B == g && G % 8 == 0) return q_tile_int8g<BITS, KIND, RB>(a, n, m0);
   __m256 acc[RB][MT];
@@ -588,16 +663,17 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
   return group_correction(a, n, a.xsum + m * (a.K / a.group));
 }
 
-// One token: 4 rows a tile (each activation load, or its int16 terms, feeds 4 rows: the 4- and 6-bit kernels are
+// One token: 4 rows a tile (each activation load, or its int16 terms, feeds 4 rows: the 4-bit kernels are
 // compute-bound on Zen 3), but 1 for 8-bit codes against int16 activations, which outrun the memory there and read
-// it faster as one stream a thread (Zen 3, the 400M model's int8 linears from memory: 10.6 -> 13.5-15.9 GB/s)
+// it faster as one stream a thread (Zen 3, the 400M model's int8 linears from memory: 10.6 -> 13.5-15.9 GB/s), and 1
+// for 6-bit codes against int8 terms (q6_bytes_token_tile)
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
   if (a.bits == 4 && a.xi8) tile_rows<IntTile<4, kI8>, 2>(a, n0, n1);  // 2 rows a tile (4: 0.56x, harness at -O2)
   else if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
   else if (a.bits == 4 && a.xq) tile_rows<IntTile<4, kHi>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
-  else if (a.bits == 6 && a.xq8 && a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>>(a, n0, n1);
-  else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8 && a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>, 1>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>, 1>(a, n0, n1);
   else if (a.bits == 6 && a.xq) tile_rows<IntTile<6, kHiLo>>(a, n0, n1);
   else if (a.bits == 6) tile_rows<QuantTile<6>>(a, n0, n1);
   else if (a.xq) tile_rows<IntTile<8, kHi>, 1>(a, n0, n1);
