@@ -525,6 +525,14 @@ inline void q6_bytes_group(const uint8_t* (&q)[RB], const int8_t*& x, int64_t ah
 // per 64 columns with a signed division and kept its sums on the stack.
 constexpr int64_t kAhead6 = 4;
 
+// whether one token's 6-bit rows take q6_bytes_token_tile, one row a tile: groups of 64 / 128 / 256 columns in eights.
+// Shorter rows keep the general tile's 4 (an MoE expert's K = 256 down projection, 2 groups; two threads from
+// memory, alternated: 4 rows 14.9-15.8 GB/s, this tile's one row 11.7-11.9, 4 rows 13.6-14.9)
+inline bool q6_token_rows(const QuantArgs& a) {
+  return a.M == 1 && a.xblock == a.group && (a.group == 64 || a.group == 128 || a.group == 256) &&
+         (a.K / a.group) % 8 == 0;
+}
+
 template <int RB, int STEPS, bool TWO>
 inline void q6_bytes_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   const int64_t K = a.K, G = K / (64 * STEPS), ahead = kAhead6 * K / 64 * 48;
@@ -666,14 +674,17 @@ float group_correction_avx2(const QuantArgs& a, int64_t n, int64_t m) {
 // One token: 4 rows a tile (each activation load, or its int16 terms, feeds 4 rows: the 4-bit kernels are
 // compute-bound on Zen 3), but 1 for 8-bit codes against int16 activations, which outrun the memory there and read
 // it faster as one stream a thread (Zen 3, the 400M model's int8 linears from memory: 10.6 -> 13.5-15.9 GB/s), and 1
-// for 6-bit codes against int8 terms (q6_bytes_token_tile)
+// for 6-bit codes against int8 terms in eights of groups (q6_token_rows)
 void quant_rows_avx2(const QuantArgs& a, int64_t n0, int64_t n1) {
   if (a.bits == 4 && a.xi8) tile_rows<IntTile<4, kI8>, 2>(a, n0, n1);  // 2 rows a tile (4: 0.56x, harness at -O2)
   else if (a.bits == 4 && a.xq && a.xq_lo) tile_rows<IntTile<4, kHiLo>>(a, n0, n1);
   else if (a.bits == 4 && a.xq) tile_rows<IntTile<4, kHi>>(a, n0, n1);
   else if (a.bits == 4) tile_rows<QuantTile<4>>(a, n0, n1);
-  else if (a.bits == 6 && a.xq8 && a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>, 1>(a, n0, n1);
-  else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>, 1>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8 && q6_token_rows(a)) {
+    if (a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>, 1>(a, n0, n1);
+    else tile_rows<IntTile<6, kInt8Pair>, 1>(a, n0, n1);
+  } else if (a.bits == 6 && a.xq8 && a.xq8_terms == 1) tile_rows<IntTile<6, kInt8One>>(a, n0, n1);
+  else if (a.bits == 6 && a.xq8) tile_rows<IntTile<6, kInt8Pair>>(a, n0, n1);
   else if (a.bits == 6 && a.xq) tile_rows<IntTile<6, kHiLo>>(a, n0, n1);
   else if (a.bits == 6) tile_rows<QuantTile<6>>(a, n0, n1);
   else if (a.xq) tile_rows<IntTile<8, kHi>, 1>(a, n0, n1);
