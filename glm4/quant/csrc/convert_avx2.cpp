@@ -53,6 +53,12 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
 }
 
 // max |x[k]| over k < B (a multiple of 8)
+// 8 int32 in int8 range as 8 bytes (the low 64 bits)
+inline __m128i bytes8(__m256i v) {
+  const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  return _mm_packs_epi16(v16, v16);
+}
+
 inline float block_amax(const float* x, int64_t B) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 mx = _mm256_setzero_ps();
@@ -99,7 +105,6 @@ void act_hilo_avx2(const float* x, int64_t total, int64_t B, int order, int16_t*
 
 void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t* v, int8_t* bytes, float* scale) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  alignas(32) int32_t q[8];
   for (int64_t b0 = 0; b0 < total; b0 += B) {
     const float amax = block_amax(x + b0, B);
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? float(kInt16Act) / amax : 0.f);
@@ -110,13 +115,12 @@ void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t
         const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(v + act_position(b0 + k, order)), _mm256_castsi256_si128(packed));
       }
-      if (bytes) {
-        _mm256_store_si256(reinterpret_cast<__m256i*>(q), q32);
-        for (int t = 0; t < 8; ++t) {
-          const int64_t c = b0 + k + t, at = c / 64 * 128 + perm64(c % 64);
-          const int8_t lo = int8_t(q[t] & 0xFF);  // v = 256 a + b, b the low byte as signed
-          bytes[at] = int8_t((q[t] - lo) / 256), bytes[at + 64] = lo;
-        }
+      if (bytes) {  // v = 256 a + b, b the low byte as signed; 8 columns from a multiple of 8 stay side by side in perm64
+        const __m256i b32 = _mm256_srai_epi32(_mm256_slli_epi32(q32, 24), 24);
+        const __m256i a32 = _mm256_srai_epi32(_mm256_sub_epi32(q32, b32), 8);
+        const int64_t c = b0 + k, at = c / 64 * 128 + perm64(c % 64);
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(bytes + at), bytes8(a32));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(bytes + at + 64), bytes8(b32));
       }
     }
   }
