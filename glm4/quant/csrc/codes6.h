@@ -24,6 +24,20 @@ inline void codes6_block32(const uint8_t* p, int j, __m128i& lo, __m128i& hi) {
                     _mm_and_si128(_mm_srlv_epi64(pairs, _mm_set_epi64x(2, 0)), pair));
 }
 
+// the 64 columns of the 48 bytes at p as bytes in 256-bit registers: lanes block 0 | block 1, lo = each block's
+// columns 0..15, hi = 16..31 (gemv.h's perm64 order), the pairs moved to bits 4-5 (each block's 8 pair bytes in both
+// halves of its lane: t < 8 and t >= 8)
+inline void codes6_unpack64(const uint8_t* p, __m256i& lo, __m256i& hi) {
+  const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
+  const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i pairs = _mm256_permute4x64_epi64(
+      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 32))), 0x50);
+  lo = _mm256_or_si256(_mm256_and_si256(nib, nibble),
+                       _mm256_and_si256(_mm256_sllv_epi64(pairs, _mm256_setr_epi64x(4, 2, 4, 2)), pair));
+  hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), nibble),
+                       _mm256_and_si256(_mm256_srlv_epi64(pairs, _mm256_setr_epi64x(0, 2, 0, 2)), pair));
+}
+
 // columns k..k+31 (k a multiple of 32) of weight row n of a K-column 4- or 6-bit matrix q as bytes: lo = columns
 // k..k+15, hi = k+16..k+31. 4-bit: one q4_0 block (byte t holds column t low, t + 16 high); 6-bit: as above
 template <int BITS>

@@ -115,7 +115,8 @@ void act_int16_avx2(const float* x, int64_t total, int64_t B, int order, int16_t
         const __m256i packed = _mm256_permute4x64_epi64(_mm256_packs_epi32(q32, q32), 0x08);
         _mm_storeu_si128(reinterpret_cast<__m128i*>(v + act_position(b0 + k, order)), _mm256_castsi256_si128(packed));
       }
-      if (bytes) {  // v = 256 a + b, b the low byte as signed; 8 columns from a multiple of 8 stay side by side in perm64
+      // v = 256 a + b, b the low byte as signed; 8 columns from a multiple of 8 lie side by side in perm64
+      if (bytes) {
         const __m256i b32 = _mm256_srai_epi32(_mm256_slli_epi32(q32, 24), 24);
         const __m256i a32 = _mm256_srai_epi32(_mm256_sub_epi32(q32, b32), 8);
         const int64_t c = b0 + k, at = c / 64 * 128 + perm64(c % 64);

@@ -320,14 +320,24 @@ inline void block_dot_i16(const QuantArgs& a, int64_t n, int64_t b0, const int16
     }
 }
 
+// 64 columns' codes (codes6_unpack64's lo / hi) against their int8 terms xv (per 64 columns a's 64 bytes then b's, in
+// the perm64 order), as 8 int32 sums: 256 (codes . a) + codes . b, or TWO false (kInt8One) 256 (codes . a). Each
+// int16 sum of two vpmaddubsw is at most 2 * 2 * 63 * 128 < 32767: exact.
+template <bool TWO>
+inline __m256i bytes6_dot64(__m256i lo, __m256i hi, const __m256i* xv) {
+  const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
+                                      _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
+  if constexpr (!TWO) return _mm256_madd_epi16(sa, _mm256_set1_epi16(256));
+  const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
+                                      _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
+  return _mm256_add_epi32(_mm256_madd_epi16(sa, _mm256_set1_epi16(256)), _mm256_madd_epi16(sb, _mm256_set1_epi16(1)));
+}
+
 // the same for 6-bit codes against two int8 terms (kInt8Pair): x8 holds, per 64 columns, a's 64 bytes then b's, each
 // in the perm64 order, which is the order the 256-bit unpack yields the codes in; TWO false: a's terms only (kInt8One)
 template <int RB, int MT, bool TWO>
 inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const int8_t* x8, __m256 out[RB][MT]) {
   const int64_t K = a.K;
-  const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
-  const __m256i ones = _mm256_set1_epi16(1), c256 = _mm256_set1_epi16(256);
-  const __m256i lo_shift = _mm256_setr_epi64x(4, 2, 4, 2), hi_shift = _mm256_setr_epi64x(0, 2, 0, 2);
   __m256i p[RB][MT];
   for (int r = 0; r < RB; ++r)
     for (int m = 0; m < MT; ++m) p[r][m] = _mm256_setzero_si256();
@@ -335,27 +345,11 @@ inline void block_dot_bytes6(const QuantArgs& a, int64_t n, int64_t b0, const in
     for (int r = 0; r < RB; ++r) {
       const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
       prefetch(q, RB * K / 64 * 48);
-      // lanes: block 0 | block 1 of the 64 columns; lo = their columns 0..15, hi = 16..31, codes6.h's pairs
-      // moved to bits 4-5 (each block's 8 pair bytes in both halves of its lane: t < 8 and t >= 8)
-      const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i pairs = _mm256_permute4x64_epi64(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 32))), 0x50);
-      const __m256i lo = _mm256_or_si256(_mm256_and_si256(nib, nibble),
-                                         _mm256_and_si256(_mm256_sllv_epi64(pairs, lo_shift), pair));
-      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), nibble),
-                                         _mm256_and_si256(_mm256_srlv_epi64(pairs, hi_shift), pair));
+      __m256i lo, hi;
+      codes6_unpack64(q, lo, hi);
       for (int m = 0; m < MT; ++m) {
         const __m256i* xv = reinterpret_cast<const __m256i*>(x8 + m * 2 * K + k * 2);
-        // each int16 sum of two maddubs is at most 2 * 2 * 63 * 128 < 32767: exact
-        const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
-                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
-        if constexpr (TWO) {
-          const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
-                                              _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
-          p[r][m] = _mm256_add_epi32(p[r][m], _mm256_add_epi32(_mm256_madd_epi16(sa, c256), _mm256_madd_epi16(sb, ones)));
-        } else {
-          p[r][m] = _mm256_add_epi32(p[r][m], _mm256_madd_epi16(sa, c256));
-        }
+        p[r][m] = _mm256_add_epi32(p[r][m], bytes6_dot64<TWO>(lo, hi, xv));
       }
     }
   }
@@ -481,36 +475,17 @@ inline void q4_i8_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
 // sums as fp32, the row pointers and x moved past it. The same sums, in the same order, as block_dot_bytes6.
 template <int RB, int STEPS, bool TWO>
 inline void q6_bytes_group(const uint8_t* (&q)[RB], const int8_t*& x, int64_t ahead, __m256 out[RB]) {
-  const __m256i nibble = _mm256_set1_epi8(0x0F), pair = _mm256_set1_epi8(0x30);
-  const __m256i lo_shift = _mm256_setr_epi64x(4, 2, 4, 2), hi_shift = _mm256_setr_epi64x(0, 2, 0, 2);
   __m256i p[RB];
   for (int r = 0; r < RB; ++r) p[r] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-  for (int st = 0; st < STEPS; ++st) {
-    const __m256i* xv = reinterpret_cast<const __m256i*>(x + 128 * st);
+  for (int st = 0; st < STEPS; ++st)
     for (int r = 0; r < RB; ++r) {
       const uint8_t* qr = q[r] + 48 * st;
       prefetch(qr, ahead);
-      // as block_dot_bytes6: lanes block 0 | block 1, lo = their columns 0..15, hi = 16..31
-      const __m256i nib = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qr));
-      const __m256i pairs = _mm256_permute4x64_epi64(
-          _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + 32))), 0x50);
-      const __m256i lo = _mm256_or_si256(_mm256_and_si256(nib, nibble),
-                                         _mm256_and_si256(_mm256_sllv_epi64(pairs, lo_shift), pair));
-      const __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(nib, 4), nibble),
-                                         _mm256_and_si256(_mm256_srlv_epi64(pairs, hi_shift), pair));
-      const __m256i sa = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv)),
-                                          _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 1)));
-      if constexpr (TWO) {
-        const __m256i sb = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xv + 2)),
-                                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xv + 3)));
-        p[r] = _mm256_add_epi32(p[r], _mm256_add_epi32(_mm256_madd_epi16(sa, _mm256_set1_epi16(256)),
-                                                       _mm256_madd_epi16(sb, _mm256_set1_epi16(1))));
-      } else {
-        p[r] = _mm256_add_epi32(p[r], _mm256_madd_epi16(sa, _mm256_set1_epi16(256)));
-      }
+      __m256i lo, hi;
+      codes6_unpack64(qr, lo, hi);
+      p[r] = _mm256_add_epi32(p[r], bytes6_dot64<TWO>(lo, hi, reinterpret_cast<const __m256i*>(x + 128 * st)));
     }
-  }
   for (int r = 0; r < RB; ++r) {
     out[r] = _mm256_cvtepi32_ps(p[r]);
     q[r] += 48 * STEPS;
