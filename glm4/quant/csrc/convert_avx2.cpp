@@ -52,13 +52,13 @@ __attribute__((optimize("fp-contract=off"))) void dequant_rows(const DequantArgs
   }
 }
 
-// max |x[k]| over k < B (a multiple of 8)
 // 8 int32 in int8 range as 8 bytes (the low 64 bits)
 inline __m128i bytes8(__m256i v) {
   const __m128i v16 = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
   return _mm_packs_epi16(v16, v16);
 }
 
+// max |x[k]| over k < B (a multiple of 8)
 inline float block_amax(const float* x, int64_t B) {
   const __m256 sign = _mm256_set1_ps(-0.f);
   __m256 mx = _mm256_setzero_ps();
