@@ -135,8 +135,7 @@ void act_int8_avx2(const float* x, int64_t total, int64_t B, int8_t* v, float* s
     scale[b0 / B] = amax / 127.f;
     for (int64_t k = 0; k < B; k += 8) {  // |round(x * inv)| <= 127 (the product rounds to at most it)
       const __m256i q32 = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + b0 + k), inv), kRound));
-      const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q32), _mm256_extracti128_si256(q32, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(v + b0 + k), _mm_packs_epi16(q16, q16));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(v + b0 + k), bytes8(q32));
     }
   }
 }

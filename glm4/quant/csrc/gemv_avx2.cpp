@@ -500,13 +500,16 @@ inline void q6_bytes_group(const uint8_t* (&q)[RB], const int8_t*& x, int64_t ah
 // per 64 columns with a signed division and kept its sums on the stack.
 constexpr int64_t kAhead6 = 4;
 
-// whether one token's 6-bit rows take q6_bytes_token_tile, one row a tile: groups of 64 / 128 / 256 columns in eights.
-// Shorter rows keep the general tile's 4 (an MoE expert's K = 256 down projection, 2 groups; two threads from
-// memory, alternated: 4 rows 14.9-15.8 GB/s, this tile's one row 11.7-11.9, 4 rows 13.6-14.9)
-inline bool q6_token_rows(const QuantArgs& a) {
-  return a.M == 1 && a.xblock == a.group && (a.group == 64 || a.group == 128 || a.group == 256) &&
-         (a.K / a.group) % 8 == 0;
+// whether a token's 6-bit rows take q6_bytes_token_tile: groups of 64 / 128 / 256 columns in eights, each group
+// one activation block
+inline bool q6_eights(const QuantArgs& a) {
+  return a.xblock == a.group && (a.group == 64 || a.group == 128 || a.group == 256) && (a.K / a.group) % 8 == 0;
 }
+
+// whether one token's 6-bit rows run one row a tile (q6_bytes_token_tile). Shorter rows keep the general tile's 4
+// (an MoE expert's K = 256 down projection, 2 groups; two threads from memory, alternated: 4 rows 14.9-15.8 GB/s,
+// this tile's one row 11.7-11.9, 4 rows 13.6-14.9)
+inline bool q6_token_rows(const QuantArgs& a) { return a.M == 1 && q6_eights(a); }
 
 template <int RB, int STEPS, bool TWO>
 inline void q6_bytes_token_tile(const QuantArgs& a, int64_t n, int64_t m0) {
@@ -571,7 +574,7 @@ inline void q_tile_int(const QuantArgs& a, int64_t n, int64_t m0) {
     if (B == g && (g == 128 || g == 32))
       return g == 128 ? q4_i8_token_tile<RB, 4>(a, n, m0) : q4_i8_token_tile<RB, 1>(a, n, m0);
   if constexpr (MT == 1 && (KIND == kInt8Pair || KIND == kInt8One))
-    if (B == g && G % 8 == 0 && (g == 64 || g == 128 || g == 256)) {
+    if (q6_eights(a)) {
       constexpr bool two = KIND == kInt8Pair;
       return g == 64 ? q6_bytes_token_tile<RB, 1, two>(a, n, m0)
              : g == 128 ? q6_bytes_token_tile<RB, 2, two>(a, n, m0) : q6_bytes_token_tile<RB, 4, two>(a, n, m0);
