@@ -37,7 +37,7 @@ inline void q6k_codes(const uint8_t* half_ql, const uint8_t* half_qh, __m512i c[
 
 template <bool LO, int RB, int MT>
 inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16;
+  const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16, ahead = ahead_l2(RB * row_bytes);
   const __m512i zero = _mm512_setzero_si512();
   const __m512i lanes_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
   const __m512i lanes_hi = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
@@ -51,8 +51,8 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
       const int64_t k = sb * 256 + h * 128;  // the half's first column
       for (int r = 0; r < RB; ++r) {
         const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * int64_t(210);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + RB * row_bytes), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + RB * row_bytes), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + ahead), _MM_HINT_T1);  // gemv.h
+        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + ahead), _MM_HINT_T1);
         __m512i c[2];
         q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
         const __m512i w[4] = {_mm512_unpacklo_epi8(c[0], zero), _mm512_unpackhi_epi8(c[0], zero),
@@ -99,7 +99,7 @@ struct Q6KTile {
 template <bool Q5, bool LO, int RB, int MT>
 inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
   constexpr int64_t kBytes = Q5 ? 176 : 144, kQs = Q5 ? 48 : 16;  // block size, where qs starts
-  const int64_t K = a.K, row_bytes = K / 256 * kBytes, NB = K / 256, G = K / 32;
+  const int64_t K = a.K, row_bytes = K / 256 * kBytes, NB = K / 256, G = K / 32, ahead = ahead_l2(2 * RB * row_bytes);
   const __m512i zero = _mm512_setzero_si512(), low4 = _mm512_set1_epi8(0x0F);
   // int32 lane l of a register: groups (lo: 0 / 2, hi: 1 / 3 of its 128 weights) by l / 8
   const __m512i idx[4] = {_mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2, 2, 2, 2, 2),
@@ -120,10 +120,10 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
       const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(b + 2 * RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + 2 * RB * row_bytes), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 2 * RB * row_bytes), _MM_HINT_T0);
-      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + 2 * RB * row_bytes), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(b + ahead), _MM_HINT_T1);  // gemv.h
+      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + ahead), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + ahead), _MM_HINT_T1);
+      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + ahead), _MM_HINT_T1);
       // lanes 0..7: d * sc, 8..15: dmin * m (d, dmin widened together, spread by one permute)
       const __m512 dd = _mm512_permutexvar_ps(
           d_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(b)))));
