@@ -55,6 +55,7 @@ inline __m512 load16_tail(const void* w, int64_t i, int n) {
 template <int WT, int RB, int MT>
 inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
+  constexpr bool kPrefetch = RB * MT > 1;  // not for one row and one token (gemv.h, kAheadL2)
   const int64_t K = a.K;
   __m512 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
@@ -69,8 +70,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
       __m512 xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + ku);
       for (int r = 0; r < RB; ++r) {
-        if ((ku * kBytes[WT]) % 64 == 0) prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT],
-                                                  ahead_l2(RB * K * kBytes[WT]));
+        if (kPrefetch && (ku * kBytes[WT]) % 64 == 0)
+          prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead_l2(RB * K * kBytes[WT]));
         __m512 wv = load16<WT>(a.w, (n + r) * K + ku);
         for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm512_fmadd_ps(wv, xv[m], acc[r][m][u]);
       }
@@ -107,7 +108,7 @@ inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) xlo[m] = _mm512_loadu_ps(x + m * K + k), xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
     for (int r = 0; r < RB; ++r) {
       const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K + k;
-      prefetch(w, ahead_l2(RB * K * 2));
+      if constexpr (RB * MT > 1) prefetch(w, ahead_l2(RB * K * 2));  // not for one row and one token (gemv.h, kAheadL2)
       const __m512i wv = _mm512_loadu_si512(w);
       const __m512 wlo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
       const __m512 whi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
