@@ -97,8 +97,8 @@ inline bool bf16_perm_avx2(int64_t M, int64_t K) { return M == 1 || K <= 1024; }
 
 // How far ahead the AVX-512 kernels prefetch weight rows, and into which cache: into L2 (`_MM_HINT_T1`) at least
 // kAheadL2 bytes ahead, or one tile where a tile is longer. On a Zen 4 (AMD EPYC family 25 model 17, 2 threads), the
-// int8 LM head from memory read 14-17 GB/s prefetched into L1 one tile (4 KB) ahead, 36-40 GB/s into L2 16 KB ahead
-// (into L1 16 KB ahead: 15-16; into L2 8 KB ahead: 24-29): L1 has few miss buffers, L2 enough for a stream.
+// int8 LM head from memory read 14-17 GB/s (medians) prefetched into L1 one tile (4 KB) ahead, 26-36 GB/s into L2
+// 16 KB ahead (into L1 16 KB ahead: 15-16; into L2 8 KB ahead: 24-29): L1 has few miss buffers, L2 enough for a stream.
 // One exception: a dense one-token tile of one row (fp32 / bf16 / fp16 weights) reads one sequential
 // stream a thread and spends ~1 instruction per 64 bytes, and the hardware's stream prefetcher feeds it better
 // alone (Zen 4, 2 threads, the LM head from memory, alternated in one process, median GB/s: fp32 31.9 / 37.8 with
