@@ -1,5 +1,7 @@
 // Shared between the op wrappers (ops.cpp, baseline x86-64) and the kernels (one file per instruction set).
 #pragma once
+#include <xmmintrin.h>  // _mm_prefetch (SSE: baseline x86-64)
+
 #include <atomic>
 #include <cstdint>
 
@@ -107,6 +109,10 @@ inline bool bf16_perm_avx2(int64_t M, int64_t K) { return M == 1 || K <= 1024; }
 // without, int6 g128 30.6 against 10.8, q6_K one row 30.1 against 24.3).
 constexpr int64_t kAheadL2 = 16384;
 inline int64_t ahead_l2(int64_t tile_bytes) { return tile_bytes > kAheadL2 ? tile_bytes : kAheadL2; }
+// the line at p + ahead into L2
+inline void prefetch_l2(const void* p, int64_t ahead) { _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T1); }
+// whether a dense tile of RB rows x MT tokens prefetches (all but one row against one token: see above)
+constexpr bool dense_prefetch(int RB, int MT) { return RB * MT > 1; }
 
 // the smallest group of `bits`-bit codes the kernels take, and the bytes of a row of K codes
 inline int64_t min_group(int64_t bits) { return bits == 4 ? 32 : bits == 6 ? 64 : 8; }

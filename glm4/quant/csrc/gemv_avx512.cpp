@@ -18,9 +18,6 @@
 namespace glm4k {
 namespace {
 
-// into L2, `ahead` bytes on (gemv.h, ahead_l2)
-inline void prefetch(const void* p, int64_t ahead) { _mm_prefetch(static_cast<const char*>(p) + ahead, _MM_HINT_T1); }
-
 constexpr int kBytes[3] = {4, 2, 2};  // per weight, by WeightType
 
 // 16 weights at element offset i, widened to fp32
@@ -55,7 +52,6 @@ inline __m512 load16_tail(const void* w, int64_t i, int n) {
 template <int WT, int RB, int MT>
 inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
   constexpr int U = RB * MT == 1 ? 2 : 1;  // accumulators per output
-  constexpr bool kPrefetch = RB * MT > 1;  // not for one row and one token (gemv.h, kAheadL2)
   const int64_t K = a.K;
   __m512 acc[RB][MT][U];
   for (int r = 0; r < RB; ++r)
@@ -70,8 +66,8 @@ inline void dense_tile(const DenseArgs& a, int64_t n, int64_t m0) {
       __m512 xv[MT];
       for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_ps(x + m * K + ku);
       for (int r = 0; r < RB; ++r) {
-        if (kPrefetch && (ku * kBytes[WT]) % 64 == 0)
-          prefetch(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead_l2(RB * K * kBytes[WT]));
+        if (dense_prefetch(RB, MT) && (ku * kBytes[WT]) % 64 == 0)
+          prefetch_l2(static_cast<const char*>(a.w) + ((n + r) * K + ku) * kBytes[WT], ahead_l2(RB * K * kBytes[WT]));
         __m512 wv = load16<WT>(a.w, (n + r) * K + ku);
         for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm512_fmadd_ps(wv, xv[m], acc[r][m][u]);
       }
@@ -108,7 +104,7 @@ inline void bf16_perm_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) xlo[m] = _mm512_loadu_ps(x + m * K + k), xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
     for (int r = 0; r < RB; ++r) {
       const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K + k;
-      if constexpr (RB * MT > 1) prefetch(w, ahead_l2(RB * K * 2));  // not for one row and one token (gemv.h, kAheadL2)
+      if constexpr (dense_prefetch(RB, MT)) prefetch_l2(w, ahead_l2(RB * K * 2));
       const __m512i wv = _mm512_loadu_si512(w);
       const __m512 wlo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, wv));
       const __m512 whi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, wv));
@@ -223,7 +219,7 @@ inline void q4_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
   for (int64_t k = 0; k < K; k += 128) {
     __m512i ph[RB][MT], pl[RB][MT];
     for (int r = 0; r < RB; ++r) {
-      prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, ahead_l2(RB * K / 2));
+      prefetch_l2(static_cast<const char*>(a.q) + ((n + r) * K + k) / 2, ahead_l2(RB * K / 2));
       __m512i w[4];
       load_codes128_perm(a, n + r, k, w);
       for (int m = 0; m < MT; ++m) {
@@ -293,7 +289,7 @@ inline void q8_lanes_tile(const QuantArgs& a, int64_t n, int64_t m0) {
     __m512i ph[RB][MT];
     for (int r = 0; r < RB; ++r) {
       const int8_t* q = q0 + (n + r) * K + k;
-      prefetch(q, ahead_l2(RB * K));
+      prefetch_l2(q, ahead_l2(RB * K));
       const __m512i v = _mm512_loadu_si512(q);
       const __m512i wlo = _mm512_srai_epi16(_mm512_unpacklo_epi8(zero, v), 8);
       const __m512i whi = _mm512_srai_epi16(_mm512_unpackhi_epi8(zero, v), 8);
@@ -364,8 +360,8 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
         for (int64_t k = b0; k < b0 + B; k += 128) {
           for (int r = 0; r < RB; ++r) {
             const char* p = static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8;
-            prefetch(p, ahead_l2(RB * K * BITS / 8));
-            if constexpr (BITS == 6) prefetch(p + 64, ahead_l2(RB * K * BITS / 8));  // 96 bytes a step: 2 lines
+            prefetch_l2(p, ahead_l2(RB * K * BITS / 8));
+            if constexpr (BITS == 6) prefetch_l2(p + 64, ahead_l2(RB * K * BITS / 8));  // 96 bytes a step: 2 lines
             __m512i w[4];
             if constexpr (BITS == 6) load_codes128_perm6(a, n + r, k, w);
             else load_codes128_perm(a, n + r, k, w);
@@ -382,7 +378,7 @@ inline void int16_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       } else for (int64_t k = b0; k < b0 + B; k += 64) {
         for (int r = 0; r < RB; ++r) {
           if (BITS != 4 || k % 128 == 0)  // one cache line ahead per line read
-            prefetch(static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8, ahead_l2(RB * K * BITS / 8));
+            prefetch_l2(static_cast<const char*>(a.q) + ((n + r) * K + k) * BITS / 8, ahead_l2(RB * K * BITS / 8));
           __m512i w[2];
           load_codes64<BITS>(a, n + r, k, w);
           for (int m = 0; m < MT; ++m) {
@@ -450,12 +446,12 @@ inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
       for (int r = 0; r < RB; ++r) {
         if constexpr (BITS == 8) {
           const int8_t* q = static_cast<const int8_t*>(a.q) + (n + r) * K + k;
-          if (k % 64 == 0) prefetch(q, ahead_l2(RB * K));
+          if (k % 64 == 0) prefetch_l2(q, ahead_l2(RB * K));
           const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
           for (int m = 0; m < MT; ++m) p[r][m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), p[r][m]);
         } else if constexpr (BITS == 6) {
           const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 64 * 48;
-          if (k % 64 == 0) prefetch(q, ahead_l2(RB * K / 64 * 48));
+          if (k % 64 == 0) prefetch_l2(q, ahead_l2(RB * K / 64 * 48));
           __m128i lo, hi;
           codes6_block32(q, int(k % 64 / 32), lo, hi);
           const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
@@ -466,7 +462,7 @@ inline void fma_tile(const QuantArgs& a, int64_t n, int64_t m0) {
           }
         } else {
           const uint8_t* q = static_cast<const uint8_t*>(a.q) + ((n + r) * K + k) / 2;
-          if (k % 128 == 0) prefetch(q, ahead_l2(RB * K / 2));
+          if (k % 128 == 0) prefetch_l2(q, ahead_l2(RB * K / 2));
           const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q));
           const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b, mask)));
           const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b, 4), mask)));

@@ -31,8 +31,7 @@ inline void bf16_dot_tile(const DenseArgs& a, int64_t n, int64_t m0) {
     for (int m = 0; m < MT; ++m) xv[m] = (__m512bh)_mm512_loadu_si512(x + m * K + k);
     for (int r = 0; r < RB; ++r) {
       const uint16_t* w = static_cast<const uint16_t*>(a.w) + (n + r) * K + k;
-      if constexpr (RB * MT > 1)  // not for one row and one token (gemv.h, kAheadL2)
-        _mm_prefetch(reinterpret_cast<const char*>(w) + ahead_l2(RB * K * 2), _MM_HINT_T1);
+      if constexpr (dense_prefetch(RB, MT)) prefetch_l2(w, ahead_l2(RB * K * 2));  // gemv.h
       const __m512bh wv = (__m512bh)_mm512_loadu_si512(w);
       for (int m = 0; m < MT; ++m) acc[r][m][u] = _mm512_dpbf16_ps(acc[r][m][u], wv, xv[m]);
     }

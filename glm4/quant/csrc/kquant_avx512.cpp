@@ -51,8 +51,8 @@ inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
       const int64_t k = sb * 256 + h * 128;  // the half's first column
       for (int r = 0; r < RB; ++r) {
         const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * int64_t(210);
-        _mm_prefetch(reinterpret_cast<const char*>(b + 64 * h + ahead), _MM_HINT_T1);  // gemv.h
-        _mm_prefetch(reinterpret_cast<const char*>(b + 128 + 32 * h + ahead), _MM_HINT_T1);
+        prefetch_l2(b + 64 * h, ahead);  // gemv.h
+        prefetch_l2(b + 128 + 32 * h, ahead);
         __m512i c[2];
         q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
         const __m512i w[4] = {_mm512_unpacklo_epi8(c[0], zero), _mm512_unpackhi_epi8(c[0], zero),
@@ -120,10 +120,10 @@ inline void q4k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
     const int64_t k = sb * 256;
     for (int r = 0; r < RB; ++r) {
       const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * kBytes;
-      _mm_prefetch(reinterpret_cast<const char*>(b + ahead), _MM_HINT_T1);  // gemv.h
-      _mm_prefetch(reinterpret_cast<const char*>(b + 64 + ahead), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(b + 128 + ahead), _MM_HINT_T1);
-      if constexpr (Q5) _mm_prefetch(reinterpret_cast<const char*>(b + kBytes - 1 + ahead), _MM_HINT_T1);
+      prefetch_l2(b, ahead);  // gemv.h
+      prefetch_l2(b + 64, ahead);
+      prefetch_l2(b + 128, ahead);
+      if constexpr (Q5) prefetch_l2(b + kBytes - 1, ahead);
       // lanes 0..7: d * sc, 8..15: dmin * m (d, dmin widened together, spread by one permute)
       const __m512 dd = _mm512_permutexvar_ps(
           d_dmin, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(*reinterpret_cast<const int32_t*>(b)))));
