@@ -77,7 +77,8 @@ def cold_lookup(stream_mib: int, reps: int = 100) -> tuple[float, float]:
     rows = stream_mib * 2**20 // 2048
     weights = [torch.randn(rows, 1024).to(torch.bfloat16) for _ in range(3)]
     x, ids = torch.randn(1, 1024), torch.tensor([[7]])
-    stream = (lambda w: kernels.dense_mm(x, w)) if kernels.has_streaming_kernels() else (lambda w: x @ w.T)
+    xb = x.to(torch.bfloat16)  # torch's matmul takes one dtype (without glm4's kernels)
+    stream = (lambda w: kernels.dense_mm(x, w)) if kernels.has_streaming_kernels() else (lambda w: xb @ w.T)
     after, warm = [], []
     for i in range(reps):
         stream(weights[i % 3])
