@@ -74,6 +74,89 @@ def test_decode_steps_through_the_stack_equal_the_modules_to_the_bit(variant, we
         assert [ids for ids, _ in on] == reference(tiny_model(model_type, **overrides), PROMPTS, new=10)
 
 
+GREEDY_PLAIN = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)  # no logprobs: the one-call step
+
+
+def _counting_greedy(llm) -> list[int]:
+    """Wrap the stack's whole-step call; the list gets the tokens of each step it took."""
+    runs, runner = [], llm.model.decode_layers_kernel
+    greedy = runner.greedy
+
+    def counted(input_ids, positions, rope, ctx, vocab):
+        out = greedy(input_ids, positions, rope, ctx, vocab)
+        if out is not None:
+            runs.append(input_ids.numel())
+        return out
+
+    runner.greedy = counted
+    return runs
+
+
+def _greedy_on_and_off(make_llm, prompts=PROMPTS):
+    """(greedy tokens by the one-call step, by the modules and the sampler, the one-call step's sizes)."""
+    llm = make_llm()
+    runs = _counting_greedy(llm)
+    on = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY_PLAIN)]
+    llm = make_llm()
+    decode_stack.drop_decode_stack(llm.model)
+    return on, [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY_PLAIN)], runs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("weights", ["float32", "bfloat16", "int8", "int4"])
+def test_greedy_decode_steps_run_whole_in_one_call(variant, weights):
+    """Greedy requests without logprobs: a decode-only step runs embedding to argmax in one call (DecodeStack.greedy),
+    whose tokens equal the modules' and the sampler's; a request that wants logprobs (or samples) keeps the sampler."""
+    model_type, overrides = VARIANTS[variant]
+    kw = {"dtype": weights} if weights in ("float32", "bfloat16") else {"quantization": weights}
+    make = lambda: LLM.from_model(tiny_model(model_type, **overrides), **kw)  # noqa: E731
+    on, off, runs = _greedy_on_and_off(make)
+    assert on == off
+    assert runs and max(runs) == 4 and min(runs) >= 1
+    llm = make()
+    runs = _counting_greedy(llm)
+    llm.generate(PROMPTS[:2], [GREEDY_PLAIN, PARAMS])  # one of the batch wants logprobs
+    llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.8, seed=1))
+    assert runs == []
+
+
+def _quantized_table(kind: str, weight: torch.Tensor):
+    from glm4.quant.qlinear import QuantLinear
+
+    if kind == "q6_K":
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        linear.weight.data.copy_(weight)
+        return KQuantLinear.from_linear(linear)
+    g = torch.Generator().manual_seed(3)
+    V, H = weight.shape
+    bits = 8 if kind == "int8" else 4
+    codes = torch.randint(-128, 128, (V, H), generator=g) if bits == 8 else torch.randint(0, 16, (V, H), generator=g)
+    scales = 0.01 + 0.01 * torch.rand(V, H // 32, generator=g)
+    mins = None if bits == 8 else -0.08 * torch.rand(V, H // 32, generator=g)
+    return QuantLinear.from_codes(codes, scales, mins, bits=bits, group_size=32)
+
+
+@pytest.mark.parametrize("kind", ["q6_K", "int8", "int4-tied"])
+def test_quantized_token_tables_in_the_one_call_step(kind):
+    """A token table kept quantized (QuantEmbedding: a GGUF file's token_embd as GGUF blocks or glm4's codes, the
+    head tied to it or not): the one-call step looks the rows up as the module does, tokens equal to the modules'."""
+    from glm4.quant.qlinear import QuantEmbedding
+
+    def make():
+        model = tiny_model("glm", hidden_size=256, intermediate_size=256, num_attention_heads=4, head_dim=64)
+        table = _quantized_table(kind.removesuffix("-tied"), model.model.embed_tokens.weight.detach())
+        model.model.embed_tokens = QuantEmbedding(table)
+        if kind.endswith("-tied"):
+            model.lm_head = table
+        return LLM.from_model(model)
+
+    llm = make()
+    assert type(llm.model.get_input_embeddings()) is QuantEmbedding
+    assert (llm.model.get_output_embeddings() is llm.model.get_input_embeddings().table) == kind.endswith("-tied")
+    on, off, runs = _greedy_on_and_off(make)
+    assert on == off and runs and max(runs) == 4
+
+
 def test_k_quant_projections_run_in_the_stack():
     """GGUF K-quant blocks (KQuantLinear) as the body's projections, q6_K as the attention's and q4_K as the MLP's
     down (so the q6_K ones take the q4_K's activation width: int8 under auto on AVX2): the stack equals the modules
@@ -140,6 +223,8 @@ def test_chatglm_decodes_through_the_stack(hf_checkpoint, tmp_path):
         assert type(make().model).__name__ == "ChatGLMForConditionalGeneration"
         on, off, runs = _on_and_off(make)
         assert on == off and runs and max(runs) == 4
+        on, off, runs = _greedy_on_and_off(make)  # embedding to argmax in one call
+        assert on == off and runs and max(runs) == 4
 
 
 @pytest.mark.parametrize("variant", ["glm4", "glm4_moe", "glm4_moe-qk-norm"])
@@ -156,4 +241,6 @@ def test_bf16_activations_through_the_stack_equal_the_modules(variant, weights, 
     make = lambda: LLM.from_model(tiny_model(model_type, **overrides).to(torch.bfloat16), **kw)  # noqa: E731
     assert make().engine.runner.dtype == torch.bfloat16
     on, off, runs = _on_and_off(make)
+    assert on == off and runs
+    on, off, runs = _greedy_on_and_off(make)  # bf16 rows looked up, bf16 logits widened for the argmax
     assert on == off and runs

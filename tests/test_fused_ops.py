@@ -205,6 +205,43 @@ def test_router_logits_match_float64(wdtype, N):
     assert fused.router_logits(x, wg).grad_fn is not None  # F.linear, differentiable
 
 
+ROUTES = {  # (E, top_k, route()'s keywords): GLM-4.5's sigmoid with groups and bias, softmax, no normalization
+    "sigmoid-groups": (64, 8, dict(scoring_func="sigmoid", n_group=8, topk_group=3, routed_scaling_factor=2.5)),
+    "sigmoid": (64, 8, dict(scoring_func="sigmoid")),
+    "sigmoid-one-per-group": (8, 2, dict(scoring_func="sigmoid", n_group=8, topk_group=4)),
+    "softmax": (16, 2, dict(scoring_func="softmax")),
+    "softmax-unnormalized": (60, 6, dict(scoring_func="softmax", norm_topk_prob=False, routed_scaling_factor=0.5)),
+}
+
+
+@pytest.mark.parametrize("name", ROUTES)
+@pytest.mark.parametrize("N", [1, 5])
+def test_moe_route_equals_route(name, N):
+    """The router's choice by one op: the same experts in the same order as glm4.layers.moe.route, and the same
+    weights within fp32 rounding (exp and the normalizing sum in another order: a few ulp)."""
+    from glm4.layers.moe import route
+
+    E, k, kw = ROUTES[name]
+    g = torch.Generator().manual_seed(E + N)
+    logits = 2 * torch.randn(N, E, generator=g)
+    bias = 0.1 * torch.randn(E, generator=g) if kw["scoring_func"] == "sigmoid" else None
+    with torch.no_grad():
+        want_i, want_w = route(logits, k, correction_bias=bias, **kw)
+        got_i, got_w = fused.moe_route(logits, k, correction_bias=bias, **kw)
+    assert got_i.dtype == torch.int64 and got_w.dtype == torch.float32
+    assert torch.equal(got_i, want_i)
+    torch.testing.assert_close(got_w, want_w, rtol=4e-7, atol=0)
+    if kw.get("n_group", 1) > 1:  # the chosen experts lie in at most topk_group groups
+        assert all(len(set(row)) <= kw["topk_group"] for row in (got_i // (E // kw["n_group"])).tolist())
+
+
+def test_moe_route_falls_back_to_route_under_autograd():
+    logits = torch.randn(3, 16, requires_grad=True)
+    _, w = fused.moe_route(logits, 2, scoring_func="softmax")
+    w.sum().backward()  # the op has no backward: route() ran
+    assert logits.grad is not None
+
+
 @pytest.mark.parametrize("model_type", ["glm", "glm4", "glm4_moe"])
 def test_engine_with_fused_ops_equals_reference(model_type):
     """Greedy tokens equal the reference generator's with the fused ops on (and off), with decode contexts from
@@ -218,6 +255,7 @@ def test_engine_with_fused_ops_equals_reference(model_type):
         assert ("fused ops: rms_norm, rope, decode_attention" in llm.describe()) == on
         assert ("prefill_attention" in llm.describe()) == on
         assert ("router_logits" in llm.describe()) == (on and model_type == "glm4_moe")  # few tokens: glm4's dense_mm
+        assert ("moe_route" in llm.describe()) == (on and model_type == "glm4_moe")
         longest, qkv_longest, prompt_lens = [], [], []
         if on:  # decode-only steps take the one-op qkv path (model_type glm: no q/k norm), mixed steps the other
             runner = llm.engine.runner

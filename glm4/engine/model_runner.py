@@ -116,6 +116,12 @@ class ModelRunner:
         if any(seq.mm is not None for seq in batch.seqs):  # (prompt logprobs are not scored for media requests)
             return self._run_multimodal(input_ids, spans, ctx, last, sampled)
         extra = [r for _, first, k in prompt_rows for r in range(first, first + k)]
+        greedy = getattr(self.model, "greedy_tokens", None)  # the text models' (GlmForCausalLM)
+        if (greedy is not None and len(last) == len(ids) and not extra and self.lora is None
+                and self.sampler.plain_greedy(sampled)):
+            tokens = greedy(input_ids, positions, ctx, self.sampler.vocab_size)
+            if tokens is not None:  # a greedy decode step by one call, embedding to argmax (glm4.quant.decode_stack)
+                return sampled, tokens.tolist(), [None] * len(sampled)
         if not sampled and not extra:  # only partial prefill chunks
             self._fill_cache(input_ids, positions, ctx)
             return [], [], []

@@ -32,6 +32,16 @@ class Sampler:
             g.manual_seed(seq.params.seed)
         return g
 
+    def plain_greedy(self, seqs: list[Sequence]) -> bool:
+        """Every sequence takes the argmax of its raw logits (what __call__ then does): greedy, no logprobs, nothing
+        that edits the logits. The runner may then take the tokens from the model's one-call step."""
+        for s in seqs:
+            p = s.params
+            if (not p.greedy or p.logprobs or p.logit_bias or p.logits_processors or p.needs_penalties
+                    or s.num_output_tokens < p.min_tokens):
+                return False
+        return True
+
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict | None]]:
         """logits [K, V] (any float dtype, any device) for `seqs` -> chosen ids and per-token logprob entries."""
         logits = logits.float().cpu()

@@ -134,12 +134,21 @@ class Rope:
         return self._compute(pos, dim, dtype, seq_len)
 
     def _rows(self, pos: torch.Tensor, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The tables' rows for `pos` from ones computed once for positions 0..n-1 (n a power of two, grown as
-        needed, up to _TABLE_POSITIONS): two lookups instead of ~10 ops a step (~150 us of a decode step, Zen 3);
-        each row is what _compute gives for that position alone (cos and sin are elementwise)."""
+        """The tables' rows for `pos` from ones computed once for positions 0..n-1 (`_grown`): two lookups instead
+        of ~10 ops a step (~150 us of a decode step, Zen 3); each row is what _compute gives for that position alone
+        (cos and sin are elementwise)."""
         lo, hi = torch.aminmax(pos)
-        need = int(hi) + 1
-        if int(lo) < 0 or need > _TABLE_POSITIONS:
+        table = self._grown(dim, dtype, int(lo), int(hi) + 1)
+        if table is None:
+            return None
+        flat = pos.reshape(-1)
+        shape = (*pos.shape, 1, table[0].shape[1])
+        return table[0].index_select(0, flat).view(shape), table[1].index_select(0, flat).view(shape)
+
+    def _grown(self, dim: int, dtype: torch.dtype, lo: int, need: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos / sin [n, dim] for positions 0..n-1, n >= need a power of two (grown as needed, up to
+        _TABLE_POSITIONS); None for positions outside that."""
+        if lo < 0 or need > _TABLE_POSITIONS:
             return None
         key = (dim, dtype)
         table = self._tables.get(key)
@@ -147,9 +156,18 @@ class Rope:
             n = max(256, 1 << (need - 1).bit_length())
             cos, sin = self._compute(torch.arange(n)[None], dim, dtype, 0)  # [1, n, 1, dim]
             table = self._tables[key] = (cos[0, :, 0], sin[0, :, 0])
-        flat = pos.reshape(-1)
-        shape = (*pos.shape, 1, table[0].shape[1])
-        return table[0].index_select(0, flat).view(shape), table[1].index_select(0, flat).view(shape)
+        return table
+
+    def table(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cos / sin [n, rotary_dim] whose rows `cos_sin` reads for plain [B, T] CPU `positions` (row p: position
+        p, every one of `positions` below n), for a caller that looks the rows up itself (the decode stack); None
+        where cos_sin computes its tables otherwise (2-D or M-RoPE positions, dynamic NTK, no rotary dims)."""
+        if (self.spec.mrope_section is not None or (self.spec.scaling or {}).get("rope_type") == "dynamic"
+                or positions.dim() != 2 or positions.device.type != "cpu" or not positions.numel()
+                or not self.spec.rotary_dim):
+            return None
+        lo, hi = torch.aminmax(positions)
+        return self._grown(self.spec.rotary_dim, dtype, int(lo), int(hi) + 1)
 
     def _compute(self, pos: torch.Tensor, dim: int, dtype: torch.dtype, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         inv, scale = self._inv_freq(dim, pos.device, seq_len)

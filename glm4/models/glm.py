@@ -186,6 +186,12 @@ class GlmForCausalLM(nn.Module):
                 return take_rows(out, rows)
         return self.model.norm(run_layers(self.model.layers, h, cs, ctx, layer_args, rows))
 
+    def greedy_tokens(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, vocab: int) -> torch.Tensor | None:
+        """A decode-only step [1, N] -> the argmax of each row's first `vocab` logits, int64 [N], by the decode stack's
+        one call (embedding to argmax: `decode_layers_kernel.greedy`); None where no such call takes the step."""
+        greedy = getattr(self.decode_layers_kernel, "greedy", None)
+        return None if greedy is None else greedy(input_ids, positions, self.rope, ctx, vocab)
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, ctx=None,
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         h = self.hidden_states(input_ids, positions, ctx, rows=logits_indices)

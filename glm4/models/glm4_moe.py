@@ -103,6 +103,7 @@ class Glm4MoeRouter(nn.Module):
                        norm_topk_prob=c.norm_topk_prob, routed_scaling_factor=c.routed_scaling_factor)
         self.top_k = c.num_experts_per_tok
         self.matmul = None  # (x fp32 [N, H], weight) -> fp32 logits: set by glm4.quant.fused to a kernel for few tokens
+        self.route = route  # (logits, top_k, correction_bias=, **kw) -> (indices, weights): glm4.quant.fused's op
 
     def _apply(self, fn, recurse=True):
         # .to(bf16) must not round the bias: it separates experts by margins finer than bf16 resolution
@@ -115,7 +116,7 @@ class Glm4MoeRouter(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, H] -> (router logits fp32 [N, E], indices [N, k], weights fp32 [N, k])."""
         logits = F.linear(x.float(), self.weight.float()) if self.matmul is None else self.matmul(x.float(), self.weight)
-        idx, w = route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.kw)
+        idx, w = self.route(logits, self.top_k, correction_bias=self.e_score_correction_bias, **self.kw)
         return logits, idx, w
 
 

@@ -6,7 +6,11 @@ step on a Zen 3, and the 400M dense model ~1 ms of 8. `use_decode_stack(model)` 
 the fused ops) reads every layer's tensors into one C++ object that runs the same ops with the same arguments in the
 same order, so a step's hidden states equal the modules' bit for bit; `model.decode_layers_kernel` then serves the
 engine's decode-only steps of up to 16 tokens (GlmForCausalLM.hidden_states), and anything else (prefill, other
-dtypes, an int8 KV cache, router logits asked for) runs the modules as before.
+dtypes, an int8 KV cache, router logits asked for) runs the modules as before. Where the stack also reads the token
+table and the output head, a greedy decode-only step runs whole in one call, embedding to argmax
+(`GlmForCausalLM.greedy_tokens`, `DecodeStackRunner.greedy`): the ~0.8 ms a batch-1 step spent in Python and torch
+around the layers (embedding, RoPE rows, the head's module call, the sampler) ran with caches the weights had just
+swept (docs/kernels.md, "Where a batch-1 step goes").
 
 Models: `chatglm`, `glm`, `glm4` and `glm4_moe` (dense and MoE layers, shared experts, GLM-4.5's q/k norms), fp32
 or bf16 activations (bf16: where the CPU computes in bf16, or `optimize_model(compute=torch.bfloat16)`), projections
@@ -28,9 +32,9 @@ from glm4.models.glm4_moe import Glm4MoeDecoderLayer, Glm4MoeForCausalLM, Glm4Mo
 
 from . import fused, kernels
 from .experts import StreamExperts
-from .float_linear import FloatLinear
+from .float_linear import CastEmbedding, FloatLinear
 from .kquant import KQuantLinear
-from .qlinear import QuantLinear
+from .qlinear import QuantEmbedding, QuantLinear
 
 __all__ = ["DecodeStackRunner", "drop_decode_stack", "use_decode_stack"]
 
@@ -125,6 +129,25 @@ def _add_layer(stack, layer: nn.Module, dtype: torch.dtype) -> None:
         _add_moe(stack, moe)
 
 
+def _add_ends(stack, model: nn.Module, dtype: torch.dtype) -> bool:
+    """The token table and the output head into `stack` (`greedy` then runs a whole step); False where either is a
+    module the stack does not read."""
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    try:
+        head_id = _add_linear(stack, head)
+        if type(emb) in (nn.Embedding, CastEmbedding) and getattr(emb, "compute_dtype", emb.weight.dtype) == dtype:
+            w = emb.weight.detach()
+            emb_id = stack.add_linear(0, w, None, None, None, [0, 0, 0, w.shape[1], 0, 0])
+        elif type(emb) is QuantEmbedding and emb.compute_dtype == dtype:
+            emb_id = head_id if emb.table is head else _add_linear(stack, emb.table)
+        else:
+            return False
+    except Unsupported:
+        return False
+    stack.set_ends(emb_id, head_id, dtype == torch.bfloat16)
+    return True
+
+
 def _layers_and_final_norm(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
     if type(model) is ChatGLMForConditionalGeneration:
         return model.transformer.encoder.layers, model.transformer.encoder.final_layernorm
@@ -135,8 +158,8 @@ class DecodeStackRunner:
     """model.decode_layers_kernel: (h [B, T, H] embedded, cs, ctx) -> final-norm hidden states, or None where the
     stack does not take the step (the model runs its layers)."""
 
-    def __init__(self, stack, dtype: torch.dtype):
-        self.stack, self.dtype = stack, dtype
+    def __init__(self, stack, dtype: torch.dtype, ends: bool = False):
+        self.stack, self.dtype, self.ends = stack, dtype, ends
 
     def __call__(self, h: torch.Tensor, cs, ctx) -> torch.Tensor | None:
         if getattr(ctx, "qkv_kernel", None) is not fused.decode_qkv_attention:  # decode-only steps, fused kernels
@@ -149,6 +172,21 @@ class DecodeStackRunner:
             return None
         return self.stack.run(h, cs.cos, cs.sin, cs.interleaved, cache.k, cache.v, ctx.slot_mapping,
                               ctx.decode_tables, ctx.decode_lens, cache.block_size)
+
+    def greedy(self, input_ids: torch.Tensor, positions: torch.Tensor, rope, ctx, vocab: int) -> torch.Tensor | None:
+        """A decode-only step [1, N] to its greedy tokens int64 [N] (argmax over the first `vocab` logits) by one call:
+        embedding, RoPE rows, layers, head and argmax (DecodeStack.greedy); None where it does not take the step."""
+        if not self.ends or getattr(ctx, "qkv_kernel", None) is not fused.decode_qkv_attention:
+            return None
+        if input_ids.dim() != 2 or input_ids.numel() > kernels.dense_max_m() or torch.is_grad_enabled():
+            return None
+        cache = ctx.cache
+        tables = rope.table(positions, self.dtype)
+        if tables is None or not fused.reads_cache(self.dtype, cache.k.dtype) or cache.k.dtype != cache.v.dtype:
+            return None
+        return self.stack.greedy(input_ids.reshape(-1), positions.reshape(-1), *tables, rope.spec.interleaved,
+                                 cache.k, cache.v, ctx.slot_mapping, ctx.decode_tables, ctx.decode_lens,
+                                 cache.block_size, vocab)
 
 
 def use_decode_stack(model: nn.Module) -> bool:
@@ -172,7 +210,7 @@ def use_decode_stack(model: nn.Module) -> bool:
     except Unsupported:
         return False
     stack.set_final_norm(w, eps)
-    model.decode_layers_kernel = DecodeStackRunner(stack, dtype)
+    model.decode_layers_kernel = DecodeStackRunner(stack, dtype, _add_ends(stack, model, dtype))
     return True
 
 

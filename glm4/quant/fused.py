@@ -17,7 +17,8 @@ by default: `EngineArgs.fused_ops`) swaps in, where glm4's kernels run (glm4.qua
   MKL's sgemm, which takes a generic path on AMD: 1.45x / 1.75x its speed with the AVX2 / AVX-512 set, 512
   tokens, one thread, Zen 5);
 - a MoE router's logits for few tokens by glm4's dense kernel (`router_logits`; MKL's sgemv there, on AMD, took
-  33 us of a decode step's ~170 us MoE layer for the 697M MoE's 64 x 1024 router).
+  33 us of a decode step's ~170 us MoE layer for the 697M MoE's 64 x 1024 router), and its choice of experts by
+  one op (`moe_route`: route()'s ~10 torch ops took ~29 us of such a layer on a Zen 4).
 
 Anything the ops do not take (autograd, other dtypes or devices, 2-D positions, an int8 KV cache) runs the
 torch code as before.
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from glm4.layers.moe import route
 from glm4.layers.norm import RMSNorm
 from glm4.layers.rope import CosSin, apply_rope_torch
 from glm4.models.glm4_moe import Glm4MoeRouter
@@ -36,7 +38,7 @@ from glm4.models.glm4_moe import Glm4MoeRouter
 from . import kernels
 
 __all__ = ["FusedRMSNorm", "decode_attention", "decode_qkv_attention", "describe_fused", "have_fused_ops",
-           "prefill_attention", "reads_cache", "rope", "router_logits", "use_fused_ops"]
+           "moe_route", "prefill_attention", "reads_cache", "rope", "router_logits", "use_fused_ops"]
 
 _DTYPES = (torch.float32, torch.bfloat16)
 
@@ -132,6 +134,18 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight.float())
 
 
+def moe_route(logits: torch.Tensor, top_k: int, *, scoring_func: str = "sigmoid",
+              correction_bias: torch.Tensor | None = None, n_group: int = 1, topk_group: int = 1,
+              norm_topk_prob: bool = True, routed_scaling_factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """glm4.layers.moe.route by one op (torch.ops.glm4.moe_route) for fp32 logits on the CPU outside autograd (the
+    indices equal, the weights within a few ulp of route()'s); route() itself otherwise."""
+    if logits.dtype == torch.float32 and logits.dim() == 2 and _takes(logits) and scoring_func in ("sigmoid", "softmax"):
+        return kernels.ops.moe_route(logits, correction_bias, top_k, n_group, topk_group, scoring_func == "sigmoid",
+                                     norm_topk_prob, routed_scaling_factor)
+    return route(logits, top_k, scoring_func=scoring_func, correction_bias=correction_bias, n_group=n_group,
+                 topk_group=topk_group, norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor)
+
+
 def use_fused_ops(model: nn.Module) -> int:
     """Swap the fused ops into `model` in place (see the module doc) and set `model.decode_attention_kernel`
     (read by the engine's runner) where its head_dim allows; returns how many norms were swapped. Does nothing
@@ -155,7 +169,7 @@ def use_fused_ops(model: nn.Module) -> int:
         if r is not None and hasattr(r, "rotate"):
             r.rotate = rope
         if isinstance(m, Glm4MoeRouter):
-            m.matmul = router_logits
+            m.matmul, m.route = router_logits, moe_route
     return n
 
 
@@ -172,6 +186,8 @@ def describe_fused(model: nn.Module) -> str:
         ops.append("prefill_attention (fp32 prompt chunks)")
     if any(isinstance(m, Glm4MoeRouter) and m.matmul is router_logits for m in model.modules()):
         ops.append("router_logits (<= 16 tokens)")
+    if any(isinstance(m, Glm4MoeRouter) and m.route is moe_route for m in model.modules()):
+        ops.append("moe_route")
     if getattr(model, "decode_layers_kernel", None) is not None:
         ops.append("decode_stack (decode steps of <= 16 tokens: every layer by one call)")
     return ", ".join(ops)

@@ -10,7 +10,6 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
-#include <limits>
 #include <optional>
 #include <vector>
 
@@ -70,6 +69,23 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
   return op.call(q, k, v, tables, lens, block_size);
 }
 
+void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const Opt& mins, int64_t bits, int64_t group,
+                     int64_t zero_point, at::Tensor& out) {
+  static auto op = glm4_op<void(const at::Tensor&, const at::Tensor&, const Opt&, int64_t, int64_t, int64_t, int64_t,
+                                at::Tensor&)>("glm4::dequantize_rows");
+  op.call(q, scales, mins, bits, group, zero_point, 0, out);
+}
+
+void kquant_dequantize_rows(const at::Tensor& blocks, int64_t type, at::Tensor& out) {
+  static auto op = glm4_op<void(const at::Tensor&, int64_t, int64_t, at::Tensor&)>("glm4::kquant_dequantize_rows");
+  op.call(blocks, type, 0, out);
+}
+
+at::Tensor row_argmax(const at::Tensor& x) {
+  static auto op = glm4_op<at::Tensor(const at::Tensor&)>("glm4::argmax");
+  return op.call(x);
+}
+
 // glm4's streaming kernels read fp32 activations and write fp32: bf16 ones are widened for them, their outputs
 // rounded back, as the modules' .float() / .to(dtype) do
 at::Tensor as_fp32(const at::Tensor& x) { return x.scalar_type() == at::kFloat ? x : x.to(at::kFloat); }
@@ -102,7 +118,7 @@ struct Norm {
   at::Tensor operator()(const at::Tensor& x) const { return rms_norm(x, w, eps); }
 };
 
-// glm4_moe's routed experts: the router (glm4.layers.moe.route's arithmetic) and expert_glu's arguments
+// glm4_moe's routed experts: the router (glm4::moe_route's arguments) and expert_glu's
 struct Moe {
   at::Tensor router;
   Opt correction_bias;
@@ -113,22 +129,13 @@ struct Moe {
   Opt gu_scales, gu_mins, dn_scales, dn_mins;
   std::vector<int64_t> ints;  // gu bits, group, zero point; dn bits, group, zero point; gu / dn ggml type; act bits
 
-  // route(): logits [N, E] fp32 -> (indices [N, k], weights [N, k])
-  std::pair<at::Tensor, at::Tensor> route(const at::Tensor& logits) const {
-    const int64_t N = logits.size(0), E = logits.size(1);
-    at::Tensor scores = sigmoid ? logits.sigmoid() : logits.softmax(-1);
-    at::Tensor choice = correction_bias ? scores + *correction_bias : scores;
-    if (n_group > 1 && topk_group < n_group) {
-      at::Tensor grouped = choice.view({N, n_group, E / n_group});
-      at::Tensor group_scores = std::get<0>(grouped.topk(std::min<int64_t>(2, E / n_group), -1)).sum(-1);
-      at::Tensor keep = at::zeros_like(group_scores, group_scores.options().dtype(at::kBool));
-      keep.scatter_(1, std::get<1>(group_scores.topk(topk_group, -1)), true);
-      choice = grouped.masked_fill(~keep.unsqueeze(-1), -std::numeric_limits<double>::infinity()).view({N, E});
-    }
-    at::Tensor indices = std::get<1>(choice.topk(top_k, -1));
-    at::Tensor weights = scores.gather(1, indices);
-    if (norm_topk_prob) weights = weights / (weights.sum(-1, true) + 1e-20);
-    return {indices, weights * routed_scaling_factor};
+  // the router's choice: logits [N, E] fp32 -> (indices [N, k], weights [N, k]) by glm4::moe_route, the op the
+  // router module calls (glm4.quant.fused.moe_route)
+  std::tuple<at::Tensor, at::Tensor> route(const at::Tensor& logits) const {
+    static auto op = glm4_op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const Opt&, int64_t, int64_t,
+                                                                 int64_t, bool, bool, double)>("glm4::moe_route");
+    return op.call(logits, correction_bias, top_k, n_group, topk_group, sigmoid, norm_topk_prob,
+                   routed_scaling_factor);
   }
 
   // Glm4MoeMoE's routed part: h [..., H] -> [..., H]
@@ -162,6 +169,8 @@ struct DecodeStack : torch::CustomClassHolder {
   std::vector<Layer> layers;
   Norm final_norm;
   bool complete = false;  // set_final_norm was called (the last step of building)
+  int64_t embedding = -1, head = -1;  // linears holding the token table and the output head (set_ends)
+  bool bf16 = false;                  // the activations' dtype: bf16, else fp32
 
   // ints: bits, group, zero point, in_features, ggml type, activation bits
   int64_t add_linear(int64_t kind, at::Tensor w, Opt scales, Opt mins, Opt bias, std::vector<int64_t> ints) {
@@ -221,6 +230,32 @@ struct DecodeStack : torch::CustomClassHolder {
     complete = true;
   }
 
+  // the token table (a linear's tensors as its embedding module reads them: a float table [V, H], glm4's codes or
+  // GGUF blocks), the output head, and the activations' dtype: what `greedy` needs beyond the layers
+  void set_ends(int64_t embedding_id, int64_t head_id, bool bf16_activations) {
+    const auto n = int64_t(linears.size());
+    TORCH_CHECK(0 <= embedding_id && embedding_id < n && 0 <= head_id && head_id < n, "DecodeStack.set_ends: ids");
+    embedding = embedding_id, head = head_id, bf16 = bf16_activations;
+  }
+
+  // ids [N] int64 -> their rows [N, H] in the activations' dtype, as the embedding module looks them up
+  // (F.embedding, or StreamingLinear.lookup's dequantize_rows over the rows' codes / blocks, then the cast)
+  at::Tensor embed(const at::Tensor& ids) const {
+    const Linear& t = linears[embedding];
+    at::Tensor rows;
+    if (t.kind == 0) {
+      rows = t.w.index_select(0, ids);
+    } else {
+      rows = at::empty({ids.size(0), t.in_features}, t.w.options().dtype(at::kFloat));
+      if (t.kind == 1)
+        dequantize_rows(t.w.index_select(0, ids), t.scales.index_select(0, ids),
+                        t.mins ? Opt(t.mins->index_select(0, ids)) : Opt(), t.bits, t.group, t.zero_point, rows);
+      else
+        kquant_dequantize_rows(t.w.index_select(0, ids), t.ggml_type, rows);
+    }
+    return rows.to(bf16 ? at::kBFloat16 : at::kFloat);
+  }
+
   // attention of a decode-only step over the normed input h [B, T, H], layer i of the cache k / v [L, S, Hkv, D]:
   // from a fused projection, one op (RoPE, cache write, attention); with q / k norms or separate q / k / v
   // projections what GlmAttention and PagedAttention.attend do (project or split, norms, RoPE, the cache write as
@@ -277,6 +312,27 @@ struct DecodeStack : torch::CustomClassHolder {
     }
     return final_norm.w.defined() ? final_norm(x) : x;
   }
+
+  // A greedy decode-only step end to end: ids [N] int64 (a token of each sequence), positions [N] int64, cos_table /
+  // sin_table [P, R] the RoPE tables' rows for positions 0..P-1 (glm4.layers.rope.Rope.table), the cache and the
+  // step's metadata as for `run` -> the next tokens int64 [N]: argmax over the first `vocab` logits of each row.
+  // The same ops as the engine's step through the modules (embedding, the tables' rows, `run`, the head module,
+  // the sampler's argmax), so the same tokens.
+  at::Tensor greedy(at::Tensor ids, at::Tensor positions, at::Tensor cos_table, at::Tensor sin_table,
+                    bool interleaved, at::Tensor k, at::Tensor v, at::Tensor slots, at::Tensor tables,
+                    at::Tensor lens, int64_t block_size, int64_t vocab) {
+    TORCH_CHECK(embedding >= 0 && ids.dim() == 1 && positions.sizes() == ids.sizes() && cos_table.dim() == 2 &&
+                    sin_table.sizes() == cos_table.sizes(),
+                "DecodeStack.greedy: set_ends first; ids, positions [N]; tables [P, R]");
+    const int64_t N = ids.size(0), R = cos_table.size(1);
+    const at::Tensor h = embed(ids).view({1, N, -1});
+    const at::Tensor cos = cos_table.index_select(0, positions).view({1, N, 1, R});
+    const at::Tensor sin = sin_table.index_select(0, positions).view({1, N, 1, R});
+    const at::Tensor x = run(h, cos, sin, interleaved, k, v, slots, tables, lens, block_size);
+    at::Tensor logits = linears[head](x.view({N, x.size(2)}));
+    if (logits.scalar_type() != at::kFloat) logits = logits.to(at::kFloat);
+    return row_argmax(logits.size(1) > vocab ? logits.narrow(1, 0, vocab) : logits);
+  }
 };
 
 }  // namespace
@@ -289,5 +345,7 @@ TORCH_LIBRARY_FRAGMENT(glm4, m) {
       .def("set_moe", &DecodeStack::set_moe)
       .def("set_qk_norm", &DecodeStack::set_qk_norm)
       .def("set_final_norm", &DecodeStack::set_final_norm)
-      .def("run", &DecodeStack::run);
+      .def("set_ends", &DecodeStack::set_ends)
+      .def("run", &DecodeStack::run)
+      .def("greedy", &DecodeStack::greedy);
 }
