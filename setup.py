@@ -24,6 +24,7 @@ if platform.machine().lower() in ("x86_64", "amd64"):
              "glm4/quant/csrc/convert_avx2.cpp", "glm4/quant/csrc/convert_avx512.cpp",
              "glm4/quant/csrc/prefill_attn_avx2.cpp", "glm4/quant/csrc/prefill_attn_avx512.cpp",
              "glm4/quant/csrc/kquant_ops.cpp", "glm4/quant/csrc/kquant_avx2.cpp", "glm4/quant/csrc/kquant_avx512.cpp",
+             "glm4/quant/csrc/kquant_gfni.cpp",
              "glm4/quant/csrc/gemm_ops.cpp", "glm4/quant/csrc/gemm_i8_avx2.cpp", "glm4/quant/csrc/gemm_f32_avx2.cpp",
              "glm4/quant/csrc/decode_stack.cpp", "glm4/quant/csrc/moe_route.cpp"],
             depends=sorted(glob.glob("glm4/quant/csrc/*.h")),  # a header edit rebuilds the sources (all of them)

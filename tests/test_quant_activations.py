@@ -1,6 +1,6 @@
 """The integer kernels' activation paths. Activations at int8 precision (GLM4_ACTIVATIONS=int8, llama.cpp's): AVX2's
-4- and 6-bit and K-quant kernels take one 8-bit integer a column and an fp32 scale per block; every other kernel (and
-AVX-512's) takes int16 then. They are checked against a float64 product of the weights with the activations rounded
+4- and 6-bit and K-quant kernels and AVX-512's q6_K one take one 8-bit integer a column and an fp32 scale per block;
+every other kernel (AVX-512's others) takes int16 then. They are checked against a float64 product of the weights with the activations rounded
 as the kernel rounds them, so the only error left is fp32 rounding. And AVX2's one-token tiles for groups that come
 in eights (their scales and group terms eight groups at a time) in every activation mode."""
 
@@ -81,14 +81,15 @@ def test_int8_activations_kquant(ggml_type, M, K, isa):
         label = kernel_of(lin)
     with kernel_activations("int16"), torch.no_grad():
         y16 = lin(x)
-    assert ("int8 activations" in label) == (isa == "avx2"), label
+    int8 = isa == "avx2" or ggml_type == 14  # AVX-512's q6_K kernel takes int8 too
+    assert ("int8 activations" in label) == int8, label
     # MoE experts of these blocks say the same in describe()
     packs = [ExpertPack(blocks=torch.stack([_kquant_blocks(ggml_type, n, k, seed=e) for e in range(2)]), ggml_type=ggml_type)
              for n, k in ((512, 256), (256, 256))]
     with kernel_activations("int8"):
         (kind, _, desc), = describe_linears(torch.nn.ModuleDict({"experts": StreamExperts(*packs)}))
-    assert kind == "experts" and ("int8 activations" in desc) == (isa == "avx2"), desc
-    if isa != "avx2":  # AVX-512 takes int16
+    assert kind == "experts" and ("int8 activations" in desc) == int8, desc
+    if not int8:  # AVX-512's q4_K / q5_K take int16
         assert torch.equal(y, y16)
         return
     assert rel_err(y, rounded_int8(x, 256) @ w.T) < 1e-5  # q4_K / q5_K: the mins too
@@ -96,10 +97,34 @@ def test_int8_activations_kquant(ggml_type, M, K, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("M", [1, 2, 5])
+def test_avx512_q6_K_codes_by_gfni_equal_those_by_shifts(M):
+    """AVX-512's q6_K tile against int8 activations assembles its codes with GFNI where the CPU has it (Zen 4 / 5, Ice
+    Lake on) and by shifts and masks where not (Skylake-X, Cascade Lake): the same results bit for bit."""
+    if torch.ops.glm4.isa() != "avx512_vnni" or "gfni" not in kernels.cpu_features():
+        pytest.skip("needs a CPU with AVX-512 VNNI and GFNI")
+    from glm4.quant import KQuantLinear
+
+    K, N = 768, 70
+    lin = KQuantLinear(K, N, 14)
+    lin.blocks = _kquant_blocks(14, N, K, seed=M)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
+    with kernel_activations("int8"), torch.no_grad():
+        by_gfni = lin(x)
+        assert torch.ops.glm4.set_gfni(False)
+        try:
+            by_shifts = lin(x)
+        finally:
+            torch.ops.glm4.set_gfni(True)
+    assert torch.equal(by_gfni, by_shifts)
+
+
+@needs_kernels
 @pytest.mark.parametrize("kind", ["int4", "int6", "q4_K", "q5_K", "q6_K"])
 def test_auto_activations_are_int8_up_to_5_bits(kind, isa):
-    """"auto" (the default): AVX2's kernels of codes of up to 5 bits take int8 activations, the others int16 — the
-    results equal those modes' bit for bit, and describe() names what runs."""
+    """"auto" (the default): AVX2's kernels of codes of up to 5 bits take int8 activations, the others int16 (q6_K's
+    6-bit codes too, on AVX-512 as well) — the results equal those modes' bit for bit, and describe() names what
+    runs."""
     from glm4.quant import KQuantLinear
 
     K, N = 512, 48
@@ -142,7 +167,8 @@ def test_int8_activations_are_named_and_refused_elsewhere():
 def test_a_4_bit_models_6_bit_head_rounds_as_its_body(head, isa):
     """The engine tells each quantized linear its model's coarsest code width (set_activation_bits): under "auto" an
     int4 model's 6-bit head (q6_K blocks, or int6 where they do not fit) takes int8 activations on AVX2 as its body
-    does — bit for bit what the int8 mode gives it — and describe() says so; an int6 model keeps int16 throughout."""
+    does (AVX-512: the q6_K head; its int6 kernel keeps int16) — bit for bit what the int8 mode gives it — and
+    describe() says so; an int6 model keeps int16 throughout."""
     from test_engine import tiny_model
 
     from glm4.engine import LLM
@@ -164,10 +190,11 @@ def test_a_4_bit_models_6_bit_head_rounds_as_its_body(head, isa):
             y_own = lm_head(x)
             with kernel_activations("int16"):
                 y16 = lm_head(x)
+        int8 = isa == "avx2" or head == "q6_K"  # AVX-512's int6 kernel keeps int16
         assert torch.equal(y_own, y16)
-        assert torch.equal(y_auto, y8 if isa == "avx2" else y16)
-        assert torch.equal(y_auto, y16) == (isa != "avx2")  # AVX-512 keeps int16
-        assert ("(int8 activations)" in label) == (isa == "avx2"), label
+        assert torch.equal(y_auto, y8 if int8 else y16)
+        assert torch.equal(y_auto, y16) == (not int8)
+        assert ("(int8 activations)" in label) == int8, label
         int6 = LLM.from_model(tiny_model("glm4", hidden_size=hidden), quantization="int6")
         assert set_activation_bits(int6.model) == 6 and "(int8 activations)" not in int6.describe()
 
@@ -198,8 +225,8 @@ def test_a_q4_K_M_moes_q6_K_experts_round_as_the_rest(isa):
                 out[mode, bits] = experts(x, indices, weights), dn(h, counts)
     for a, b in zip(out["auto", 4], out["int8", 4]):
         assert torch.equal(a, b)
-    for a, b in zip(out["auto", 4], out["auto", 0]):  # q6_K's own width under auto: int16
-        assert torch.equal(a, b) == (isa != "avx2")
+    for a, b in zip(out["auto", 4], out["auto", 0]):  # q6_K's own width under auto: int16 (AVX2 and AVX-512)
+        assert not torch.equal(a, b)
     assert torch.equal(out["auto", 0][1], out["int16", 0][1])
 
 

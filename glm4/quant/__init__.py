@@ -325,10 +325,12 @@ def _int8_gemm_runs(m: nn.Module) -> bool:
     return own and m.bits in (4, 6) and kernels.has_streaming_kernels()
 
 
-def _kquant_isa(bits: int) -> str:
-    """The K-quant kernels' instruction set and activations (every M they run), for blocks of `bits`-bit codes."""
+def _kquant_isa(bits: int, ggml_type: int) -> str:
+    """The K-quant kernels' instruction set and activations (every M they run), for blocks of `ggml_type` rounding
+    activations for `bits`-bit codes."""
     isa = {"AVX-512": "AVX-512 VNNI"}.get(kernels.dense_isa(), kernels.dense_isa())
-    mode = "exact" if kernels.activations() == "exact" else "int8" if kernels.int8_activations(bits) else "int16"
+    mode = ("exact" if kernels.activations() == "exact" else "int8" if kernels.int8_activations(bits, ggml_type)
+            else "int16")
     return isa + (f" ({mode} activations)" if mode != "exact" else "")
 
 
@@ -342,7 +344,7 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {_kquant_isa(m.activation_bits or m.bits)} kquant_mm (M<={kernels.max_m(m)}); "
+        return (f"{fmt}: glm4 {_kquant_isa(m.activation_bits or m.bits, m.ggml_type)} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
@@ -386,8 +388,10 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
         elif isinstance(m, StreamExperts):
             gu, dn = m.gate_up, m.down
             act = gu.activation_bits or gu.bits
-            isa = (_kquant_isa(act) if gu.ggml_type else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features, act)
-                   if gu.bits else kernels.dense_isa())
+            isa = (_kquant_isa(act, gu.ggml_type) if gu.ggml_type
+                   else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features, act) if gu.bits else kernels.dense_isa())
+            if dn.ggml_type and gu.ggml_type and _kquant_isa(act, dn.ggml_type) != isa:  # a q6_K down of q4_K experts
+                isa += f" (down {_kquant_isa(act, dn.ggml_type)})"
             fmt, dn_fmt = (p.extra_repr().split(", ", 3)[-1] for p in (gu, dn))
             fmt += f" (down {dn_fmt})" if dn_fmt != fmt else ""
             key = ("experts", f"{fmt}: glm4 {isa} expert_glu, the dispatch "

@@ -51,7 +51,7 @@ __all__ = ["ACTIVATIONS", "HAVE_EXT", "activations", "argmax", "cpu_features", "
 
 # flags that decide kernels, as /proc/cpuinfo spells them
 FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni",
-            "avx_vnni", "avx_ne_convert", "amx_tile", "amx_bf16", "amx_int8")
+            "avx_vnni", "avx_ne_convert", "gfni", "amx_tile", "amx_bf16", "amx_int8")
 
 # Largest M (tokens in one call) that goes through the streaming kernel; above it the weight is widened in
 # chunks into an fp32 GEMM. The streaming kernel's time grows with M (it is compute-bound from M ~ 8 on two
@@ -159,13 +159,19 @@ def activations() -> str:
 ACTIVATIONS = ("auto", "exact", "int16", "int8")  # the modes activations() names
 
 
-def int8_activations(bits: int) -> bool:
-    """Whether AVX2's kernels of `bits`-bit codes (4 / 6: glm4's, 5: GGUF q5_K; 6 also q6_K) take int8 activations
-    now: every width under "int8", up to 5 bits under "auto" (4-bit codes' own error swamps the activations' rounding:
-    the shipped model's int4 KL to fp32 1.7e-2 at int16 and at int8; int6 3.5e-3 -> 3.9e-3, so 6 bits keep int16).
-    AVX-512's kernels take int16 either way."""
+Q6_K = 14  # the ggml type id of q6_K blocks (glm4.quant.kquant), whose AVX-512 kernel also takes int8 activations
+
+
+def int8_activations(bits: int, ggml_type: int = 0) -> bool:
+    """Whether the kernels of `bits`-bit codes (4 / 6: glm4's, 5: GGUF q5_K; 6 also q6_K) take int8 activations now:
+    AVX2's, and AVX-512's q6_K one (`ggml_type` Q6_K; a compute-bound output head there: 1.23x its int16 speed from
+    memory, Zen 4), every width under "int8", up to 5 bits under "auto" (4-bit codes' own error swamps the
+    activations' rounding: the shipped model's int4 KL to fp32 1.7e-2 at int16 and at int8; int6 3.5e-3 -> 3.9e-3,
+    so 6 bits keep int16). AVX-512's other kernels take int16 either way."""
     mode = activations()
-    return dense_isa() == "AVX2" and (mode == "int8" or (mode == "auto" and bits <= 5))
+    isa = dense_isa()
+    return (isa == "AVX2" or (isa == "AVX-512" and ggml_type == Q6_K)) and (
+        mode == "int8" or (mode == "auto" and bits <= 5))
 
 
 def int8_gemm() -> bool:

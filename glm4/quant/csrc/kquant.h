@@ -42,6 +42,7 @@ struct KQuantArgs {
 };
 
 bool avx512_kernels();            // ops.cpp: the AVX-512 set runs (the CPU has it and set_isa allows it)
+bool gfni_kernels();              // ops.cpp: the AVX-512 set runs and the CPU has GFNI (unless set_gfni(False))
 bool exact_kernel_activations();  // ops.cpp: activations() is "exact"
 bool int8_kernel_activations(int bits);  // ops.cpp: the AVX2 kernels of `bits`-bit codes take int8 activations
 
@@ -50,6 +51,7 @@ int kquant_order(int type, bool avx512);
 
 // rows [n0, n1) of y
 void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
+void q6k_i8_rows_gfni(const KQuantArgs& a, int64_t n0, int64_t n1);  // kquant_gfni.cpp: q6k_rows_avx512's int8 tile
 void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);

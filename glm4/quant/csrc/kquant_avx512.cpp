@@ -15,6 +15,7 @@
 
 #include "gemv.h"
 #include "kquant.h"
+#include "kquant_q6k_i8.h"
 #include "tiles.h"
 #include "vec_avx2.h"
 
@@ -93,6 +94,11 @@ template <bool LO>
 struct Q6KTile {
   template <int RB, int MT>
   static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
+};
+
+// q6_K against int8 activations (kquant_q6k_i8.h): the codes assembled by shifts here, by GFNI in kquant_gfni.cpp
+struct Q6KCodesShifts {
+  static void load(const uint8_t* half_ql, const uint8_t* half_qh, __m512i c[2]) { q6k_codes(half_ql, half_qh, c); }
 };
 
 // Q5: q5_K (the 5th bits from qh), else q4_K
@@ -180,6 +186,10 @@ void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo
 
 void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
 
-void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q6KTile, 1>(a, n0, n1); }
+void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
+  if (a.x8 && gfni_kernels()) q6k_i8_rows_gfni(a, n0, n1);
+  else if (a.x8) tile_rows<Q6KTileI8<Q6KCodesShifts>, 1>(a, n0, n1);
+  else tile_rows_lo<Q6KTile, 1>(a, n0, n1);
+}
 
 }  // namespace glm4k

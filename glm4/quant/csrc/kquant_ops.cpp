@@ -38,7 +38,7 @@ KQuantActs::KQuantActs(const float* x, int64_t M, int64_t K, int type, int act_b
     : K_(K), group_(kquant_group(type)), exact_(exact_kernel_activations()) {
   const bool wide = avx512_kernels();
   const int bits = act_bits ? act_bits : type == kQ6K ? 6 : type == kQ5K ? 5 : 4;
-  int8_ = int8_kernel_activations(bits) && !wide;  // llama.cpp's precision (q8_K)
+  int8_ = int8_kernel_activations(bits) && (!wide || type == kQ6K);  // llama.cpp's precision (q8_K)
   rows_ = wide ? (type == kQ6K ? q6k_rows_avx512 : type == kQ5K ? q5k_rows_avx512 : q4k_rows_avx512)
                : (type == kQ6K ? q6k_rows_avx2 : type == kQ5K ? q5k_rows_avx2 : q4k_rows_avx2);
   const int order = kquant_order(type, wide);

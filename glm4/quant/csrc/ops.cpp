@@ -38,6 +38,13 @@ bool has_avx512_bf16() {  // what gemv_bf16.cpp is compiled for
 
 std::atomic<bool> avx512_allowed{true};  // set_isa("avx2") turns the AVX-512 kernels off (tests run both)
 
+bool has_gfni() {  // what kquant_gfni.cpp is compiled for, beside the AVX-512 set
+  static const bool ok = has_avx512() && __builtin_cpu_supports("gfni");
+  return ok;
+}
+
+std::atomic<bool> gfni_allowed{true};  // set_gfni(False): the AVX-512 kernels without GFNI (tests run both)
+
 bool use_avx512() { return has_avx512() && avx512_allowed.load(std::memory_order_relaxed); }
 
 std::string isa() { return use_avx512() ? "avx512_vnni" : has_avx2() ? "avx2" : "none"; }
@@ -85,11 +92,15 @@ std::string activations() { return kActNames[act_mode.load(std::memory_order_rel
 
 namespace glm4k {  // for the other op files (fused_ops.cpp, kquant_ops.cpp)
 bool avx512_kernels() { return use_avx512(); }
+bool gfni_kernels() { return use_avx512() && has_gfni() && gfni_allowed.load(std::memory_order_relaxed); }
 bool exact_kernel_activations() { return exact_activations(); }
 bool int8_kernel_activations(int bits) { return int8_activations(bits); }
 }  // namespace glm4k
 
 namespace {
+
+// whether the AVX-512 kernels may use GFNI from now on (where the CPU has it); returns whether they could before
+bool set_gfni(bool allowed) { return gfni_allowed.exchange(allowed); }
 
 // "auto", "exact", "int16" or "int8": the integer kernels' activations from now on; returns what ran before
 std::string set_activations(const std::string& name) {
@@ -537,6 +548,7 @@ TORCH_LIBRARY(glm4, m) {
   m.def("set_isa(str name) -> str", &set_isa);
   m.def("activations() -> str", &activations);
   m.def("set_activations(str name) -> str", &set_activations);
+  m.def("set_gfni(bool allowed) -> bool", &set_gfni);
   m.def("dense_mm(Tensor x, Tensor w) -> Tensor", &dense_mm);
   m.def("quant_mm(Tensor x, Tensor q, Tensor scales, Tensor? mins, int bits, int group, int zero_point, "
         "bool int16_act=True, int act_bits=0) -> Tensor",
