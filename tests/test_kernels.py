@@ -586,6 +586,34 @@ def test_expert_glu_op_is_the_python_dispatch_in_one_call(scheme, isa):
                                   dn.mins, dn.bits, dn.group_size, dn.zero_point)
 
 
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "q4_K"])
+def test_expert_glu_prepares_one_tokens_row_once(scheme, isa):
+    """One token over distinct experts (a decode step) hands every busy expert the same prepared row (no copy a
+    pair): its output equals, bit for bit, that token's in a call of two tokens over disjoint experts (a row a
+    pair, each expert one row as well); and the kernels' row blocks (a whole expert a call here) leave every row's
+    sums as they were."""
+    from glm4.layers.moe import StackedExperts
+    from glm4.quant.experts import ExpertPack, StreamExperts
+
+    if not kernels.has_streaming_kernels():
+        pytest.skip("glm4's CPU kernels are not built here")
+    torch.manual_seed(6)
+    if scheme == "q4_K":
+        E, H, inter = 8, 256, 256
+        gu = ExpertPack(blocks=torch.stack([_kquant_blocks(12, 2 * inter, H, seed=e) for e in range(E)]), ggml_type=12)
+        dn = ExpertPack(blocks=torch.stack([_kquant_blocks(12, H, inter, seed=20 + e) for e in range(E)]), ggml_type=12)
+        s = StreamExperts(gu, dn)
+    else:
+        H = 64
+        stacked = StackedExperts(8, H, 96).to(torch.bfloat16 if scheme is None else torch.float32)
+        s = StreamExperts.from_stacked(stacked, scheme, group_size=32)
+    x, w = torch.randn(2, H), torch.rand(2, 4)
+    idx = torch.tensor([[5, 0, 3, 6], [1, 7, 2, 4]])
+    with torch.no_grad():
+        both, one = s(x, idx, w), s(x[:1], idx[:1], w[:1])
+    assert torch.equal(one[0], both[0])
+
+
 @pytest.mark.parametrize("scheme", [None, "int8", "int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_prefill_combine_equals_the_python_dispatch_bit_for_bit(scheme, dtype):

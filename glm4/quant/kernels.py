@@ -150,9 +150,10 @@ def activations() -> str:
     of its block's largest; the AVX2 4- / 6-bit kernels 1.4-1.6x faster, its 8-bit ones 2.1x (Zen 3), the AVX-512
     ones for one token 1.3x; AVX-512 with two or more tokens widens codes to fp32 against fp32 activations, exact
     either way), "int8" (GLM4_ACTIVATIONS=int8, llama.cpp's precision: one 8-bit integer a column, within 1 / 254 of
-    its block's largest, for AVX2's 4- and 6-bit and K-quant kernels; every other kernel takes int16 then) or "auto"
-    (the default): int8 for AVX2's kernels of codes of up to 5 bits (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K),
-    int16 for the others (int8_activations)."""
+    its block's largest, for AVX2's 4- and 6-bit and K-quant kernels and AVX-512's q6_K one; every other kernel takes
+    int16 then) or "auto" (the default): int8 for those kernels where the codes, or the model's coarsest codes, have
+    up to 5 bits (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K; an int4 model's q6_K head), int16 for the others
+    (int8_activations)."""
     return torch.ops.glm4.activations() if HAVE_EXT else "exact"
 
 

@@ -79,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                          "stored weights")
     ap.add_argument("--activations", default=None, choices=["auto", "exact", "int16", "int8"],
                     help="activations of the integer CPU kernels: auto (the default: int8 for AVX2's kernels of up to "
-                         "5-bit codes, int16 for the others), int8 = llama.cpp's precision for AVX2's 4- / 6-bit and "
-                         "K-quant kernels (faster decode), int16, exact = fp32's result")
+                         "5-bit codes and AVX-512's q6_K one in such models, int16 for the others), int8 = llama.cpp's "
+                         "precision for AVX2's 4- / 6-bit and K-quant kernels and AVX-512's q6_K (faster decode), "
+                         "int16, exact = fp32's result")
     ap.add_argument("--kv-cache-dtype", default=None, choices=["auto", "int8", "bfloat16", "float16", "float32"],
                     help="KV cache storage: auto = the model's dtype; int8 = per-token-per-head int8 + fp32 scales "
                          "(about half the bytes of bf16, a quarter of fp32)")

@@ -62,8 +62,9 @@ std::string set_isa(const std::string& name) {
 // the AVX2 4- / 6-bit kernels (1.4x / 1.5x the exact ones' speed there) and the AVX-512 ones for one activation row
 // (4-, 6- and 8-bit: one vpdpwssd term instead of two, 1.3x one thread); "exact" (or GLM4_ACTIVATIONS=exact) gives
 // them two int16 terms, ~31 bits: fp32's result; "int8" (GLM4_ACTIVATIONS=int8) gives the AVX2 4- and 6-bit and K-quant
-// kernels one 8-bit integer a column, llama.cpp's precision (Zen 3, one thread, int4 in L2: 1.5x the int16 kernel;
-// q6_K 1.1x), the other kernels int16. "auto" (the default) gives int8 to the AVX2 kernels of codes of up to 5 bits
+// kernels and AVX-512's q6_K one (kquant_ops.cpp) one 8-bit integer a column, llama.cpp's precision (Zen 3, one
+// thread, int4 in L2: 1.5x the int16 kernel; q6_K 1.1x), the other kernels int16. "auto" (the default) gives int8 to
+// those kernels (AVX-512: q6_K) where the codes have up to 5 bits
 // (glm4's int4, GGUF q4_0 / q4_1 / q4_K / q5_K), whose own rounding swamps the activations' (the shipped model's
 // int4 KL to fp32 1.7e-2 at int16 and int8 alike; int6 3.5e-3 -> 3.9e-3 at int8, so 6-bit codes keep int16).
 // A linear's act_bits (the ops' argument) puts it in a coarser class: the engine passes the model's coarsest code
@@ -369,9 +370,10 @@ void dequantize_rows(const at::Tensor& q, const at::Tensor& scales, const std::o
 // MoE: xs [S, K] sorted by expert, counts [E]; w [E, N, K] dense (bits 0), codes [E, N, K'] with scales / mins
 // [E, N, G], or (ggml_type 12 / 13 / 14) GGUF K-quant blocks [E, N, K / 256 * block bytes]. Every (busy expert,
 // block of rows) is one task: the streaming kernels with M = that expert's tokens.
-at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
-                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
-                     int64_t group, int64_t zero_point, int64_t ggml_type, int64_t act_bits) {
+// one_row: xs [1, K] is every busy expert's one row (a decode step's token: expert_glu's gate / up), prepared once
+at::Tensor expert_rows(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
+                       const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
+                       int64_t group, int64_t zero_point, int64_t ggml_type, int64_t act_bits, bool one_row) {
   TORCH_CHECK(has_avx2(), "glm4.expert_mm needs AVX2 + FMA");
   TORCH_CHECK(xs.dim() == 2 && xs.scalar_type() == at::kFloat, "expert_mm: xs must be float32 [S, K]");
   TORCH_CHECK(w.dim() == 3 && counts.dim() == 1 && counts.size(0) == w.size(0), "expert_mm: w [E, N, K'], counts [E]");
@@ -394,13 +396,23 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
   at::Tensor sc = codes ? scales->contiguous() : at::Tensor(), mc = codes && mins ? mins->contiguous() : at::Tensor();
   std::vector<int64_t> start(E + 1, 0);
   for (int64_t e = 0; e < E; ++e) start[e + 1] = start[e] + cnt.data_ptr<int64_t>()[e];
-  TORCH_CHECK(start[E] == S, "expert_mm: counts must sum to the rows of xs");
+  bool fits = one_row ? S == 1 : start[E] == S;  // one_row: each expert busy with that one row or idle
+  for (int64_t e = 0; one_row && e < E; ++e) fits = fits && start[e + 1] - start[e] <= 1;
+  TORCH_CHECK(fits, "expert_mm: counts must sum to the rows of xs");
+  const auto xrow = [&](int64_t e) { return one_row ? int64_t(0) : start[e]; };  // expert e's first activation row
+  // one task per (busy expert, block of rows), the blocks as long as leaves each thread 4 tasks or more: a decode
+  // step's 8 busy experts go a whole matrix a call (each call starts its own prefetch, tile loop and arguments:
+  // the 697M MoE's int4 experts from memory, 2 threads, Zen 4: 1.07-1.09x blocks of 16 rows)
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += start[e + 1] > start[e];
+  const int64_t share = busy * N / (4 * int64_t(at::get_num_threads()));
+  const int64_t rows = std::max(kRowsPerTask, (share + kRowsPerTask - 1) / kRowsPerTask * kRowsPerTask);
   struct Task { int64_t e, n0, n1; };
   std::vector<Task> tasks;
   for (int64_t e = 0; e < E; ++e)
     if (start[e + 1] > start[e])
-      for (int64_t n0 = 0; n0 < N; n0 += kRowsPerTask) tasks.push_back({e, n0, std::min(N, n0 + kRowsPerTask)});
-  auto y = at::empty({S, N}, xs.options());
+      for (int64_t n0 = 0; n0 < N; n0 += rows) tasks.push_back({e, n0, std::min(N, n0 + rows)});
+  auto y = at::empty({start[E], N}, xs.options());
   const float* xp = xc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const auto* wp = static_cast<const char*>(wc.data_ptr());
@@ -410,7 +422,7 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& tk = tasks[t];
-        acts.rows(reinterpret_cast<const uint8_t*>(wp) + tk.e * w_stride, start[tk.e], start[tk.e + 1] - start[tk.e],
+        acts.rows(reinterpret_cast<const uint8_t*>(wp) + tk.e * w_stride, xrow(tk.e), start[tk.e + 1] - start[tk.e],
                   yp + start[tk.e] * N, N, tk.n0, tk.n1);
       }
     });
@@ -423,8 +435,8 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     at::parallel_for(0, int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const Task& tk = tasks[t];
-        glm4k::DenseArgs a{xp + start[tk.e] * K, wp + tk.e * w_stride, yp + start[tk.e] * N,
-                           start[tk.e + 1] - start[tk.e], N, K, wtype, 0, dot ? xbf16.data() + start[tk.e] * K : nullptr};
+        glm4k::DenseArgs a{xp + xrow(tk.e) * K, wp + tk.e * w_stride, yp + start[tk.e] * N,
+                           start[tk.e + 1] - start[tk.e], N, K, wtype, 0, dot ? xbf16.data() + xrow(tk.e) * K : nullptr};
         dense_rows(a, tk.n0, tk.n1);
       }
     });
@@ -438,8 +450,8 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = tasks[t];
       glm4k::QuantArgs a{};
-      a.x = xp + start[tk.e] * K;
-      prep.fill(a, start[tk.e], K, group);
+      a.x = xp + xrow(tk.e) * K;
+      prep.fill(a, xrow(tk.e), K, group);
       a.q = wp + tk.e * w_stride;
       a.scales = static_cast<const char*>(sc.data_ptr()) + tk.e * s_stride;
       a.mins = mc.defined() ? static_cast<const char*>(mc.data_ptr()) + tk.e * s_stride : nullptr;
@@ -450,6 +462,12 @@ at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::T
     }
   });
   return y;
+}
+
+at::Tensor expert_mm(const at::Tensor& xs, const at::Tensor& counts, const at::Tensor& w,
+                     const std::optional<at::Tensor>& scales, const std::optional<at::Tensor>& mins, int64_t bits,
+                     int64_t group, int64_t zero_point, int64_t ggml_type, int64_t act_bits) {
+  return expert_rows(xs, counts, w, scales, mins, bits, group, zero_point, ggml_type, act_bits, false);
 }
 
 // out [T, H] = sum_j weights[t, j] * y[slot[t * k + j]]: the expert-sorted rows back in token order, each weighted,
@@ -519,11 +537,13 @@ at::Tensor expert_glu(const at::Tensor& x, const at::Tensor& indices, const at::
   for (int64_t e = 1; e < E; ++e) next[e] = next[e - 1] + cp[e - 1];
   for (int64_t p = 0; p < S; ++p) slot[p] = next[ip[p]]++;
   auto xc = x.contiguous();
-  auto xs = at::empty({S, H}, x.options());
-  for (int64_t p = 0; p < S; ++p)
+  // one token over distinct experts (a decode step's): its row prepared once for all of them; else a copy a pair
+  const bool one_row = T == 1 && *std::max_element(cp, cp + E) <= 1;
+  at::Tensor xs = one_row ? xc : at::empty({S, H}, x.options());
+  for (int64_t p = 0; !one_row && p < S; ++p)
     std::memcpy(xs.data_ptr<float>() + slot[p] * H, xc.data_ptr<float>() + (p / k) * H, H * sizeof(float));
-  at::Tensor h =
-      expert_mm(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point, gu_ggml_type, act_bits);
+  at::Tensor h = expert_rows(xs, counts, gu, gu_scales, gu_mins, gu_bits, gu_group, gu_zero_point, gu_ggml_type,
+                             act_bits, one_row);
   const int64_t I = h.size(1) / 2;
   auto act = at::empty({S, I}, x.options());
   const float* hp = h.data_ptr<float>();
