@@ -7,7 +7,9 @@ L2 / L3 holding weights) and again at once (caches warm).
     python benchmarks/bench_step_split.py --model CHECKPOINT [--dtype float32|bfloat16] [--quantization int4]
         [--tokens 128] [--reps 4] [--threads 2] [--stream-mib 48]
 
-Prints µs per step for each part (median over --reps runs of --tokens tokens) and the two lookup times.
+Prints µs per step for each part (median over --reps runs of --tokens tokens) and the two lookup times. The timers
+wrap the decode stack, so a greedy step runs the layers by one call and the rest in Python, as before the whole
+step went into one call (DecodeStack.greedy: `bench_step_ab.py --switch greedy` compares the two).
 """
 
 from __future__ import annotations

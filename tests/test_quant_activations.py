@@ -97,10 +97,12 @@ def test_int8_activations_kquant(ggml_type, M, K, isa):
 
 
 @needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int16", "exact"])
 @pytest.mark.parametrize("M", [1, 2, 5])
-def test_avx512_q6_K_codes_by_gfni_equal_those_by_shifts(M):
-    """AVX-512's q6_K tile against int8 activations assembles its codes with GFNI where the CPU has it (Zen 4 / 5, Ice
-    Lake on) and by shifts and masks where not (Skylake-X, Cascade Lake): the same results bit for bit."""
+def test_avx512_q6_K_codes_by_gfni_equal_those_by_shifts(M, mode):
+    """AVX-512's q6_K tiles (against int8, int16 or exact activations) assemble their codes with GFNI where the CPU
+    has it (Zen 4 / 5, Ice Lake on) and by shifts and masks where not (Skylake-X, Cascade Lake): the same results bit
+    for bit."""
     if torch.ops.glm4.isa() != "avx512_vnni" or "gfni" not in kernels.cpu_features():
         pytest.skip("needs a CPU with AVX-512 VNNI and GFNI")
     from glm4.quant import KQuantLinear
@@ -109,7 +111,7 @@ def test_avx512_q6_K_codes_by_gfni_equal_those_by_shifts(M):
     lin = KQuantLinear(K, N, 14)
     lin.blocks = _kquant_blocks(14, N, K, seed=M)
     x = torch.randn(M, K, generator=torch.Generator().manual_seed(M)) * 3
-    with kernel_activations("int8"), torch.no_grad():
+    with kernel_activations(mode), torch.no_grad():
         by_gfni = lin(x)
         assert torch.ops.glm4.set_gfni(False)
         try:

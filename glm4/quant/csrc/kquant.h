@@ -51,7 +51,7 @@ int kquant_order(int type, bool avx512);
 
 // rows [n0, n1) of y
 void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
-void q6k_i8_rows_gfni(const KQuantArgs& a, int64_t n0, int64_t n1);  // kquant_gfni.cpp: q6k_rows_avx512's int8 tile
+void q6k_rows_gfni(const KQuantArgs& a, int64_t n0, int64_t n1);  // kquant_gfni.cpp: q6k_rows_avx512 by GFNI
 void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1);
 void q6k_rows_avx2(const KQuantArgs& a, int64_t n0, int64_t n1);

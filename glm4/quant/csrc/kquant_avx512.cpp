@@ -1,5 +1,5 @@
-// The K-quant kernels for AVX-512 VNNI (kquant.h). q6_K: one half super-block (128 weights) a step per row. Its 6-bit codes are
-// assembled as bytes in two registers (weights 0..63 and 64..127 of the half, in order: low nibbles OR'd with the high
+// The K-quant kernels for AVX-512 VNNI (kquant.h). q6_K (its tiles in kquant_q6k_avx512.h, shared with kquant_gfni.cpp):
+// one half super-block (128 weights) a step per row. Its 6-bit codes are assembled as bytes in two registers (weights 0..63 and 64..127 of the half, in order: low nibbles OR'd with the high
 // pairs shifted into bits 4-5), then widened by in-lane byte unpacks against zero, which put weights 16 j .. 16 j + 15
 // into 128-bit lane j: each lane's int32 sums belong to one group of 16, weighed by a vector of per-lane scales
 // (the lanes8 activation order of gemv.h). Codes are 0..63; the - 32 goes in per group: - 32 * sum_g s_g * xsum_g.
@@ -15,91 +15,13 @@
 
 #include "gemv.h"
 #include "kquant.h"
-#include "kquant_q6k_i8.h"
+#include "kquant_q6k_avx512.h"
 #include "tiles.h"
 #include "vec_avx2.h"
 
 namespace glm4k {
 namespace {
 
-// the half's codes: c[0] weights 0..63, c[1] weights 64..127 (bytes, in order)
-inline void q6k_codes(const uint8_t* half_ql, const uint8_t* half_qh, __m512i c[2]) {
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  const __m256i pair = _mm256_set1_epi8(0x30);
-  const __m512i ql = _mm512_loadu_si512(half_ql);
-  const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(half_qh));
-  // bits 2k..2k+1 of each qh byte into bits 4-5 (16-bit shifts; the byte mask drops what crossed from a neighbour)
-  const __m256i p0 = _mm256_and_si256(_mm256_slli_epi16(qh, 4), pair), p1 = _mm256_and_si256(_mm256_slli_epi16(qh, 2), pair);
-  const __m256i p2 = _mm256_and_si256(qh, pair), p3 = _mm256_and_si256(_mm256_srli_epi16(qh, 2), pair);
-  c[0] = _mm512_or_si512(_mm512_and_si512(ql, low4), _mm512_inserti64x4(_mm512_castsi256_si512(p0), p1, 1));
-  c[1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4),
-                         _mm512_inserti64x4(_mm512_castsi256_si512(p2), p3, 1));
-}
-
-template <bool LO, int RB, int MT>
-inline void q6k_tile(const KQuantArgs& a, int64_t n, int64_t m0) {
-  const int64_t K = a.K, row_bytes = K / 256 * int64_t(210), NB = K / 256, G = K / 16, ahead = ahead_l2(RB * row_bytes);
-  const __m512i zero = _mm512_setzero_si512();
-  const __m512i lanes_lo = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  const __m512i lanes_hi = _mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7);
-  const __m512 lo_weight = _mm512_set1_ps(1.f / 65534.f);
-  __m512 acc[RB][MT];
-  __m256 corr[RB][MT];  // sum_g s_g * xsum_g, 8 groups a lane
-  for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) acc[r][m] = _mm512_setzero_ps(), corr[r][m] = _mm256_setzero_ps();
-  for (int64_t sb = 0; sb < NB; ++sb) {
-    for (int h = 0; h < 2; ++h) {
-      const int64_t k = sb * 256 + h * 128;  // the half's first column
-      for (int r = 0; r < RB; ++r) {
-        const uint8_t* b = a.blocks + (n + r) * row_bytes + sb * int64_t(210);
-        prefetch_l2(b + 64 * h, ahead);  // gemv.h
-        prefetch_l2(b + 128 + 32 * h, ahead);
-        __m512i c[2];
-        q6k_codes(b + 64 * h, b + 128 + 32 * h, c);
-        const __m512i w[4] = {_mm512_unpacklo_epi8(c[0], zero), _mm512_unpackhi_epi8(c[0], zero),
-                              _mm512_unpacklo_epi8(c[1], zero), _mm512_unpackhi_epi8(c[1], zero)};
-        // the half's 8 group scales d * sc (exact in fp32)
-        const __m256 s8 = _mm256_mul_ps(
-            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 192 + 8 * h)))),
-            _mm256_set1_ps(_cvtsh_ss(*reinterpret_cast<const uint16_t*>(b + 208))));
-        for (int m = 0; m < MT; ++m) {
-          const int16_t* xh = a.xq + (m0 + m) * K + k;
-          __m512 p[2];
-          for (int i = 0; i < 2; ++i) {
-            __m512i ph = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[2 * i], _mm512_loadu_si512(xh + 64 * i)), w[2 * i + 1],
-                                             _mm512_loadu_si512(xh + 64 * i + 32));
-            p[i] = _mm512_cvtepi32_ps(ph);
-            if constexpr (LO) {
-              const int16_t* xl = a.xq_lo + (m0 + m) * K + k;
-              const __m512i pl = _mm512_dpwssd_epi32(_mm512_madd_epi16(w[2 * i], _mm512_loadu_si512(xl + 64 * i)),
-                                                     w[2 * i + 1], _mm512_loadu_si512(xl + 64 * i + 32));
-              p[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(pl), lo_weight, p[i]);
-            }
-          }
-          const __m256 sx = _mm256_mul_ps(s8, _mm256_set1_ps(a.xscale[(m0 + m) * NB + sb]));
-          acc[r][m] = _mm512_fmadd_ps(p[0], _mm512_permutexvar_ps(lanes_lo, _mm512_castps256_ps512(sx)), acc[r][m]);
-          acc[r][m] = _mm512_fmadd_ps(p[1], _mm512_permutexvar_ps(lanes_hi, _mm512_castps256_ps512(sx)), acc[r][m]);
-          corr[r][m] = _mm256_fmadd_ps(s8, _mm256_loadu_ps(a.xsum + (m0 + m) * G + k / 16), corr[r][m]);
-        }
-      }
-    }
-  }
-  for (int r = 0; r < RB; ++r)
-    for (int m = 0; m < MT; ++m) {
-      a.y[(m0 + m) * a.N + n + r] = _mm512_reduce_add_ps(acc[r][m]) - 32.f * hsum(corr[r][m]);
-    }
-}
-
-template <bool LO>
-struct Q6KTile {
-  template <int RB, int MT>
-  static void run(const KQuantArgs& a, int64_t n, int64_t m0) { q6k_tile<LO, RB, MT>(a, n, m0); }
-};
-
-// q6_K against int8 activations (kquant_q6k_i8.h): the codes assembled by shifts here, by GFNI in kquant_gfni.cpp
-struct Q6KCodesShifts {
-  static void load(const uint8_t* half_ql, const uint8_t* half_qh, __m512i c[2]) { q6k_codes(half_ql, half_qh, c); }
-};
 
 // Q5: q5_K (the 5th bits from qh), else q4_K
 template <bool Q5, bool LO, int RB, int MT>
@@ -187,9 +109,8 @@ void q4k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo
 void q5k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows_lo<Q5KTile>(a, n0, n1); }
 
 void q6k_rows_avx512(const KQuantArgs& a, int64_t n0, int64_t n1) {
-  if (a.x8 && gfni_kernels()) q6k_i8_rows_gfni(a, n0, n1);
-  else if (a.x8) tile_rows<Q6KTileI8<Q6KCodesShifts>, 1>(a, n0, n1);
-  else tile_rows_lo<Q6KTile, 1>(a, n0, n1);
+  if (gfni_kernels()) q6k_rows_gfni(a, n0, n1);  // the same tiles, the codes assembled by GFNI (kquant_gfni.cpp)
+  else q6k_rows<Q6KCodesShifts>(a, n0, n1);
 }
 
 }  // namespace glm4k

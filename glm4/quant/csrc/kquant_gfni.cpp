@@ -1,4 +1,4 @@
-// The AVX-512 q6_K tile against int8 activations (kquant_q6k_i8.h) with its codes assembled by GFNI, for CPUs that
+// The AVX-512 q6_K tiles (kquant_q6k_avx512.h) with their codes assembled by GFNI, for CPUs that
 // have it (Zen 4 / 5, Ice Lake and later; not Skylake-X / Cascade Lake: kquant_avx512.cpp's shifts there). The 2-bit
 // high parts of a half super-block's codes (qh: bits 2 j .. 2 j + 1 of byte l belong to weight 32 j + l) reach bits
 // 4-5 of their bytes by one affine byte transform per register (vgf2p8affineqb: an 8 x 8 bit matrix per 64-bit
@@ -14,7 +14,7 @@
 #include <cstdint>
 
 #include "kquant.h"
-#include "kquant_q6k_i8.h"
+#include "kquant_q6k_avx512.h"
 #include "tiles.h"
 
 namespace glm4k {
@@ -42,6 +42,6 @@ struct Q6KCodesGfni {
 
 }  // namespace
 
-void q6k_i8_rows_gfni(const KQuantArgs& a, int64_t n0, int64_t n1) { tile_rows<Q6KTileI8<Q6KCodesGfni>, 1>(a, n0, n1); }
+void q6k_rows_gfni(const KQuantArgs& a, int64_t n0, int64_t n1) { q6k_rows<Q6KCodesGfni>(a, n0, n1); }
 
 }  // namespace glm4k
