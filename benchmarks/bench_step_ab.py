@@ -3,13 +3,14 @@ speed moves by +-20 % from one run to the next, never between two consecutive st
 step is compared within the same run.
 
     python benchmarks/bench_step_ab.py --model CHECKPOINT [--dtype float32|bfloat16] [--quantization int4]
-        --switch greedy|activations [--tokens 300] [--runs 4] [--threads 2]
+        --switch greedy|activations|gfni [--tokens 300] [--runs 4] [--threads 2]
     python benchmarks/bench_step_ab.py --q6k-head [--rounds 10]
 
 --switch greedy: a greedy decode step by one call, embedding to argmax (DecodeStack.greedy), against the layers by
 one call and the head, sampler and the rest in Python (the decode stack without its ends).
 --switch activations: the integer kernels' activations "auto" against "int16" (on AVX-512, where the model's codes
 are 4-bit, only the q6_K head differs: it takes int8 activations under auto).
+--switch gfni: AVX-512's q6_K tiles with their codes assembled by shifts, against by GFNI (where the CPU has it).
 --q6k-head: a 151552 x 1024 q6_K head from memory, one token: int16 and int8 activations, the codes assembled by
 shifts and by GFNI (where the CPU has it), alternated call by call.
 
@@ -33,9 +34,16 @@ def _activations(model, config: str) -> None:
     torch.ops.glm4.set_activations(config)
 
 
+def _gfni(model, config: str) -> None:
+    import torch
+
+    torch.ops.glm4.set_gfni(config == "GFNI")
+
+
 SWITCHES = {  # name -> (configurations, the first the baseline; apply(the engine's model, configuration))
     "greedy": (["modules", "one call"], _greedy),
     "activations": (["int16", "auto"], _activations),
+    "gfni": (["shifts", "GFNI"], _gfni),
 }
 
 

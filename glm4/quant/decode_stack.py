@@ -70,7 +70,8 @@ def _add_linear(stack, m: nn.Module | None) -> int:
 
 def _add_moe(stack, moe: Glm4MoeMoE) -> None:
     router, experts = moe.gate, moe.experts
-    if type(router) is not Glm4MoeRouter or router.matmul is not fused.router_logits or type(experts) is not StreamExperts:
+    if (type(router) is not Glm4MoeRouter or router.matmul is not fused.router_logits
+            or router.route is not fused.moe_route or type(experts) is not StreamExperts):
         raise Unsupported("MoE router / experts")
     kw = router.kw
     bias = router.e_score_correction_bias
