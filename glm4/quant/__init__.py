@@ -344,7 +344,8 @@ def kernel_of(m: nn.Module) -> str:
                 else f"{dt(m.weight)} weights: F.linear")
     if isinstance(m, KQuantLinear):
         fmt = f"{m.extra_repr().split(', ')[2]} blocks ({m.blocks.shape[1] * 8 / m.in_features:.2f} bits/weight)"
-        return (f"{fmt}: glm4 {_kquant_isa(m.activation_bits or m.bits, m.ggml_type)} kquant_mm (M<={kernels.max_m(m)}); "
+        isa = _kquant_isa(m.activation_bits or m.bits, m.ggml_type)
+        return (f"{fmt}: glm4 {isa} kquant_mm (M<={kernels.max_m(m)}); "
                 f"dequantize + {kernels.gemm_kernel(torch.float32)} above" if kernels.max_m(m)
                 else f"{fmt}: dequantize + fp32 GEMM")
     if isinstance(m, QuantLinear):
@@ -389,7 +390,8 @@ def describe_linears(model: nn.Module) -> list[tuple[str, int, str]]:
             gu, dn = m.gate_up, m.down
             act = gu.activation_bits or gu.bits
             isa = (_kquant_isa(act, gu.ggml_type) if gu.ggml_type
-                   else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features, act) if gu.bits else kernels.dense_isa())
+                   else kernels.quant_isa(gu.bits, gu.group_size, gu.in_features, act) if gu.bits
+                   else kernels.dense_isa())
             if dn.ggml_type and gu.ggml_type and _kquant_isa(act, dn.ggml_type) != isa:  # a q6_K down of q4_K experts
                 isa += f" (down {_kquant_isa(act, dn.ggml_type)})"
             fmt, dn_fmt = (p.extra_repr().split(", ", 3)[-1] for p in (gu, dn))

@@ -44,7 +44,7 @@ struct KQuantArgs {
 bool avx512_kernels();            // ops.cpp: the AVX-512 set runs (the CPU has it and set_isa allows it)
 bool gfni_kernels();              // ops.cpp: the AVX-512 set runs and the CPU has GFNI (unless set_gfni(False))
 bool exact_kernel_activations();  // ops.cpp: activations() is "exact"
-bool int8_kernel_activations(int bits);  // ops.cpp: the mode gives `bits`-bit codes int8 activations (AVX2; AVX-512 q6_K)
+bool int8_kernel_activations(int bits);  // ops.cpp: the mode gives `bits`-bit codes int8 (AVX2; AVX-512's q6_K)
 
 // The activation order a kernel reads (gemv.h ActOrder): AVX-512 q6_K lanes8, q4_K / q5_K q4k128; AVX2 lanes16
 int kquant_order(int type, bool avx512);

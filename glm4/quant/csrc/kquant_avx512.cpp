@@ -1,6 +1,7 @@
-// The K-quant kernels for AVX-512 VNNI (kquant.h). q6_K (its tiles in kquant_q6k_avx512.h, shared with kquant_gfni.cpp):
-// one half super-block (128 weights) a step per row. Its 6-bit codes are assembled as bytes in two registers (weights 0..63 and 64..127 of the half, in order: low nibbles OR'd with the high
-// pairs shifted into bits 4-5), then widened by in-lane byte unpacks against zero, which put weights 16 j .. 16 j + 15
+// The K-quant kernels for AVX-512 VNNI (kquant.h). q6_K (its tiles in kquant_q6k_avx512.h, shared with
+// kquant_gfni.cpp): one half super-block (128 weights) a step per row. Its 6-bit codes are assembled as bytes in two
+// registers (weights 0..63 and 64..127 of the half, in order: low nibbles OR'd with the high pairs shifted into bits
+// 4-5), then widened by in-lane byte unpacks against zero, which put weights 16 j .. 16 j + 15
 // into 128-bit lane j: each lane's int32 sums belong to one group of 16, weighed by a vector of per-lane scales
 // (the lanes8 activation order of gemv.h). Codes are 0..63; the - 32 goes in per group: - 32 * sum_g s_g * xsum_g.
 // q4_K: 128 weights a step as one register of nibbles (groups 0 / 2 low, 1 / 3 high), unpacked the same way, two

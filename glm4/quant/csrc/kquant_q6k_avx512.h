@@ -96,8 +96,8 @@ struct Q6KTiles {
   };
 };
 
-// q6_K against int8 activations: vpmaddubsw multiplies a register of 64 codes (0..63, as bytes in order) by 64 activations with no unpacking
-// (pair sums <= 2 * 63 * 127 fit int16), and vpdpwssd weighs each pair sum by its group's int8 scale and adds it to
+// q6_K against int8 activations: vpmaddubsw multiplies a register of 64 codes (0..63, as bytes in order) by 64
+// activations with no unpacking (pair sums <= 2 * 63 * 127 fit int16), and vpdpwssd weighs each pair sum by its group's int8 scale and adds it to
 // int32 sums: 128-bit lane q of a register is one group of 16 weights, so its scale is one byte of the block's 16
 // put in the high byte of every int16 of the lane by vpshufb and sign-extended by a shift. The - 32 goes in as
 // integers, 32 * sc . (x8's sums per group) a super-block, and the int32 sums (< 2^31, as on AVX2) become fp32 once
